@@ -1,0 +1,27 @@
+//! RabbitMQ: connection, topology, the confirming publisher and the properties of
+//! what we publish. Knows nothing about SQL.
+
+pub mod properties;
+mod publisher;
+mod topology;
+
+pub use lapin::message::Delivery;
+pub use lapin::{Channel, Connection, Consumer};
+pub use publisher::{Outgoing, PublishError, Publisher};
+pub use topology::{declare, TopologyError};
+
+use lapin::uri::AMQPUri;
+use lapin::ConnectionProperties;
+
+pub async fn connect(uri: &AMQPUri) -> Result<Connection, lapin::Error> {
+    Connection::connect_uri(uri.clone(), ConnectionProperties::default()).await
+}
+
+/// A one-line description of a lapin error, including the broker's reply text.
+pub fn describe(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().as_str().to_string(),
+        lapin::ErrorKind::IOError(io) => io.to_string(),
+        _ => e.to_string(),
+    }
+}

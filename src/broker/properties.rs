@@ -1,0 +1,97 @@
+//! AMQP properties of replies, events and dead letters, and reading the ones we consume.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const JSON: &str = "application/json";
+const PERSISTENT: u8 = 2;
+
+/// Header carrying the HTTP-like status on replies.
+pub const STATUS_HEADER: &str = "status";
+/// Headers we add to a dead letter to say why it is there.
+pub const ERROR_CODE_HEADER: &str = "x-error-code";
+pub const ERROR_REASON_HEADER: &str = "x-error-reason";
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn reply(reply_type: &str, correlation_id: Option<&str>, status: u16) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(STATUS_HEADER.into(), AMQPValue::LongInt(status as i32));
+    let p = BasicProperties::default()
+        .with_content_type(JSON.into())
+        .with_type(reply_type.into())
+        .with_delivery_mode(PERSISTENT)
+        .with_timestamp(now_secs())
+        .with_headers(headers);
+    match correlation_id {
+        Some(c) => p.with_correlation_id(c.into()),
+        None => p,
+    }
+}
+
+pub fn event(routing_key: &str, message_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(JSON.into())
+        .with_type(routing_key.into())
+        .with_message_id(message_id.into())
+        .with_delivery_mode(PERSISTENT)
+        .with_timestamp(now_secs())
+}
+
+/// The original properties, plus headers saying why the worker dead-lettered it.
+pub fn dead_letter(original: &BasicProperties, code: &str, reason: &str) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(
+        ERROR_CODE_HEADER.into(),
+        AMQPValue::LongString(LongString::from(code)),
+    );
+    headers.insert(
+        ERROR_REASON_HEADER.into(),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    original
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT)
+}
+
+pub fn short(s: &Option<ShortString>) -> Option<&str> {
+    s.as_ref().map(|v| v.as_str()).filter(|v| !v.is_empty())
+}
+
+/// How many times the broker delivered this message before (quorum queues set
+/// `x-delivery-count` on redeliveries).
+pub fn delivery_count(p: &BasicProperties) -> u64 {
+    p.headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"))
+        .and_then(as_u64)
+        .unwrap_or(0)
+}
+
+pub fn header_str(p: &BasicProperties, name: &str) -> Option<String> {
+    match p.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+pub fn as_u64(v: &AMQPValue) -> Option<u64> {
+    match *v {
+        AMQPValue::ShortShortInt(n) => u64::try_from(n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(n.into()),
+        AMQPValue::ShortInt(n) => u64::try_from(n).ok(),
+        AMQPValue::ShortUInt(n) => Some(n.into()),
+        AMQPValue::LongInt(n) => u64::try_from(n).ok(),
+        AMQPValue::LongUInt(n) => Some(n.into()),
+        AMQPValue::LongLongInt(n) => u64::try_from(n).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,76 @@
+//! Publishing with publisher confirms: every message of a batch is sent pipelined,
+//! then each one's own confirm is awaited (not `wait_for_confirms`, which says
+//! nothing about a particular publish). A nack is a failure.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection};
+
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused some messages (e.g. a full queue with reject-publish); retrying may help.
+    #[error("broker nacked {0} of the published messages")]
+    Nacked(usize),
+    /// The channel or connection is gone; the session must be rebuilt.
+    #[error("publishing failed: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection) -> Result<Self, lapin::Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Publisher { channel })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Returns once the broker confirmed every message.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    m.exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &m.body,
+                    m.properties.clone(),
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        let mut nacked = 0;
+        for c in confirms {
+            if c.await?.is_nack() {
+                nacked += 1;
+            }
+        }
+        if nacked > 0 {
+            Err(PublishError::Nacked(nacked))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "OK".into()).await;
+    }
+}

@@ -1,0 +1,136 @@
+//! CONTRACT §1, declared idempotently at every (re)connect. A declaration that
+//! conflicts with an existing object is a fatal, clearly worded error.
+
+use crate::config::BrokerSettings;
+use crate::contract::CommandName;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("broker topology conflicts with an existing declaration: {0}. Delete or rename the object (or configure other names) and start again")]
+    Conflict(String),
+    #[error("declaring the broker topology failed: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+impl TopologyError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, TopologyError::Conflict(_))
+    }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+pub fn command_queue_arguments(s: &BrokerSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(s.delivery_limit as i32),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        text(&s.dead_letter_exchange),
+    );
+    // at-least-once dead-lettering needs reject-publish overflow.
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    args
+}
+
+pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), TopologyError> {
+    let mut quorum = FieldTable::default();
+    quorum.insert("x-queue-type".into(), text("quorum"));
+    let result: Result<(), lapin::Error> = async {
+        channel
+            .exchange_declare(
+                s.command_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                s.dead_letter_exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                s.events_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                s.dead_letter_queue.as_str().into(),
+                durable_queue(),
+                quorum.clone(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                s.dead_letter_queue.as_str().into(),
+                s.dead_letter_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                s.command_queue.as_str().into(),
+                durable_queue(),
+                command_queue_arguments(s),
+            )
+            .await?;
+        for name in CommandName::ALL {
+            channel
+                .queue_bind(
+                    s.command_queue.as_str().into(),
+                    s.command_exchange.as_str().into(),
+                    name.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) =>
+        {
+            TopologyError::Conflict(amqp.get_message().as_str().to_string())
+        }
+        _ => TopologyError::Broker(e),
+    })
+}

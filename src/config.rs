@@ -1,0 +1,288 @@
+//! Settings from flags and the environment, validated once at start-up.
+//! Nothing else in the crate reads the environment.
+
+use clap::Args;
+use std::time::Duration;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_DATABASE_URL: &str =
+    "postgres://profile_worker:profile_worker@127.0.0.1:5432/profile_worker";
+
+/// Where Postgres is and how many connections to keep.
+#[derive(Args, Clone)]
+pub struct DatabaseSettings {
+    /// PostgreSQL URL (postgres://user:password@host:port/database).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = true)]
+    pub database_url: String,
+    /// Connections in the pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub db_pool_size: u16,
+    /// How long a query may wait for a free connection or a new one, in seconds.
+    #[arg(long, env = "DB_TIMEOUT_SECS", default_value_t = 5)]
+    pub db_timeout_secs: u64,
+}
+
+impl DatabaseSettings {
+    pub fn validate(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must be a postgres:// URL",
+            ));
+        }
+        self.database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::new("DATABASE_URL", format!("invalid URL: {e}")))
+    }
+
+    pub fn db_timeout(&self) -> Duration {
+        Duration::from_secs(self.db_timeout_secs.max(1))
+    }
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("db_pool_size", &self.db_pool_size)
+            .field("db_timeout_secs", &self.db_timeout_secs)
+            .finish()
+    }
+}
+
+/// Where RabbitMQ is and what the topology is called (CONTRACT §1).
+#[derive(Args, Clone)]
+pub struct BrokerSettings {
+    /// AMQP URL of the broker.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+    /// Direct exchange publishers send commands to.
+    #[arg(long, env = "COMMAND_EXCHANGE", default_value = "profile.commands")]
+    pub command_exchange: String,
+    /// Quorum queue the worker consumes.
+    #[arg(long, env = "COMMAND_QUEUE", default_value = "profile.commands")]
+    pub command_queue: String,
+    /// Dead-letter exchange of the command queue.
+    #[arg(
+        long,
+        env = "DEAD_LETTER_EXCHANGE",
+        default_value = "profile.commands.dlx"
+    )]
+    pub dead_letter_exchange: String,
+    /// Queue holding dead letters.
+    #[arg(
+        long,
+        env = "DEAD_LETTER_QUEUE",
+        default_value = "profile.commands.dead"
+    )]
+    pub dead_letter_queue: String,
+    /// Topic exchange for events.
+    #[arg(long, env = "EVENTS_EXCHANGE", default_value = "profile.events")]
+    pub events_exchange: String,
+    /// Deliveries before a command that keeps failing is dead-lettered (x-delivery-limit).
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_limit: u32,
+    /// Unacknowledged commands the broker may hand this worker at once.
+    #[arg(long, env = "PREFETCH", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+    /// AMQP heartbeat in seconds, so a dead connection is noticed.
+    #[arg(long, env = "AMQP_HEARTBEAT_SECS", default_value_t = 10)]
+    pub heartbeat_secs: u16,
+}
+
+impl BrokerSettings {
+    pub fn validate(&self) -> Result<lapin::uri::AMQPUri, ConfigError> {
+        let mut uri: lapin::uri::AMQPUri = self
+            .amqp_url
+            .parse()
+            .map_err(|e| ConfigError::new("AMQP_URL", format!("invalid URL: {e}")))?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(self.heartbeat_secs);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(10_000);
+        }
+        for (name, value) in [
+            ("COMMAND_EXCHANGE", &self.command_exchange),
+            ("COMMAND_QUEUE", &self.command_queue),
+            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
+            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+            ("EVENTS_EXCHANGE", &self.events_exchange),
+        ] {
+            if value.is_empty() || value.len() > 255 {
+                return Err(ConfigError::new(name, "must be 1 to 255 bytes"));
+            }
+            if value.starts_with("amq.") {
+                return Err(ConfigError::new(
+                    name,
+                    "names starting with \"amq.\" are reserved by RabbitMQ",
+                ));
+            }
+        }
+        Ok(uri)
+    }
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("command_exchange", &self.command_exchange)
+            .field("command_queue", &self.command_queue)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("events_exchange", &self.events_exchange)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("prefetch", &self.prefetch)
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .finish()
+    }
+}
+
+/// How the worker processes commands.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerSettings {
+    /// Most commands handled in one database transaction.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
+    /// Base of the email link when a command gives no verificationUrl.
+    #[arg(
+        long,
+        env = "VERIFICATION_URL",
+        default_value = "http://localhost:8080/verify"
+    )]
+    pub verification_url: String,
+    /// Tickets expire this many seconds after their last request time.
+    #[arg(long, env = "TICKET_MAX_AGE_SECS", default_value_t = 900)]
+    pub ticket_max_age_secs: u64,
+    /// Verification tokens expire this many seconds after their timestamp.
+    #[arg(long, env = "TOKEN_MAX_AGE_SECS", default_value_t = 86_400)]
+    pub token_max_age_secs: u64,
+    /// How long a message_id is remembered for idempotency, in seconds.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION_SECS", default_value_t = 7 * 86_400)]
+    pub idempotency_retention_secs: u64,
+    /// Seconds between expiry sweeps (0 disables the sweeper).
+    #[arg(long, env = "SWEEP_INTERVAL_SECS", default_value_t = 60)]
+    pub sweep_interval_secs: u64,
+    /// Events not confirmed this many seconds after commit are re-published by the outbox relay.
+    #[arg(long, env = "OUTBOX_GRACE_SECS", default_value_t = 15)]
+    pub outbox_grace_secs: u64,
+    /// On SIGTERM, how long to keep trying to finish held commands before leaving them to redelivery.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl WorkerSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::contract::command::check_verification_url(&self.verification_url).map_err(|_| {
+            ConfigError::new("VERIFICATION_URL", "must be an absolute http or https URL")
+        })
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Args, Clone, Debug)]
+pub struct Settings {
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+    #[command(flatten)]
+    pub broker: BrokerSettings,
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate()?;
+        self.broker.validate()?;
+        self.worker.validate()
+    }
+
+    /// Defaults overridden by the environment, as `run` would see them with no flags.
+    pub fn from_env() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            s: Settings,
+        }
+        Only::parse_from(["profile-worker"]).s
+    }
+}
+
+/// A setting that cannot be used, named the way the operator set it.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {problem}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            setting,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`, for logs and Debug.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let s = Settings::from_env();
+        let mut s = s;
+        s.database.database_url = "postgres://u:hunter2@h/db".into();
+        s.broker.amqp_url = "amqp://u:hunter3@h/%2f".into();
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("hunter3"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn bad_urls_name_the_setting() {
+        let mut s = Settings::from_env();
+        s.database.database_url = "mysql://x".into();
+        assert_eq!(s.validate().unwrap_err().setting, "DATABASE_URL");
+        let mut s = Settings::from_env();
+        s.broker.amqp_url = "http://nope".into();
+        assert_eq!(s.validate().unwrap_err().setting, "AMQP_URL");
+        let mut s = Settings::from_env();
+        s.worker.verification_url = "relative/path".into();
+        assert_eq!(s.validate().unwrap_err().setting, "VERIFICATION_URL");
+    }
+}

@@ -1,0 +1,100 @@
+//! The error catalogue: every code a reply can carry, with the HTTP status the
+//! Crafter Profile REST operation would have answered.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    NoSuchAccessTokenId,
+    AccessDenied,
+    NoSuchProfile,
+    ActionDenied,
+    DisabledProfile,
+    ParamDeserializationError,
+    UnknownCommand,
+}
+
+impl ErrorCode {
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::NoSuchAccessTokenId
+            | ErrorCode::AccessDenied
+            | ErrorCode::ActionDenied
+            | ErrorCode::DisabledProfile => 403,
+            ErrorCode::NoSuchProfile => 404,
+            ErrorCode::ParamDeserializationError | ErrorCode::UnknownCommand => 400,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NoSuchAccessTokenId => "NO_SUCH_ACCESS_TOKEN_ID",
+            ErrorCode::AccessDenied => "ACCESS_DENIED",
+            ErrorCode::NoSuchProfile => "NO_SUCH_PROFILE",
+            ErrorCode::ActionDenied => "ACTION_DENIED",
+            ErrorCode::DisabledProfile => "DISABLED_PROFILE",
+            ErrorCode::ParamDeserializationError => "PARAM_DESERIALIZATION_ERROR",
+            ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
+        }
+    }
+}
+
+/// A command refused with a code and a human message (the body of every 4xx reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Rejection::new(ErrorCode::ParamDeserializationError, message)
+    }
+
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serialized_code_matches_as_str() {
+        for code in [
+            ErrorCode::NoSuchAccessTokenId,
+            ErrorCode::AccessDenied,
+            ErrorCode::NoSuchProfile,
+            ErrorCode::ActionDenied,
+            ErrorCode::DisabledProfile,
+            ErrorCode::ParamDeserializationError,
+            ErrorCode::UnknownCommand,
+        ] {
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                serde_json::Value::String(code.as_str().into())
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_follow_crafter_profile() {
+        assert_eq!(ErrorCode::NoSuchAccessTokenId.status(), 403);
+        assert_eq!(ErrorCode::AccessDenied.status(), 403);
+        assert_eq!(ErrorCode::NoSuchProfile.status(), 404);
+        assert_eq!(ErrorCode::ActionDenied.status(), 403);
+        assert_eq!(ErrorCode::DisabledProfile.status(), 403);
+        assert_eq!(ErrorCode::ParamDeserializationError.status(), 400);
+        assert_eq!(ErrorCode::UnknownCommand.status(), 400);
+    }
+}

@@ -1,0 +1,36 @@
+//! JSON Schemas of every message body, generated from the Rust types so they cannot
+//! drift: `tests/schemas.rs` fails when the committed files in `schemas/` differ.
+
+use super::*;
+use schemars::{schema_for, Schema};
+
+/// (file name in `schemas/`, schema) for every body the contract defines.
+pub fn all() -> Vec<(&'static str, Schema)> {
+    vec![
+        ("create-ticket.command.json", schema_for!(CreateTicket)),
+        (
+            "create-verification-token.command.json",
+            schema_for!(CreateVerificationToken),
+        ),
+        ("create-ticket.reply.json", schema_for!(TicketCreated)),
+        (
+            "create-verification-token.reply.json",
+            schema_for!(VerificationTokenCreated),
+        ),
+        ("error.reply.json", schema_for!(ErrorReply)),
+        ("internal-error.reply.json", schema_for!(InternalErrorReply)),
+        ("ticket.created.event.json", schema_for!(TicketCreated)),
+        (
+            "verification-token.created.event.json",
+            schema_for!(VerificationTokenCreated),
+        ),
+        ("email.requested.event.json", schema_for!(EmailRequested)),
+    ]
+}
+
+/// The schema file's text, as committed.
+pub fn render(schema: &Schema) -> String {
+    let mut s = serde_json::to_string_pretty(schema).expect("schemas serialize");
+    s.push('\n');
+    s
+}

@@ -1,0 +1,16 @@
+//! profile-worker: Crafter Profile's `create-ticket` and `create-verification-token`
+//! as RabbitMQ commands, persisted in PostgreSQL. See README.md and ../shared/CONTRACT.md.
+//!
+//! The flow of one batch: `broker` (consume) → `contract::decode` → `store::load` →
+//! `domain::decide` (pure) → `store::commit` (one transaction) → `broker` (publish,
+//! confirmed) → ack. `pipeline` runs it; `worker` supervises it.
+
+pub mod broker;
+pub mod config;
+pub mod contract;
+pub mod domain;
+pub mod pipeline;
+pub mod render;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,125 @@
+use clap::{Parser, Subcommand};
+use profile_worker::config::{DatabaseSettings, Settings};
+use profile_worker::store::{SeedFile, Store};
+use profile_worker::telemetry::{self, LogFormat};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// RabbitMQ worker for Crafter Profile's create-ticket and create-verification-token.
+#[derive(Parser)]
+#[command(name = "profile-worker", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Declare the topology, apply migrations, consume until SIGTERM/SIGINT.
+    Run(Box<Settings>),
+    /// Apply pending migrations and exit.
+    Migrate(DatabaseSettings),
+    /// Upsert tenants, access tokens and profiles from a seed file and exit.
+    Seed {
+        /// JSON seed file (CONTRACT §8).
+        file: PathBuf,
+        #[command(flatten)]
+        db: DatabaseSettings,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let result = match cli.command {
+        Cmd::Run(settings) => run(*settings).await,
+        Cmd::Migrate(db) => migrate(db).await,
+        Cmd::Seed { file, db } => seed(file, db).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> Result<(), String> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    profile_worker::worker::run(settings, shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+async fn connect(db: &DatabaseSettings) -> Result<Store, String> {
+    let store = Store::connect(db).map_err(|e| e.to_string())?;
+    store
+        .check()
+        .await
+        .map_err(|e| format!("DATABASE_URL: cannot connect: {}", e.message))?;
+    Ok(store)
+}
+
+async fn migrate(db: DatabaseSettings) -> Result<(), String> {
+    let store = connect(&db).await?;
+    let applied = store
+        .migrate()
+        .await
+        .map_err(|e| format!("DATABASE_URL: migration failed: {e}"))?;
+    println!(
+        "migrations applied: {}",
+        if applied.is_empty() {
+            "none pending".to_string()
+        } else {
+            format!("{applied:?}")
+        }
+    );
+    Ok(())
+}
+
+async fn seed(file: PathBuf, db: DatabaseSettings) -> Result<(), String> {
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let seed = SeedFile::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let store = connect(&db).await?;
+    store
+        .migrate()
+        .await
+        .map_err(|e| format!("DATABASE_URL: migration failed: {e}"))?;
+    let r = store
+        .seed(&seed)
+        .await
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    println!(
+        "seeded {} tenants, {} access tokens, {} profiles from {}",
+        r.tenants,
+        r.access_tokens,
+        r.profiles,
+        file.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Turns a domain outcome into what is stored and sent: the reply body with its
+//! status, and the events with their deterministic ids. Pure.
+
+use crate::contract::message::{event_message_id, routing};
+use crate::contract::{
+    EmailRequested, ErrorReply, Rejection, TicketCreated, VerificationTokenCreated,
+};
+use crate::domain::Outcome;
+use crate::store::OutboxEvent;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub status: u16,
+    pub reply: String,
+    pub events: Vec<OutboxEvent>,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    // These types contain only strings, integers and UUIDs: serialization cannot fail.
+    serde_json::to_string(v).expect("reply types always serialize")
+}
+
+pub fn rejection(r: &Rejection) -> String {
+    json(&ErrorReply {
+        error_code: r.code,
+        message: r.message.clone(),
+    })
+}
+
+pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
+    let event = |routing_key: &str, entity: uuid::Uuid, body: String| OutboxEvent {
+        event_id: event_message_id(routing_key, entity),
+        message_id: message_id.map(str::to_string),
+        routing_key: routing_key.to_string(),
+        body,
+    };
+    match outcome {
+        Outcome::Rejected(r) => Rendered {
+            status: r.status(),
+            reply: rejection(r),
+            events: vec![],
+        },
+        Outcome::TicketCreated(t) => {
+            let body = json(&TicketCreated {
+                tenant: t.tenant.clone(),
+                profile_id: t.profile_id.clone(),
+                last_request_time: t.last_request_time,
+                id: t.id,
+            });
+            Rendered {
+                status: 200,
+                reply: body.clone(),
+                events: vec![event(routing::TICKET_CREATED, t.id, body)],
+            }
+        }
+        Outcome::VerificationTokenCreated(t, email) => {
+            let body = json(&VerificationTokenCreated {
+                tenant: t.tenant.clone(),
+                profile_id: t.profile_id.clone(),
+                timestamp: t.timestamp,
+                id: t.id,
+            });
+            let email_id = event_message_id(routing::EMAIL_REQUESTED, t.id);
+            let email_body = json(&EmailRequested {
+                id: email_id,
+                tenant: t.tenant.clone(),
+                profile_id: t.profile_id.clone(),
+                to: email.to.clone(),
+                template: email.purpose.as_str().to_string(),
+                token_id: t.id,
+                verification_link: email.verification_link.clone(),
+                timestamp: t.timestamp,
+            });
+            Rendered {
+                status: 200,
+                reply: body.clone(),
+                events: vec![
+                    event(routing::VERIFICATION_TOKEN_CREATED, t.id, body),
+                    event(routing::EMAIL_REQUESTED, t.id, email_body),
+                ],
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::Purpose;
+    use crate::domain::{EmailRequest, VerificationToken};
+
+    #[test]
+    fn verification_token_renders_reply_and_two_events() {
+        let id: uuid::Uuid = "055d58c4-fabb-44da-96eb-261e24e1d0c9".parse().unwrap();
+        let o = Outcome::VerificationTokenCreated(
+            VerificationToken {
+                id,
+                tenant: "sample-tenant".into(),
+                profile_id: "592715d4d4c650e226b03b62".into(),
+                timestamp: 1495746285875,
+            },
+            EmailRequest {
+                to: "john.doe@example.com".into(),
+                purpose: Purpose::VerifyAccount,
+                verification_link: format!("https://example.com/verify?tokenId={id}"),
+            },
+        );
+        let r = outcome(&o, Some("m1"));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.reply,
+            r#"{"tenant":"sample-tenant","profileId":"592715d4d4c650e226b03b62","timestamp":1495746285875,"id":"055d58c4-fabb-44da-96eb-261e24e1d0c9"}"#
+        );
+        assert_eq!(r.events.len(), 2);
+        assert_eq!(r.events[0].routing_key, "verification-token.created");
+        assert_eq!(r.events[0].body, r.reply);
+        let email: serde_json::Value = serde_json::from_str(&r.events[1].body).unwrap();
+        assert_eq!(
+            email["id"],
+            r.events[1].event_id.to_string(),
+            "body id equals message_id"
+        );
+        assert_eq!(email["template"], "verify-account");
+        assert_eq!(email["to"], "john.doe@example.com");
+        assert!(r
+            .events
+            .iter()
+            .all(|e| e.message_id.as_deref() == Some("m1")));
+        assert_eq!(outcome(&o, Some("m1")), r, "rendering is deterministic");
+    }
+}

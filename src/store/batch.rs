@@ -1,0 +1,307 @@
+//! The two round trips of a batch: one load of everything the batch needs, and one
+//! transaction that writes every row, idempotency record and outbox event.
+
+use super::{to_system_time, Store, StoreError};
+use crate::domain::{AccessToken, Profile, TenantPermission, Ticket, VerificationToken};
+use std::collections::{HashMap, HashSet};
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// An event waiting in the outbox for its broker confirm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    pub event_id: Uuid,
+    /// The command's message_id, when it had one.
+    pub message_id: Option<String>,
+    pub routing_key: String,
+    pub body: String,
+}
+
+/// The reply stored for a message_id that was already processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReply {
+    pub command: String,
+    pub status: u16,
+    pub reply: String,
+    /// Events of that command still unconfirmed (a crash between commit and publish).
+    pub pending_events: Vec<OutboxEvent>,
+}
+
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub tokens: HashMap<String, AccessToken>,
+    pub profiles: HashMap<String, Profile>,
+    pub processed: HashMap<String, StoredReply>,
+}
+
+/// One command's effect, to be written atomically with all others of its batch.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub message_id: Option<String>,
+    pub command: &'static str,
+    pub status: u16,
+    pub reply: String,
+    pub ticket: Option<Ticket>,
+    pub token: Option<VerificationToken>,
+    pub events: Vec<OutboxEvent>,
+}
+
+const LOAD_TOKENS: &str =
+    "SELECT id, application, (extract(epoch FROM expires_on) * 1000)::bigint, tenant_permissions \
+     FROM access_tokens WHERE id = ANY($1)";
+const LOAD_PROFILES: &str = "SELECT id, tenant, email, enabled FROM profiles WHERE id = ANY($1)";
+const LOAD_PROCESSED: &str =
+    "SELECT message_id, command, status, reply FROM processed_commands WHERE message_id = ANY($1)";
+const LOAD_PENDING: &str =
+    "SELECT event_id, message_id, routing_key, body FROM outbox WHERE message_id = ANY($1) ORDER BY created_at, event_id";
+
+impl Store {
+    /// Loads the tokens, profiles and earlier replies a batch refers to: one query each,
+    /// pipelined on one connection.
+    pub async fn load(
+        &self,
+        token_ids: &[&str],
+        profile_ids: &[&str],
+        message_ids: &[&str],
+    ) -> Result<Loaded, StoreError> {
+        let client = self.client("load").await?;
+        let err = |e| StoreError::pg("load", e);
+        let (s_tok, s_prof, s_proc, s_pend) = tokio::try_join!(
+            client.prepare_cached(LOAD_TOKENS),
+            client.prepare_cached(LOAD_PROFILES),
+            client.prepare_cached(LOAD_PROCESSED),
+            client.prepare_cached(LOAD_PENDING),
+        )
+        .map_err(err)?;
+        let (tok_rows, prof_rows, proc_rows, pend_rows) = tokio::try_join!(
+            async {
+                if token_ids.is_empty() {
+                    return Ok(vec![]);
+                }
+                client.query(&s_tok, &[&token_ids]).await
+            },
+            async {
+                if profile_ids.is_empty() {
+                    return Ok(vec![]);
+                }
+                client.query(&s_prof, &[&profile_ids]).await
+            },
+            async {
+                if message_ids.is_empty() {
+                    return Ok(vec![]);
+                }
+                client.query(&s_proc, &[&message_ids]).await
+            },
+            async {
+                if message_ids.is_empty() {
+                    return Ok(vec![]);
+                }
+                client.query(&s_pend, &[&message_ids]).await
+            },
+        )
+        .map_err(err)?;
+
+        let mut loaded = Loaded::default();
+        for row in tok_rows {
+            let id: String = row.get(0);
+            let permissions: serde_json::Value = row.get(3);
+            let token = AccessToken {
+                id: id.clone(),
+                application: row.get(1),
+                expires_on: row.get(2),
+                tenant_permissions: parse_permissions(&permissions).map_err(|m| {
+                    StoreError::permanent(
+                        "load",
+                        format!("access token {}: {m}", crate::telemetry::token_prefix(&id)),
+                    )
+                })?,
+            };
+            loaded.tokens.insert(id, token);
+        }
+        for row in prof_rows {
+            let profile = Profile {
+                id: row.get(0),
+                tenant: row.get(1),
+                email: row.get(2),
+                enabled: row.get(3),
+            };
+            loaded.profiles.insert(profile.id.clone(), profile);
+        }
+        let mut pending: HashMap<String, Vec<OutboxEvent>> = HashMap::new();
+        for row in pend_rows {
+            let event = OutboxEvent {
+                event_id: row.get(0),
+                message_id: row.get(1),
+                routing_key: row.get(2),
+                body: row.get(3),
+            };
+            if let Some(m) = &event.message_id {
+                pending.entry(m.clone()).or_default().push(event);
+            }
+        }
+        for row in proc_rows {
+            let message_id: String = row.get(0);
+            let status: i16 = row.get(2);
+            loaded.processed.insert(
+                message_id.clone(),
+                StoredReply {
+                    command: row.get(1),
+                    status: status as u16,
+                    reply: row.get(3),
+                    pending_events: pending.remove(&message_id).unwrap_or_default(),
+                },
+            );
+        }
+        Ok(loaded)
+    }
+
+    /// Writes the batch in one transaction. A record whose message_id another
+    /// transaction committed first (two workers, or a publisher retry racing the
+    /// original) writes nothing; its index is returned so the caller can answer
+    /// with the stored reply instead.
+    pub async fn commit(&self, records: &[NewRecord]) -> Result<HashSet<usize>, StoreError> {
+        let mut client = self.client("commit").await?;
+        let err = |e| StoreError::pg("commit", e);
+        let tx = client.transaction().await.map_err(err)?;
+
+        let keyed: Vec<usize> = (0..records.len())
+            .filter(|&i| records[i].message_id.is_some())
+            .collect();
+        let mut lost = HashSet::new();
+        if !keyed.is_empty() {
+            let ids: Vec<&str> = keyed
+                .iter()
+                .map(|&i| records[i].message_id.as_deref().unwrap_or_default())
+                .collect();
+            let commands: Vec<&str> = keyed.iter().map(|&i| records[i].command).collect();
+            let statuses: Vec<i16> = keyed.iter().map(|&i| records[i].status as i16).collect();
+            let replies: Vec<&str> = keyed.iter().map(|&i| records[i].reply.as_str()).collect();
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO processed_commands (message_id, command, status, reply) \
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[]) \
+                     ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+                )
+                .await
+                .map_err(err)?;
+            let won: HashSet<String> = tx
+                .query(&stmt, &[&ids, &commands, &statuses, &replies])
+                .await
+                .map_err(err)?
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect();
+            lost = keyed
+                .into_iter()
+                .filter(|&i| !won.contains(records[i].message_id.as_deref().unwrap_or_default()))
+                .collect();
+        }
+        let winners = || {
+            (0..records.len())
+                .filter(|i| !lost.contains(i))
+                .map(|i| &records[i])
+        };
+
+        let tickets: Vec<&Ticket> = winners().filter_map(|r| r.ticket.as_ref()).collect();
+        let tokens: Vec<&VerificationToken> = winners().filter_map(|r| r.token.as_ref()).collect();
+        let events: Vec<&OutboxEvent> = winners().flat_map(|r| r.events.iter()).collect();
+
+        let t_ids: Vec<Uuid> = tickets.iter().map(|t| t.id).collect();
+        let t_tenants: Vec<&str> = tickets.iter().map(|t| t.tenant.as_str()).collect();
+        let t_profiles: Vec<&str> = tickets.iter().map(|t| t.profile_id.as_str()).collect();
+        let t_times: Vec<SystemTime> = tickets
+            .iter()
+            .map(|t| to_system_time(t.last_request_time))
+            .collect();
+        let v_ids: Vec<Uuid> = tokens.iter().map(|t| t.id).collect();
+        let v_tenants: Vec<&str> = tokens.iter().map(|t| t.tenant.as_str()).collect();
+        let v_profiles: Vec<&str> = tokens.iter().map(|t| t.profile_id.as_str()).collect();
+        let v_times: Vec<SystemTime> = tokens.iter().map(|t| to_system_time(t.timestamp)).collect();
+        let e_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let e_msgs: Vec<Option<&str>> = events.iter().map(|e| e.message_id.as_deref()).collect();
+        let e_keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
+        let e_bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+
+        // The three inserts are independent: pipelined on the one connection.
+        tokio::try_join!(
+            async {
+                if t_ids.is_empty() {
+                    return Ok(0);
+                }
+                let s = tx
+                    .prepare_cached(
+                        "INSERT INTO tickets (id, tenant, profile_id, last_request_time) \
+                         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])",
+                    )
+                    .await?;
+                tx.execute(&s, &[&t_ids, &t_tenants, &t_profiles, &t_times]).await
+            },
+            async {
+                if v_ids.is_empty() {
+                    return Ok(0);
+                }
+                let s = tx
+                    .prepare_cached(
+                        "INSERT INTO verification_tokens (id, tenant, profile_id, \"timestamp\") \
+                         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])",
+                    )
+                    .await?;
+                tx.execute(&s, &[&v_ids, &v_tenants, &v_profiles, &v_times]).await
+            },
+            async {
+                if e_ids.is_empty() {
+                    return Ok(0);
+                }
+                let s = tx
+                    .prepare_cached(
+                        "INSERT INTO outbox (event_id, message_id, routing_key, body) \
+                         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])",
+                    )
+                    .await?;
+                tx.execute(&s, &[&e_ids, &e_msgs, &e_keys, &e_bodies]).await
+            },
+        )
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(lost)
+    }
+
+    /// Replies stored by other transactions, for records [`Store::commit`] reported lost.
+    pub async fn stored_replies(
+        &self,
+        message_ids: &[&str],
+    ) -> Result<HashMap<String, StoredReply>, StoreError> {
+        Ok(self.load(&[], &[], message_ids).await?.processed)
+    }
+
+    /// Forgets outbox events the broker confirmed.
+    pub async fn delete_outbox(&self, event_ids: &[Uuid]) -> Result<u64, StoreError> {
+        if event_ids.is_empty() {
+            return Ok(0);
+        }
+        let client = self.client("outbox").await?;
+        client
+            .execute("DELETE FROM outbox WHERE event_id = ANY($1)", &[&event_ids])
+            .await
+            .map_err(|e| StoreError::pg("outbox", e))
+    }
+}
+
+fn parse_permissions(v: &serde_json::Value) -> Result<Vec<TenantPermission>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw {
+        tenant: String,
+        #[serde(default)]
+        allowed_actions: Vec<String>,
+    }
+    let raw: Vec<Raw> =
+        serde_json::from_value(v.clone()).map_err(|e| format!("bad tenant_permissions: {e}"))?;
+    Ok(raw
+        .into_iter()
+        .map(|r| TenantPermission {
+            tenant: r.tenant,
+            allowed_actions: r.allowed_actions,
+        })
+        .collect())
+}

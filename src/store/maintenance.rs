@@ -1,0 +1,97 @@
+//! Periodic work: deleting expired tickets and tokens and old idempotency records
+//! (CONTRACT §7), and leasing outbox events whose confirm never arrived.
+
+use super::{to_system_time, OutboxEvent, Store, StoreError};
+use std::time::Duration;
+
+/// Rows per DELETE, so a sweep never holds long locks or a huge transaction.
+const SWEEP_CHUNK: i64 = 5_000;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    pub tickets: u64,
+    pub verification_tokens: u64,
+    pub processed_commands: u64,
+}
+
+impl Store {
+    /// Deletes what expired before `now_ms`, in bounded chunks. The clock is the
+    /// caller's, so tests can move it.
+    pub async fn sweep(
+        &self,
+        now_ms: i64,
+        ticket_max_age: Duration,
+        token_max_age: Duration,
+        idempotency_retention: Duration,
+    ) -> Result<SweepReport, StoreError> {
+        let client = self.client("sweep").await?;
+        let err = |e| StoreError::pg("sweep", e);
+        let cutoff = |age: Duration| to_system_time(now_ms - age.as_millis() as i64);
+        let mut report = SweepReport::default();
+        for (sql, cut, total) in [
+            (
+                "DELETE FROM tickets WHERE id IN \
+                 (SELECT id FROM tickets WHERE last_request_time < $1 LIMIT $2)",
+                cutoff(ticket_max_age),
+                &mut report.tickets,
+            ),
+            (
+                "DELETE FROM verification_tokens WHERE id IN \
+                 (SELECT id FROM verification_tokens WHERE \"timestamp\" < $1 LIMIT $2)",
+                cutoff(token_max_age),
+                &mut report.verification_tokens,
+            ),
+            (
+                "DELETE FROM processed_commands WHERE message_id IN \
+                 (SELECT message_id FROM processed_commands WHERE processed_at < $1 LIMIT $2)",
+                cutoff(idempotency_retention),
+                &mut report.processed_commands,
+            ),
+        ] {
+            loop {
+                let n = client
+                    .execute(sql, &[&cut, &SWEEP_CHUNK])
+                    .await
+                    .map_err(err)?;
+                *total += n;
+                if n < SWEEP_CHUNK as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Claims up to `limit` outbox events older than `grace` for re-publication.
+    /// Claiming moves their `created_at` to now, so another worker's relay skips them
+    /// for the next `grace`; if this worker dies before deleting them they become
+    /// stale again and someone re-publishes them. No transaction is held meanwhile.
+    pub async fn lease_stale_outbox(
+        &self,
+        grace: Duration,
+        limit: i64,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let client = self.client("outbox").await?;
+        let grace_secs = grace.as_secs_f64();
+        let rows = client
+            .query(
+                "UPDATE outbox SET created_at = now() WHERE event_id IN ( \
+                     SELECT event_id FROM outbox \
+                     WHERE created_at < now() - make_interval(secs => $1) \
+                     ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING event_id, message_id, routing_key, body",
+                &[&grace_secs, &limit],
+            )
+            .await
+            .map_err(|e| StoreError::pg("outbox", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| OutboxEvent {
+                event_id: r.get(0),
+                message_id: r.get(1),
+                routing_key: r.get(2),
+                body: r.get(3),
+            })
+            .collect())
+    }
+}

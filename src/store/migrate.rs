@@ -1,0 +1,69 @@
+//! Embedded SQL migrations, applied in order, each in its own transaction, under an
+//! advisory lock so that several workers starting at once do not race.
+
+use super::{Store, StoreError};
+
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial",
+    sql: include_str!("../../migrations/0001_initial.sql"),
+}];
+
+/// Arbitrary, fixed: "profile-worker migrations".
+const LOCK_KEY: i64 = 0x7072_6f66_696c_6501;
+
+impl Store {
+    /// Applies pending migrations; returns the versions applied now.
+    pub async fn migrate(&self) -> Result<Vec<i32>, StoreError> {
+        let mut client = self.client("migrate").await?;
+        let err = |e| StoreError::pg("migrate", e);
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+            .await
+            .map_err(err)?;
+        let result = async {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (
+                        version    integer PRIMARY KEY,
+                        name       text NOT NULL,
+                        applied_at timestamptz NOT NULL DEFAULT now())",
+                )
+                .await
+                .map_err(err)?;
+            let applied: Vec<i32> = client
+                .query("SELECT version FROM schema_migrations", &[])
+                .await
+                .map_err(err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut now_applied = Vec::new();
+            for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+                let tx = client.transaction().await.map_err(err)?;
+                tx.batch_execute(m.sql).await.map_err(err)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    &[&m.version, &m.name],
+                )
+                .await
+                .map_err(err)?;
+                tx.commit().await.map_err(err)?;
+                tracing::info!(version = m.version, name = m.name, "applied migration");
+                now_applied.push(m.version);
+            }
+            Ok(now_applied)
+        }
+        .await;
+        let _ = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+            .await;
+        result
+    }
+}

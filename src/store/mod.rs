@@ -1,0 +1,189 @@
+//! Postgres: pool, migrations, seed, the batch load and the one-transaction commit,
+//! the outbox and the expiry sweep. Knows SQL, nothing about AMQP.
+
+mod batch;
+mod maintenance;
+mod migrate;
+mod seed;
+
+pub use batch::{Loaded, NewRecord, OutboxEvent, StoredReply};
+pub use maintenance::SweepReport;
+pub use seed::{SeedFile, SeedReport};
+
+use crate::config::DatabaseSettings;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_postgres::NoTls;
+
+/// Whether retrying can help: the database (or the way to it) is down or busy,
+/// versus something wrong with what we asked it to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Transient,
+    Permanent,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {message}")]
+pub struct StoreError {
+    pub kind: ErrorKind,
+    pub context: &'static str,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+
+    fn pg(context: &'static str, e: tokio_postgres::Error) -> Self {
+        let kind = classify(&e);
+        let message = match e.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => {
+                // tokio_postgres hides the io::Error cause behind Display's source chain.
+                let mut m = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    m.push_str(": ");
+                    m.push_str(&s.to_string());
+                    src = s.source();
+                }
+                m
+            }
+        };
+        StoreError {
+            kind,
+            context,
+            message,
+        }
+    }
+
+    fn pool(context: &'static str, e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::pg(context, e),
+            other => StoreError {
+                kind: ErrorKind::Transient,
+                context,
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn permanent(context: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            kind: ErrorKind::Permanent,
+            context,
+            message: message.into(),
+        }
+    }
+}
+
+fn classify(e: &tokio_postgres::Error) -> ErrorKind {
+    if e.is_closed() {
+        return ErrorKind::Transient;
+    }
+    match e.as_db_error() {
+        // No server answer at all (I/O, connect, timeout): the way to the database.
+        None => ErrorKind::Transient,
+        Some(db) => {
+            let code = db.code().code();
+            // 08 connection, 40 serialization/deadlock, 53 resources, 57 operator
+            // intervention (shutdown, cannot connect now), 58 system error.
+            if ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|c| code.starts_with(c))
+                || code == "55P03"
+            {
+                ErrorKind::Transient
+            } else {
+                ErrorKind::Permanent
+            }
+        }
+    }
+}
+
+/// The worker's handle on Postgres.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Builds the pool. Connections are made lazily; call [`Store::check`] to fail fast.
+    pub fn connect(settings: &DatabaseSettings) -> Result<Self, crate::config::ConfigError> {
+        let mut pg = settings.validate()?;
+        pg.connect_timeout(settings.db_timeout());
+        if pg.get_application_name().is_none() {
+            pg.application_name("profile-worker");
+        }
+        // Fast recycling would hand out connections that died with a Postgres restart.
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let timeout = Some(settings.db_timeout());
+        let pool = Pool::builder(manager)
+            .max_size(settings.db_pool_size as usize)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| crate::config::ConfigError::new("DATABASE_URL", e.to_string()))?;
+        Ok(Store { pool })
+    }
+
+    /// One round trip, to report an unreachable database at start-up.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        let client = self.client("connect").await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| StoreError::pg("connect", e))?;
+        Ok(())
+    }
+
+    async fn client(&self, context: &'static str) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::pool(context, e))
+    }
+
+    pub fn close(&self) {
+        self.pool.close();
+    }
+}
+
+pub(crate) fn to_system_time(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+/// Milliseconds since the epoch, truncated so a value read back from Postgres
+/// (microsecond precision) equals the one put in the reply.
+pub fn epoch_millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_round_trip() {
+        for ms in [0, 1, 1_495_660_441_508, -1_000] {
+            assert_eq!(epoch_millis(to_system_time(ms)), ms);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! `profile-worker seed FILE` (CONTRACT §8): an idempotent upsert of tenants,
+//! access tokens and profiles, all in one transaction.
+
+use super::{to_system_time, Store, StoreError};
+use crate::contract::command::MAX_ID_CHARS;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedFile {
+    #[serde(default)]
+    pub tenants: Vec<SeedTenant>,
+    #[serde(default)]
+    pub access_tokens: Vec<SeedAccessToken>,
+    #[serde(default)]
+    pub profiles: Vec<SeedProfile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedTenant {
+    pub name: String,
+    #[serde(default)]
+    pub verify_new_profiles: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedAccessToken {
+    pub id: String,
+    pub application: String,
+    #[serde(default)]
+    pub master: bool,
+    /// Epoch milliseconds or null.
+    #[serde(default)]
+    pub expires_on: Option<i64>,
+    #[serde(default)]
+    pub tenant_permissions: Vec<SeedTenantPermission>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedTenantPermission {
+    pub tenant: String,
+    #[serde(default)]
+    pub allowed_actions: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedProfile {
+    pub id: String,
+    pub tenant: String,
+    pub username: String,
+    pub email: String,
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub verified: bool,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default = "empty_object")]
+    pub attributes: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SeedReport {
+    pub tenants: usize,
+    pub access_tokens: usize,
+    pub profiles: usize,
+}
+
+impl SeedFile {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: SeedFile =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| format!("{} (at {})", e.inner(), e.path()))?;
+        file.check()?;
+        Ok(file)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let id_ok = |what: &str, id: &str| {
+            let n = id.chars().count();
+            if n == 0 || n > MAX_ID_CHARS {
+                Err(format!(
+                    "{what} id \"{id}\" must be 1 to {MAX_ID_CHARS} characters"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        for t in &self.tenants {
+            id_ok("tenant", &t.name)?;
+        }
+        for t in &self.access_tokens {
+            id_ok("access token", &t.id)?;
+        }
+        for p in &self.profiles {
+            id_ok("profile", &p.id)?;
+            if !p.attributes.is_object() {
+                return Err(format!(
+                    "profile \"{}\": attributes must be an object",
+                    p.id
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    pub async fn seed(&self, file: &SeedFile) -> Result<SeedReport, StoreError> {
+        let mut client = self.client("seed").await?;
+        let err = |e| StoreError::pg("seed", e);
+        let tx = client.transaction().await.map_err(err)?;
+        let up_tenant = tx
+            .prepare(
+                "INSERT INTO tenants (name, verify_new_profiles) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET verify_new_profiles = EXCLUDED.verify_new_profiles",
+            )
+            .await
+            .map_err(err)?;
+        for t in &file.tenants {
+            tx.execute(&up_tenant, &[&t.name, &t.verify_new_profiles])
+                .await
+                .map_err(err)?;
+        }
+        let up_token = tx
+            .prepare(
+                "INSERT INTO access_tokens (id, application, master, expires_on, tenant_permissions) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                 application = EXCLUDED.application, master = EXCLUDED.master, \
+                 expires_on = EXCLUDED.expires_on, tenant_permissions = EXCLUDED.tenant_permissions",
+            )
+            .await
+            .map_err(err)?;
+        for t in &file.access_tokens {
+            let expires = t.expires_on.map(to_system_time);
+            let perms = serde_json::to_value(&t.tenant_permissions).unwrap_or_default();
+            tx.execute(
+                &up_token,
+                &[&t.id, &t.application, &t.master, &expires, &perms],
+            )
+            .await
+            .map_err(err)?;
+        }
+        let up_profile = tx
+            .prepare(
+                "INSERT INTO profiles (id, tenant, username, email, enabled, verified, roles, attributes) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET \
+                 tenant = EXCLUDED.tenant, username = EXCLUDED.username, email = EXCLUDED.email, \
+                 enabled = EXCLUDED.enabled, verified = EXCLUDED.verified, roles = EXCLUDED.roles, \
+                 attributes = EXCLUDED.attributes",
+            )
+            .await
+            .map_err(err)?;
+        for p in &file.profiles {
+            let roles = serde_json::to_value(&p.roles).unwrap_or_default();
+            tx.execute(
+                &up_profile,
+                &[
+                    &p.id,
+                    &p.tenant,
+                    &p.username,
+                    &p.email,
+                    &p.enabled,
+                    &p.verified,
+                    &roles,
+                    &p.attributes,
+                ],
+            )
+            .await
+            .map_err(|e| {
+                let mut se = StoreError::pg("seed", e);
+                se.message = format!("profile \"{}\": {}", p.id, se.message);
+                se
+            })?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(SeedReport {
+            tenants: file.tenants.len(),
+            access_tokens: file.access_tokens.len(),
+            profiles: file.profiles.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_contract_example() {
+        let f = SeedFile::parse(
+            r#"{
+  "tenants":      [ { "name": "default", "verifyNewProfiles": false } ],
+  "accessTokens": [ { "id": "e8f5170c-877b-416f-b70f-4b09772f8e2d", "application": "profile-admin",
+                      "master": true, "expiresOn": null,
+                      "tenantPermissions": [ { "tenant": "*", "allowedActions": [ "*" ] } ] } ],
+  "profiles":     [ { "id": "592715d4d4c650e226b03b62", "tenant": "default", "username": "john.doe",
+                      "email": "john.doe@example.com", "enabled": false, "verified": false,
+                      "roles": [], "attributes": {} } ]
+}"#,
+        )
+        .unwrap();
+        assert_eq!(f.tenants.len(), 1);
+        assert_eq!(
+            f.access_tokens[0].tenant_permissions[0].allowed_actions,
+            vec!["*"]
+        );
+        assert!(!f.profiles[0].enabled);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_their_path() {
+        let e = SeedFile::parse(r#"{"tenants":[{"name":"x","bogus":1}]}"#).unwrap_err();
+        assert!(e.contains("bogus") && e.contains("tenants[0]"), "{e}");
+    }
+}

@@ -1,0 +1,263 @@
+//! `profile-worker run`: start-up checks, the supervisor that rebuilds the broker
+//! session after any failure, the consume-and-batch loop, graceful shutdown, and
+//! the background sweeper.
+
+use crate::broker::{self, Connection, Publisher, TopologyError};
+use crate::config::{ConfigError, Settings};
+use crate::pipeline::{self, BatchError, Pipeline};
+use crate::store::Store;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("DATABASE_URL: {0}")]
+    Database(String),
+    #[error("AMQP_URL: {0}")]
+    Broker(String),
+    #[error(transparent)]
+    Topology(TopologyError),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+impl From<lapin::Error> for SessionError {
+    fn from(e: lapin::Error) -> Self {
+        SessionError::Broker(broker::describe(&e))
+    }
+}
+
+/// Runs until `shutdown` is cancelled and held commands are finished.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    settings.validate()?;
+    let settings = Arc::new(settings);
+    let uri = settings.broker.validate()?;
+    let store = Store::connect(&settings.database)?;
+    store
+        .check()
+        .await
+        .map_err(|e| RunError::Database(format!("cannot connect: {}", e.message)))?;
+    store
+        .migrate()
+        .await
+        .map_err(|e| RunError::Database(format!("migration failed: {e}")))?;
+
+    let endpoint = format!("{}:{}", uri.authority.host, uri.authority.port);
+    let first = broker::connect(&uri).await.map_err(|e| {
+        RunError::Broker(format!(
+            "cannot connect to {endpoint}: {}",
+            broker::describe(&e)
+        ))
+    })?;
+    tracing::info!(broker = %endpoint, queue = %settings.broker.command_queue, "connected");
+
+    let sweeper = tokio::spawn(sweep_loop(
+        store.clone(),
+        settings.clone(),
+        shutdown.clone(),
+    ));
+    let mut conn = Some(first);
+    let result = loop {
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match reconnect(&uri, &endpoint, &shutdown).await {
+                Some(c) => c,
+                None => break Ok(()),
+            },
+        };
+        let outcome = session(&c, &store, &settings, &shutdown).await;
+        let _ = c.close(200, "bye".into()).await;
+        match outcome {
+            Ok(()) => break Ok(()),
+            Err(SessionError::Topology(e)) if e.is_conflict() => break Err(RunError::Topology(e)),
+            Err(e) if shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, "broker session ended during shutdown; unacked commands will be redelivered");
+                break Ok(());
+            }
+            Err(e) => tracing::warn!(error = %e, "broker session lost; reconnecting"),
+        }
+    };
+    shutdown.cancel();
+    let _ = sweeper.await;
+    store.close();
+    result
+}
+
+async fn reconnect(
+    uri: &AMQPUri,
+    endpoint: &str,
+    shutdown: &CancellationToken,
+) -> Option<Connection> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        match broker::connect(uri).await {
+            Ok(c) => {
+                tracing::info!(broker = %endpoint, "reconnected");
+                return Some(c);
+            }
+            Err(e) => {
+                tracing::warn!(error = %broker::describe(&e), retry_in_ms = backoff.as_millis() as u64, "broker unreachable")
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One connection's life: topology, consumer, batches, outbox relay. Returns Ok
+/// only after a requested shutdown has drained what this worker held.
+async fn session(
+    conn: &Connection,
+    store: &Store,
+    settings: &Arc<Settings>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let channel = conn.create_channel().await?;
+    broker::declare(&channel, &settings.broker).await?;
+    channel
+        .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
+        .await?;
+    let publisher = Publisher::open(conn).await?;
+    let mut consumer = channel
+        .basic_consume(
+            settings.broker.command_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer_tag = consumer.tag();
+    tracing::info!(queue = %settings.broker.command_queue, prefetch = settings.broker.prefetch, "consuming");
+
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(relay_loop(
+        store.clone(),
+        Publisher::open(conn).await?,
+        settings.clone(),
+        relay_stop.clone(),
+    ));
+    let _stop_relay = relay_stop.clone().drop_guard();
+
+    let pipeline = Pipeline::new(
+        store.clone(),
+        publisher.clone(),
+        channel.clone(),
+        settings.clone(),
+        shutdown.clone(),
+    );
+    let max_batch = settings.worker.batch_size as usize;
+    let mut cancelling = false;
+    let result = loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !cancelling => {
+                cancelling = true;
+                tracing::info!("shutdown requested: no new commands; finishing the ones held");
+                if let Err(e) = channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()).await {
+                    break Err(e.into());
+                }
+                continue;
+            }
+            d = consumer.next() => d,
+        };
+        let mut batch = match first {
+            None if cancelling => break Ok(()),
+            None => {
+                break Err(SessionError::Broker(
+                    "the broker cancelled the consumer".into(),
+                ))
+            }
+            Some(Err(e)) => break Err(e.into()),
+            Some(Ok(d)) => vec![d],
+        };
+        // Take whatever else the prefetch window already delivered, without waiting.
+        while batch.len() < max_batch {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
+        match pipeline.handle(batch).await {
+            Ok(()) => {}
+            Err(BatchError::Broker(m)) => break Err(SessionError::Broker(m)),
+            Err(BatchError::Abandoned) => {
+                tracing::warn!("shutdown grace exceeded; leaving held commands to redelivery");
+                break Ok(());
+            }
+        }
+    };
+    relay_stop.cancel();
+    let _ = relay.await;
+    publisher.close().await;
+    let _ = channel.close(200, "bye".into()).await;
+    result
+}
+
+async fn relay_loop(
+    store: Store,
+    publisher: Publisher,
+    settings: Arc<Settings>,
+    stop: CancellationToken,
+) {
+    let every = Duration::from_secs(settings.worker.outbox_grace_secs.clamp(1, 60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => break,
+        }
+        match pipeline::relay_outbox(&store, &publisher, &settings).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "re-published events left unconfirmed"),
+            Err(e) => tracing::warn!(error = %e, "outbox relay failed; will retry"),
+        }
+    }
+    publisher.close().await;
+}
+
+async fn sweep_loop(store: Store, settings: Arc<Settings>, shutdown: CancellationToken) {
+    let w = &settings.worker;
+    if w.sweep_interval_secs == 0 {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(w.sweep_interval_secs)) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        let now = crate::store::epoch_millis(SystemTime::now());
+        match store
+            .sweep(
+                now,
+                Duration::from_secs(w.ticket_max_age_secs),
+                Duration::from_secs(w.token_max_age_secs),
+                Duration::from_secs(w.idempotency_retention_secs),
+            )
+            .await
+        {
+            Ok(r) if r == Default::default() => {}
+            Ok(r) => tracing::info!(
+                tickets = r.tickets,
+                verification_tokens = r.verification_tokens,
+                processed_commands = r.processed_commands,
+                "deleted expired rows"
+            ),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed; will retry"),
+        }
+    }
+}
