@@ -8,7 +8,7 @@ mod topology;
 pub use lapin::message::Delivery;
 pub use lapin::{Channel, Connection, Consumer};
 pub use publisher::{Outgoing, PublishError, Publisher};
-pub use topology::{declare, TopologyError};
+pub use topology::{command_queue_arguments, declare, unrouted_exchange, TopologyError};
 
 use lapin::uri::AMQPUri;
 use lapin::ConnectionProperties;

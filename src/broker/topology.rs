@@ -57,16 +57,35 @@ pub fn command_queue_arguments(s: &BrokerSettings) -> FieldTable {
     args
 }
 
+/// `<command exchange>.unrouted`: the command exchange's alternate exchange.
+pub fn unrouted_exchange(s: &BrokerSettings) -> String {
+    format!("{}.unrouted", s.command_exchange)
+}
+
 pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), TopologyError> {
     let mut quorum = FieldTable::default();
     quorum.insert("x-queue-type".into(), text("quorum"));
+    // Commands whose routing key names no command would be dropped by the direct
+    // exchange; its alternate exchange routes them to the queue instead, so they get
+    // an UNKNOWN_COMMAND reply and a dead letter rather than vanishing.
+    let unrouted = unrouted_exchange(s);
+    let mut command_exchange_args = FieldTable::default();
+    command_exchange_args.insert("alternate-exchange".into(), text(&unrouted));
     let result: Result<(), lapin::Error> = async {
+        channel
+            .exchange_declare(
+                unrouted.as_str().into(),
+                ExchangeKind::Fanout,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await?;
         channel
             .exchange_declare(
                 s.command_exchange.as_str().into(),
                 ExchangeKind::Direct,
                 durable_exchange(),
-                FieldTable::default(),
+                command_exchange_args,
             )
             .await?;
         channel
@@ -106,6 +125,15 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
                 s.command_queue.as_str().into(),
                 durable_queue(),
                 command_queue_arguments(s),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                s.command_queue.as_str().into(),
+                unrouted.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
             )
             .await?;
         for name in CommandName::ALL {

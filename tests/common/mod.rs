@@ -1,0 +1,559 @@
+//! Test harness: a real RabbitMQ and a real PostgreSQL on loopback. Every test gets
+//! its own database and its own prefixed exchange/queue names, so tests run in
+//! parallel and never see each other's messages.
+#![allow(dead_code)]
+
+use futures_util::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use profile_worker::config::Settings;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const ADMIN_TOKEN: &str = "3b0bd9b6-1c0f-4d37-9b49-3d7c8f1e2a10";
+pub const EXPIRED_TOKEN: &str = "expired-token";
+pub const OTHER_TENANT_TOKEN: &str = "other-tenant-token";
+pub const PROFILES_ONLY_TOKEN: &str = "profiles-only-token";
+pub const ENABLED_PROFILE: &str = "5925a68def86951f895cf497";
+pub const DISABLED_PROFILE: &str = "592715d4d4c650e226b03b62";
+pub const OTHER_TENANT_PROFILE: &str = "other-tenant-profile";
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| profile_worker::config::DEFAULT_AMQP_URL.into())
+}
+
+/// A URL to a database we may create databases from.
+pub fn admin_db_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://profile_worker:profile_worker@127.0.0.1:5432/postgres".into()
+    })
+}
+
+fn db_url_for(name: &str) -> String {
+    let admin = admin_db_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+pub async fn admin_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
+        .await
+        .expect(
+            "admin database reachable (run the README's test command, which starts PostgreSQL)",
+        );
+    tokio::spawn(conn);
+    client
+}
+
+pub fn fixtures() -> Value {
+    let all = json!([{ "tenant": "*", "allowedActions": ["*"] }]);
+    json!({
+        "tenants": [ { "name": "default" }, { "name": "sample-tenant" }, { "name": "other" } ],
+        "accessTokens": [
+            { "id": ADMIN_TOKEN, "application": "profile-admin", "master": true, "expiresOn": null, "tenantPermissions": all },
+            { "id": EXPIRED_TOKEN, "application": "old-app", "expiresOn": 1_000_000_000_000i64, "tenantPermissions": all },
+            { "id": OTHER_TENANT_TOKEN, "application": "other-app", "expiresOn": 4_102_444_800_000i64,
+              "tenantPermissions": [ { "tenant": "other", "allowedActions": ["*"] } ] },
+            { "id": PROFILES_ONLY_TOKEN, "application": "profiles-app",
+              "tenantPermissions": [ { "tenant": "default", "allowedActions": ["MANAGE_PROFILES"] },
+                                     { "tenant": "sample-tenant", "allowedActions": ["MANAGE_PROFILES"] } ] }
+        ],
+        "profiles": [
+            { "id": ENABLED_PROFILE, "tenant": "default", "username": "jane", "email": "jane@example.com", "enabled": true },
+            { "id": DISABLED_PROFILE, "tenant": "sample-tenant", "username": "john.doe", "email": "john.doe@example.com", "enabled": false },
+            { "id": OTHER_TENANT_PROFILE, "tenant": "other", "username": "olga", "email": "olga@example.com", "enabled": true }
+        ]
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: i64,
+    pub kind: String,
+    pub correlation_id: Option<String>,
+    pub body: Value,
+    pub raw: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub headers: FieldTable,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("json body")
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        match self.headers.inner().get(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+}
+
+/// Options for one published command.
+#[derive(Debug, Clone, Default)]
+pub struct Send {
+    pub kind: Option<String>,
+    pub routing_key: Option<String>,
+    pub content_type: Option<String>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// `None`: our reply queue; `Some("")`: no reply_to (fire-and-forget).
+    pub reply_to: Option<String>,
+}
+
+pub struct Env {
+    pub settings: Settings,
+    pub db_name: String,
+    pub db: tokio_postgres::Client,
+    pub conn: Connection,
+    pub channel: Channel,
+    pub reply_queue: String,
+    replies: Mutex<(mpsc::UnboundedReceiver<Reply>, HashMap<String, Reply>)>,
+    events: Mutex<mpsc::UnboundedReceiver<Received>>,
+    shutdown: CancellationToken,
+    worker: Option<tokio::task::JoinHandle<Result<(), profile_worker::worker::RunError>>>,
+}
+
+impl Env {
+    /// Database created and seeded, topology names prefixed; the worker is not started.
+    pub async fn prepare() -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let prefix = format!("t{}", &id[..12]);
+        let db_name = format!("pw_test_{}", &id[..16]);
+        admin_client()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {db_name}"))
+            .await
+            .expect("create test database");
+
+        let mut settings = Settings::from_env();
+        settings.database.database_url = db_url_for(&db_name);
+        settings.database.db_pool_size = 4;
+        settings.broker.amqp_url = amqp_url();
+        settings.broker.command_exchange = format!("{prefix}.commands");
+        settings.broker.command_queue = format!("{prefix}.commands");
+        settings.broker.dead_letter_exchange = format!("{prefix}.commands.dlx");
+        settings.broker.dead_letter_queue = format!("{prefix}.commands.dead");
+        settings.broker.events_exchange = format!("{prefix}.events");
+        settings.worker.verification_url = "https://example.com/verify".into();
+        settings.worker.sweep_interval_secs = 0;
+
+        let store = profile_worker::store::Store::connect(&settings.database).unwrap();
+        store.migrate().await.expect("migrate");
+        let seed = profile_worker::store::SeedFile::parse(&fixtures().to_string()).unwrap();
+        store.seed(&seed).await.expect("seed");
+        store.close();
+
+        let (db, db_conn) =
+            tokio_postgres::connect(&settings.database.database_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(db_conn);
+
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("broker reachable");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        // The topology, declared the way the worker will, so commands published
+        // before the worker starts are kept.
+        profile_worker::broker::declare(&channel, &settings.broker)
+            .await
+            .unwrap();
+
+        let reply_queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .name()
+            .as_str()
+            .to_string();
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        let mut consumer = channel
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let raw = String::from_utf8_lossy(&d.data).into_owned();
+                let status = d
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get("status"))
+                    .and_then(profile_worker::broker::properties::as_u64)
+                    .map(|v| v as i64)
+                    .unwrap_or(-1);
+                let _ = reply_tx.send(Reply {
+                    status,
+                    kind: d
+                        .properties
+                        .kind()
+                        .as_ref()
+                        .map(|k| k.as_str().to_string())
+                        .unwrap_or_default(),
+                    correlation_id: d
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|c| c.as_str().to_string()),
+                    body: serde_json::from_str(&raw).unwrap_or(Value::Null),
+                    raw,
+                });
+            }
+        });
+
+        let events_queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .name()
+            .as_str()
+            .to_string();
+        channel
+            .queue_bind(
+                events_queue.as_str().into(),
+                settings.broker.events_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let mut ev_consumer = channel
+            .basic_consume(
+                events_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = ev_consumer.next().await {
+                let _ = ev_tx.send(Received {
+                    routing_key: d.routing_key.as_str().to_string(),
+                    message_id: d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|m| m.as_str().to_string()),
+                    headers: d.properties.headers().clone().unwrap_or_default(),
+                    body: d.data,
+                });
+            }
+        });
+
+        Env {
+            settings,
+            db_name,
+            db,
+            conn,
+            channel,
+            reply_queue,
+            replies: Mutex::new((reply_rx, HashMap::new())),
+            events: Mutex::new(ev_rx),
+            shutdown: CancellationToken::new(),
+            worker: None,
+        }
+    }
+
+    /// A prepared environment with the worker running in this process.
+    pub async fn start() -> Self {
+        let mut env = Env::prepare().await;
+        env.start_worker().await;
+        env
+    }
+
+    pub async fn start_worker(&mut self) {
+        self.shutdown = CancellationToken::new();
+        let handle = tokio::spawn(profile_worker::worker::run(
+            self.settings.clone(),
+            self.shutdown.clone(),
+        ));
+        self.worker = Some(handle);
+        self.wait_for_consumers(1).await;
+    }
+
+    pub async fn wait_for_consumers(&self, n: u32) {
+        for _ in 0..200 {
+            let q = self
+                .channel
+                .queue_declare(
+                    self.settings.broker.command_queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            if q.consumer_count() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("worker did not start consuming");
+    }
+
+    pub async fn stop_worker(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.worker.take() {
+            tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .expect("worker stops within 30 s")
+                .expect("worker task")
+                .expect("worker exits cleanly");
+        }
+    }
+
+    /// Publishes one command with a publisher confirm; returns its correlation id.
+    pub async fn publish(&self, body: &[u8], opts: Send) -> String {
+        let kind = opts.kind.clone().unwrap_or_else(|| "create-ticket".into());
+        let routing_key = opts.routing_key.clone().unwrap_or_else(|| kind.clone());
+        let correlation = opts
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let mut props = BasicProperties::default()
+            .with_correlation_id(correlation.as_str().into())
+            .with_type(kind.as_str().into())
+            .with_delivery_mode(2);
+        if let Some(ct) = opts
+            .content_type
+            .clone()
+            .or_else(|| Some("application/json".into()))
+            .filter(|c| !c.is_empty())
+        {
+            props = props.with_content_type(ct.as_str().into());
+        }
+        if let Some(m) = &opts.message_id {
+            props = props.with_message_id(m.as_str().into());
+        }
+        match opts.reply_to.as_deref() {
+            None => props = props.with_reply_to(self.reply_queue.as_str().into()),
+            Some("") => {}
+            Some(r) => props = props.with_reply_to(r.into()),
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.settings.broker.command_exchange.as_str().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "broker accepted the command");
+        correlation
+    }
+
+    pub async fn reply_for(&self, correlation: &str) -> Reply {
+        let mut guard = self.replies.lock().await;
+        let (rx, stash) = &mut *guard;
+        if let Some(r) = stash.remove(correlation) {
+            return r;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no reply for {correlation} within 30 s"))
+                .expect("reply consumer alive");
+            if r.correlation_id.as_deref() == Some(correlation) {
+                return r;
+            }
+            stash.insert(r.correlation_id.clone().unwrap_or_default(), r);
+        }
+    }
+
+    /// Publish and wait for the reply.
+    pub async fn call(&self, kind: &str, body: Value) -> Reply {
+        let c = self
+            .publish(
+                body.to_string().as_bytes(),
+                Send {
+                    kind: Some(kind.into()),
+                    message_id: Some(Uuid::new_v4().to_string()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        self.reply_for(&c).await
+    }
+
+    pub async fn call_raw(&self, body: &[u8], opts: Send) -> Reply {
+        let c = self.publish(body, opts).await;
+        self.reply_for(&c).await
+    }
+
+    /// Waits until `n` events arrived (or 10 s passed) and returns all that did.
+    pub async fn events(&self, n: usize) -> Vec<Received> {
+        let mut rx = self.events.lock().await;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(e)) => out.push(e),
+                _ => break,
+            }
+        }
+        // Anything more that is already here (to catch unexpected extras).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while let Ok(e) = rx.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    /// Takes every message now in the dead-letter queue.
+    pub async fn dead_letters(&self) -> Vec<Received> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(
+                self.settings.broker.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            out.push(Received {
+                routing_key: m.delivery.routing_key.as_str().to_string(),
+                message_id: m
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_string()),
+                headers: m.delivery.properties.headers().clone().unwrap_or_default(),
+                body: m.delivery.data.clone(),
+            });
+        }
+        out
+    }
+
+    /// Waits up to 10 s for at least `n` dead letters.
+    pub async fn wait_dead_letters(&self, n: usize) -> Vec<Received> {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            out.extend(self.dead_letters().await);
+            if out.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        out
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        self.db
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn queue_depth(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.settings.broker.command_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Stops the worker and removes the test's queues, exchanges and database.
+    pub async fn teardown(mut self) {
+        self.stop_worker().await;
+        let b = &self.settings.broker;
+        for q in [&b.command_queue, &b.dead_letter_queue] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let unrouted = profile_worker::broker::unrouted_exchange(b);
+        for x in [
+            &b.command_exchange,
+            &b.dead_letter_exchange,
+            &b.events_exchange,
+            &unrouted,
+        ] {
+            let _ = self
+                .channel
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "bye".into()).await;
+        drop(self.db);
+        let _ = admin_client()
+            .await
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .await;
+    }
+}
+
+pub fn ticket(token: &str, profile: &str) -> Value {
+    json!({ "accessTokenId": token, "profileId": profile })
+}
+
+pub fn verification(token: &str, profile: &str) -> Value {
+    json!({ "accessTokenId": token, "id": profile })
+}
