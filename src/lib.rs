@@ -6,6 +6,7 @@
 //! confirmed) → ack. `pipeline` runs it; `worker` supervises it.
 
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod contract;
 pub mod domain;

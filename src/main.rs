@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use profile_worker::config::{DatabaseSettings, Settings};
+use profile_worker::config::{BrokerSettings, DatabaseSettings, Settings};
 use profile_worker::store::{SeedFile, Store};
 use profile_worker::telemetry::{self, LogFormat};
 use std::path::PathBuf;
@@ -30,6 +30,18 @@ enum Cmd {
         #[command(flatten)]
         db: DatabaseSettings,
     },
+    /// Publish one command and print the reply (status and body).
+    Send {
+        /// create-ticket or create-verification-token.
+        command: String,
+        /// The JSON body.
+        body: String,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        #[command(flatten)]
+        broker: BrokerSettings,
+    },
 }
 
 #[tokio::main]
@@ -40,6 +52,11 @@ async fn main() -> ExitCode {
         Cmd::Run(settings) => run(*settings).await,
         Cmd::Migrate(db) => migrate(db).await,
         Cmd::Seed { file, db } => seed(file, db).await,
+        Cmd::Send { command, body, timeout, broker } => {
+            profile_worker::client::send(&broker, &command, &body, std::time::Duration::from_secs(timeout))
+                .await
+                .map(|(status, reply)| println!("{status} {reply}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,7 +30,8 @@ impl Store {
         let result = async {
             client
                 .batch_execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations (
+                    "SET client_min_messages = warning;
+                     CREATE TABLE IF NOT EXISTS schema_migrations (
                         version    integer PRIMARY KEY,
                         name       text NOT NULL,
                         applied_at timestamptz NOT NULL DEFAULT now())",

@@ -1,0 +1,67 @@
+//! `profile-worker send`: publish one command and print its reply — the quickest
+//! way to talk to a running worker from a shell.
+
+use crate::broker::{self, properties};
+use crate::config::BrokerSettings;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use std::time::Duration;
+
+/// Sends `body` as command `kind` and returns (status, reply body).
+pub async fn send(settings: &BrokerSettings, kind: &str, body: &str, timeout: Duration) -> Result<(i64, String), String> {
+    let uri = settings.validate().map_err(|e| e.to_string())?;
+    let conn = broker::connect(&uri)
+        .await
+        .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    // Direct reply-to: no queue to create or clean up.
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let props = BasicProperties::default()
+        .with_type(kind.into())
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.as_str().into())
+        .with_correlation_id(message_id.as_str().into())
+        .with_reply_to("amq.rabbitmq.reply-to".into());
+    let confirm = channel
+        .basic_publish(
+            settings.command_exchange.as_str().into(),
+            kind.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    if confirm.is_nack() {
+        return Err("the broker refused the command".into());
+    }
+    let reply = tokio::time::timeout(timeout, replies.next())
+        .await
+        .map_err(|_| format!("no reply within {} s: is `profile-worker run` running?", timeout.as_secs()))?
+        .ok_or("reply consumer closed")?
+        .map_err(|e| e.to_string())?;
+    let status = reply
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(properties::STATUS_HEADER))
+        .and_then(properties::as_u64)
+        .map(|s| s as i64)
+        .unwrap_or(-1);
+    let _ = conn.close(200, "bye".into()).await;
+    Ok((status, String::from_utf8_lossy(&reply.data).into_owned()))
+}
