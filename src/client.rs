@@ -10,7 +10,12 @@ use lapin::BasicProperties;
 use std::time::Duration;
 
 /// Sends `body` as command `kind` and returns (status, reply body).
-pub async fn send(settings: &BrokerSettings, kind: &str, body: &str, timeout: Duration) -> Result<(i64, String), String> {
+pub async fn send(
+    settings: &BrokerSettings,
+    kind: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(i64, String), String> {
     let uri = settings.validate().map_err(|e| e.to_string())?;
     let conn = broker::connect(&uri)
         .await
@@ -21,12 +26,18 @@ pub async fn send(settings: &BrokerSettings, kind: &str, body: &str, timeout: Du
         .basic_consume(
             "amq.rabbitmq.reply-to".into(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
         .map_err(|e| e.to_string())?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
     let message_id = uuid::Uuid::new_v4().to_string();
     let props = BasicProperties::default()
         .with_type(kind.into())
@@ -51,7 +62,12 @@ pub async fn send(settings: &BrokerSettings, kind: &str, body: &str, timeout: Du
     }
     let reply = tokio::time::timeout(timeout, replies.next())
         .await
-        .map_err(|_| format!("no reply within {} s: is `profile-worker run` running?", timeout.as_secs()))?
+        .map_err(|_| {
+            format!(
+                "no reply within {} s: is `profile-worker run` running?",
+                timeout.as_secs()
+            )
+        })?
         .ok_or("reply consumer closed")?
         .map_err(|e| e.to_string())?;
     let status = reply

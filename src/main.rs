@@ -52,11 +52,19 @@ async fn main() -> ExitCode {
         Cmd::Run(settings) => run(*settings).await,
         Cmd::Migrate(db) => migrate(db).await,
         Cmd::Seed { file, db } => seed(file, db).await,
-        Cmd::Send { command, body, timeout, broker } => {
-            profile_worker::client::send(&broker, &command, &body, std::time::Duration::from_secs(timeout))
-                .await
-                .map(|(status, reply)| println!("{status} {reply}"))
-        }
+        Cmd::Send {
+            command,
+            body,
+            timeout,
+            broker,
+        } => profile_worker::client::send(
+            &broker,
+            &command,
+            &body,
+            std::time::Duration::from_secs(timeout),
+        )
+        .await
+        .map(|(status, reply)| println!("{status} {reply}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -219,7 +219,7 @@ impl Pipeline {
                 tracing::warn!(error = %e, "could not clear confirmed events from the outbox");
             }
         }
-        for (item, _) in items.iter().zip(0..) {
+        for item in items {
             tracing::debug!(
                 message_id = item.message_id.as_deref().unwrap_or("-"),
                 command = item

@@ -25,10 +25,17 @@ fn worker_command(env: &Env) -> Command {
         .env("EVENTS_EXCHANGE", &s.broker.events_exchange)
         .env("VERIFICATION_URL", &s.worker.verification_url)
         .env("OUTBOX_GRACE_SECS", "1")
-        .env("RUST_LOG", std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(if std::env::var("WORKER_LOG").is_ok() { Stdio::inherit() } else { Stdio::piped() })
+        .stderr(if std::env::var("WORKER_LOG").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
         .kill_on_drop(true);
     c
 }
@@ -61,11 +68,22 @@ async fn publish_mix(env: &Env, n: usize) -> HashMap<String, (String, i64)> {
         let mid = Uuid::new_v4().to_string();
         let (kind, body, status) = match i % 3 {
             0 => ("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE), 200),
-            1 => ("create-verification-token", verification(ADMIN_TOKEN, DISABLED_PROFILE), 200),
+            1 => (
+                "create-verification-token",
+                verification(ADMIN_TOKEN, DISABLED_PROFILE),
+                200,
+            ),
             _ => ("create-ticket", ticket(ADMIN_TOKEN, DISABLED_PROFILE), 403),
         };
         let c = env
-            .publish(body.to_string().as_bytes(), Send { kind: Some(kind.into()), message_id: Some(mid.clone()), ..Default::default() })
+            .publish(
+                body.to_string().as_bytes(),
+                Send {
+                    kind: Some(kind.into()),
+                    message_id: Some(mid.clone()),
+                    ..Default::default()
+                },
+            )
             .await;
         sent.insert(c, (mid, status));
     }
@@ -79,12 +97,19 @@ async fn sigterm_finishes_held_commands_and_exits_zero() {
     let mut child = spawn_worker(&env).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(&child, SIGTERM);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits within 30 s").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits within 30 s")
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
     // Everything it took was finished and acked; the rest is still queued.
     let remaining = env.queue_depth().await as usize;
     let done = env.count("processed_commands").await as usize;
-    assert_eq!(done + remaining, sent.len(), "processed {done} + queued {remaining}");
+    assert_eq!(
+        done + remaining,
+        sent.len(),
+        "processed {done} + queued {remaining}"
+    );
     // A second worker finishes the rest; every command is answered once committed.
     let mut child = spawn_worker(&env).await;
     for (c, (_, status)) in &sent {
@@ -109,8 +134,15 @@ async fn kill_9_during_a_burst_loses_and_duplicates_nothing() {
     }
     // The kills must have landed mid-burst, or this test proves nothing.
     let done_before = env.count("processed_commands").await as usize;
-    eprintln!("processed before the last start: {done_before} of {}", sent.len());
-    assert!(done_before > 0 && done_before < sent.len(), "kills landed mid-burst ({done_before} of {})", sent.len());
+    eprintln!(
+        "processed before the last start: {done_before} of {}",
+        sent.len()
+    );
+    assert!(
+        done_before > 0 && done_before < sent.len(),
+        "kills landed mid-burst ({done_before} of {})",
+        sent.len()
+    );
     let mut child = spawn_worker(&env).await;
     let mut by_mid: HashMap<String, String> = HashMap::new();
     for (c, (mid, status)) in &sent {
@@ -119,7 +151,11 @@ async fn kill_9_during_a_burst_loses_and_duplicates_nothing() {
         by_mid.insert(mid.clone(), r.raw);
     }
     assert_eq!(by_mid.len(), sent.len(), "every message_id answered");
-    assert_eq!(env.count("tickets").await + env.count("verification_tokens").await, valid, "exactly one row per valid command");
+    assert_eq!(
+        env.count("tickets").await + env.count("verification_tokens").await,
+        valid,
+        "exactly one row per valid command"
+    );
     // Every token's email.requested arrives (the outbox relay covers kills between commit and publish).
     let tokens: HashSet<String> = env
         .db
@@ -135,13 +171,26 @@ async fn kill_9_during_a_burst_loses_and_duplicates_nothing() {
         for e in env.events(1).await {
             if e.routing_key == "email.requested" {
                 let token = e.json()["tokenId"].as_str().unwrap().to_string();
-                emailed.entry(token).or_default().insert(e.message_id.clone().unwrap());
+                emailed
+                    .entry(token)
+                    .or_default()
+                    .insert(e.message_id.clone().unwrap());
             }
         }
     }
-    let missing: Vec<_> = tokens.iter().filter(|t| !emailed.contains_key(*t)).collect();
-    assert!(missing.is_empty(), "{} tokens never got email.requested", missing.len());
-    assert!(emailed.values().all(|ids| ids.len() == 1), "one message_id per token's email event");
+    let missing: Vec<_> = tokens
+        .iter()
+        .filter(|t| !emailed.contains_key(*t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} tokens never got email.requested",
+        missing.len()
+    );
+    assert!(
+        emailed.values().all(|ids| ids.len() == 1),
+        "one message_id per token's email event"
+    );
     assert!(env.dead_letters().await.is_empty());
     signal(&child, SIGTERM);
     assert!(child.wait().await.unwrap().success());
@@ -154,7 +203,10 @@ async fn run_expecting_error(envs: &[(&str, &str)]) -> String {
     for (k, v) in envs {
         c.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(30), c.output()).await.expect("exits").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), c.output())
+        .await
+        .expect("exits")
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
@@ -169,9 +221,19 @@ async fn bad_or_unreachable_urls_are_one_line_errors_naming_the_setting() {
     let e = run_expecting_error(&[("DATABASE_URL", "mysql://nope")]).await;
     assert!(e.starts_with("error: DATABASE_URL:"), "{e}");
     let e = run_expecting_error(&[("DATABASE_URL", "postgres://u:secretpw@127.0.0.1:1/db")]).await;
-    assert!(e.starts_with("error: DATABASE_URL:") && !e.contains("secretpw"), "{e}");
-    let e = run_expecting_error(&[("DATABASE_URL", &good_db), ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")]).await;
-    assert!(e.starts_with("error: AMQP_URL:") && e.contains("127.0.0.1:1"), "{e}");
+    assert!(
+        e.starts_with("error: DATABASE_URL:") && !e.contains("secretpw"),
+        "{e}"
+    );
+    let e = run_expecting_error(&[
+        ("DATABASE_URL", &good_db),
+        ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+    ])
+    .await;
+    assert!(
+        e.starts_with("error: AMQP_URL:") && e.contains("127.0.0.1:1"),
+        "{e}"
+    );
     let e = run_expecting_error(&[("DATABASE_URL", &good_db), ("AMQP_URL", "not a url")]).await;
     assert!(e.starts_with("error: AMQP_URL:"), "{e}");
     env.teardown().await;
@@ -181,23 +243,42 @@ async fn bad_or_unreachable_urls_are_one_line_errors_naming_the_setting() {
 async fn refuses_to_start_on_conflicting_topology() {
     let env = Env::prepare().await;
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
     let conflicting = format!("{}-conflict", env.settings.broker.command_queue);
     env.channel
-        .queue_declare(conflicting.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .queue_declare(
+            conflicting.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
         .await
         .unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        worker_command(&env).env("COMMAND_QUEUE", &conflicting).env("RUST_LOG", "off").output(),
+        worker_command(&env)
+            .env("COMMAND_QUEUE", &conflicting)
+            .env("RUST_LOG", "off")
+            .output(),
     )
     .await
     .expect("exits")
     .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("conflicts") && stderr.contains(&conflicting), "{stderr}");
-    let _ = env.channel.queue_delete(conflicting.as_str().into(), Default::default()).await;
+    assert!(
+        stderr.contains("conflicts") && stderr.contains(&conflicting),
+        "{stderr}"
+    );
+    let _ = env
+        .channel
+        .queue_delete(conflicting.as_str().into(), Default::default())
+        .await;
     env.teardown().await;
 }
 
@@ -207,11 +288,26 @@ async fn poison_command_is_dead_lettered_after_the_delivery_limit() {
     // A profile row that breaks every attempt for a non-input reason: its tenant
     // permissions JSON is not what the worker can read.
     env.db
-        .execute("UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' WHERE id = $1", &[&PROFILES_ONLY_TOKEN])
+        .execute(
+            "UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' WHERE id = $1",
+            &[&PROFILES_ONLY_TOKEN],
+        )
         .await
         .unwrap();
-    let poison = env.publish(ticket(PROFILES_ONLY_TOKEN, ENABLED_PROFILE).to_string().as_bytes(), Send { message_id: Some("poison-1".into()), ..Default::default() }).await;
-    let fine = env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE)).await;
+    let poison = env
+        .publish(
+            ticket(PROFILES_ONLY_TOKEN, ENABLED_PROFILE)
+                .to_string()
+                .as_bytes(),
+            Send {
+                message_id: Some("poison-1".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    let fine = env
+        .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+        .await;
     assert_eq!(fine.status, 200, "the poison command does not block others");
     let r = env.reply_for(&poison).await;
     assert_eq!(r.status, 500);
@@ -219,8 +315,14 @@ async fn poison_command_is_dead_lettered_after_the_delivery_limit() {
     let dead = env.wait_dead_letters(1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message_id.as_deref(), Some("poison-1"));
-    assert_eq!(dead[0].header("x-error-code").as_deref(), Some("INTERNAL_SERVER_ERROR"));
-    assert!(dead[0].header("x-error-reason").unwrap().contains("tenant_permissions"));
+    assert_eq!(
+        dead[0].header("x-error-code").as_deref(),
+        Some("INTERNAL_SERVER_ERROR")
+    );
+    assert!(dead[0]
+        .header("x-error-reason")
+        .unwrap()
+        .contains("tenant_permissions"));
     env.stop_worker().await;
     assert_eq!(env.queue_depth().await, 0);
     env.teardown().await;

@@ -71,77 +71,64 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
     let unrouted = unrouted_exchange(s);
     let mut command_exchange_args = FieldTable::default();
     command_exchange_args.insert("alternate-exchange".into(), text(&unrouted));
+    let exchanges = [
+        (
+            unrouted.as_str(),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        ),
+        (
+            s.command_exchange.as_str(),
+            ExchangeKind::Direct,
+            command_exchange_args,
+        ),
+        (
+            s.dead_letter_exchange.as_str(),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        ),
+        (
+            s.events_exchange.as_str(),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        ),
+    ];
+    let queues = [
+        (s.dead_letter_queue.as_str(), quorum),
+        (s.command_queue.as_str(), command_queue_arguments(s)),
+    ];
+    let mut bindings = vec![
+        (
+            s.dead_letter_queue.as_str(),
+            s.dead_letter_exchange.as_str(),
+            "",
+        ),
+        (s.command_queue.as_str(), unrouted.as_str(), ""),
+    ];
+    for name in CommandName::ALL {
+        bindings.push((
+            s.command_queue.as_str(),
+            s.command_exchange.as_str(),
+            name.as_str(),
+        ));
+    }
     let result: Result<(), lapin::Error> = async {
-        channel
-            .exchange_declare(
-                unrouted.as_str().into(),
-                ExchangeKind::Fanout,
-                durable_exchange(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                s.command_exchange.as_str().into(),
-                ExchangeKind::Direct,
-                durable_exchange(),
-                command_exchange_args,
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                s.dead_letter_exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                durable_exchange(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                s.events_exchange.as_str().into(),
-                ExchangeKind::Topic,
-                durable_exchange(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                s.dead_letter_queue.as_str().into(),
-                durable_queue(),
-                quorum.clone(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                s.dead_letter_queue.as_str().into(),
-                s.dead_letter_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                s.command_queue.as_str().into(),
-                durable_queue(),
-                command_queue_arguments(s),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                s.command_queue.as_str().into(),
-                unrouted.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        for name in CommandName::ALL {
+        for (name, kind, args) in exchanges {
+            channel
+                .exchange_declare(name.into(), kind, durable_exchange(), args)
+                .await?;
+        }
+        for (name, args) in queues {
+            channel
+                .queue_declare(name.into(), durable_queue(), args)
+                .await?;
+        }
+        for (queue, exchange, key) in bindings {
             channel
                 .queue_bind(
-                    s.command_queue.as_str().into(),
-                    s.command_exchange.as_str().into(),
-                    name.as_str().into(),
+                    queue.into(),
+                    exchange.into(),
+                    key.into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )

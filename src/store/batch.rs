@@ -74,30 +74,10 @@ impl Store {
         )
         .map_err(err)?;
         let (tok_rows, prof_rows, proc_rows, pend_rows) = tokio::try_join!(
-            async {
-                if token_ids.is_empty() {
-                    return Ok(vec![]);
-                }
-                client.query(&s_tok, &[&token_ids]).await
-            },
-            async {
-                if profile_ids.is_empty() {
-                    return Ok(vec![]);
-                }
-                client.query(&s_prof, &[&profile_ids]).await
-            },
-            async {
-                if message_ids.is_empty() {
-                    return Ok(vec![]);
-                }
-                client.query(&s_proc, &[&message_ids]).await
-            },
-            async {
-                if message_ids.is_empty() {
-                    return Ok(vec![]);
-                }
-                client.query(&s_pend, &[&message_ids]).await
-            },
+            query_any(&client, &s_tok, token_ids),
+            query_any(&client, &s_prof, profile_ids),
+            query_any(&client, &s_proc, message_ids),
+            query_any(&client, &s_pend, message_ids),
         )
         .map_err(err)?;
 
@@ -285,6 +265,18 @@ impl Store {
             .await
             .map_err(|e| StoreError::pg("outbox", e))
     }
+}
+
+/// `stmt` with `= ANY($1)` over `ids`; no round trip when there is nothing to look up.
+async fn query_any(
+    client: &deadpool_postgres::Object,
+    stmt: &tokio_postgres::Statement,
+    ids: &[&str],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    client.query(stmt, &[&ids]).await
 }
 
 fn parse_permissions(v: &serde_json::Value) -> Result<Vec<TenantPermission>, String> {

@@ -83,12 +83,28 @@ pub struct Reply {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub routing_key: String,
+    pub kind: String,
     pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
     pub headers: FieldTable,
     pub body: Vec<u8>,
 }
 
 impl Received {
+    fn from_delivery(d: &lapin::message::Delivery) -> Self {
+        let p = &d.properties;
+        let text =
+            |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_string());
+        Received {
+            routing_key: d.routing_key.as_str().to_string(),
+            kind: text(p.kind()).unwrap_or_default(),
+            message_id: text(p.message_id()),
+            correlation_id: text(p.correlation_id()),
+            headers: p.headers().clone().unwrap_or_default(),
+            body: d.data.clone(),
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("json body")
     }
@@ -177,77 +193,28 @@ impl Env {
             .await
             .unwrap();
 
-        let reply_queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .name()
-            .as_str()
-            .to_string();
+        let (reply_queue, mut replies) = subscribe(&channel).await;
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
-        let mut consumer = channel
-            .basic_consume(
-                reply_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         tokio::spawn(async move {
-            while let Some(Ok(d)) = consumer.next().await {
-                let raw = String::from_utf8_lossy(&d.data).into_owned();
+            while let Some(d) = replies.recv().await {
+                let raw = String::from_utf8_lossy(&d.body).into_owned();
                 let status = d
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get("status"))
+                    .headers
+                    .inner()
+                    .get("status")
                     .and_then(profile_worker::broker::properties::as_u64)
                     .map(|v| v as i64)
                     .unwrap_or(-1);
                 let _ = reply_tx.send(Reply {
                     status,
-                    kind: d
-                        .properties
-                        .kind()
-                        .as_ref()
-                        .map(|k| k.as_str().to_string())
-                        .unwrap_or_default(),
-                    correlation_id: d
-                        .properties
-                        .correlation_id()
-                        .as_ref()
-                        .map(|c| c.as_str().to_string()),
+                    kind: d.kind,
+                    correlation_id: d.correlation_id,
                     body: serde_json::from_str(&raw).unwrap_or(Value::Null),
                     raw,
                 });
             }
         });
-
-        let events_queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .name()
-            .as_str()
-            .to_string();
+        let (events_queue, ev_rx) = subscribe(&channel).await;
         channel
             .queue_bind(
                 events_queue.as_str().into(),
@@ -258,33 +225,6 @@ impl Env {
             )
             .await
             .unwrap();
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let mut ev_consumer = channel
-            .basic_consume(
-                events_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            while let Some(Ok(d)) = ev_consumer.next().await {
-                let _ = ev_tx.send(Received {
-                    routing_key: d.routing_key.as_str().to_string(),
-                    message_id: d
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|m| m.as_str().to_string()),
-                    headers: d.properties.headers().clone().unwrap_or_default(),
-                    body: d.data,
-                });
-            }
-        });
 
         Env {
             settings,
@@ -319,18 +259,7 @@ impl Env {
 
     pub async fn wait_for_consumers(&self, n: u32) {
         for _ in 0..200 {
-            let q = self
-                .channel
-                .queue_declare(
-                    self.settings.broker.command_queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+            let q = self.command_queue().await;
             if q.consumer_count() >= n {
                 return;
             }
@@ -465,17 +394,7 @@ impl Env {
             .await
             .unwrap()
         {
-            out.push(Received {
-                routing_key: m.delivery.routing_key.as_str().to_string(),
-                message_id: m
-                    .delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_string()),
-                headers: m.delivery.properties.headers().clone().unwrap_or_default(),
-                body: m.delivery.data.clone(),
-            });
+            out.push(Received::from_delivery(&m.delivery));
         }
         out
     }
@@ -501,7 +420,8 @@ impl Env {
             .get(0)
     }
 
-    pub async fn queue_depth(&self) -> u32 {
+    /// The command queue's state (passive declare).
+    pub async fn command_queue(&self) -> lapin::Queue {
         self.channel
             .queue_declare(
                 self.settings.broker.command_queue.as_str().into(),
@@ -513,7 +433,10 @@ impl Env {
             )
             .await
             .unwrap()
-            .message_count()
+    }
+
+    pub async fn queue_depth(&self) -> u32 {
+        self.command_queue().await.message_count()
     }
 
     /// Stops the worker and removes the test's queues, exchanges and database.
@@ -548,6 +471,43 @@ impl Env {
             ))
             .await;
     }
+}
+
+/// An exclusive server-named queue and everything that arrives on it.
+async fn subscribe(channel: &Channel) -> (String, mpsc::UnboundedReceiver<Received>) {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .name()
+        .as_str()
+        .to_string();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let _ = tx.send(Received::from_delivery(&d));
+        }
+    });
+    (queue, rx)
 }
 
 pub fn ticket(token: &str, profile: &str) -> Value {
