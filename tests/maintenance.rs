@@ -1,0 +1,155 @@
+//! The outbox relay and the expiry sweep, made deterministic: a crash between commit
+//! and publish is staged as an outbox row, and the sweep is given a clock.
+
+mod common;
+use common::*;
+use profile_worker::store::Store;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn relay_republishes_events_left_unconfirmed_by_a_crash() {
+    let mut env = Env::prepare().await;
+    env.settings.worker.outbox_grace_secs = 1;
+    let event_id = Uuid::new_v4();
+    let body = r#"{"tenant":"default","profileId":"p","lastRequestTime":1,"id":"7f036af3-1ab9-4791-b615-ecaece3f0010"}"#;
+    // As a worker killed after its commit would leave it: committed, never confirmed.
+    env.db
+        .execute(
+            "INSERT INTO outbox (event_id, message_id, routing_key, body, created_at) \
+             VALUES ($1, 'crashed-1', 'ticket.created', $2, now() - interval '1 minute')",
+            &[&event_id, &body],
+        )
+        .await
+        .unwrap();
+    env.start_worker().await;
+    let events = env.events(1).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].routing_key, "ticket.created");
+    assert_eq!(
+        events[0].message_id.as_deref(),
+        Some(event_id.to_string().as_str())
+    );
+    assert_eq!(events[0].body, body.as_bytes());
+    for _ in 0..50 {
+        if env.count("outbox").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        env.count("outbox").await,
+        0,
+        "relayed events are removed once confirmed"
+    );
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn redelivered_command_resends_its_pending_events() {
+    let env = Env::start().await;
+    let r = env
+        .call_raw(
+            verification(ADMIN_TOKEN, ENABLED_PROFILE)
+                .to_string()
+                .as_bytes(),
+            Send {
+                kind: Some("create-verification-token".into()),
+                message_id: Some("again-1".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let first = env.events(2).await;
+    assert_eq!(first.len(), 2);
+    // Put the email event back as if its confirm had never arrived, then redeliver.
+    let email = first
+        .iter()
+        .find(|e| e.routing_key == "email.requested")
+        .unwrap();
+    let event_id: Uuid = email.message_id.as_deref().unwrap().parse().unwrap();
+    let body = String::from_utf8(email.body.clone()).unwrap();
+    env.db
+        .execute(
+            "INSERT INTO outbox (event_id, message_id, routing_key, body) VALUES ($1, 'again-1', 'email.requested', $2)",
+            &[&event_id, &body],
+        )
+        .await
+        .unwrap();
+    let again = env
+        .call_raw(
+            verification(ADMIN_TOKEN, ENABLED_PROFILE)
+                .to_string()
+                .as_bytes(),
+            Send {
+                kind: Some("create-verification-token".into()),
+                message_id: Some("again-1".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(again.raw, r.raw);
+    let resent = env.events(1).await;
+    assert_eq!(
+        resent.len(),
+        1,
+        "only the unconfirmed event is re-sent: {resent:?}"
+    );
+    assert_eq!(
+        resent[0].message_id, email.message_id,
+        "same message_id for the subscriber to dedupe"
+    );
+    assert_eq!(resent[0].body, email.body);
+    assert_eq!(env.count("outbox").await, 0);
+    assert_eq!(env.count("verification_tokens").await, 1);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn sweep_deletes_exactly_the_expired_rows() {
+    let env = Env::prepare().await;
+    let now: i64 = 1_800_000_000_000;
+    let ms = |offset_secs: i64| {
+        std::time::UNIX_EPOCH + Duration::from_millis((now - offset_secs * 1000) as u64)
+    };
+    for (age, n) in [(899, 2), (901, 3)] {
+        for _ in 0..n {
+            env.db
+                .execute(
+                    "INSERT INTO tickets (id, tenant, profile_id, last_request_time) VALUES ($1, 'default', 'p', $2)",
+                    &[&Uuid::new_v4(), &ms(age)],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    for (age, n) in [(86_399, 4), (86_401, 1)] {
+        for _ in 0..n {
+            env.db
+                .execute(
+                    "INSERT INTO verification_tokens (id, tenant, profile_id, \"timestamp\") VALUES ($1, 'default', 'p', $2)",
+                    &[&Uuid::new_v4(), &ms(age)],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let store = Store::connect(&env.settings.database).unwrap();
+    let day = Duration::from_secs(86_400);
+    let report = store
+        .sweep(now, Duration::from_secs(900), day, day * 7)
+        .await
+        .unwrap();
+    assert_eq!((report.tickets, report.verification_tokens), (3, 1));
+    assert_eq!(env.count("tickets").await, 2);
+    assert_eq!(env.count("verification_tokens").await, 4);
+    // Moving the clock on expires the rest.
+    let later = store
+        .sweep(now + 86_400_000, Duration::from_secs(900), day, day * 7)
+        .await
+        .unwrap();
+    assert_eq!((later.tickets, later.verification_tokens), (2, 4));
+    store.close();
+    env.teardown().await;
+}
