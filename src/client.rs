@@ -74,10 +74,8 @@ pub async fn send(
         .properties
         .headers()
         .as_ref()
-        .and_then(|h| h.inner().get(properties::STATUS_HEADER))
-        .and_then(properties::as_u64)
-        .map(|s| s as i64)
-        .unwrap_or(-1);
+        .and_then(properties::status)
+        .map_or(-1, |s| s as i64);
     let _ = conn.close(200, "bye".into()).await;
     Ok((status, String::from_utf8_lossy(&reply.data).into_owned()))
 }

@@ -48,18 +48,14 @@ async fn relay_republishes_events_left_unconfirmed_by_a_crash() {
 #[tokio::test]
 async fn redelivered_command_resends_its_pending_events() {
     let env = Env::start().await;
-    let r = env
-        .call_raw(
-            verification(ADMIN_TOKEN, ENABLED_PROFILE)
-                .to_string()
-                .as_bytes(),
-            Send {
-                kind: Some("create-verification-token".into()),
-                message_id: Some("again-1".into()),
-                ..Default::default()
-            },
-        )
-        .await;
+    // The same command, published twice with the same message_id.
+    let command = verification(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+    let send = || Send {
+        kind: Some("create-verification-token".into()),
+        message_id: Some("again-1".into()),
+        ..Default::default()
+    };
+    let r = env.call_raw(command.as_bytes(), send()).await;
     assert_eq!(r.status, 200);
     let first = env.events(2).await;
     assert_eq!(first.len(), 2);
@@ -77,18 +73,7 @@ async fn redelivered_command_resends_its_pending_events() {
         )
         .await
         .unwrap();
-    let again = env
-        .call_raw(
-            verification(ADMIN_TOKEN, ENABLED_PROFILE)
-                .to_string()
-                .as_bytes(),
-            Send {
-                kind: Some("create-verification-token".into()),
-                message_id: Some("again-1".into()),
-                ..Default::default()
-            },
-        )
-        .await;
+    let again = env.call_raw(command.as_bytes(), send()).await;
     assert_eq!(again.raw, r.raw);
     let resent = env.events(1).await;
     assert_eq!(

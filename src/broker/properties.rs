@@ -75,12 +75,9 @@ pub fn delivery_count(p: &BasicProperties) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn header_str(p: &BasicProperties, name: &str) -> Option<String> {
-    match p.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        _ => None,
-    }
+/// The `status` header of a reply.
+pub fn status(headers: &FieldTable) -> Option<u64> {
+    headers.inner().get(STATUS_HEADER).and_then(as_u64)
 }
 
 pub fn as_u64(v: &AMQPValue) -> Option<u64> {

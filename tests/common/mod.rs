@@ -198,13 +198,8 @@ impl Env {
         tokio::spawn(async move {
             while let Some(d) = replies.recv().await {
                 let raw = String::from_utf8_lossy(&d.body).into_owned();
-                let status = d
-                    .headers
-                    .inner()
-                    .get("status")
-                    .and_then(profile_worker::broker::properties::as_u64)
-                    .map(|v| v as i64)
-                    .unwrap_or(-1);
+                let status =
+                    profile_worker::broker::properties::status(&d.headers).map_or(-1, |v| v as i64);
                 let _ = reply_tx.send(Reply {
                     status,
                     kind: d.kind,
