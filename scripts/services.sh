@@ -115,3 +115,6 @@ ensure_rust() {
   # Crates with C parts (ring) need a C compiler.
   command -v cc >/dev/null 2>&1 || apt_install build-essential
 }
+
+# Run directly (`bash scripts/services.sh`) it just starts the servers.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then ensure_services; fi

@@ -5,6 +5,7 @@
 //! `domain::decide` (pure) → `store::commit` (one transaction) → `broker` (publish,
 //! confirmed) → ack. `pipeline` runs it; `worker` supervises it.
 
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod config;

@@ -42,6 +42,9 @@ enum Cmd {
         #[command(flatten)]
         broker: BrokerSettings,
     },
+    /// Load generator: seeds its own database and vhost, starts worker processes,
+    /// publishes commands through the broker, checks every reply and reports speed.
+    Bench(Box<profile_worker::bench::BenchArgs>),
 }
 
 #[tokio::main]
@@ -65,6 +68,7 @@ async fn main() -> ExitCode {
         )
         .await
         .map(|(status, reply)| println!("{status} {reply}")),
+        Cmd::Bench(args) => profile_worker::bench::run(*args).await.map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,767 @@
+//! `profile-worker bench`: an honest load generator. It seeds its own database
+//! and vhost, starts real worker processes, publishes real commands through the
+//! broker with confirms, checks every reply and the rows and events left behind,
+//! and reports rate, latency, CPU per 1,000 commands and peak RSS. With
+//! `--ceiling` it alternates rounds with an echo consumer that does no database
+//! work, and reports the worker's rate as a share of that.
+
+mod ceiling;
+mod load;
+mod plan;
+mod setup;
+pub mod stats;
+
+pub use plan::Mix;
+
+use crate::broker::{self, command_queue_arguments};
+use crate::config::{BrokerSettings, DatabaseSettings, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+use crate::store::{SeedFile, Store};
+use lapin::options::{
+    BasicConsumeOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use load::{RoundResult, Target, DIRECT_REPLY_TO};
+use plan::{Expected, Plan};
+use serde::Serialize;
+use setup::WorkerProcess;
+use stats::{median, paired_ratio};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Commands per measured round.
+    #[arg(long, short = 'n', default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub commands: u64,
+    /// Most commands in flight (published and not yet answered).
+    #[arg(long, short = 'w', default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    pub in_flight: u64,
+    /// Which commands to send.
+    #[arg(long, value_enum, default_value_t = Mix::Both)]
+    pub mix: Mix,
+    /// Share of commands that must be refused (400, 403 and 404 in turn), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub invalid_share: f64,
+    /// Also measure the no-database echo consumer, alternating rounds with the worker.
+    #[arg(long)]
+    pub ceiling: bool,
+    /// Measured rounds per target.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
+    /// Commands sent to each target before measuring (checked, not reported).
+    #[arg(long, default_value_t = 1_000)]
+    pub warmup: u64,
+    /// Worker processes consuming the same queue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub workers: u64,
+    /// Profiles seeded; commands cycle through them.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub profiles: u64,
+    /// Prefetch of the worker and of the echo consumer.
+    #[arg(long, env = "PREFETCH", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+    /// Most commands per batch, for the worker and the echo consumer.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
+    /// Append the results as one JSON line to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Give up when no reply arrives for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub stall_secs: u64,
+    /// Keep the database, vhost and worker logs afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// Worker executable (default: this one).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+    /// PostgreSQL URL the run's own database is created through (and dropped afterwards).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = true)]
+    pub database_url: String,
+    /// AMQP URL of the broker; the run creates its own vhost there.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+}
+
+const BENCH_TENANT: &str = "bench";
+const BENCH_TOKEN: &str = "bench-admin-token";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Figures of one target over the measured rounds (medians across rounds).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_secs_per_1k: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRow {
+    pub round: u64,
+    pub target: &'static str,
+    #[serde(flatten)]
+    pub result: RoundResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_secs_per_1k: Option<f64>,
+}
+
+/// What the run left behind, against what it must have.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Checks {
+    pub expected: Expected,
+    pub tickets: u64,
+    pub verification_tokens: u64,
+    pub email_requested: u64,
+    pub dead_letters: u64,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub commands: u64,
+    pub in_flight: u64,
+    pub mix: Mix,
+    pub invalid_share: f64,
+    pub workers: u64,
+    pub prefetch: u16,
+    pub batch_size: u16,
+    pub isolation: String,
+    pub rounds: Vec<RoundRow>,
+    pub worker: Summary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<Summary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    pub worker_peak_rss_kib: Vec<u64>,
+    pub checks: Checks,
+    pub unix_time: u64,
+}
+
+impl Report {
+    pub fn is_correct(&self) -> bool {
+        self.checks.problems.is_empty()
+    }
+}
+
+/// Runs the benchmark, prints the report, appends it to `--json`; fails when any
+/// reply, row, event or dead letter is not what the commands must produce.
+pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    if !(0.0..=1.0).contains(&args.invalid_share) {
+        return Err("--invalid-share must be between 0 and 1".into());
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let db = format!("pw_bench_{id}");
+    let vhost = format!("pw-bench-{id}");
+    setup::create_database(&args.database_url, &db).await?;
+    let isolation = match setup::create_vhost(&args.amqp_url, &vhost).await {
+        Ok(()) => Isolation::Vhost(vhost),
+        Err(e) => {
+            eprintln!("bench: no vhost of its own ({e}); using the name prefix {vhost}. instead");
+            Isolation::Prefix(format!("{vhost}."))
+        }
+    };
+    let result = run_isolated(&args, &db, &isolation).await;
+    if args.keep {
+        eprintln!("bench: kept database {db} and {}", isolation.describe());
+    } else {
+        let db_dropped = setup::drop_database(&args.database_url, &db).await;
+        let broker_cleaned = isolation.remove(&args.amqp_url).await;
+        for r in [db_dropped, broker_cleaned] {
+            if let Err(e) = r {
+                eprintln!("bench: cleanup: {e}");
+            }
+        }
+    }
+    let report = result?;
+    print(&report);
+    if let Some(path) = &args.json {
+        use std::io::Write;
+        let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| writeln!(f, "{line}"))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if report.is_correct() {
+        Ok(report)
+    } else {
+        Err(format!(
+            "the worker answered or stored something wrong:\n  {}",
+            report.checks.problems.join("\n  ")
+        ))
+    }
+}
+
+enum Isolation {
+    Vhost(String),
+    Prefix(String),
+}
+
+impl Isolation {
+    fn describe(&self) -> String {
+        match self {
+            Isolation::Vhost(v) => format!("vhost {v}"),
+            Isolation::Prefix(p) => format!("broker objects named {p}*"),
+        }
+    }
+
+    fn amqp_url(&self, base: &str) -> Result<String, String> {
+        match self {
+            Isolation::Vhost(v) => setup::with_vhost(base, v),
+            Isolation::Prefix(_) => Ok(base.to_string()),
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        match self {
+            Isolation::Vhost(_) => "",
+            Isolation::Prefix(p) => p,
+        }
+    }
+
+    async fn remove(&self, amqp_url: &str) -> Result<(), String> {
+        match self {
+            Isolation::Vhost(v) => setup::delete_vhost(v).await,
+            Isolation::Prefix(p) => remove_prefixed(amqp_url, p).await,
+        }
+    }
+}
+
+fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
+    BrokerSettings {
+        amqp_url: amqp_url.to_string(),
+        command_exchange: format!("{prefix}profile.commands"),
+        command_queue: format!("{prefix}profile.commands"),
+        dead_letter_exchange: format!("{prefix}profile.commands.dlx"),
+        dead_letter_queue: format!("{prefix}profile.commands.dead"),
+        events_exchange: format!("{prefix}profile.events"),
+        delivery_limit: 5,
+        prefetch,
+        heartbeat_secs: 10,
+    }
+}
+
+fn ceiling_queue(prefix: &str) -> String {
+    format!("{prefix}bench.ceiling")
+}
+
+async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
+    let n = names(prefix, amqp_url, 1);
+    let uri = n.validate().map_err(|e| e.to_string())?;
+    let conn = broker::connect(&uri)
+        .await
+        .map_err(|e| broker::describe(&e))?;
+    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+    for q in [
+        n.command_queue.clone(),
+        n.dead_letter_queue.clone(),
+        ceiling_queue(prefix),
+    ] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    for x in [
+        n.command_exchange.clone(),
+        broker::unrouted_exchange(&n),
+        n.dead_letter_exchange.clone(),
+        n.events_exchange.clone(),
+    ] {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(())
+}
+
+fn seed_file(profiles: u64) -> SeedFile {
+    let profiles: Vec<serde_json::Value> = (0..profiles)
+        .map(|i| {
+            serde_json::json!({
+                "id": profile_id(i), "tenant": BENCH_TENANT, "username": format!("bench{i}"),
+                "email": format!("bench{i}@example.com"), "enabled": true, "verified": true
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "tenants": [{ "name": BENCH_TENANT }],
+        "accessTokens": [{ "id": BENCH_TOKEN, "application": "bench", "master": true,
+            "tenantPermissions": [{ "tenant": BENCH_TENANT, "allowedActions": ["*"] }] }],
+        "profiles": profiles,
+    });
+    SeedFile::parse(&doc.to_string()).expect("the generated seed file is valid")
+}
+
+/// 24 hex characters, like Crafter Profile's ObjectIds.
+fn profile_id(i: u64) -> String {
+    format!("be0c{i:020x}")
+}
+
+async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Report, String> {
+    let db_url = setup::with_database(&args.database_url, db)?;
+    let amqp_url = iso.amqp_url(&args.amqp_url)?;
+    let prefix = iso.prefix().to_string();
+    let broker_names = names(&prefix, &amqp_url, args.prefetch);
+    let uri = broker_names.validate().map_err(|e| e.to_string())?;
+
+    let store = Store::connect(&DatabaseSettings {
+        database_url: db_url.clone(),
+        db_pool_size: 2,
+        db_timeout_secs: 10,
+    })
+    .map_err(|e| e.to_string())?;
+    store.migrate().await.map_err(|e| e.to_string())?;
+    store
+        .seed(&seed_file(args.profiles))
+        .await
+        .map_err(|e| format!("seeding the bench database failed: {e}"))?;
+    let plan = Plan {
+        mix: args.mix,
+        invalid_share: args.invalid_share,
+        access_token_id: BENCH_TOKEN.into(),
+        profile_ids: (0..args.profiles).map(profile_id).collect(),
+    };
+
+    // Workers: real processes, so their CPU time and memory are their own.
+    let bin = match &args.worker_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().map_err(|e| e.to_string())?,
+    };
+    let env = vec![
+        ("DATABASE_URL".to_string(), db_url.clone()),
+        ("AMQP_URL".into(), amqp_url.clone()),
+        (
+            "COMMAND_EXCHANGE".into(),
+            broker_names.command_exchange.clone(),
+        ),
+        ("COMMAND_QUEUE".into(), broker_names.command_queue.clone()),
+        (
+            "DEAD_LETTER_EXCHANGE".into(),
+            broker_names.dead_letter_exchange.clone(),
+        ),
+        (
+            "DEAD_LETTER_QUEUE".into(),
+            broker_names.dead_letter_queue.clone(),
+        ),
+        (
+            "EVENTS_EXCHANGE".into(),
+            broker_names.events_exchange.clone(),
+        ),
+        ("PREFETCH".into(), args.prefetch.to_string()),
+        ("BATCH_SIZE".into(), args.batch_size.to_string()),
+    ];
+    let mut workers: Vec<WorkerProcess> = Vec::new();
+    for k in 0..args.workers {
+        let log = std::env::temp_dir().join(format!("{db}-worker{k}.log"));
+        workers.push(setup::spawn_worker(&bin, &env, log)?);
+    }
+    let conn = broker::connect(&uri)
+        .await
+        .map_err(|e| format!("AMQP_URL: {}", broker::describe(&e)))?;
+    wait_for_consumers(&conn, &broker_names, &mut workers).await?;
+
+    // The load channel: direct reply-to and publishes must share a channel.
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    let replies = channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    // What the email dispatcher would see, counted and purged after every round.
+    let email_queue = format!("{prefix}bench.email-requested");
+    channel
+        .queue_declare(
+            email_queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .queue_bind(
+            email_queue.as_str().into(),
+            broker_names.events_exchange.as_str().into(),
+            "email.requested".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let stop_ceiling = CancellationToken::new();
+    let ceiling_task = if args.ceiling {
+        Some(
+            ceiling::start(
+                &uri,
+                &ceiling_queue(&prefix),
+                command_queue_arguments(&broker_names),
+                args.prefetch,
+                args.batch_size as usize,
+                stop_ceiling.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let ceiling_q = ceiling_queue(&prefix);
+    let worker_target = Target::Worker {
+        exchange: &broker_names.command_exchange,
+    };
+    let ceiling_target = Target::Ceiling { queue: &ceiling_q };
+    let mut loader = load::Loader {
+        channel: &channel,
+        replies,
+        plan: &plan,
+        window: args.in_flight as usize,
+        stall: Duration::from_secs(args.stall_secs.max(1)),
+        rounds: 0,
+    };
+    let mut checks = Checks::default();
+    let counter = Counter {
+        channel: &channel,
+        email_queue: &email_queue,
+        dead_queue: &broker_names.dead_letter_queue,
+    };
+
+    let mut next_index = 0u64;
+    if args.warmup > 0 {
+        if args.ceiling {
+            loader.round(&ceiling_target, 0, args.warmup).await?;
+        }
+        let r = loader.round(&worker_target, 0, args.warmup).await?;
+        next_index += args.warmup;
+        check_round(&r, &counter, &mut checks, "warm-up").await?;
+    }
+    let mut rows = Vec::new();
+    for k in 1..=args.rounds {
+        if args.ceiling {
+            let r = loader.round(&ceiling_target, 0, args.commands).await?;
+            rows.push(RoundRow {
+                round: k,
+                target: "ceiling",
+                result: r,
+                cpu_secs_per_1k: None,
+            });
+        }
+        let cpu_before = cpu_of(&workers);
+        let r = loader
+            .round(&worker_target, next_index, args.commands)
+            .await?;
+        let cpu = cpu_of(&workers) - cpu_before;
+        next_index += args.commands;
+        check_round(&r, &counter, &mut checks, &format!("round {k}")).await?;
+        rows.push(RoundRow {
+            round: k,
+            target: "worker",
+            cpu_secs_per_1k: Some(cpu * 1000.0 / args.commands as f64),
+            result: r,
+        });
+    }
+    let peak_rss: Vec<u64> = workers
+        .iter()
+        .map(|w| setup::peak_rss_kib(w.pid).unwrap_or(0))
+        .collect();
+
+    stop_ceiling.cancel();
+    if let Some(t) = ceiling_task {
+        if let Ok(Err(e)) = t.await {
+            checks.problems.push(format!("ceiling consumer: {e}"));
+        }
+    }
+    for w in workers {
+        let log = w.log.clone();
+        match w.stop().await {
+            Ok(()) if !args.keep => {
+                let _ = std::fs::remove_file(&log);
+            }
+            Ok(()) => {}
+            Err(e) => checks
+                .problems
+                .push(format!("{e} (log: {})", log.display())),
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    check_rows(&store, &mut checks).await?;
+    store.close();
+
+    let summary = |target: &str| -> Option<Summary> {
+        let rs: Vec<&RoundRow> = rows.iter().filter(|r| r.target == target).collect();
+        if rs.is_empty() {
+            return None;
+        }
+        let m = |f: &dyn Fn(&RoundRow) -> f64| median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+        let cpu = m(&|r| r.cpu_secs_per_1k.unwrap_or(f64::NAN));
+        Some(Summary {
+            rate: m(&|r| r.result.rate),
+            p50_ms: m(&|r| r.result.latency.p50_ms),
+            p99_ms: m(&|r| r.result.latency.p99_ms),
+            max_ms: rs
+                .iter()
+                .map(|r| r.result.latency.max_ms)
+                .fold(0.0, f64::max),
+            cpu_secs_per_1k: (!cpu.is_nan()).then_some(cpu),
+        })
+    };
+    let rates = |target: &str| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r.target == target)
+            .map(|r| r.result.rate)
+            .collect()
+    };
+    let ratio = args
+        .ceiling
+        .then(|| paired_ratio(&rates("worker"), &rates("ceiling")));
+    Ok(Report {
+        commands: args.commands,
+        in_flight: args.in_flight,
+        mix: args.mix,
+        invalid_share: args.invalid_share,
+        workers: args.workers,
+        prefetch: args.prefetch,
+        batch_size: args.batch_size,
+        isolation: iso.describe(),
+        worker: summary("worker").expect("at least one worker round"),
+        ceiling: summary("ceiling"),
+        ratio,
+        rounds: rows,
+        worker_peak_rss_kib: peak_rss,
+        checks,
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+fn cpu_of(workers: &[WorkerProcess]) -> f64 {
+    workers
+        .iter()
+        .map(|w| setup::cpu_secs(w.pid).unwrap_or(f64::NAN))
+        .sum()
+}
+
+async fn wait_for_consumers(
+    conn: &broker::Connection,
+    names: &BrokerSettings,
+    workers: &mut [WorkerProcess],
+) -> Result<(), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        for w in workers.iter_mut() {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                let tail = std::fs::read_to_string(&w.log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(format!(
+                    "worker {} exited with {status} before consuming:\n  {}",
+                    w.pid,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+                ));
+            }
+        }
+        // Declared exactly as the worker declares it, so there is no error (and no
+        // closed channel) while the worker has not declared it yet.
+        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+        let q = ch
+            .queue_declare(
+                names.command_queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                command_queue_arguments(names),
+            )
+            .await
+            .map_err(|e| format!("{}: {}", names.command_queue, broker::describe(&e)))?;
+        let _ = ch.close(200, "ok".into()).await;
+        if q.consumer_count() as usize >= workers.len() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the workers were not consuming {} within {} s",
+                names.command_queue,
+                READY_TIMEOUT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Counter<'a> {
+    channel: &'a lapin::Channel,
+    email_queue: &'a str,
+    dead_queue: &'a str,
+}
+
+impl Counter<'_> {
+    async fn depth(&self, queue: &str) -> Result<u64, String> {
+        let q = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("{queue}: {e}"))?;
+        Ok(q.message_count() as u64)
+    }
+
+    /// Waits until `queue` holds at least `want` messages (or the settle time
+    /// runs out), then empties it and returns how many it held.
+    async fn take(&self, queue: &str, want: u64) -> Result<u64, String> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while self.depth(queue).await? < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.channel
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await
+            .map(u64::from)
+            .map_err(|e| format!("{queue}: {e}"))
+    }
+}
+
+/// After a round: every reply right, every email event and dead letter there.
+async fn check_round(
+    r: &RoundResult,
+    counter: &Counter<'_>,
+    checks: &mut Checks,
+    name: &str,
+) -> Result<(), String> {
+    let e = r.expected;
+    checks.expected.tickets += e.tickets;
+    checks.expected.verification_tokens += e.verification_tokens;
+    checks.expected.dead_letters += e.dead_letters;
+    if r.wrong > 0 {
+        checks.problems.push(format!(
+            "{name}: {} wrong replies, e.g. {}",
+            r.wrong,
+            r.wrong_examples.join("; ")
+        ));
+    }
+    let emails = counter
+        .take(counter.email_queue, e.verification_tokens)
+        .await?;
+    let dead = counter.take(counter.dead_queue, e.dead_letters).await?;
+    checks.email_requested += emails;
+    checks.dead_letters += dead;
+    if emails < e.verification_tokens {
+        checks.problems.push(format!(
+            "{name}: {emails} email.requested events for {} verification tokens",
+            e.verification_tokens
+        ));
+    }
+    if dead != e.dead_letters {
+        checks.problems.push(format!(
+            "{name}: {dead} dead letters, expected {}",
+            e.dead_letters
+        ));
+    }
+    Ok(())
+}
+
+/// At the end: exactly one row per valid command, no more, no fewer.
+async fn check_rows(store: &Store, checks: &mut Checks) -> Result<(), String> {
+    let counts = store.row_counts().await.map_err(|e| e.to_string())?;
+    checks.tickets = counts.tickets;
+    checks.verification_tokens = counts.verification_tokens;
+    if checks.tickets != checks.expected.tickets {
+        checks.problems.push(format!(
+            "{} tickets stored for {} valid create-ticket commands",
+            checks.tickets, checks.expected.tickets
+        ));
+    }
+    if checks.verification_tokens != checks.expected.verification_tokens {
+        checks.problems.push(format!(
+            "{} verification tokens stored for {} valid create-verification-token commands",
+            checks.verification_tokens, checks.expected.verification_tokens
+        ));
+    }
+    Ok(())
+}
+
+fn print(r: &Report) {
+    println!(
+        "profile-worker bench: {} commands/round, {} in flight, mix {:?}, invalid share {}, {} worker(s), prefetch {}, batch {}, {}",
+        r.commands, r.in_flight, r.mix, r.invalid_share, r.workers, r.prefetch, r.batch_size, r.isolation
+    );
+    println!(
+        "{:>5} {:<8} {:>10} {:>9} {:>9} {:>9} {:>10}",
+        "round", "target", "rate/s", "p50 ms", "p99 ms", "max ms", "cpu s/1k"
+    );
+    for row in &r.rounds {
+        let l = row.result.latency;
+        println!(
+            "{:>5} {:<8} {:>10.0} {:>9.2} {:>9.2} {:>9.1} {:>10}",
+            row.round,
+            row.target,
+            row.result.rate,
+            l.p50_ms,
+            l.p99_ms,
+            l.max_ms,
+            row.cpu_secs_per_1k
+                .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    let w = &r.worker;
+    println!(
+        "worker  (median of rounds): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {} CPU s per 1k, peak RSS {} MiB",
+        w.rate,
+        w.p50_ms,
+        w.p99_ms,
+        w.max_ms,
+        w.cpu_secs_per_1k.map(|c| format!("{c:.3}")).unwrap_or_else(|| "?".into()),
+        r.worker_peak_rss_kib
+            .iter()
+            .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    if let (Some(c), Some(ratio)) = (&r.ceiling, r.ratio) {
+        println!(
+            "ceiling (median of rounds): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            c.rate, c.p50_ms, c.p99_ms, c.max_ms
+        );
+        println!("worker ÷ ceiling (median of paired rounds): {ratio:.3}");
+    }
+    let c = &r.checks;
+    println!(
+        "checks: tickets {}/{}, verification tokens {}/{}, email.requested {} (≥ {}), dead letters {}/{}: {}",
+        c.tickets,
+        c.expected.tickets,
+        c.verification_tokens,
+        c.expected.verification_tokens,
+        c.email_requested,
+        c.expected.verification_tokens,
+        c.dead_letters,
+        c.expected.dead_letters,
+        if c.problems.is_empty() { "all correct" } else { "WRONG" }
+    );
+}

@@ -1,0 +1,209 @@
+//! What a benchmark run creates and removes: its own database, its own vhost
+//! (or, where `rabbitmqctl` cannot reach the broker, its own name prefix), the
+//! worker processes, and reading their CPU time and peak RSS from /proc.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::{Child, Command};
+use url::Url;
+
+/// `postgres://…/<db>` with the database replaced.
+pub fn with_database(database_url: &str, db: &str) -> Result<String, String> {
+    let mut u = Url::parse(database_url).map_err(|e| format!("DATABASE_URL: {e}"))?;
+    u.set_path(&format!("/{db}"));
+    Ok(u.to_string())
+}
+
+/// `amqp://…/<vhost>` with the vhost replaced.
+pub fn with_vhost(amqp_url: &str, vhost: &str) -> Result<String, String> {
+    let mut u = Url::parse(amqp_url).map_err(|e| format!("AMQP_URL: {e}"))?;
+    u.set_path(&format!("/{vhost}"));
+    Ok(u.to_string())
+}
+
+fn amqp_user(amqp_url: &str) -> String {
+    Url::parse(amqp_url)
+        .ok()
+        .map(|u| u.username().to_string())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "guest".into())
+}
+
+async fn admin(database_url: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("DATABASE_URL: cannot connect: {e}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+pub async fn create_database(database_url: &str, db: &str) -> Result<(), String> {
+    admin(database_url)
+        .await?
+        .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+        .await
+        .map_err(|e| format!("cannot create database {db} (the role needs CREATEDB): {e}"))
+}
+
+pub async fn drop_database(database_url: &str, db: &str) -> Result<(), String> {
+    admin(database_url)
+        .await?
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+        .await
+        .map_err(|e| format!("cannot drop database {db}: {e}"))
+}
+
+async fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("rabbitmqctl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rabbitmqctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or("failed")
+        ))
+    }
+}
+
+/// Creates `vhost` and lets the URL's user use it. Needs `rabbitmqctl` on this
+/// machine with rights on the node.
+pub async fn create_vhost(amqp_url: &str, vhost: &str) -> Result<(), String> {
+    rabbitmqctl(&["add_vhost", vhost]).await?;
+    let user = amqp_user(amqp_url);
+    rabbitmqctl(&["set_permissions", "-p", vhost, &user, ".*", ".*", ".*"]).await
+}
+
+pub async fn delete_vhost(vhost: &str) -> Result<(), String> {
+    rabbitmqctl(&["delete_vhost", vhost]).await
+}
+
+/// A worker process of the run, with its log file.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+pub fn spawn_worker(
+    bin: &Path,
+    env: &[(String, String)],
+    log: PathBuf,
+) -> Result<WorkerProcess, String> {
+    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = file.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let pid = child.id().ok_or("the worker exited at once")?;
+    Ok(WorkerProcess { child, pid, log })
+}
+
+impl WorkerProcess {
+    /// SIGTERM, then wait (the worker drains what it holds and exits 0).
+    pub async fn stop(mut self) -> Result<(), String> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        match tokio::time::timeout(std::time::Duration::from_secs(40), self.child.wait()).await {
+            Ok(Ok(s)) if s.success() => Ok(()),
+            Ok(Ok(s)) => Err(format!("worker {} exited with {s}", self.pid)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(format!("worker {} did not stop within 40 s", self.pid))
+            }
+        }
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_secs(&stat)
+}
+
+/// Fields 14 and 15 of /proc/PID/stat, counted after the parenthesised command
+/// name (which may itself contain spaces). USER_HZ is 100 on every Linux ABI
+/// that exports it to user space.
+fn parse_cpu_secs(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Peak resident set size in KiB (VmHWM).
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_database_and_vhost() {
+        assert_eq!(
+            with_database("postgres://u:p@127.0.0.1:5432/app", "pw_bench_1").unwrap(),
+            "postgres://u:p@127.0.0.1:5432/pw_bench_1"
+        );
+        assert_eq!(
+            with_vhost("amqp://guest:guest@127.0.0.1:5672/%2f", "pw-bench-1").unwrap(),
+            "amqp://guest:guest@127.0.0.1:5672/pw-bench-1"
+        );
+        assert_eq!(amqp_user("amqp://bob:x@h/%2f"), "bob");
+        assert_eq!(amqp_user("amqp://h/%2f"), "guest");
+    }
+
+    #[test]
+    fn reads_cpu_time_past_a_command_name_with_spaces() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
+        assert_eq!(parse_cpu_secs(stat), Some(3.0));
+    }
+
+    #[test]
+    fn reads_peak_rss() {
+        assert_eq!(
+            parse_vm_hwm("Name:\tx\nVmHWM:\t   12345 kB\nVmRSS: 1 kB\n"),
+            Some(12345)
+        );
+        assert_eq!(parse_vm_hwm("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let pid = std::process::id();
+        assert!(cpu_secs(pid).is_some());
+        assert!(peak_rss_kib(pid).unwrap() > 0);
+    }
+}
