@@ -147,6 +147,10 @@ pub struct WorkerSettings {
     /// Most commands handled in one database transaction.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
+    /// Consumers (each with its own channel and batches) in this process; while one
+    /// waits for Postgres another publishes. PREFETCH is shared out between them.
+    #[arg(long, env = "CONSUMERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub consumers: u16,
     /// Base of the email link when a command gives no verificationUrl.
     #[arg(
         long,

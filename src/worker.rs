@@ -120,7 +120,7 @@ async fn reconnect(
     }
 }
 
-/// One connection's life: topology, consumer, batches, outbox relay. Returns Ok
+/// One connection's life: topology, consumers, batches, outbox relay. Returns Ok
 /// only after a requested shutdown has drained what this worker held.
 async fn session(
     conn: &Connection,
@@ -130,8 +130,49 @@ async fn session(
 ) -> Result<(), SessionError> {
     let channel = conn.create_channel().await?;
     broker::declare(&channel, &settings.broker).await?;
+    let _ = channel.close(200, "declared".into()).await;
+
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(relay_loop(
+        store.clone(),
+        Publisher::open(conn).await?,
+        settings.clone(),
+        relay_stop.clone(),
+    ));
+    let _stop_relay = relay_stop.clone().drop_guard();
+
+    // Several consumers, each with its own channel, batches and confirms: while
+    // one waits for Postgres another publishes, so neither the database nor the
+    // broker sits idle. Each channel acks only its own deliveries, so their
+    // `ack multiple` cannot overlap. PREFETCH is shared out between them.
+    let consumers = usize::from(settings.worker.consumers);
+    let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
+    let mut lanes = Vec::with_capacity(consumers);
+    for lane in 0..consumers {
+        lanes.push(consume(conn, store, settings, shutdown, prefetch, lane));
+    }
+    tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
+    // The first consumer to fail ends the session; the others are dropped with the
+    // connection and their unacked deliveries return to the queue.
+    let result = futures_util::future::try_join_all(lanes).await.map(|_| ());
+    relay_stop.cancel();
+    let _ = relay.await;
+    result
+}
+
+/// One consumer on its own channel: take what the prefetch window delivered,
+/// hand it to the pipeline as one batch, repeat.
+async fn consume(
+    conn: &Connection,
+    store: &Store,
+    settings: &Arc<Settings>,
+    shutdown: &CancellationToken,
+    prefetch: u16,
+    lane: usize,
+) -> Result<(), SessionError> {
+    let channel = conn.create_channel().await?;
     channel
-        .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let publisher = Publisher::open(conn).await?;
     let mut consumer = channel
@@ -143,17 +184,6 @@ async fn session(
         )
         .await?;
     let consumer_tag = consumer.tag();
-    tracing::info!(queue = %settings.broker.command_queue, prefetch = settings.broker.prefetch, "consuming");
-
-    let relay_stop = CancellationToken::new();
-    let relay = tokio::spawn(relay_loop(
-        store.clone(),
-        Publisher::open(conn).await?,
-        settings.clone(),
-        relay_stop.clone(),
-    ));
-    let _stop_relay = relay_stop.clone().drop_guard();
-
     let pipeline = Pipeline::new(
         store.clone(),
         publisher.clone(),
@@ -168,7 +198,7 @@ async fn session(
             biased;
             _ = shutdown.cancelled(), if !cancelling => {
                 cancelling = true;
-                tracing::info!("shutdown requested: no new commands; finishing the ones held");
+                tracing::info!(lane, "shutdown requested: no new commands; finishing the ones held");
                 if let Err(e) = channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()).await {
                     break Err(e.into());
                 }
@@ -197,13 +227,14 @@ async fn session(
             Ok(()) => {}
             Err(BatchError::Broker(m)) => break Err(SessionError::Broker(m)),
             Err(BatchError::Abandoned) => {
-                tracing::warn!("shutdown grace exceeded; leaving held commands to redelivery");
+                tracing::warn!(
+                    lane,
+                    "shutdown grace exceeded; leaving held commands to redelivery"
+                );
                 break Ok(());
             }
         }
     };
-    relay_stop.cancel();
-    let _ = relay.await;
     publisher.close().await;
     let _ = channel.close(200, "bye".into()).await;
     result

@@ -5,7 +5,7 @@ use super::plan::{Expected, Plan};
 use super::stats::Latency;
 use crate::broker::{properties, Channel, Consumer};
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use std::time::{Duration, Instant};
@@ -72,6 +72,63 @@ impl Loader<'_> {
     }
 }
 
+/// Bookkeeping of one round: what was sent when, and what came back.
+struct Tally {
+    prefix: String,
+    first: u64,
+    slots: Vec<Slot>,
+    latencies: Vec<f64>,
+    answered: u64,
+    outstanding: usize,
+    wrong: u64,
+    duplicates: u64,
+    strays: u64,
+    wrong_examples: Vec<String>,
+    last_progress: Instant,
+}
+
+impl Tally {
+    fn on_reply(&mut self, reply: &lapin::message::Delivery) {
+        let now = Instant::now();
+        let index = reply
+            .properties
+            .correlation_id()
+            .as_ref()
+            .and_then(|c| c.as_str().strip_prefix(&self.prefix))
+            .and_then(|i| i.parse::<usize>().ok());
+        let Some((index, slot)) = index.and_then(|i| Some((i, self.slots.get_mut(i)?))) else {
+            self.strays += 1;
+            return;
+        };
+        if slot.answered {
+            self.duplicates += 1;
+            return;
+        }
+        slot.answered = true;
+        self.answered += 1;
+        self.outstanding -= 1;
+        self.last_progress = now;
+        self.latencies.push((now - slot.sent).as_secs_f64() * 1e3);
+        let status = reply
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(properties::status);
+        if status != Some(u64::from(slot.expect)) {
+            self.wrong += 1;
+            if self.wrong_examples.len() < EXAMPLES {
+                self.wrong_examples.push(format!(
+                    "command {}: expected {}, got {:?}: {}",
+                    self.first + index as u64,
+                    slot.expect,
+                    status,
+                    String::from_utf8_lossy(&reply.data)
+                ));
+            }
+        }
+    }
+}
+
 async fn round(
     loader: &mut Loader<'_>,
     target: &Target<'_>,
@@ -86,22 +143,32 @@ async fn round(
         stall,
         rounds: round,
     } = loader;
-    let (channel, plan, stall, round) = (*channel, *plan, *stall, *round);
+    let (channel, plan, stall) = (*channel, *plan, *stall);
     let window = (*window).max(1);
-    let prefix = format!("r{round}-");
-    let mut slots: Vec<Slot> = Vec::with_capacity(n as usize);
-    let mut latencies = Vec::with_capacity(n as usize);
+    let mut t = Tally {
+        prefix: format!("r{round}-"),
+        first,
+        slots: Vec::with_capacity(n as usize),
+        latencies: Vec::with_capacity(n as usize),
+        answered: 0,
+        outstanding: 0,
+        wrong: 0,
+        duplicates: 0,
+        strays: 0,
+        wrong_examples: Vec::new(),
+        last_progress: Instant::now(),
+    };
     let mut confirms = FuturesUnordered::new();
     let mut expected = Expected::default();
-    let (mut answered, mut outstanding) = (0u64, 0usize);
-    let (mut wrong, mut duplicates, mut strays) = (0u64, 0u64, 0u64);
-    let mut wrong_examples = Vec::new();
     let started = Instant::now();
-    let mut last_progress = Instant::now();
 
-    while answered < n {
-        while outstanding < window && (slots.len() as u64) < n {
-            let i = first + slots.len() as u64;
+    while t.answered < n {
+        // Fill the window. The publishes are started together: lapin resolves each
+        // only once its I/O thread wrote it, and one at a time that hand-off would
+        // cost the load generator more CPU than the commands themselves.
+        let mut batch = Vec::new();
+        while t.outstanding < window && (t.slots.len() as u64) < n {
+            let i = first + t.slots.len() as u64;
             let planned = plan.command(i);
             let (exchange, routing_key, expect) = match target {
                 Target::Worker { exchange } => {
@@ -113,69 +180,43 @@ async fn round(
             if matches!(target, Target::Worker { .. }) {
                 expected.add(&planned);
             }
-            let correlation = format!("{prefix}{}", slots.len());
             let props = BasicProperties::default()
                 .with_type(planned.command.as_str().into())
                 .with_content_type("application/json".into())
                 .with_message_id(uuid::Uuid::new_v4().to_string().into())
-                .with_correlation_id(correlation.into())
+                .with_correlation_id(format!("{}{}", t.prefix, t.slots.len()).into())
                 .with_reply_to(DIRECT_REPLY_TO.into())
                 .with_delivery_mode(2);
-            slots.push(Slot {
+            t.slots.push(Slot {
                 sent: Instant::now(),
                 expect,
                 answered: false,
             });
-            let confirm = channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions::default(),
-                    planned.body.as_bytes(),
-                    props,
-                )
-                .await
-                .map_err(|e| format!("publishing a command failed: {e}"))?;
-            confirms.push(confirm);
-            outstanding += 1;
+            t.outstanding += 1;
+            batch.push((exchange, routing_key, planned.body, props));
+        }
+        let sent = futures_util::future::join_all(batch.iter().map(|(x, rk, body, props)| {
+            channel.basic_publish(
+                (*x).into(),
+                (*rk).into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props.clone(),
+            )
+        }))
+        .await;
+        for s in sent {
+            confirms.push(s.map_err(|e| format!("publishing a command failed: {e}"))?);
         }
         tokio::select! {
             reply = replies.next() => {
                 let reply = reply
                     .ok_or("the reply consumer was closed by the broker")?
                     .map_err(|e| format!("reading replies failed: {e}"))?;
-                let now = Instant::now();
-                let index = reply
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .and_then(|c| c.as_str().strip_prefix(&prefix))
-                    .and_then(|i| i.parse::<usize>().ok());
-                let Some(slot) = index.and_then(|i| slots.get_mut(i)) else {
-                    strays += 1;
-                    continue;
-                };
-                if slot.answered {
-                    duplicates += 1;
-                    continue;
-                }
-                slot.answered = true;
-                answered += 1;
-                outstanding -= 1;
-                last_progress = now;
-                latencies.push((now - slot.sent).as_secs_f64() * 1e3);
-                let status = reply.properties.headers().as_ref().and_then(properties::status);
-                if status != Some(u64::from(slot.expect)) {
-                    wrong += 1;
-                    if wrong_examples.len() < EXAMPLES {
-                        wrong_examples.push(format!(
-                            "command {}: expected {}, got {:?}: {}",
-                            first + index.unwrap_or_default() as u64,
-                            slot.expect,
-                            status,
-                            String::from_utf8_lossy(&reply.data)
-                        ));
-                    }
+                t.on_reply(&reply);
+                // Take every reply already here before refilling the window.
+                while let Some(Some(Ok(reply))) = replies.next().now_or_never() {
+                    t.on_reply(&reply);
                 }
             }
             Some(confirm) = confirms.next(), if !confirms.is_empty() => {
@@ -184,10 +225,10 @@ async fn round(
                     return Err("the broker nacked a command (is the queue full?)".into());
                 }
             }
-            _ = tokio::time::sleep_until((last_progress + stall).into()) => {
+            _ = tokio::time::sleep_until((t.last_progress + stall).into()) => {
                 return Err(format!(
-                    "no reply for {} s: {answered} of {n} commands answered, {outstanding} in flight",
-                    stall.as_secs()
+                    "no reply for {} s: {} of {n} commands answered, {} in flight",
+                    stall.as_secs(), t.answered, t.outstanding
                 ));
             }
         }
@@ -203,11 +244,11 @@ async fn round(
         commands: n,
         secs,
         rate: n as f64 / secs,
-        latency: Latency::of(latencies),
-        wrong,
-        duplicates,
-        strays,
-        wrong_examples,
+        latency: Latency::of(t.latencies),
+        wrong: t.wrong,
+        duplicates: t.duplicates,
+        strays: t.strays,
+        wrong_examples: t.wrong_examples,
         expected,
     })
 }

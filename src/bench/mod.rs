@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// Prefetch of the worker and of the echo consumer.
     #[arg(long, env = "PREFETCH", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Consumers per worker process, and of the echo consumer.
+    #[arg(long, env = "CONSUMERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub consumers: u16,
     /// Most commands per batch, for the worker and the echo consumer.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
@@ -107,8 +110,65 @@ pub struct RoundRow {
     pub target: &'static str,
     #[serde(flatten)]
     pub result: RoundResult,
+    /// The worker processes' CPU seconds per 1,000 commands (worker rounds only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_secs_per_1k: Option<f64>,
+    /// Where the machine's CPU went, per 1,000 commands.
+    pub cpu_per_1k: CpuSplit,
+}
+
+/// CPU seconds per 1,000 commands of each party, when it runs on this machine.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuSplit {
+    pub broker: Option<f64>,
+    pub postgres: Option<f64>,
+    /// This load generator (and the echo consumer when it runs).
+    pub bench: f64,
+}
+
+/// Processes whose CPU time a round accounts for.
+struct Meters {
+    broker: Vec<u32>,
+    db_url: String,
+}
+
+struct Reading {
+    workers: f64,
+    broker: f64,
+    postgres: f64,
+    postgres_pids: Vec<u32>,
+    bench: f64,
+}
+
+impl Meters {
+    async fn read(&self, workers: &[WorkerProcess], postgres_pids: Option<Vec<u32>>) -> Reading {
+        let postgres_pids = match postgres_pids {
+            Some(p) => p,
+            None => setup::database_backends(&self.db_url).await,
+        };
+        Reading {
+            workers: cpu_of(workers),
+            broker: setup::cpu_secs_of(&self.broker),
+            postgres: setup::cpu_secs_of(&postgres_pids),
+            postgres_pids,
+            bench: setup::cpu_secs(std::process::id()).unwrap_or(f64::NAN),
+        }
+    }
+
+    /// CPU used between `before` and now, per 1,000 of `n` commands.
+    async fn since(&self, before: Reading, workers: &[WorkerProcess], n: u64) -> (f64, CpuSplit) {
+        let after = self.read(workers, Some(before.postgres_pids.clone())).await;
+        let per_1k = |d: f64| d * 1000.0 / n as f64;
+        (
+            per_1k(after.workers - before.workers),
+            CpuSplit {
+                broker: (!self.broker.is_empty()).then(|| per_1k(after.broker - before.broker)),
+                postgres: (!before.postgres_pids.is_empty())
+                    .then(|| per_1k(after.postgres - before.postgres)),
+                bench: per_1k(after.bench - before.bench),
+            },
+        )
+    }
 }
 
 /// What the run left behind, against what it must have.
@@ -130,6 +190,7 @@ pub struct Report {
     pub invalid_share: f64,
     pub workers: u64,
     pub prefetch: u16,
+    pub consumers: u16,
     pub batch_size: u16,
     pub isolation: String,
     pub rounds: Vec<RoundRow>,
@@ -356,6 +417,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         ),
         ("PREFETCH".into(), args.prefetch.to_string()),
         ("BATCH_SIZE".into(), args.batch_size.to_string()),
+        ("CONSUMERS".into(), args.consumers.to_string()),
     ];
     let mut workers: Vec<WorkerProcess> = Vec::new();
     for k in 0..args.workers {
@@ -416,8 +478,11 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
                 &uri,
                 &ceiling_queue(&prefix),
                 command_queue_arguments(&broker_names),
-                args.prefetch,
-                args.batch_size as usize,
+                ceiling::Shape {
+                    consumers: args.consumers,
+                    prefetch: args.prefetch,
+                    max_batch: args.batch_size as usize,
+                },
                 stop_ceiling.clone(),
             )
             .await?,
@@ -454,28 +519,36 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         next_index += args.warmup;
         check_round(&r, &counter, &mut checks, "warm-up").await?;
     }
+    let meters = Meters {
+        broker: setup::pids_named("beam.smp"),
+        db_url: db_url.clone(),
+    };
     let mut rows = Vec::new();
     for k in 1..=args.rounds {
         if args.ceiling {
+            let before = meters.read(&workers, None).await;
             let r = loader.round(&ceiling_target, 0, args.commands).await?;
+            let (_, split) = meters.since(before, &workers, args.commands).await;
             rows.push(RoundRow {
                 round: k,
                 target: "ceiling",
                 result: r,
                 cpu_secs_per_1k: None,
+                cpu_per_1k: split,
             });
         }
-        let cpu_before = cpu_of(&workers);
+        let before = meters.read(&workers, None).await;
         let r = loader
             .round(&worker_target, next_index, args.commands)
             .await?;
-        let cpu = cpu_of(&workers) - cpu_before;
+        let (worker_cpu, split) = meters.since(before, &workers, args.commands).await;
         next_index += args.commands;
         check_round(&r, &counter, &mut checks, &format!("round {k}")).await?;
         rows.push(RoundRow {
             round: k,
             target: "worker",
-            cpu_secs_per_1k: Some(cpu * 1000.0 / args.commands as f64),
+            cpu_secs_per_1k: Some(worker_cpu),
+            cpu_per_1k: split,
             result: r,
         });
     }
@@ -540,6 +613,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         invalid_share: args.invalid_share,
         workers: args.workers,
         prefetch: args.prefetch,
+        consumers: args.consumers,
         batch_size: args.batch_size,
         isolation: iso.describe(),
         worker: summary("worker").expect("at least one worker round"),
@@ -708,26 +782,37 @@ async fn check_rows(store: &Store, checks: &mut Checks) -> Result<(), String> {
 
 fn print(r: &Report) {
     println!(
-        "profile-worker bench: {} commands/round, {} in flight, mix {:?}, invalid share {}, {} worker(s), prefetch {}, batch {}, {}",
-        r.commands, r.in_flight, r.mix, r.invalid_share, r.workers, r.prefetch, r.batch_size, r.isolation
+        "profile-worker bench: {} commands/round, {} in flight, mix {:?}, invalid share {}, {} worker(s) × {} consumers, prefetch {}, batch {}, {}",
+        r.commands, r.in_flight, r.mix, r.invalid_share, r.workers, r.consumers, r.prefetch, r.batch_size, r.isolation
     );
     println!(
-        "{:>5} {:<8} {:>10} {:>9} {:>9} {:>9} {:>10}",
-        "round", "target", "rate/s", "p50 ms", "p99 ms", "max ms", "cpu s/1k"
+        "{:>5} {:<8} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6}",
+        "round",
+        "target",
+        "rate/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "worker",
+        "broker",
+        "pg",
+        "bench"
     );
+    let opt = |c: Option<f64>| c.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into());
     for row in &r.rounds {
         let l = row.result.latency;
         println!(
-            "{:>5} {:<8} {:>10.0} {:>9.2} {:>9.2} {:>9.1} {:>10}",
+            "{:>5} {:<8} {:>8.0} {:>8.2} {:>8.2} {:>8.1}                 {:>6} {:>6} {:>6} {:>6.3}",
             row.round,
             row.target,
             row.result.rate,
             l.p50_ms,
             l.p99_ms,
             l.max_ms,
-            row.cpu_secs_per_1k
-                .map(|c| format!("{c:.3}"))
-                .unwrap_or_else(|| "-".into())
+            opt(row.cpu_secs_per_1k),
+            opt(row.cpu_per_1k.broker),
+            opt(row.cpu_per_1k.postgres),
+            row.cpu_per_1k.bench,
         );
     }
     let w = &r.worker;

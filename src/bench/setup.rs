@@ -151,6 +151,39 @@ fn parse_cpu_secs(stat: &str) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// Processes on this machine whose command name is `comm` (e.g. the broker's
+/// `beam.smp`); empty when the server runs elsewhere.
+pub fn pids_named(comm: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        .collect()
+}
+
+/// Server processes serving the run's database (the worker's connections).
+pub async fn database_backends(db_url: &str) -> Vec<u32> {
+    let Ok(client) = admin(db_url).await else {
+        return vec![];
+    };
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
+        .unwrap_or_default()
+}
+
+/// CPU seconds of a set of processes (those that exited count as 0 from then on).
+pub fn cpu_secs_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| cpu_secs(p)).sum()
+}
+
 /// Peak resident set size in KiB (VmHWM).
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

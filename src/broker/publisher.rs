@@ -43,19 +43,24 @@ impl Publisher {
 
     /// Returns once the broker confirmed every message.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
-        let mut confirms = Vec::with_capacity(messages.len());
-        for m in messages {
-            let confirm = self
-                .channel
-                .basic_publish(
-                    m.exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &m.body,
-                    m.properties.clone(),
-                )
-                .await?;
-            confirms.push(confirm);
+        // lapin's `basic_publish` resolves only once its I/O thread has written the
+        // frames; awaiting them one by one costs two thread hand-offs per message.
+        // Started together, the I/O thread writes the whole batch in a few syscalls.
+        // Each publish takes its delivery tag and queues its frames in the same
+        // poll, so tags and wire order agree whatever order they are polled in.
+        let sent = futures_util::future::join_all(messages.iter().map(|m| {
+            self.channel.basic_publish(
+                m.exchange.as_str().into(),
+                m.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &m.body,
+                m.properties.clone(),
+            )
+        }))
+        .await;
+        let mut confirms = Vec::with_capacity(sent.len());
+        for s in sent {
+            confirms.push(s?);
         }
         let mut nacked = 0;
         for c in confirms {

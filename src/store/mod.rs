@@ -117,6 +117,12 @@ impl Store {
         if pg.get_application_name().is_none() {
             pg.application_name("profile-worker");
         }
+        // Every query here looks rows up by key lists (`= ANY($1)` over a batch). A
+        // custom plan sees the batch's 250 keys and, while a table is small, picks a
+        // sequential scan that compares every row with every key; that cost then
+        // grows with the table. The generic plan always uses the index.
+        let options = pg.get_options().unwrap_or_default().to_string();
+        pg.options(format!("{options} -c plan_cache_mode=force_generic_plan").trim());
         // Fast recycling would hand out connections that died with a Postgres restart.
         let manager = Manager::from_config(
             pg,
