@@ -212,13 +212,8 @@ impl Pipeline {
     async fn process(&self, items: &[Item]) -> Result<(), Failure> {
         let (out, confirmed_events) = self.with_retry(|| self.commit_batch(items)).await?;
         self.publish(&out).await?;
-        if !confirmed_events.is_empty() {
-            // The events are confirmed: forget them. Failing here only means the
-            // relay re-publishes them later (events are at-least-once).
-            if let Err(e) = self.store.delete_outbox(&confirmed_events).await {
-                tracing::warn!(error = %e, "could not clear confirmed events from the outbox");
-            }
-        }
+        // The events are confirmed: their outbox rows go with the next commit.
+        self.store.forget_outbox(confirmed_events);
         for item in items {
             tracing::debug!(
                 message_id = item.message_id.as_deref().unwrap_or("-"),

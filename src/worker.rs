@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
+/// How soon confirmed outbox rows are deleted when no commit takes them along.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -92,6 +95,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     shutdown.cancel();
     let _ = sweeper.await;
+    if let Err(e) = store.flush_forgotten().await {
+        tracing::warn!(error = %e, "confirmed events left in the outbox; the relay will re-publish them once");
+    }
     store.close();
     result
 }
@@ -194,17 +200,28 @@ async fn consume(
     let max_batch = settings.worker.batch_size as usize;
     let mut cancelling = false;
     let result = loop {
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled(), if !cancelling => {
-                cancelling = true;
-                tracing::info!(lane, "shutdown requested: no new commands; finishing the ones held");
-                if let Err(e) = channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()).await {
-                    break Err(e.into());
-                }
-                continue;
+        let first = if cancelling {
+            // basic_cancel returned, so the broker sends nothing more and every
+            // delivery it sent before is already buffered: drain them, then stop.
+            // (Waiting for the stream to end is not enough: lapin does not always
+            // wake a consumer that drained its buffer after the cancel.)
+            match consumer.next().now_or_never() {
+                Some(d) => d,
+                None => break Ok(()),
             }
-            d = consumer.next() => d,
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    cancelling = true;
+                    tracing::info!(lane, "shutdown requested: no new commands; finishing the ones held");
+                    if let Err(e) = channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()).await {
+                        break Err(e.into());
+                    }
+                    continue;
+                }
+                d = consumer.next() => d,
+            }
         };
         let mut batch = match first {
             None if cancelling => break Ok(()),
@@ -240,6 +257,8 @@ async fn consume(
     result
 }
 
+/// Deletes confirmed outbox rows no commit took along (the worker went idle), and
+/// re-publishes events whose confirm never came.
 async fn relay_loop(
     store: Store,
     publisher: Publisher,
@@ -247,11 +266,21 @@ async fn relay_loop(
     stop: CancellationToken,
 ) {
     let every = Duration::from_secs(settings.worker.outbox_grace_secs.clamp(1, 60));
+    let mut last_relay = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(FLUSH_EVERY) => {}
             _ = stop.cancelled() => break,
         }
+        // Before leasing, so the relay never re-publishes what was confirmed.
+        if let Err(e) = store.flush_forgotten().await {
+            tracing::warn!(error = %e, "could not clear confirmed events from the outbox; will retry");
+            continue;
+        }
+        if last_relay.elapsed() < every {
+            continue;
+        }
+        last_relay = tokio::time::Instant::now();
         match pipeline::relay_outbox(&store, &publisher, &settings).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "re-published events left unconfirmed"),

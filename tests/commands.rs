@@ -65,7 +65,7 @@ async fn create_ticket_replies_persists_and_emits_event() {
     assert_eq!(events[0].json(), r.body);
     assert!(events[0].message_id.is_some());
     assert_eq!(
-        env.count("outbox").await,
+        env.settled_outbox().await,
         0,
         "confirmed events leave the outbox"
     );

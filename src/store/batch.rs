@@ -108,7 +108,11 @@ impl Store {
             loaded.profiles.insert(profile.id.clone(), profile);
         }
         let mut pending: HashMap<String, Vec<OutboxEvent>> = HashMap::new();
-        for row in pend_rows {
+        let forgotten: HashSet<Uuid> = self.forgotten().iter().copied().collect();
+        for row in pend_rows
+            .into_iter()
+            .filter(|r| !forgotten.contains(&r.get(0)))
+        {
             let event = OutboxEvent {
                 event_id: row.get(0),
                 message_id: row.get(1),
@@ -140,6 +144,19 @@ impl Store {
     /// original) writes nothing; its index is returned so the caller can answer
     /// with the stored reply instead.
     pub async fn commit(&self, records: &[NewRecord]) -> Result<HashSet<usize>, StoreError> {
+        let forget = std::mem::take(&mut *self.forgotten());
+        let result = self.commit_forgetting(records, &forget).await;
+        if result.is_err() {
+            self.forget_outbox(forget);
+        }
+        result
+    }
+
+    async fn commit_forgetting(
+        &self,
+        records: &[NewRecord],
+        forget: &[Uuid],
+    ) -> Result<HashSet<usize>, StoreError> {
         let mut client = self.client("commit").await?;
         let err = |e| StoreError::pg("commit", e);
         let tx = client.transaction().await.map_err(err)?;
@@ -202,8 +219,17 @@ impl Store {
         let e_keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
         let e_bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
 
-        // The three inserts are independent: pipelined on the one connection.
+        // The three inserts and the delete are independent: pipelined on the one connection.
         tokio::try_join!(
+            async {
+                if forget.is_empty() {
+                    return Ok(0);
+                }
+                let s = tx
+                    .prepare_cached("DELETE FROM outbox WHERE event_id = ANY($1)")
+                    .await?;
+                tx.execute(&s, &[&forget]).await
+            },
             async {
                 if t_ids.is_empty() {
                     return Ok(0);
@@ -254,7 +280,28 @@ impl Store {
         Ok(self.load(&[], &[], message_ids).await?.processed)
     }
 
-    /// Forgets outbox events the broker confirmed.
+    /// Forgets outbox events the broker confirmed. The rows go with the next
+    /// commit, or [`Store::flush_forgotten`]; until then the redelivery path
+    /// ignores them. Lost in a crash, they are only re-published once by the relay.
+    pub fn forget_outbox(&self, event_ids: impl IntoIterator<Item = Uuid>) {
+        self.forgotten().extend(event_ids);
+    }
+
+    /// Deletes what [`Store::forget_outbox`] queued, when no commit came to do it.
+    pub async fn flush_forgotten(&self) -> Result<u64, StoreError> {
+        let ids = std::mem::take(&mut *self.forgotten());
+        let result = self.delete_outbox(&ids).await;
+        if result.is_err() {
+            self.forget_outbox(ids);
+        }
+        result
+    }
+
+    fn forgotten(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
+        // A panic while holding the lock leaves a plain Vec, still usable.
+        self.forgotten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub async fn delete_outbox(&self, event_ids: &[Uuid]) -> Result<u64, StoreError> {
         if event_ids.is_empty() {
             return Ok(0);

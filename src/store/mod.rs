@@ -107,6 +107,9 @@ fn classify(e: &tokio_postgres::Error) -> ErrorKind {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Outbox events the broker confirmed, deleted by the next commit (or flush)
+    /// rather than in a transaction of their own on the hot path.
+    forgotten: std::sync::Arc<std::sync::Mutex<Vec<uuid::Uuid>>>,
 }
 
 impl Store {
@@ -140,7 +143,10 @@ impl Store {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| crate::config::ConfigError::new("DATABASE_URL", e.to_string()))?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            forgotten: Default::default(),
+        })
     }
 
     /// One round trip, to report an unreachable database at start-up.

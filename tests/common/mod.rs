@@ -415,6 +415,19 @@ impl Env {
             .get(0)
     }
 
+    /// Confirmed events leave the outbox with the next commit or within the
+    /// worker's one-second flush; returns how many rows are left after 5 s.
+    pub async fn settled_outbox(&self) -> i64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self.count("outbox").await;
+            if n == 0 || std::time::Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The command queue's state (passive declare).
     pub async fn command_queue(&self) -> lapin::Queue {
         self.channel
