@@ -314,10 +314,8 @@ impl Pipeline {
             v.sort_unstable();
             v.dedup();
         }
-        let loaded = self
-            .store
-            .load(&token_ids, &profile_ids, &message_ids)
-            .await?;
+        let mut db = self.store.batch().await?;
+        let loaded = db.load(&token_ids, &profile_ids, &message_ids).await?;
 
         let now_ms = crate::store::epoch_millis(SystemTime::now());
         let ctx_url = self.settings.worker.verification_url.as_str();
@@ -375,7 +373,7 @@ impl Pipeline {
         let lost = if records.is_empty() {
             Default::default()
         } else {
-            self.store.commit(&records).await?
+            db.commit(&records).await?
         };
         if !lost.is_empty() {
             // Another transaction committed these message_ids first: answer with its reply.
@@ -383,7 +381,7 @@ impl Pipeline {
                 .iter()
                 .filter_map(|&r| records[r].message_id.as_deref())
                 .collect();
-            let mut stored = self.store.stored_replies(&ids).await?;
+            let mut stored = db.stored_replies(&ids).await?;
             for step in steps.iter_mut() {
                 if let Step::New(r) = *step {
                     if lost.contains(&r) {

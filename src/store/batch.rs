@@ -46,16 +46,39 @@ pub struct NewRecord {
     pub events: Vec<OutboxEvent>,
 }
 
+// Reference tables (tokens, profiles) are joined against `unnest($1)`: with
+// `= ANY($1)`, a table small enough for a sequential scan has every row compared
+// with every key of the batch (250 × rows text comparisons), while the join
+// hashes the keys. The bookkeeping tables keep `= ANY($1)`, which under the
+// generic plan (see `Store::connect`) is always an index scan: they grow by every
+// command, and a hash join planned while they were small would scan them whole.
 const LOAD_TOKENS: &str =
-    "SELECT id, application, (extract(epoch FROM expires_on) * 1000)::bigint, tenant_permissions \
-     FROM access_tokens WHERE id = ANY($1)";
-const LOAD_PROFILES: &str = "SELECT id, tenant, email, enabled FROM profiles WHERE id = ANY($1)";
+    "SELECT t.id, t.application, (extract(epoch FROM t.expires_on) * 1000)::bigint, t.tenant_permissions \
+     FROM unnest($1::text[]) AS k(id) JOIN access_tokens t ON t.id = k.id";
+const LOAD_PROFILES: &str = "SELECT p.id, p.tenant, p.email, p.enabled \
+     FROM unnest($1::text[]) AS k(id) JOIN profiles p ON p.id = k.id";
 const LOAD_PROCESSED: &str =
     "SELECT message_id, command, status, reply FROM processed_commands WHERE message_id = ANY($1)";
 const LOAD_PENDING: &str =
     "SELECT event_id, message_id, routing_key, body FROM outbox WHERE message_id = ANY($1) ORDER BY created_at, event_id";
 
+/// One batch's connection: checked out (and, with Verified recycling, checked
+/// with a round trip) once for the load and the commit together.
+pub struct Batch<'a> {
+    store: &'a Store,
+    client: deadpool_postgres::Object,
+}
+
 impl Store {
+    pub async fn batch(&self) -> Result<Batch<'_>, StoreError> {
+        Ok(Batch {
+            store: self,
+            client: self.client("connect").await?,
+        })
+    }
+}
+
+impl Batch<'_> {
     /// Loads the tokens, profiles and earlier replies a batch refers to: one query each,
     /// pipelined on one connection.
     pub async fn load(
@@ -64,7 +87,7 @@ impl Store {
         profile_ids: &[&str],
         message_ids: &[&str],
     ) -> Result<Loaded, StoreError> {
-        let client = self.client("load").await?;
+        let client = &self.client;
         let err = |e| StoreError::pg("load", e);
         let (s_tok, s_prof, s_proc, s_pend) = tokio::try_join!(
             client.prepare_cached(LOAD_TOKENS),
@@ -74,10 +97,10 @@ impl Store {
         )
         .map_err(err)?;
         let (tok_rows, prof_rows, proc_rows, pend_rows) = tokio::try_join!(
-            query_any(&client, &s_tok, token_ids),
-            query_any(&client, &s_prof, profile_ids),
-            query_any(&client, &s_proc, message_ids),
-            query_any(&client, &s_pend, message_ids),
+            query_any(client, &s_tok, token_ids),
+            query_any(client, &s_prof, profile_ids),
+            query_any(client, &s_proc, message_ids),
+            query_any(client, &s_pend, message_ids),
         )
         .map_err(err)?;
 
@@ -108,7 +131,7 @@ impl Store {
             loaded.profiles.insert(profile.id.clone(), profile);
         }
         let mut pending: HashMap<String, Vec<OutboxEvent>> = HashMap::new();
-        let forgotten: HashSet<Uuid> = self.forgotten().iter().copied().collect();
+        let forgotten: HashSet<Uuid> = self.store.forgotten().iter().copied().collect();
         for row in pend_rows
             .into_iter()
             .filter(|r| !forgotten.contains(&r.get(0)))
@@ -143,23 +166,22 @@ impl Store {
     /// transaction committed first (two workers, or a publisher retry racing the
     /// original) writes nothing; its index is returned so the caller can answer
     /// with the stored reply instead.
-    pub async fn commit(&self, records: &[NewRecord]) -> Result<HashSet<usize>, StoreError> {
-        let forget = std::mem::take(&mut *self.forgotten());
+    pub async fn commit(&mut self, records: &[NewRecord]) -> Result<HashSet<usize>, StoreError> {
+        let forget = std::mem::take(&mut *self.store.forgotten());
         let result = self.commit_forgetting(records, &forget).await;
         if result.is_err() {
-            self.forget_outbox(forget);
+            self.store.forget_outbox(forget);
         }
         result
     }
 
     async fn commit_forgetting(
-        &self,
+        &mut self,
         records: &[NewRecord],
         forget: &[Uuid],
     ) -> Result<HashSet<usize>, StoreError> {
-        let mut client = self.client("commit").await?;
         let err = |e| StoreError::pg("commit", e);
-        let tx = client.transaction().await.map_err(err)?;
+        let tx = self.client.transaction().await.map_err(err)?;
 
         let keyed: Vec<usize> = (0..records.len())
             .filter(|&i| records[i].message_id.is_some())
@@ -272,14 +294,16 @@ impl Store {
         Ok(lost)
     }
 
-    /// Replies stored by other transactions, for records [`Store::commit`] reported lost.
+    /// Replies stored by other transactions, for records [`Batch::commit`] reported lost.
     pub async fn stored_replies(
         &self,
         message_ids: &[&str],
     ) -> Result<HashMap<String, StoredReply>, StoreError> {
         Ok(self.load(&[], &[], message_ids).await?.processed)
     }
+}
 
+impl Store {
     /// Forgets outbox events the broker confirmed. The rows go with the next
     /// commit, or [`Store::flush_forgotten`]; until then the redelivery path
     /// ignores them. Lost in a crash, they are only re-published once by the relay.

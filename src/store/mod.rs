@@ -6,7 +6,7 @@ mod maintenance;
 mod migrate;
 mod seed;
 
-pub use batch::{Loaded, NewRecord, OutboxEvent, StoredReply};
+pub use batch::{Batch, Loaded, NewRecord, OutboxEvent, StoredReply};
 pub use maintenance::SweepReport;
 pub use seed::{SeedFile, SeedReport};
 

@@ -1,0 +1,84 @@
+//! `profile-worker bench` end to end, small: real worker processes, the real
+//! broker and database, every reply, row, email event and dead letter checked by
+//! the bench itself. Correctness only: no speed is asserted here (speed lives in
+//! BENCHMARKS.md, measured by the bench, never by a test).
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let admin = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://profile_worker:profile_worker@127.0.0.1:5432/postgres".into()
+    });
+    let json = std::env::temp_dir().join(format!("bench-smoke-{}.jsonl", uuid::Uuid::new_v4()));
+    let out = Command::new(env!("CARGO_BIN_EXE_profile-worker"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("DATABASE_URL", admin)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run profile-worker bench");
+    let report = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str(t.lines().next()?).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = std::fs::remove_file(&json);
+    (out, report)
+}
+
+#[test]
+fn two_thousand_commands_all_answered_stored_and_announced_correctly() {
+    let (out, r) = bench(&[
+        "--commands",
+        "2000",
+        "--in-flight",
+        "200",
+        "--rounds",
+        "1",
+        "--warmup",
+        "100",
+        "--invalid-share",
+        "0.1",
+        "--ceiling",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let checks = &r["checks"];
+    assert_eq!(checks["problems"], serde_json::json!([]), "{stdout}");
+    // 2,100 commands (warm-up included), 10 % refused: 400, 403 and 404 in turn.
+    let expected = &checks["expected"];
+    assert_eq!(
+        expected["tickets"].as_u64().unwrap() + expected["verification_tokens"].as_u64().unwrap(),
+        1890
+    );
+    assert_eq!(checks["tickets"], expected["tickets"]);
+    assert_eq!(
+        checks["verification_tokens"],
+        expected["verification_tokens"]
+    );
+    assert_eq!(checks["dead_letters"], expected["dead_letters"]);
+    assert!(expected["dead_letters"].as_u64().unwrap() > 0);
+    assert!(
+        checks["email_requested"].as_u64().unwrap()
+            >= expected["verification_tokens"].as_u64().unwrap()
+    );
+    for round in r["rounds"].as_array().unwrap() {
+        assert_eq!(round["wrong"], 0, "{round}");
+        assert_eq!(round["commands"], 2000);
+    }
+    assert!(
+        r["ratio"].as_f64().unwrap() > 0.0,
+        "the ceiling ran: {stdout}"
+    );
+    assert!(stdout.contains("all correct"), "{stdout}");
+}
+
+#[test]
+fn a_worker_that_cannot_start_fails_the_bench_with_its_log() {
+    let (out, _) = bench(&["--commands", "10", "--worker-bin", "/bin/false"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("exited"), "{stderr}");
+}
