@@ -544,6 +544,7 @@ async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
         control("rabbitmqctl", &["-q", "start_app"]).await;
         control("rabbitmqctl", &["-q", "await_startup"]).await;
         let before = run.processed().await;
+        eprintln!("RabbitMQ back: {before} of {BURST} processed");
         assert!(
             before < BURST * 9 / 10,
             "restart landed mid-burst ({before})"

@@ -227,7 +227,12 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
             Isolation::Prefix(format!("{vhost}."))
         }
     };
-    let result = run_isolated(&args, &db, &isolation).await;
+    // Interrupted, the run still removes what it made (the worker processes are
+    // killed when their handles drop).
+    let result = tokio::select! {
+        r = run_isolated(&args, &db, &isolation) => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+    };
     if args.keep {
         eprintln!("bench: kept database {db} and {}", isolation.describe());
     } else {

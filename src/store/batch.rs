@@ -62,6 +62,32 @@ const LOAD_PROCESSED: &str =
 const LOAD_PENDING: &str =
     "SELECT event_id, message_id, routing_key, body FROM outbox WHERE message_id = ANY($1) ORDER BY created_at, event_id";
 
+/// The whole batch as one statement, so one round trip and one implicit
+/// transaction: idempotency records first; rows and outbox events only for the
+/// message_ids this statement won (a message_id another transaction committed
+/// first writes nothing here and is answered with the stored reply); and the
+/// outbox rows of events already confirmed are deleted on the way.
+const COMMIT: &str = "WITH won AS ( \
+       INSERT INTO processed_commands (message_id, command, status, reply) \
+       SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[]) \
+       ON CONFLICT (message_id) DO NOTHING RETURNING message_id), \
+     forgotten AS (DELETE FROM outbox WHERE event_id = ANY($5::uuid[])), \
+     t AS (INSERT INTO tickets (id, tenant, profile_id, last_request_time) \
+       SELECT x.id, x.tenant, x.profile_id, x.at \
+       FROM unnest($6::uuid[], $7::text[], $8::text[], $9::timestamptz[], $10::text[]) \
+         AS x(id, tenant, profile_id, at, mid) \
+       WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)), \
+     v AS (INSERT INTO verification_tokens (id, tenant, profile_id, \"timestamp\") \
+       SELECT x.id, x.tenant, x.profile_id, x.at \
+       FROM unnest($11::uuid[], $12::text[], $13::text[], $14::timestamptz[], $15::text[]) \
+         AS x(id, tenant, profile_id, at, mid) \
+       WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)), \
+     o AS (INSERT INTO outbox (event_id, message_id, routing_key, body) \
+       SELECT x.id, x.mid, x.key, x.body \
+       FROM unnest($16::uuid[], $17::text[], $18::text[], $19::text[]) AS x(id, mid, key, body) \
+       WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)) \
+     SELECT message_id FROM won";
+
 /// One batch's connection: checked out (and, with Verified recycling, checked
 /// with a round trip) once for the load and the commit together.
 pub struct Batch<'a> {
@@ -180,118 +206,81 @@ impl Batch<'_> {
         records: &[NewRecord],
         forget: &[Uuid],
     ) -> Result<HashSet<usize>, StoreError> {
-        let err = |e| StoreError::pg("commit", e);
-        let tx = self.client.transaction().await.map_err(err)?;
+        let ids: Vec<Option<&str>> = records.iter().map(|r| r.message_id.as_deref()).collect();
+        let keyed: Vec<usize> = (0..records.len()).filter(|&i| ids[i].is_some()).collect();
+        let p_ids: Vec<&str> = keyed.iter().filter_map(|&i| ids[i]).collect();
+        let p_commands: Vec<&str> = keyed.iter().map(|&i| records[i].command).collect();
+        let p_statuses: Vec<i16> = keyed.iter().map(|&i| records[i].status as i16).collect();
+        let p_replies: Vec<&str> = keyed.iter().map(|&i| records[i].reply.as_str()).collect();
 
-        let keyed: Vec<usize> = (0..records.len())
-            .filter(|&i| records[i].message_id.is_some())
+        let tickets: Vec<(&Ticket, Option<&str>)> = records
+            .iter()
+            .filter_map(|r| Some((r.ticket.as_ref()?, r.message_id.as_deref())))
             .collect();
-        let mut lost = HashSet::new();
-        if !keyed.is_empty() {
-            let ids: Vec<&str> = keyed
-                .iter()
-                .map(|&i| records[i].message_id.as_deref().unwrap_or_default())
-                .collect();
-            let commands: Vec<&str> = keyed.iter().map(|&i| records[i].command).collect();
-            let statuses: Vec<i16> = keyed.iter().map(|&i| records[i].status as i16).collect();
-            let replies: Vec<&str> = keyed.iter().map(|&i| records[i].reply.as_str()).collect();
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO processed_commands (message_id, command, status, reply) \
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[]) \
-                     ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-                )
-                .await
-                .map_err(err)?;
-            let won: HashSet<String> = tx
-                .query(&stmt, &[&ids, &commands, &statuses, &replies])
-                .await
-                .map_err(err)?
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect();
-            lost = keyed
-                .into_iter()
-                .filter(|&i| !won.contains(records[i].message_id.as_deref().unwrap_or_default()))
-                .collect();
-        }
-        let winners = || {
-            (0..records.len())
-                .filter(|i| !lost.contains(i))
-                .map(|i| &records[i])
-        };
+        let tokens: Vec<(&VerificationToken, Option<&str>)> = records
+            .iter()
+            .filter_map(|r| Some((r.token.as_ref()?, r.message_id.as_deref())))
+            .collect();
+        let events: Vec<&OutboxEvent> = records.iter().flat_map(|r| r.events.iter()).collect();
 
-        let tickets: Vec<&Ticket> = winners().filter_map(|r| r.ticket.as_ref()).collect();
-        let tokens: Vec<&VerificationToken> = winners().filter_map(|r| r.token.as_ref()).collect();
-        let events: Vec<&OutboxEvent> = winners().flat_map(|r| r.events.iter()).collect();
-
-        let t_ids: Vec<Uuid> = tickets.iter().map(|t| t.id).collect();
-        let t_tenants: Vec<&str> = tickets.iter().map(|t| t.tenant.as_str()).collect();
-        let t_profiles: Vec<&str> = tickets.iter().map(|t| t.profile_id.as_str()).collect();
+        let t_ids: Vec<Uuid> = tickets.iter().map(|(t, _)| t.id).collect();
+        let t_tenants: Vec<&str> = tickets.iter().map(|(t, _)| t.tenant.as_str()).collect();
+        let t_profiles: Vec<&str> = tickets.iter().map(|(t, _)| t.profile_id.as_str()).collect();
         let t_times: Vec<SystemTime> = tickets
             .iter()
-            .map(|t| to_system_time(t.last_request_time))
+            .map(|(t, _)| to_system_time(t.last_request_time))
             .collect();
-        let v_ids: Vec<Uuid> = tokens.iter().map(|t| t.id).collect();
-        let v_tenants: Vec<&str> = tokens.iter().map(|t| t.tenant.as_str()).collect();
-        let v_profiles: Vec<&str> = tokens.iter().map(|t| t.profile_id.as_str()).collect();
-        let v_times: Vec<SystemTime> = tokens.iter().map(|t| to_system_time(t.timestamp)).collect();
+        let t_mids: Vec<Option<&str>> = tickets.iter().map(|(_, m)| *m).collect();
+        let v_ids: Vec<Uuid> = tokens.iter().map(|(t, _)| t.id).collect();
+        let v_tenants: Vec<&str> = tokens.iter().map(|(t, _)| t.tenant.as_str()).collect();
+        let v_profiles: Vec<&str> = tokens.iter().map(|(t, _)| t.profile_id.as_str()).collect();
+        let v_times: Vec<SystemTime> = tokens
+            .iter()
+            .map(|(t, _)| to_system_time(t.timestamp))
+            .collect();
+        let v_mids: Vec<Option<&str>> = tokens.iter().map(|(_, m)| *m).collect();
         let e_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-        let e_msgs: Vec<Option<&str>> = events.iter().map(|e| e.message_id.as_deref()).collect();
+        let e_mids: Vec<Option<&str>> = events.iter().map(|e| e.message_id.as_deref()).collect();
         let e_keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
         let e_bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
 
-        // The three inserts and the delete are independent: pipelined on the one connection.
-        tokio::try_join!(
-            async {
-                if forget.is_empty() {
-                    return Ok(0);
-                }
-                let s = tx
-                    .prepare_cached("DELETE FROM outbox WHERE event_id = ANY($1)")
-                    .await?;
-                tx.execute(&s, &[&forget]).await
-            },
-            async {
-                if t_ids.is_empty() {
-                    return Ok(0);
-                }
-                let s = tx
-                    .prepare_cached(
-                        "INSERT INTO tickets (id, tenant, profile_id, last_request_time) \
-                         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])",
-                    )
-                    .await?;
-                tx.execute(&s, &[&t_ids, &t_tenants, &t_profiles, &t_times]).await
-            },
-            async {
-                if v_ids.is_empty() {
-                    return Ok(0);
-                }
-                let s = tx
-                    .prepare_cached(
-                        "INSERT INTO verification_tokens (id, tenant, profile_id, \"timestamp\") \
-                         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])",
-                    )
-                    .await?;
-                tx.execute(&s, &[&v_ids, &v_tenants, &v_profiles, &v_times]).await
-            },
-            async {
-                if e_ids.is_empty() {
-                    return Ok(0);
-                }
-                let s = tx
-                    .prepare_cached(
-                        "INSERT INTO outbox (event_id, message_id, routing_key, body) \
-                         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])",
-                    )
-                    .await?;
-                tx.execute(&s, &[&e_ids, &e_msgs, &e_keys, &e_bodies]).await
-            },
-        )
-        .map_err(err)?;
-        tx.commit().await.map_err(err)?;
-        Ok(lost)
+        let err = |e| StoreError::pg("commit", e);
+        let stmt = self.client.prepare_cached(COMMIT).await.map_err(err)?;
+        let won: HashSet<String> = self
+            .client
+            .query(
+                &stmt,
+                &[
+                    &p_ids,
+                    &p_commands,
+                    &p_statuses,
+                    &p_replies,
+                    &forget,
+                    &t_ids,
+                    &t_tenants,
+                    &t_profiles,
+                    &t_times,
+                    &t_mids,
+                    &v_ids,
+                    &v_tenants,
+                    &v_profiles,
+                    &v_times,
+                    &v_mids,
+                    &e_ids,
+                    &e_mids,
+                    &e_keys,
+                    &e_bodies,
+                ],
+            )
+            .await
+            .map_err(err)?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(keyed
+            .into_iter()
+            .filter(|&i| !won.contains(ids[i].unwrap_or_default()))
+            .collect())
     }
 
     /// Replies stored by other transactions, for records [`Batch::commit`] reported lost.
