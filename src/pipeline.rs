@@ -210,8 +210,17 @@ impl Pipeline {
     /// Load, decide and commit, retrying transient database failures with backoff;
     /// then publish and await every confirm. Nothing is acked here.
     async fn process(&self, items: &[Item]) -> Result<(), Failure> {
+        let started = Instant::now();
         let (out, confirmed_events) = self.with_retry(|| self.commit_batch(items)).await?;
+        let committed = Instant::now();
         self.publish(&out).await?;
+        tracing::debug!(
+            commands = items.len(),
+            publications = out.len(),
+            db_ms = (committed - started).as_secs_f64() * 1e3,
+            publish_ms = committed.elapsed().as_secs_f64() * 1e3,
+            "batch committed and confirmed"
+        );
         // The events are confirmed: their outbox rows go with the next commit.
         self.store.forget_outbox(confirmed_events);
         for item in items {

@@ -85,7 +85,11 @@ async fn echo(
     Ok(async move {
         loop {
             let first = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => {
+                    publisher.close().await;
+                    let _ = channel.close(200, "done".into()).await;
+                    return Ok(());
+                }
                 d = consumer.next() => d,
             };
             let mut batch = match first {

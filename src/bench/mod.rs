@@ -157,13 +157,20 @@ impl Meters {
 
     /// CPU used between `before` and now, per 1,000 of `n` commands.
     async fn since(&self, before: Reading, workers: &[WorkerProcess], n: u64) -> (f64, CpuSplit) {
-        let after = self.read(workers, Some(before.postgres_pids.clone())).await;
+        // Connections the pool opened during the round count from their start.
+        let mut pids = before.postgres_pids.clone();
+        for p in setup::database_backends(&self.db_url).await {
+            if !pids.contains(&p) {
+                pids.push(p);
+            }
+        }
+        let after = self.read(workers, Some(pids)).await;
         let per_1k = |d: f64| d * 1000.0 / n as f64;
         (
             per_1k(after.workers - before.workers),
             CpuSplit {
                 broker: (!self.broker.is_empty()).then(|| per_1k(after.broker - before.broker)),
-                postgres: (!before.postgres_pids.is_empty())
+                postgres: (!after.postgres_pids.is_empty())
                     .then(|| per_1k(after.postgres - before.postgres)),
                 bench: per_1k(after.bench - before.bench),
             },

@@ -54,24 +54,37 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether command `i` is one of the invalid ones. Spread evenly: exactly
-    /// floor(n × share) of the first n commands are invalid, for every n.
-    fn invalid_rank(&self, i: u64) -> Option<u64> {
+    /// Whether command `i` is one of the invalid ones (`Err`, with its rank among
+    /// them) or a valid one (`Ok`, with its rank among those). Spread evenly:
+    /// exactly floor(n × share) of the first n commands are invalid, for every n.
+    fn rank(&self, i: u64) -> Result<u64, u64> {
         let share = self.invalid_share.clamp(0.0, 1.0);
         let before = (i as f64 * share).floor() as u64;
         let after = ((i + 1) as f64 * share).floor() as u64;
-        (after > before).then_some(before)
+        if after > before {
+            Err(before)
+        } else {
+            Ok(i - before)
+        }
     }
 
     pub fn command(&self, i: u64) -> Planned {
+        // Valid and invalid commands each alternate the command by their own rank,
+        // so both kinds get every outcome in equal shares.
+        let rank = self.rank(i);
+        let first_kind = match rank {
+            Err(r) => (r / 3).is_multiple_of(2),
+            Ok(r) => r.is_multiple_of(2),
+        };
+        let rank = rank.err();
         let command = match self.mix {
             Mix::Ticket => CommandName::CreateTicket,
             Mix::Token => CommandName::CreateVerificationToken,
-            Mix::Both if i.is_multiple_of(2) => CommandName::CreateTicket,
+            Mix::Both if first_kind => CommandName::CreateTicket,
             Mix::Both => CommandName::CreateVerificationToken,
         };
         let profile = &self.profile_ids[(i as usize) % self.profile_ids.len().max(1)];
-        let invalid = self.invalid_rank(i).map(|rank| match rank % 3 {
+        let invalid = rank.map(|rank| match rank % 3 {
             0 => Invalid::Malformed,
             1 => Invalid::UnknownToken,
             _ => Invalid::UnknownProfile,
@@ -169,6 +182,23 @@ mod tests {
         assert_eq!(none, 0);
         let (all, every) = totals(&plan(Mix::Token, 1.0), 30);
         assert_eq!((every, all.verification_tokens), (30, 0));
+    }
+
+    #[test]
+    fn invalid_commands_are_of_both_kinds() {
+        let p = plan(Mix::Both, 0.1);
+        let kinds: std::collections::HashSet<(CommandName, u16)> = (0..1000)
+            .map(|i| p.command(i))
+            .filter(|c| c.expect_status != 200)
+            .map(|c| (c.command, c.expect_status))
+            .collect();
+        assert_eq!(
+            kinds.len(),
+            6,
+            "400, 403 and 404 for both commands: {kinds:?}"
+        );
+        let (e, _) = totals(&p, 1000);
+        assert_eq!((e.tickets, e.verification_tokens), (450, 450));
     }
 
     #[test]
