@@ -12,6 +12,7 @@ pub mod config;
 pub mod contract;
 pub mod domain;
 pub mod pipeline;
+pub mod provision;
 pub mod render;
 pub mod store;
 pub mod telemetry;

@@ -45,6 +45,9 @@ enum Cmd {
     /// Load generator: seeds its own database and vhost, starts worker processes,
     /// publishes commands through the broker, checks every reply and reports speed.
     Bench(Box<profile_worker::bench::BenchArgs>),
+    /// Sends a file of commands (one per line) and writes one result line per input
+    /// line; re-running the same file creates nothing twice.
+    Provision(Box<profile_worker::provision::ProvisionArgs>),
 }
 
 #[tokio::main]
@@ -69,6 +72,12 @@ async fn main() -> ExitCode {
         .await
         .map(|(status, reply)| println!("{status} {reply}")),
         Cmd::Bench(args) => profile_worker::bench::run(*args).await.map(|_| ()),
+        Cmd::Provision(args) => match profile_worker::provision::run(*args).await {
+            Ok(true) => Ok(()),
+            // The summary and the result lines already say what failed.
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
