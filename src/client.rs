@@ -1,13 +1,37 @@
 //! `profile-worker send`: publish one command and print its reply — the quickest
 //! way to talk to a running worker from a shell.
 
-use crate::broker::{self, properties};
+use crate::broker::{self, properties, Channel, Connection, Consumer};
 use crate::config::BrokerSettings;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use std::time::Duration;
+
+/// RabbitMQ's direct reply-to pseudo-queue: no queue to create or clean up.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A confirm channel consuming its own direct replies. Commands whose replies
+/// should come back here must be published on this same channel.
+pub async fn reply_channel(conn: &Connection) -> Result<(Channel, Consumer), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let replies = channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((channel, replies))
+}
 
 /// Sends `body` as command `kind` and returns (status, reply body).
 pub async fn send(
@@ -20,31 +44,14 @@ pub async fn send(
     let conn = broker::connect(&uri)
         .await
         .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    // Direct reply-to: no queue to create or clean up.
-    let mut replies = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let (channel, mut replies) = reply_channel(&conn).await.map_err(|e| e.to_string())?;
     let message_id = uuid::Uuid::new_v4().to_string();
     let props = BasicProperties::default()
         .with_type(kind.into())
         .with_content_type("application/json".into())
         .with_message_id(message_id.as_str().into())
         .with_correlation_id(message_id.as_str().into())
-        .with_reply_to("amq.rabbitmq.reply-to".into());
+        .with_reply_to(DIRECT_REPLY_TO.into());
     let confirm = channel
         .basic_publish(
             settings.command_exchange.as_str().into(),

@@ -8,8 +8,7 @@ use crate::config::BrokerSettings;
 use crate::contract::CommandName;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -235,21 +234,7 @@ async fn send_all(
     let conn = broker::connect(&uri)
         .await
         .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    let mut replies = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
+    let (channel, mut replies) = crate::client::reply_channel(&conn)
         .await
         .map_err(|e| e.to_string())?;
 
@@ -270,7 +255,7 @@ async fn send_all(
                 .with_content_type("application/json".into())
                 .with_message_id(p.message_id.as_str().into())
                 .with_correlation_id(next.to_string().into())
-                .with_reply_to("amq.rabbitmq.reply-to".into())
+                .with_reply_to(crate::client::DIRECT_REPLY_TO.into())
                 .with_delivery_mode(2);
             batch.push((p, props));
             next += 1;

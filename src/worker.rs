@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
+/// On shutdown, how long a consumer's buffer must stay empty before it is done.
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
+
 /// How soon confirmed outbox rows are deleted when no commit takes them along.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -201,13 +204,14 @@ async fn consume(
     let mut cancelling = false;
     let result = loop {
         let first = if cancelling {
-            // basic_cancel returned, so the broker sends nothing more and every
-            // delivery it sent before is already buffered: drain them, then stop.
-            // (Waiting for the stream to end is not enough: lapin does not always
-            // wake a consumer that drained its buffer after the cancel.)
-            match consumer.next().now_or_never() {
-                Some(d) => d,
-                None => break Ok(()),
+            // basic_cancel returned, so the broker sends nothing more; what it sent
+            // before is in lapin's buffer or on its way there. Drain until the
+            // stream ends or stays quiet. (Waiting for the end alone is not enough:
+            // lapin does not always wake a consumer that drained its buffer after
+            // the cancel.) Anything left is requeued when the channel closes.
+            match tokio::time::timeout(DRAIN_QUIET, consumer.next()).await {
+                Ok(d) => d,
+                Err(_) => break Ok(()),
             }
         } else {
             tokio::select! {

@@ -26,6 +26,13 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 const BURST: usize = 10_000;
 
+/// One command as published.
+struct Outgoing {
+    kind: &'static str,
+    body: String,
+    props: BasicProperties,
+}
+
 /// What one command must get.
 #[derive(Clone, Debug)]
 struct Sent {
@@ -98,14 +105,10 @@ impl Run {
         db
     }
 
-    /// Publishes the burst with publisher confirms, keeping 1,000 unconfirmed at most.
-    async fn publish_burst(&self) -> HashMap<String, Sent> {
-        let ch = self.channel().await;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
+    /// The burst: correlation id → what the command must get, and what to publish.
+    fn plan_burst(&self) -> (HashMap<String, Sent>, Vec<Outgoing>) {
         let mut sent = HashMap::new();
-        let mut pending = Vec::new();
+        let mut out = Vec::new();
         for i in 0..BURST {
             let message_id = Uuid::new_v4().to_string();
             let correlation = format!("c{i}");
@@ -139,29 +142,17 @@ impl Run {
                     true,
                 ),
             };
-            let props = BasicProperties::default()
-                .with_type(kind.into())
-                .with_content_type("application/json".into())
-                .with_message_id(message_id.as_str().into())
-                .with_correlation_id(correlation.as_str().into())
-                .with_reply_to(self.replies.as_str().into())
-                .with_delivery_mode(2);
-            let confirm = ch
-                .basic_publish(
-                    self.env.settings.broker.command_exchange.as_str().into(),
-                    kind.into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    props,
-                )
-                .await
-                .unwrap();
-            pending.push(confirm);
-            if pending.len() >= 1000 {
-                for c in pending.drain(..) {
-                    assert!(c.await.unwrap().is_ack());
-                }
-            }
+            out.push(Outgoing {
+                kind,
+                body,
+                props: BasicProperties::default()
+                    .with_type(kind.into())
+                    .with_content_type("application/json".into())
+                    .with_message_id(message_id.as_str().into())
+                    .with_correlation_id(correlation.as_str().into())
+                    .with_reply_to(self.replies.as_str().into())
+                    .with_delivery_mode(2),
+            });
             sent.insert(
                 correlation,
                 Sent {
@@ -172,36 +163,78 @@ impl Run {
                 },
             );
         }
-        for c in pending {
-            assert!(c.await.unwrap().is_ack());
+        (sent, out)
+    }
+
+    /// Publishes like a careful publisher: windows of 500 with confirms; when the
+    /// connection fails or anything is nacked, it reconnects (waiting for the
+    /// broker to come back) and re-sends the whole unconfirmed window. Returns how
+    /// many commands were sent more than once.
+    async fn publish(&self, commands: &[Outgoing]) -> usize {
+        let exchange = self.env.settings.broker.command_exchange.as_str();
+        let (mut next, mut resent) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while next < commands.len() {
+            assert!(Instant::now() < deadline, "could not publish the burst");
+            let ch = match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+                Ok(conn) => match conn.create_channel().await {
+                    Ok(ch)
+                        if ch
+                            .confirm_select(ConfirmSelectOptions::default())
+                            .await
+                            .is_ok() =>
+                    {
+                        ch
+                    }
+                    _ => continue,
+                },
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            while next < commands.len() {
+                let window = &commands[next..(next + 500).min(commands.len())];
+                let mut confirms = Vec::new();
+                for c in window {
+                    match ch
+                        .basic_publish(
+                            exchange.into(),
+                            c.kind.into(),
+                            BasicPublishOptions::default(),
+                            c.body.as_bytes(),
+                            c.props.clone(),
+                        )
+                        .await
+                    {
+                        Ok(confirm) => confirms.push(confirm),
+                        Err(_) => break,
+                    }
+                }
+                let mut acked = confirms.len() == window.len();
+                for confirm in confirms {
+                    acked &= matches!(confirm.await, Ok(c) if c.is_ack());
+                }
+                if !acked {
+                    resent += window.len();
+                    break;
+                }
+                next += window.len();
+            }
         }
-        sent
+        resent
     }
 
     fn spawn_worker(&self) -> Child {
-        let s = &self.env.settings;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_profile-worker"))
-            .arg("run")
-            .env("DATABASE_URL", &s.database.database_url)
-            .env("AMQP_URL", &s.broker.amqp_url)
-            .env("COMMAND_EXCHANGE", &s.broker.command_exchange)
-            .env("COMMAND_QUEUE", &s.broker.command_queue)
-            .env("DEAD_LETTER_EXCHANGE", &s.broker.dead_letter_exchange)
-            .env("DEAD_LETTER_QUEUE", &s.broker.dead_letter_queue)
-            .env("EVENTS_EXCHANGE", &s.broker.events_exchange)
-            .env("VERIFICATION_URL", &s.worker.verification_url)
-            .env("OUTBOX_GRACE_SECS", "1")
-            .env("SWEEP_INTERVAL_SECS", "0")
+        worker_process(&self.env)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn worker")
     }
@@ -387,28 +420,10 @@ impl Run {
             .expect("worker exits within 30 s of SIGTERM")
             .unwrap();
         assert!(status.success(), "worker exit status {status:?}");
-        // The harness's connection may have died with the broker: delete with a new one.
         let ch = self.channel().await;
-        let b = &self.env.settings.broker;
-        for q in [
-            &self.replies,
-            &self.events,
-            &b.command_queue,
-            &b.dead_letter_queue,
-        ] {
+        for q in [&self.replies, &self.events] {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let unrouted = profile_worker::broker::unrouted_exchange(b);
-        for x in [
-            &b.command_exchange,
-            &b.dead_letter_exchange,
-            &b.events_exchange,
-            &unrouted,
-        ] {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
         let _ = std::fs::remove_file(&self.log);
@@ -421,32 +436,26 @@ impl Run {
         F: FnOnce(Child, Run) -> Fut,
         Fut: std::future::Future<Output = (Child, Run)>,
     {
-        let sent = self.publish_burst().await;
+        let (sent, commands) = self.plan_burst();
+        self.publish(&commands).await;
         let worker = self.spawn_worker();
         let done = self.wait_processed(at, Duration::from_secs(120)).await;
         assert!(done >= at, "worker started: {done} processed");
         let (worker, run) = fault(worker, self).await;
+        run.complete(worker, &sent).await;
+    }
+
+    /// After the fault: the worker finishes everything, the guarantees hold, it stops cleanly.
+    async fn complete(self, worker: Child, sent: &HashMap<String, Sent>) {
         let expected = sent.values().filter(|s| !s.malformed).count();
-        let done = run.wait_processed(expected, Duration::from_secs(240)).await;
+        let done = self
+            .wait_processed(expected, Duration::from_secs(240))
+            .await;
         assert_eq!(done, expected, "every command processed after the fault");
-        run.verify(&sent).await;
-        run.finish(worker).await;
+        self.verify(sent).await;
+        self.finish(worker).await;
     }
 }
-
-fn signal(child: &Child, sig: i32) {
-    let pid = child.id().expect("running") as i32;
-    // SAFETY: plain kill(2) on our own child.
-    let rc = unsafe { libc_kill(pid, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig})");
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-const SIGTERM: i32 = 15;
-const SIGKILL: i32 = 9;
 
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -538,20 +547,30 @@ async fn kill_9_five_times_during_a_burst_loses_and_duplicates_nothing() {
 async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
     let _one = ONE_AT_A_TIME.lock().await;
     let run = Run::prepare().await;
-    run.burst_with(1_000, |worker, run| async move {
+    let (sent, commands) = run.plan_burst();
+    let (first, rest) = commands.split_at(BURST / 2);
+    run.publish(first).await;
+    let worker = run.spawn_worker();
+    assert!(run.wait_processed(1_000, Duration::from_secs(120)).await >= 1_000);
+    // The second half is published while the broker goes away and comes back;
+    // the publisher re-sends what was not confirmed.
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
         control("rabbitmqctl", &["-q", "stop_app"]).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         control("rabbitmqctl", &["-q", "start_app"]).await;
         control("rabbitmqctl", &["-q", "await_startup"]).await;
-        let before = run.processed().await;
-        eprintln!("RabbitMQ back: {before} of {BURST} processed");
-        assert!(
-            before < BURST * 9 / 10,
-            "restart landed mid-burst ({before})"
-        );
-        (worker, run)
-    })
-    .await;
+        run.processed().await
+    };
+    let (resent, before) = tokio::join!(run.publish(rest), restart);
+    eprintln!(
+        "RabbitMQ back: {before} of {BURST} processed; {resent} commands re-sent by the publisher"
+    );
+    assert!(
+        before < BURST * 9 / 10,
+        "restart landed mid-burst ({before})"
+    );
+    run.complete(worker, &sent).await;
 }
 
 #[tokio::test]

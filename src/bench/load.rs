@@ -18,7 +18,6 @@ pub enum Target<'a> {
     Ceiling { queue: &'a str },
 }
 
-pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Wrong replies quoted in the report; the rest are only counted.
 const EXAMPLES: usize = 5;
 
@@ -185,7 +184,7 @@ async fn round(
                 .with_content_type("application/json".into())
                 .with_message_id(uuid::Uuid::new_v4().to_string().into())
                 .with_correlation_id(format!("{}{}", t.prefix, t.slots.len()).into())
-                .with_reply_to(DIRECT_REPLY_TO.into())
+                .with_reply_to(crate::client::DIRECT_REPLY_TO.into())
                 .with_delivery_mode(2);
             t.slots.push(Slot {
                 sent: Instant::now(),

@@ -16,12 +16,9 @@ pub use plan::Mix;
 use crate::broker::{self, command_queue_arguments};
 use crate::config::{BrokerSettings, DatabaseSettings, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
 use crate::store::{SeedFile, Store};
-use lapin::options::{
-    BasicConsumeOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
-    QueuePurgeOptions,
-};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
-use load::{RoundResult, Target, DIRECT_REPLY_TO};
+use load::{RoundResult, Target};
 use plan::{Expected, Plan};
 use serde::Serialize;
 use setup::WorkerProcess;
@@ -442,21 +439,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     wait_for_consumers(&conn, &broker_names, &mut workers).await?;
 
     // The load channel: direct reply-to and publishes must share a channel.
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    let replies = channel
-        .basic_consume(
-            DIRECT_REPLY_TO.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
+    let (channel, replies) = crate::client::reply_channel(&conn)
         .await
         .map_err(|e| e.to_string())?;
     // What the email dispatcher would see, counted and purged after every round.

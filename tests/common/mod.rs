@@ -450,10 +450,14 @@ impl Env {
     /// Stops the worker and removes the test's queues, exchanges and database.
     pub async fn teardown(mut self) {
         self.stop_worker().await;
+        // A fresh connection: the harness's own may have died with a broker restart.
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("broker reachable");
+        let channel = conn.create_channel().await.unwrap();
         let b = &self.settings.broker;
         for q in [&b.command_queue, &b.dead_letter_queue] {
-            let _ = self
-                .channel
+            let _ = channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
@@ -464,11 +468,11 @@ impl Env {
             &b.events_exchange,
             &unrouted,
         ] {
-            let _ = self
-                .channel
+            let _ = channel
                 .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
+        let _ = conn.close(200, "bye".into()).await;
         let _ = self.conn.close(200, "bye".into()).await;
         drop(self.db);
         let _ = admin_client()
@@ -524,4 +528,40 @@ pub fn ticket(token: &str, profile: &str) -> Value {
 
 pub fn verification(token: &str, profile: &str) -> Value {
     json!({ "accessTokenId": token, "id": profile })
+}
+
+/// Sends `sig` to a child process (SIGTERM = 15, SIGKILL = 9).
+pub fn signal(child: &tokio::process::Child, sig: i32) {
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: plain kill(2) on our own child.
+    let rc = unsafe { libc_kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+pub const SIGTERM: i32 = 15;
+pub const SIGKILL: i32 = 9;
+
+/// `profile-worker run` as a separate process, configured for this test's
+/// database and broker names (stdio left to the caller).
+pub fn worker_process(env: &Env) -> tokio::process::Command {
+    let s = &env.settings;
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_profile-worker"));
+    c.arg("run")
+        .env("DATABASE_URL", &s.database.database_url)
+        .env("AMQP_URL", &s.broker.amqp_url)
+        .env("COMMAND_EXCHANGE", &s.broker.command_exchange)
+        .env("COMMAND_QUEUE", &s.broker.command_queue)
+        .env("DEAD_LETTER_EXCHANGE", &s.broker.dead_letter_exchange)
+        .env("DEAD_LETTER_QUEUE", &s.broker.dead_letter_queue)
+        .env("EVENTS_EXCHANGE", &s.broker.events_exchange)
+        .env("VERIFICATION_URL", &s.worker.verification_url)
+        .env("OUTBOX_GRACE_SECS", "1")
+        .env("SWEEP_INTERVAL_SECS", "0")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    c
 }
