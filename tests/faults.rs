@@ -166,11 +166,11 @@ impl Run {
         (sent, out)
     }
 
-    /// Publishes like a careful publisher: windows of 500 with confirms; when the
-    /// connection fails or anything is nacked, it reconnects (waiting for the
-    /// broker to come back) and re-sends the whole unconfirmed window. Returns how
-    /// many commands were sent more than once.
-    async fn publish(&self, commands: &[Outgoing]) -> usize {
+    /// Publishes like a careful publisher: windows of `window` with confirms, a
+    /// `pause` after each; when the connection fails or anything is nacked, it
+    /// reconnects (waiting for the broker to come back) and re-sends the whole
+    /// unconfirmed window. Returns how many commands were sent more than once.
+    async fn publish(&self, commands: &[Outgoing], window: usize, pause: Duration) -> usize {
         let exchange = self.env.settings.broker.command_exchange.as_str();
         let (mut next, mut resent) = (0, 0);
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -194,7 +194,7 @@ impl Run {
                 }
             };
             while next < commands.len() {
-                let window = &commands[next..(next + 500).min(commands.len())];
+                let window = &commands[next..(next + window).min(commands.len())];
                 let mut confirms = Vec::new();
                 for c in window {
                     match ch
@@ -220,6 +220,7 @@ impl Run {
                     break;
                 }
                 next += window.len();
+                tokio::time::sleep(pause).await;
             }
         }
         resent
@@ -437,7 +438,7 @@ impl Run {
         Fut: std::future::Future<Output = (Child, Run)>,
     {
         let (sent, commands) = self.plan_burst();
-        self.publish(&commands).await;
+        self.publish(&commands, 500, Duration::ZERO).await;
         let worker = self.spawn_worker();
         let done = self.wait_processed(at, Duration::from_secs(120)).await;
         assert!(done >= at, "worker started: {done} processed");
@@ -549,20 +550,19 @@ async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
     let run = Run::prepare().await;
     let (sent, commands) = run.plan_burst();
     let (first, rest) = commands.split_at(BURST / 2);
-    run.publish(first).await;
+    run.publish(first, 500, Duration::ZERO).await;
     let worker = run.spawn_worker();
     assert!(run.wait_processed(1_000, Duration::from_secs(120)).await >= 1_000);
-    // The second half is published while the broker goes away and comes back;
-    // the publisher re-sends what was not confirmed.
+    // The second half is published, slowly enough to span the stop, while the
+    // broker goes away and comes back; the publisher re-sends what was not confirmed.
     let restart = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
         control("rabbitmqctl", &["-q", "stop_app"]).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         control("rabbitmqctl", &["-q", "start_app"]).await;
         control("rabbitmqctl", &["-q", "await_startup"]).await;
         run.processed().await
     };
-    let (resent, before) = tokio::join!(run.publish(rest), restart);
+    let (resent, before) = tokio::join!(run.publish(rest, 100, Duration::from_millis(50)), restart);
     eprintln!(
         "RabbitMQ back: {before} of {BURST} processed; {resent} commands re-sent by the publisher"
     );
