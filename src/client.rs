@@ -77,12 +77,7 @@ pub async fn send(
         })?
         .ok_or("reply consumer closed")?
         .map_err(|e| e.to_string())?;
-    let status = reply
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(properties::status)
-        .map_or(-1, |s| s as i64);
+    let status = properties::reply_status(&reply.properties);
     let _ = conn.close(200, "bye".into()).await;
     Ok((status, String::from_utf8_lossy(&reply.data).into_owned()))
 }

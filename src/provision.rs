@@ -284,12 +284,7 @@ async fn send_all(
                 .filter(|&i| i < n);
             if let Some(i) = index {
                 if results[i].is_none() {
-                    let status = d
-                        .properties
-                        .headers()
-                        .as_ref()
-                        .and_then(properties::status)
-                        .map_or(-1, |s| s as i64);
+                    let status = properties::reply_status(&d.properties);
                     let body = serde_json::from_slice(&d.data).unwrap_or_else(|_| {
                         Value::String(String::from_utf8_lossy(&d.data).into_owned())
                     });

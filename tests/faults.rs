@@ -312,12 +312,7 @@ impl Run {
         for m in &received {
             let d = &m.delivery;
             let corr = d.properties.correlation_id().as_ref().unwrap().to_string();
-            let status = d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(profile_worker::broker::properties::status)
-                .map_or(-1, |s| s as i64);
+            let status = profile_worker::broker::properties::reply_status(&d.properties);
             replies
                 .entry(corr)
                 .or_default()
@@ -459,10 +454,7 @@ impl Run {
 }
 
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    profile_worker::bench::cpu_secs(pid).expect("/proc/PID/stat of the worker")
 }
 
 async fn control(program: &str, args: &[&str]) {

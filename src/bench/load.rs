@@ -108,16 +108,12 @@ impl Tally {
         self.outstanding -= 1;
         self.last_progress = now;
         self.latencies.push((now - slot.sent).as_secs_f64() * 1e3);
-        let status = reply
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(properties::status);
-        if status != Some(u64::from(slot.expect)) {
+        let status = properties::reply_status(&reply.properties);
+        if status != i64::from(slot.expect) {
             self.wrong += 1;
             if self.wrong_examples.len() < EXAMPLES {
                 self.wrong_examples.push(format!(
-                    "command {}: expected {}, got {:?}: {}",
+                    "command {}: expected {}, got {}: {}",
                     self.first + index as u64,
                     slot.expect,
                     status,

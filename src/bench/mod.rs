@@ -12,6 +12,7 @@ mod setup;
 pub mod stats;
 
 pub use plan::Mix;
+pub use setup::cpu_secs;
 
 use crate::broker::{self, command_queue_arguments};
 use crate::config::{BrokerSettings, DatabaseSettings, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};

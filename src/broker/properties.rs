@@ -80,6 +80,14 @@ pub fn status(headers: &FieldTable) -> Option<u64> {
     headers.inner().get(STATUS_HEADER).and_then(as_u64)
 }
 
+/// A received reply's status, or -1 when it carries none.
+pub fn reply_status(p: &BasicProperties) -> i64 {
+    p.headers()
+        .as_ref()
+        .and_then(status)
+        .map_or(-1, |s| s as i64)
+}
+
 pub fn as_u64(v: &AMQPValue) -> Option<u64> {
     match *v {
         AMQPValue::ShortShortInt(n) => u64::try_from(n).ok(),
