@@ -57,10 +57,16 @@ const LOAD_TOKENS: &str =
      FROM unnest($1::text[]) AS k(id) JOIN access_tokens t ON t.id = k.id";
 const LOAD_PROFILES: &str = "SELECT p.id, p.tenant, p.email, p.enabled \
      FROM unnest($1::text[]) AS k(id) JOIN profiles p ON p.id = k.id";
-const LOAD_PROCESSED: &str =
-    "SELECT message_id, command, status, reply FROM processed_commands WHERE message_id = ANY($1)";
-const LOAD_PENDING: &str =
-    "SELECT event_id, message_id, routing_key, body FROM outbox WHERE message_id = ANY($1) ORDER BY created_at, event_id";
+// Earlier replies and their still-unconfirmed events in one statement. The
+// outbox side is a lateral subquery fenced with `OFFSET 0` so it stays an index
+// lookup per reply: flattened into a join, the plan hash-joins a sequential scan
+// of the whole outbox, which is large exactly when the broker has been away.
+const LOAD_PROCESSED: &str = "SELECT p.message_id, p.command, p.status, p.reply, \
+     o.event_id, o.routing_key, o.body \
+     FROM processed_commands p LEFT JOIN LATERAL ( \
+       SELECT event_id, routing_key, body, created_at FROM outbox \
+       WHERE outbox.message_id = p.message_id OFFSET 0) o ON true \
+     WHERE p.message_id = ANY($1) ORDER BY p.message_id, o.created_at, o.event_id";
 
 /// The whole batch as one statement, so one round trip and one implicit
 /// transaction: idempotency records first; rows and outbox events only for the
@@ -115,18 +121,16 @@ impl Batch<'_> {
     ) -> Result<Loaded, StoreError> {
         let client = &self.client;
         let err = |e| StoreError::pg("load", e);
-        let (s_tok, s_prof, s_proc, s_pend) = tokio::try_join!(
+        let (s_tok, s_prof, s_proc) = tokio::try_join!(
             client.prepare_cached(LOAD_TOKENS),
             client.prepare_cached(LOAD_PROFILES),
             client.prepare_cached(LOAD_PROCESSED),
-            client.prepare_cached(LOAD_PENDING),
         )
         .map_err(err)?;
-        let (tok_rows, prof_rows, proc_rows, pend_rows) = tokio::try_join!(
+        let (tok_rows, prof_rows, proc_rows) = tokio::try_join!(
             query_any(client, &s_tok, token_ids),
             query_any(client, &s_prof, profile_ids),
             query_any(client, &s_proc, message_ids),
-            query_any(client, &s_pend, message_ids),
         )
         .map_err(err)?;
 
@@ -156,34 +160,28 @@ impl Batch<'_> {
             };
             loaded.profiles.insert(profile.id.clone(), profile);
         }
-        let mut pending: HashMap<String, Vec<OutboxEvent>> = HashMap::new();
         let forgotten: HashSet<Uuid> = self.store.forgotten().iter().copied().collect();
-        for row in pend_rows
-            .into_iter()
-            .filter(|r| !forgotten.contains(&r.get(0)))
-        {
-            let event = OutboxEvent {
-                event_id: row.get(0),
-                message_id: row.get(1),
-                routing_key: row.get(2),
-                body: row.get(3),
-            };
-            if let Some(m) = &event.message_id {
-                pending.entry(m.clone()).or_default().push(event);
-            }
-        }
         for row in proc_rows {
             let message_id: String = row.get(0);
-            let status: i16 = row.get(2);
-            loaded.processed.insert(
-                message_id.clone(),
-                StoredReply {
+            let stored = loaded
+                .processed
+                .entry(message_id.clone())
+                .or_insert_with(|| StoredReply {
                     command: row.get(1),
-                    status: status as u16,
+                    status: row.get::<_, i16>(2) as u16,
                     reply: row.get(3),
-                    pending_events: pending.remove(&message_id).unwrap_or_default(),
-                },
-            );
+                    pending_events: vec![],
+                });
+            if let Some(event_id) = row.get::<_, Option<Uuid>>(4) {
+                if !forgotten.contains(&event_id) {
+                    stored.pending_events.push(OutboxEvent {
+                        event_id,
+                        message_id: Some(message_id),
+                        routing_key: row.get(5),
+                        body: row.get(6),
+                    });
+                }
+            }
         }
         Ok(loaded)
     }
