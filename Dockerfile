@@ -7,10 +7,12 @@ COPY migrations migrations
 RUN cargo build --release --locked
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+# curl: compose's health check asks /readyz with it.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 worker
 COPY --from=build /src/target/release/profile-worker /usr/local/bin/profile-worker
 COPY seeds /seeds
 USER worker
+EXPOSE 9090
 ENTRYPOINT ["profile-worker"]
 CMD ["run"]

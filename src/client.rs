@@ -46,12 +46,7 @@ pub async fn send(
         .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
     let (channel, mut replies) = reply_channel(&conn).await.map_err(|e| e.to_string())?;
     let message_id = uuid::Uuid::new_v4().to_string();
-    let props = BasicProperties::default()
-        .with_type(kind.into())
-        .with_content_type("application/json".into())
-        .with_message_id(message_id.as_str().into())
-        .with_correlation_id(message_id.as_str().into())
-        .with_reply_to(DIRECT_REPLY_TO.into());
+    let props = command_properties(kind, &message_id, &message_id);
     let confirm = channel
         .basic_publish(
             settings.command_exchange.as_str().into(),
@@ -80,4 +75,18 @@ pub async fn send(
     let status = properties::reply_status(&reply.properties);
     let _ = conn.close(200, "bye".into()).await;
     Ok((status, String::from_utf8_lossy(&reply.data).into_owned()))
+}
+
+/// A command's properties as this project's publishers send it: JSON,
+/// persistent, replies by direct reply-to, and the AMQP `timestamp` the worker's
+/// command-age metric is measured from.
+pub fn command_properties(kind: &str, message_id: &str, correlation_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_type(kind.into())
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_correlation_id(correlation_id.into())
+        .with_reply_to(DIRECT_REPLY_TO.into())
+        .with_delivery_mode(2)
+        .with_timestamp(crate::broker::properties::now_secs())
 }

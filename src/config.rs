@@ -176,12 +176,33 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long to keep trying to finish held commands before leaving them to redelivery.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz
+    /// (`off` disables it; port 0 picks a free port and logs it).
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    pub http_addr: String,
 }
 
 impl WorkerSettings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         crate::contract::command::check_verification_url(&self.verification_url).map_err(|_| {
             ConfigError::new("VERIFICATION_URL", "must be an absolute http or https URL")
+        })?;
+        self.http_addr().map(|_| ())
+    }
+
+    /// The operations endpoint's address, `None` when it is turned off.
+    pub fn http_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.http_addr.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        self.http_addr.parse().map(Some).map_err(|_| {
+            ConfigError::new(
+                "HTTP_ADDR",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9090 or [::]:9090 (or off)",
+                    self.http_addr
+                ),
+            )
         })
     }
 }
@@ -202,6 +223,20 @@ impl Settings {
         self.database.validate()?;
         self.broker.validate()?;
         self.worker.validate()
+    }
+
+    /// Every environment variable `run` reads: its settings', plus the logging
+    /// ones every subcommand reads (`LOG_FORMAT`, `RUST_LOG`).
+    pub fn env_names() -> Vec<String> {
+        use clap::Args;
+        let cmd = Settings::augment_args(clap::Command::new("run"));
+        let mut names: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        names.extend(["LOG_FORMAT".to_string(), "RUST_LOG".to_string()]);
+        names
     }
 
     /// Defaults overridden by the environment, as `run` would see them with no flags.
@@ -288,5 +323,10 @@ mod tests {
         let mut s = Settings::from_env();
         s.worker.verification_url = "relative/path".into();
         assert_eq!(s.validate().unwrap_err().setting, "VERIFICATION_URL");
+        let mut s = Settings::from_env();
+        s.worker.http_addr = "localhost".into();
+        assert_eq!(s.validate().unwrap_err().setting, "HTTP_ADDR");
+        s.worker.http_addr = "OFF".into();
+        assert_eq!(s.worker.http_addr().unwrap(), None);
     }
 }

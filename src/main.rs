@@ -48,6 +48,11 @@ enum Cmd {
     /// Sends a file of commands (one per line) and writes one result line per input
     /// line; re-running the same file creates nothing twice.
     Provision(Box<profile_worker::provision::ProvisionArgs>),
+    /// Lists dead letters with their reasons, or re-publishes chosen ones after a fix.
+    DeadLetters {
+        #[command(subcommand)]
+        cmd: profile_worker::dead_letters::DeadLetterCmd,
+    },
 }
 
 #[tokio::main]
@@ -71,6 +76,7 @@ async fn main() -> ExitCode {
         )
         .await
         .map(|(status, reply)| println!("{status} {reply}")),
+        Cmd::DeadLetters { cmd } => profile_worker::dead_letters::run(cmd).await,
         Cmd::Bench(args) => profile_worker::bench::run(*args).await.map(|_| ()),
         Cmd::Provision(args) => match profile_worker::provision::run(*args).await {
             Ok(true) => Ok(()),

@@ -10,8 +10,9 @@ use crate::config::Settings;
 use crate::contract::{self, Command, CommandName, Incoming, InternalErrorReply, Rejection};
 use crate::domain::{self, Outcome};
 use crate::render;
-use crate::store::{NewRecord, Store, StoreError, StoredReply};
-use crate::telemetry::token_prefix;
+use crate::store::{NewRecord, OutboxEvent, Store, StoreError, StoredReply};
+use crate::telemetry::{self, token_prefix};
+use crate::trace::{self, TraceContext};
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +57,9 @@ struct Item {
     reply_to: Option<String>,
     /// correlation_id, else message_id (CONTRACT §2).
     correlation: Option<String>,
+    /// The worker's span for this command: its reply and events carry it.
+    trace: TraceContext,
+    traceparent: String,
 }
 
 impl Item {
@@ -71,7 +75,11 @@ impl Item {
         let correlation = properties::short(p.correlation_id())
             .map(str::to_string)
             .or_else(|| message_id.clone());
+        let parent = properties::header_text(p, trace::TRACEPARENT).and_then(TraceContext::parse);
+        let trace = TraceContext::continue_or_start(parent, trace::random_ids);
         Item {
+            traceparent: trace.to_string(),
+            trace,
             decoded,
             reply_to: properties::short(p.reply_to()).map(str::to_string),
             message_id,
@@ -84,21 +92,47 @@ impl Item {
         self.delivery.delivery_tag
     }
 
-    /// The reply's `type`: `<command>.reply`, or `error.reply` when the command is unknown.
-    fn reply_type(&self) -> &'static str {
+    fn command_name(&self) -> Option<CommandName> {
         let kind = properties::short(self.delivery.properties.kind())
             .unwrap_or(self.delivery.routing_key.as_str());
         CommandName::parse(kind)
+    }
+
+    /// The reply's `type`: `<command>.reply`, or `error.reply` when the command is unknown.
+    fn reply_type(&self) -> &'static str {
+        self.command_name()
             .map(CommandName::reply_type)
             .unwrap_or("error.reply")
     }
+
+    /// The command's name for logs and metrics (`unknown` when it has none we know).
+    fn command_label(&self) -> &'static str {
+        self.command_name()
+            .map(CommandName::as_str)
+            .unwrap_or("unknown")
+    }
+
+    fn message_id_label(&self) -> &str {
+        self.message_id.as_deref().unwrap_or("-")
+    }
+}
+
+/// How one command was answered, for its log line and metrics.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    status: u16,
+    /// `created`, `rejected`, `malformed` (also dead-lettered), `repeated` (a
+    /// stored reply sent again for a message_id seen before), `failed`.
+    outcome: &'static str,
+    code: Option<&'static str>,
 }
 
 /// What happens to one item of a batch.
 enum Step {
     Malformed(Rejection),
     Stored(StoredReply),
-    New(usize),
+    /// A record of this batch, and its error code when the domain refused it.
+    New(usize, Option<&'static str>),
     /// A second command with the message_id of an earlier item in the same batch.
     SameAs(usize),
 }
@@ -169,14 +203,18 @@ impl Pipeline {
     async fn poison(&self, item: Item, error: StoreError) -> Result<(), BatchError> {
         let attempts = properties::delivery_count(&item.delivery.properties) + 1;
         let limit = u64::from(self.settings.broker.delivery_limit);
+        let last = attempts >= limit;
         tracing::error!(
-            message_id = item.message_id.as_deref().unwrap_or("-"),
+            message_id = item.message_id_label(),
+            command = item.command_label(),
+            outcome = if last { "failed" } else { "retry" },
+            trace_id = %item.trace.trace_id_hex(),
             attempt = attempts,
             limit,
             error = %error,
             "command failed"
         );
-        if attempts < limit {
+        if !last {
             return self
                 .acks
                 .basic_reject(item.tag(), BasicRejectOptions { requeue: true })
@@ -197,6 +235,15 @@ impl Pipeline {
                 BatchError::Broker(m)
             }
         })?;
+        metrics::counter!(telemetry::DEAD_LETTERS, "code" => POISON_CODE).increment(1);
+        record_answer(
+            &item,
+            Answer {
+                status: 500,
+                outcome: "failed",
+                code: Some(POISON_CODE),
+            },
+        );
         self.ack(item.tag(), false).await
     }
 
@@ -211,33 +258,25 @@ impl Pipeline {
     /// then publish and await every confirm. Nothing is acked here.
     async fn process(&self, items: &[Item]) -> Result<(), Failure> {
         let started = Instant::now();
-        let (out, confirmed_events) = self.with_retry(|| self.commit_batch(items)).await?;
+        let (out, confirmed_events, answers) = self.with_retry(|| self.commit_batch(items)).await?;
         let committed = Instant::now();
         self.publish(&out).await?;
+        let (db, publish) = (committed - started, committed.elapsed());
         tracing::debug!(
             commands = items.len(),
             publications = out.len(),
-            db_ms = (committed - started).as_secs_f64() * 1e3,
-            publish_ms = committed.elapsed().as_secs_f64() * 1e3,
+            db_ms = db.as_secs_f64() * 1e3,
+            publish_ms = publish.as_secs_f64() * 1e3,
             "batch committed and confirmed"
         );
+        metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
+        metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "database").record(db);
+        metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "publish").record(publish);
+        metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "total").record(db + publish);
         // The events are confirmed: their outbox rows go with the next commit.
         self.store.forget_outbox(confirmed_events);
-        for item in items {
-            tracing::debug!(
-                message_id = item.message_id.as_deref().unwrap_or("-"),
-                command = item
-                    .decoded
-                    .as_ref()
-                    .map(|c| c.name().as_str())
-                    .unwrap_or("-"),
-                token = item
-                    .decoded
-                    .as_ref()
-                    .map(|c| token_prefix(c.access_token_id()))
-                    .unwrap_or_default(),
-                "handled"
-            );
+        for (item, answer) in items.iter().zip(answers) {
+            record_answer(item, answer);
         }
         Ok(())
     }
@@ -262,6 +301,8 @@ impl Pipeline {
                     return Ok(v);
                 }
                 Err(e) if e.is_transient() => {
+                    metrics::counter!(telemetry::DATABASE_ERRORS, "kind" => "transient")
+                        .increment(1);
                     if since.is_none() {
                         tracing::warn!(error = %e, "not ready: database unavailable; holding commands and retrying");
                         since = Some(Instant::now());
@@ -269,7 +310,11 @@ impl Pipeline {
                         tracing::debug!(error = %e, "database still unavailable");
                     }
                 }
-                Err(e) => return Err(Failure::Store(e)),
+                Err(e) => {
+                    metrics::counter!(telemetry::DATABASE_ERRORS, "kind" => "permanent")
+                        .increment(1);
+                    return Err(Failure::Store(e));
+                }
             }
             if self.shutdown.is_cancelled() {
                 let t = *shutdown_at.get_or_insert_with(Instant::now);
@@ -292,6 +337,7 @@ impl Pipeline {
             match self.publisher.publish_all(out).await {
                 Ok(()) => return Ok(()),
                 Err(PublishError::Nacked(n)) => {
+                    metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(1);
                     // Everything is re-sent: replies and events are at-least-once.
                     tracing::warn!(nacked = n, "broker nacked publications; re-publishing");
                     if self.shutdown.is_cancelled() && backoff >= BACKOFF_MAX {
@@ -307,7 +353,10 @@ impl Pipeline {
 
     /// One attempt at the database part. Returns what to publish and which outbox
     /// events those publications settle.
-    async fn commit_batch(&self, items: &[Item]) -> Result<(Vec<Outgoing>, Vec<Uuid>), StoreError> {
+    async fn commit_batch(
+        &self,
+        items: &[Item],
+    ) -> Result<(Vec<Outgoing>, Vec<Uuid>, Vec<Answer>), StoreError> {
         let commands: Vec<&Command> = items
             .iter()
             .filter_map(|i| i.decoded.as_ref().ok())
@@ -361,13 +410,16 @@ impl Pipeline {
                     default_verification_url: ctx_url,
                 },
             );
-            let rendered = render::outcome(&outcome, item.message_id.as_deref());
-            let (ticket, token) = match outcome {
-                Outcome::TicketCreated(t) => (Some(t), None),
-                Outcome::VerificationTokenCreated(t, _) => (None, Some(t)),
-                Outcome::Rejected(_) => (None, None),
+            let mut rendered = render::outcome(&outcome, item.message_id.as_deref());
+            for e in &mut rendered.events {
+                e.traceparent = Some(item.traceparent.clone());
+            }
+            let (ticket, token, code) = match outcome {
+                Outcome::TicketCreated(t) => (Some(t), None, None),
+                Outcome::VerificationTokenCreated(t, _) => (None, Some(t), None),
+                Outcome::Rejected(r) => (None, None, Some(r.code.as_str())),
             };
-            steps.push(Step::New(records.len()));
+            steps.push(Step::New(records.len(), code));
             records.push(NewRecord {
                 message_id: item.message_id.clone(),
                 command: command.name().as_str(),
@@ -392,7 +444,7 @@ impl Pipeline {
                 .collect();
             let mut stored = db.stored_replies(&ids).await?;
             for step in steps.iter_mut() {
-                if let Step::New(r) = *step {
+                if let Step::New(r, _) = *step {
                     if lost.contains(&r) {
                         let mid = records[r].message_id.as_deref().unwrap_or_default();
                         match stored.remove(mid) {
@@ -419,41 +471,73 @@ impl Pipeline {
         items: &[Item],
         steps: &[Step],
         records: &[NewRecord],
-    ) -> (Vec<Outgoing>, Vec<Uuid>) {
+    ) -> (Vec<Outgoing>, Vec<Uuid>, Vec<Answer>) {
         let mut out = Vec::with_capacity(items.len() * 2);
         let mut settled = Vec::new();
+        let mut answers = Vec::with_capacity(items.len());
         for (item, step) in items.iter().zip(steps) {
             let resolved = |s: &Step| -> Option<(u16, String)> {
                 match s {
                     Step::Malformed(r) => Some((r.status(), render::rejection(r))),
                     Step::Stored(s) => Some((s.status, s.reply.clone())),
-                    Step::New(r) => Some((records[*r].status, records[*r].reply.clone())),
+                    Step::New(r, _) => Some((records[*r].status, records[*r].reply.clone())),
                     Step::SameAs(_) => None,
                 }
             };
+            answers.push(match step {
+                Step::Malformed(r) => Answer {
+                    status: r.status(),
+                    outcome: "malformed",
+                    code: Some(r.code.as_str()),
+                },
+                Step::Stored(s) => Answer {
+                    status: s.status,
+                    outcome: "repeated",
+                    code: None,
+                },
+                Step::New(r, code) => Answer {
+                    status: records[*r].status,
+                    outcome: if code.is_some() {
+                        "rejected"
+                    } else {
+                        "created"
+                    },
+                    code: *code,
+                },
+                Step::SameAs(j) => Answer {
+                    status: resolved(&steps[*j]).map_or(0, |(s, _)| s),
+                    outcome: "repeated",
+                    code: None,
+                },
+            });
             match step {
                 Step::Malformed(r) => {
                     tracing::warn!(
-                        message_id = item.message_id.as_deref().unwrap_or("-"),
+                        message_id = item.message_id_label(),
+                        command = item.command_label(),
+                        outcome = "malformed",
                         code = r.code.as_str(),
+                        trace_id = %item.trace.trace_id_hex(),
                         reason = %r.message,
-                        "malformed command dead-lettered"
+                        "malformed command answered 400 and dead-lettered"
                     );
+                    metrics::counter!(telemetry::DEAD_LETTERS, "code" => r.code.as_str())
+                        .increment(1);
                     self.push_reply(&mut out, item, r.status(), render::rejection(r));
                     out.push(self.dead_letter(item, r.code.as_str(), &r.message));
                 }
                 Step::Stored(s) => {
                     self.push_reply(&mut out, item, s.status, s.reply.clone());
                     for e in &s.pending_events {
-                        out.push(self.event(&e.routing_key, e.event_id, &e.body));
+                        out.push(self.event(e));
                         settled.push(e.event_id);
                     }
                 }
-                Step::New(r) => {
+                Step::New(r, _) => {
                     let rec = &records[*r];
                     self.push_reply(&mut out, item, rec.status, rec.reply.clone());
                     for e in &rec.events {
-                        out.push(self.event(&e.routing_key, e.event_id, &e.body));
+                        out.push(self.event(e));
                         settled.push(e.event_id);
                     }
                 }
@@ -464,7 +548,7 @@ impl Pipeline {
                 }
             }
         }
-        (out, settled)
+        (out, settled, answers)
     }
 
     fn push_reply(&self, out: &mut Vec<Outgoing>, item: &Item, status: u16, body: String) {
@@ -476,19 +560,15 @@ impl Pipeline {
                     item.reply_type(),
                     item.correlation.as_deref(),
                     status,
+                    Some(&item.traceparent),
                 ),
                 body: body.into_bytes(),
             });
         }
     }
 
-    fn event(&self, routing_key: &str, event_id: Uuid, body: &str) -> Outgoing {
-        event_outgoing(
-            &self.settings.broker.events_exchange,
-            routing_key,
-            event_id,
-            body,
-        )
+    fn event(&self, e: &OutboxEvent) -> Outgoing {
+        event_outgoing(&self.settings.broker.events_exchange, e)
     }
 
     fn dead_letter(&self, item: &Item, code: &str, reason: &str) -> Outgoing {
@@ -501,12 +581,55 @@ impl Pipeline {
     }
 }
 
-pub fn event_outgoing(exchange: &str, routing_key: &str, event_id: Uuid, body: &str) -> Outgoing {
+/// The command's log line (debug: one per command is too many for info at
+/// thousands per second; refusals and failures are logged at warn and error
+/// where they happen) and its metrics.
+fn record_answer(item: &Item, a: Answer) {
+    let command = item.command_label();
+    tracing::debug!(
+        message_id = item.message_id_label(),
+        command,
+        outcome = a.outcome,
+        status = a.status,
+        code = a.code.unwrap_or("-"),
+        token = item
+            .decoded
+            .as_ref()
+            .map(|c| token_prefix(c.access_token_id()))
+            .unwrap_or_default(),
+        trace_id = %item.trace.trace_id_hex(),
+        "answered"
+    );
+    metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
+        .increment(1);
+    if let Some(sent) = item.delivery.properties.timestamp() {
+        let age = properties::now_secs().saturating_sub(*sent);
+        metrics::histogram!(telemetry::COMMAND_AGE_SECONDS).record(age as f64);
+    }
+}
+
+/// Status codes as static labels (no allocation per command).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        500 => "500",
+        _ => "other",
+    }
+}
+
+pub fn event_outgoing(exchange: &str, e: &OutboxEvent) -> Outgoing {
     Outgoing {
         exchange: exchange.to_string(),
-        routing_key: routing_key.to_string(),
-        properties: properties::event(routing_key, &event_id.to_string()),
-        body: body.as_bytes().to_vec(),
+        routing_key: e.routing_key.clone(),
+        properties: properties::event(
+            &e.routing_key,
+            &e.event_id.to_string(),
+            e.traceparent.as_deref(),
+        ),
+        body: e.body.as_bytes().to_vec(),
     }
 }
 
@@ -527,14 +650,7 @@ pub async fn relay_outbox(
     }
     let out: Vec<Outgoing> = events
         .iter()
-        .map(|e| {
-            event_outgoing(
-                &settings.broker.events_exchange,
-                &e.routing_key,
-                e.event_id,
-                &e.body,
-            )
-        })
+        .map(|e| event_outgoing(&settings.broker.events_exchange, e))
         .collect();
     publisher
         .publish_all(&out)

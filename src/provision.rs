@@ -9,7 +9,6 @@ use crate::contract::CommandName;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -250,13 +249,11 @@ async fn send_all(
         let mut batch = Vec::new();
         while outstanding < window && next < n {
             let (_, p) = &commands[next];
-            let props = BasicProperties::default()
-                .with_type(p.command.as_str().into())
-                .with_content_type("application/json".into())
-                .with_message_id(p.message_id.as_str().into())
-                .with_correlation_id(next.to_string().into())
-                .with_reply_to(crate::client::DIRECT_REPLY_TO.into())
-                .with_delivery_mode(2);
+            let props = crate::client::command_properties(
+                p.command.as_str(),
+                &p.message_id,
+                &next.to_string(),
+            );
             batch.push((p, props));
             next += 1;
             outstanding += 1;

@@ -33,6 +33,7 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
         message_id: message_id.map(str::to_string),
         routing_key: routing_key.to_string(),
         body,
+        traceparent: None,
     };
     match outcome {
         Outcome::Rejected(r) => Rendered {

@@ -1,5 +1,9 @@
-//! Logging. Human-readable by default, JSON lines for log shippers.
+//! Logging (human-readable by default, JSON lines for log shippers) and the
+//! metrics the worker exports. Metric names live here, so the exporter, the
+//! code that records them and the README agree.
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
 use tracing_subscriber::{fmt, EnvFilter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -18,6 +22,90 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Commands answered, by `command` (or `unknown`) and reply `status`.
+pub const COMMANDS: &str = "profile_worker_commands_total";
+/// Commands per batch (one database round trip for all of them).
+pub const BATCH_SIZE: &str = "profile_worker_batch_size";
+/// How long a batch took, by `stage`: `database` (load and commit, retries
+/// included), `publish` (replies and events until confirmed), `total`.
+pub const BATCH_SECONDS: &str = "profile_worker_batch_seconds";
+/// From a command's AMQP `timestamp` (set by its publisher, whole seconds) to
+/// its reply being confirmed: queueing plus processing, as the publisher sees it.
+pub const COMMAND_AGE_SECONDS: &str = "profile_worker_command_age_seconds";
+/// Failed database attempts, by `kind` (`transient`: retried; `permanent`).
+pub const DATABASE_ERRORS: &str = "profile_worker_database_errors_total";
+/// Broker failures, by `kind` (`session`: connection or channel lost; `nack`).
+pub const BROKER_ERRORS: &str = "profile_worker_broker_errors_total";
+/// Broker connections re-established after a loss.
+pub const RECONNECTS: &str = "profile_worker_reconnects_total";
+/// Commands dead-lettered, by error `code`.
+pub const DEAD_LETTERS: &str = "profile_worker_dead_letters_total";
+/// Events committed but not yet confirmed by the broker (outbox rows).
+pub const OUTBOX_PENDING: &str = "profile_worker_outbox_pending";
+/// Consumers currently taking commands in this process.
+pub const CONSUMING: &str = "profile_worker_consumers";
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+/// Until it is installed, recording a metric costs nothing and goes nowhere.
+pub fn metrics_handle() -> Result<PrometheusHandle, String> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let age = [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+            let sizes = [1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0];
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(BATCH_SECONDS.into()), &latency)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(COMMAND_AGE_SECONDS.into()), &age)
+                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+            describe();
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(COMMANDS, "Commands answered, by command and reply status");
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Commands per batch");
+    describe_histogram!(
+        BATCH_SECONDS,
+        Unit::Seconds,
+        "Batch duration by stage (database, publish, total)"
+    );
+    describe_histogram!(
+        COMMAND_AGE_SECONDS,
+        Unit::Seconds,
+        "From the command's AMQP timestamp to its confirmed reply (whole-second precision)"
+    );
+    describe_counter!(
+        DATABASE_ERRORS,
+        "Failed database attempts by kind (transient, permanent)"
+    );
+    describe_counter!(BROKER_ERRORS, "Broker failures by kind (session, nack)");
+    describe_counter!(RECONNECTS, "Broker reconnections");
+    describe_counter!(DEAD_LETTERS, "Commands dead-lettered, by error code");
+    describe_gauge!(
+        OUTBOX_PENDING,
+        "Events committed and not yet confirmed by the broker"
+    );
+    describe_gauge!(CONSUMING, "Consumers taking commands in this process");
+    // Present from the start, so a dashboard's rate() sees the first failure.
+    metrics::counter!(RECONNECTS).absolute(0);
+    for kind in ["transient", "permanent"] {
+        metrics::counter!(DATABASE_ERRORS, "kind" => kind).absolute(0);
+    }
+    for kind in ["session", "nack"] {
+        metrics::counter!(BROKER_ERRORS, "kind" => kind).absolute(0);
+    }
 }
 
 /// Access token IDs are bearer secrets: logs carry only enough to correlate.

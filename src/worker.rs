@@ -4,8 +4,10 @@
 
 use crate::broker::{self, Connection, Publisher, TopologyError};
 use crate::config::{ConfigError, Settings};
+use crate::ops::{Endpoint, Health};
 use crate::pipeline::{self, BatchError, Pipeline};
 use crate::store::Store;
+use crate::telemetry;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -30,6 +32,8 @@ pub enum RunError {
     Broker(String),
     #[error(transparent)]
     Topology(TopologyError),
+    #[error("HTTP_ADDR: {0}")]
+    Http(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     settings.validate()?;
     let settings = Arc::new(settings);
     let uri = settings.broker.validate()?;
+    let endpoint = match settings.worker.http_addr()? {
+        Some(addr) => Some(Endpoint::bind(addr).await.map_err(RunError::Http)?),
+        None => None,
+    };
     let store = Store::connect(&settings.database)?;
     store
         .check()
@@ -61,14 +69,31 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .await
         .map_err(|e| RunError::Database(format!("migration failed: {e}")))?;
 
-    let endpoint = format!("{}:{}", uri.authority.host, uri.authority.port);
+    let broker_at = format!("{}:{}", uri.authority.host, uri.authority.port);
     let first = broker::connect(&uri).await.map_err(|e| {
         RunError::Broker(format!(
-            "cannot connect to {endpoint}: {}",
+            "cannot connect to {broker_at}: {}",
             broker::describe(&e)
         ))
     })?;
-    tracing::info!(broker = %endpoint, queue = %settings.broker.command_queue, "connected");
+    tracing::info!(broker = %broker_at, queue = %settings.broker.command_queue, "connected");
+
+    let health = Arc::new(Health::default());
+    let ops_stop = CancellationToken::new();
+    let ops = endpoint.map(|e| {
+        if let Some(addr) = e.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        tokio::spawn(e.serve(health.clone(), store.clone(), ops_stop.clone()))
+    });
+    let _stop_ops = ops_stop.clone().drop_guard();
+    {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            health.stopping();
+        });
+    }
 
     let sweeper = tokio::spawn(sweep_loop(
         store.clone(),
@@ -79,12 +104,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let result = loop {
         let c = match conn.take() {
             Some(c) => c,
-            None => match reconnect(&uri, &endpoint, &shutdown).await {
+            None => match reconnect(&uri, &broker_at, &shutdown).await {
                 Some(c) => c,
                 None => break Ok(()),
             },
         };
-        let outcome = session(&c, &store, &settings, &shutdown).await;
+        let outcome = session(&c, &store, &settings, &health, &shutdown).await;
         let _ = c.close(200, "bye".into()).await;
         match outcome {
             Ok(()) => break Ok(()),
@@ -93,13 +118,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 tracing::warn!(error = %e, "broker session ended during shutdown; unacked commands will be redelivered");
                 break Ok(());
             }
-            Err(e) => tracing::warn!(error = %e, "broker session lost; reconnecting"),
+            Err(e) => {
+                metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "session").increment(1);
+                tracing::warn!(error = %e, "broker session lost; reconnecting")
+            }
         }
     };
     shutdown.cancel();
     let _ = sweeper.await;
     if let Err(e) = store.flush_forgotten().await {
         tracing::warn!(error = %e, "confirmed events left in the outbox; the relay will re-publish them once");
+    }
+    ops_stop.cancel();
+    if let Some(ops) = ops {
+        let _ = ops.await;
     }
     store.close();
     result
@@ -118,6 +150,7 @@ async fn reconnect(
         }
         match broker::connect(uri).await {
             Ok(c) => {
+                metrics::counter!(telemetry::RECONNECTS).increment(1);
                 tracing::info!(broker = %endpoint, "reconnected");
                 return Some(c);
             }
@@ -135,6 +168,7 @@ async fn session(
     conn: &Connection,
     store: &Store,
     settings: &Arc<Settings>,
+    health: &Arc<Health>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let channel = conn.create_channel().await?;
@@ -158,7 +192,9 @@ async fn session(
     let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
     let mut lanes = Vec::with_capacity(consumers);
     for lane in 0..consumers {
-        lanes.push(consume(conn, store, settings, shutdown, prefetch, lane));
+        lanes.push(consume(
+            conn, store, settings, health, shutdown, prefetch, lane,
+        ));
     }
     tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
     // The first consumer to fail ends the session; the others are dropped with the
@@ -175,6 +211,7 @@ async fn consume(
     conn: &Connection,
     store: &Store,
     settings: &Arc<Settings>,
+    health: &Arc<Health>,
     shutdown: &CancellationToken,
     prefetch: u16,
     lane: usize,
@@ -193,6 +230,7 @@ async fn consume(
         )
         .await?;
     let consumer_tag = consumer.tag();
+    let consuming = health.consuming();
     let pipeline = Pipeline::new(
         store.clone(),
         publisher.clone(),
@@ -256,6 +294,7 @@ async fn consume(
             }
         }
     };
+    drop(consuming);
     publisher.close().await;
     let _ = channel.close(200, "bye".into()).await;
     result
@@ -285,6 +324,10 @@ async fn relay_loop(
             continue;
         }
         last_relay = tokio::time::Instant::now();
+        match store.outbox_pending().await {
+            Ok(n) => metrics::gauge!(telemetry::OUTBOX_PENDING).set(n as f64),
+            Err(e) => tracing::debug!(error = %e, "could not count the outbox"),
+        }
         match pipeline::relay_outbox(&store, &publisher, &settings).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "re-published events left unconfirmed"),

@@ -39,6 +39,7 @@ fn record(message_id: Option<&str>, reply: &str, token: bool) -> NewRecord {
             message_id: message_id.map(str::to_string),
             routing_key: "ticket.created".into(),
             body: "{}".into(),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         }],
     }
 }

@@ -589,9 +589,22 @@ async fn postgres_restart_mid_burst_holds_commands_and_resumes() {
 #[tokio::test]
 async fn postgres_unreachable_for_60_s_reports_not_ready_and_recovers() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let run = Run::prepare().await;
+    let mut run = Run::prepare().await;
+    let http = format!("127.0.0.1:{}", free_port());
+    run.env.settings.worker.http_addr = http.clone();
     run.burst_with(1_000, |mut worker, run| async move {
+        let ready = |s: u16, _: &str| s == 200;
+        let before = http_until(&http, "/readyz", Duration::from_secs(10), ready).await;
+        assert_eq!(before.map(|a| a.0), Some(200), "ready while consuming");
         postgres("stop").await;
+        let down = http_until(&http, "/readyz", Duration::from_secs(15), |s, b| {
+            s == 503 && b.contains("database")
+        })
+        .await;
+        assert!(
+            matches!(&down, Some((503, b)) if b.contains("\"database\":\"unavailable\"")),
+            "/readyz says the database is missing: {down:?}"
+        );
         let pid = worker.id().unwrap();
         let cpu = cpu_secs(pid);
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -611,7 +624,23 @@ async fn postgres_unreachable_for_60_s_reports_not_ready_and_recovers() {
             "says it is not ready: {}",
             run.log_text()
         );
+        assert_eq!(
+            http_get(&http, "/readyz").await.map(|a| a.0),
+            Some(503),
+            "still not ready after 60 s"
+        );
+        assert_eq!(
+            http_get(&http, "/healthz").await.map(|a| a.0),
+            Some(200),
+            "alive all along"
+        );
         postgres("start").await;
+        let back = http_until(&http, "/readyz", Duration::from_secs(30), ready).await;
+        assert_eq!(
+            back.map(|a| a.0),
+            Some(200),
+            "ready again once Postgres is back"
+        );
         (worker, run)
     })
     .await;

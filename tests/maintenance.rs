@@ -13,12 +13,13 @@ async fn relay_republishes_events_left_unconfirmed_by_a_crash() {
     env.settings.worker.outbox_grace_secs = 1;
     let event_id = Uuid::new_v4();
     let body = r#"{"tenant":"default","profileId":"p","lastRequestTime":1,"id":"7f036af3-1ab9-4791-b615-ecaece3f0010"}"#;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     // As a worker killed after its commit would leave it: committed, never confirmed.
     env.db
         .execute(
-            "INSERT INTO outbox (event_id, message_id, routing_key, body, created_at) \
-             VALUES ($1, 'crashed-1', 'ticket.created', $2, now() - interval '1 minute')",
-            &[&event_id, &body],
+            "INSERT INTO outbox (event_id, message_id, routing_key, body, traceparent, created_at) \
+             VALUES ($1, 'crashed-1', 'ticket.created', $2, $3, now() - interval '1 minute')",
+            &[&event_id, &body, &traceparent],
         )
         .await
         .unwrap();
@@ -31,6 +32,11 @@ async fn relay_republishes_events_left_unconfirmed_by_a_crash() {
         Some(event_id.to_string().as_str())
     );
     assert_eq!(events[0].body, body.as_bytes());
+    assert_eq!(
+        events[0].header("traceparent").as_deref(),
+        Some(traceparent),
+        "the relay keeps the event in its command's trace"
+    );
     for _ in 0..50 {
         if env.count("outbox").await == 0 {
             break;
@@ -66,11 +72,14 @@ async fn redelivered_command_resends_its_pending_events() {
         .unwrap();
     let event_id: Uuid = email.message_id.as_deref().unwrap().parse().unwrap();
     let body = String::from_utf8(email.body.clone()).unwrap();
+    let traceparent = email
+        .header("traceparent")
+        .expect("events carry a traceparent");
     assert_eq!(env.settled_outbox().await, 0);
     env.db
         .execute(
-            "INSERT INTO outbox (event_id, message_id, routing_key, body) VALUES ($1, 'again-1', 'email.requested', $2)",
-            &[&event_id, &body],
+            "INSERT INTO outbox (event_id, message_id, routing_key, body, traceparent) VALUES ($1, 'again-1', 'email.requested', $2, $3)",
+            &[&event_id, &body, &traceparent],
         )
         .await
         .unwrap();
@@ -87,6 +96,11 @@ async fn redelivered_command_resends_its_pending_events() {
         "same message_id for the subscriber to dedupe"
     );
     assert_eq!(resent[0].body, email.body);
+    assert_eq!(
+        resent[0].header("traceparent").as_deref(),
+        Some(traceparent.as_str()),
+        "a re-sent event stays in the trace of the command that caused it"
+    );
     assert_eq!(env.settled_outbox().await, 0);
     assert_eq!(env.count("verification_tokens").await, 1);
     env.teardown().await;

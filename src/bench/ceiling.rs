@@ -111,7 +111,12 @@ async fn echo(
                     Some(Outgoing {
                         exchange: String::new(),
                         routing_key: reply_to,
-                        properties: properties::reply("create-ticket.reply", correlation, 200),
+                        properties: properties::reply(
+                            "create-ticket.reply",
+                            correlation,
+                            200,
+                            None,
+                        ),
                         body: BODY.to_vec(),
                     })
                 })

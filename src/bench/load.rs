@@ -7,7 +7,6 @@ use crate::broker::{properties, Channel, Consumer};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
 use std::time::{Duration, Instant};
 
 /// Where a round's commands go.
@@ -175,13 +174,11 @@ async fn round(
             if matches!(target, Target::Worker { .. }) {
                 expected.add(&planned);
             }
-            let props = BasicProperties::default()
-                .with_type(planned.command.as_str().into())
-                .with_content_type("application/json".into())
-                .with_message_id(uuid::Uuid::new_v4().to_string().into())
-                .with_correlation_id(format!("{}{}", t.prefix, t.slots.len()).into())
-                .with_reply_to(crate::client::DIRECT_REPLY_TO.into())
-                .with_delivery_mode(2);
+            let props = crate::client::command_properties(
+                planned.command.as_str(),
+                &uuid::Uuid::new_v4().to_string(),
+                &format!("{}{}", t.prefix, t.slots.len()),
+            );
             t.slots.push(Slot {
                 sent: Instant::now(),
                 expect,

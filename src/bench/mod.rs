@@ -428,6 +428,9 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         ("PREFETCH".into(), args.prefetch.to_string()),
         ("BATCH_SIZE".into(), args.batch_size.to_string()),
         ("CONSUMERS".into(), args.consumers.to_string()),
+        // Metrics are recorded as in production; any free port, so workers of
+        // one run (and a worker already running here) do not collide.
+        ("HTTP_ADDR".into(), "127.0.0.1:0".into()),
     ];
     let mut workers: Vec<WorkerProcess> = Vec::new();
     for k in 0..args.workers {

@@ -13,16 +13,22 @@ pub const STATUS_HEADER: &str = "status";
 pub const ERROR_CODE_HEADER: &str = "x-error-code";
 pub const ERROR_REASON_HEADER: &str = "x-error-reason";
 
-fn now_secs() -> u64 {
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-pub fn reply(reply_type: &str, correlation_id: Option<&str>, status: u16) -> BasicProperties {
+pub fn reply(
+    reply_type: &str,
+    correlation_id: Option<&str>,
+    status: u16,
+    traceparent: Option<&str>,
+) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(STATUS_HEADER.into(), AMQPValue::LongInt(status as i32));
+    insert_traceparent(&mut headers, traceparent);
     let p = BasicProperties::default()
         .with_content_type(JSON.into())
         .with_type(reply_type.into())
@@ -35,13 +41,37 @@ pub fn reply(reply_type: &str, correlation_id: Option<&str>, status: u16) -> Bas
     }
 }
 
-pub fn event(routing_key: &str, message_id: &str) -> BasicProperties {
-    BasicProperties::default()
+pub fn event(routing_key: &str, message_id: &str, traceparent: Option<&str>) -> BasicProperties {
+    let p = BasicProperties::default()
         .with_content_type(JSON.into())
         .with_type(routing_key.into())
         .with_message_id(message_id.into())
         .with_delivery_mode(PERSISTENT)
-        .with_timestamp(now_secs())
+        .with_timestamp(now_secs());
+    if traceparent.is_none() {
+        return p;
+    }
+    let mut headers = FieldTable::default();
+    insert_traceparent(&mut headers, traceparent);
+    p.with_headers(headers)
+}
+
+fn insert_traceparent(headers: &mut FieldTable, traceparent: Option<&str>) {
+    if let Some(t) = traceparent {
+        headers.insert(
+            crate::trace::TRACEPARENT.into(),
+            AMQPValue::LongString(LongString::from(t)),
+        );
+    }
+}
+
+/// A header's value as text (publishers send strings as long or short strings).
+pub fn header_text<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a str> {
+    match p.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
 }
 
 /// The original properties, plus headers saying why the worker dead-lettered it.

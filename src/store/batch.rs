@@ -15,6 +15,8 @@ pub struct OutboxEvent {
     pub message_id: Option<String>,
     pub routing_key: String,
     pub body: String,
+    /// W3C traceparent of the worker's span for the command that caused it.
+    pub traceparent: Option<String>,
 }
 
 /// The reply stored for a message_id that was already processed.
@@ -62,9 +64,9 @@ const LOAD_PROFILES: &str = "SELECT p.id, p.tenant, p.email, p.enabled \
 // lookup per reply: flattened into a join, the plan hash-joins a sequential scan
 // of the whole outbox, which is large exactly when the broker has been away.
 const LOAD_PROCESSED: &str = "SELECT p.message_id, p.command, p.status, p.reply, \
-     o.event_id, o.routing_key, o.body \
+     o.event_id, o.routing_key, o.body, o.traceparent \
      FROM processed_commands p LEFT JOIN LATERAL ( \
-       SELECT event_id, routing_key, body, created_at FROM outbox \
+       SELECT event_id, routing_key, body, traceparent, created_at FROM outbox \
        WHERE outbox.message_id = p.message_id OFFSET 0) o ON true \
      WHERE p.message_id = ANY($1) ORDER BY p.message_id, o.created_at, o.event_id";
 
@@ -88,9 +90,10 @@ const COMMIT: &str = "WITH won AS ( \
        FROM unnest($11::uuid[], $12::text[], $13::text[], $14::timestamptz[], $15::text[]) \
          AS x(id, tenant, profile_id, at, mid) \
        WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)), \
-     o AS (INSERT INTO outbox (event_id, message_id, routing_key, body) \
-       SELECT x.id, x.mid, x.key, x.body \
-       FROM unnest($16::uuid[], $17::text[], $18::text[], $19::text[]) AS x(id, mid, key, body) \
+     o AS (INSERT INTO outbox (event_id, message_id, routing_key, body, traceparent) \
+       SELECT x.id, x.mid, x.key, x.body, x.trace \
+       FROM unnest($16::uuid[], $17::text[], $18::text[], $19::text[], $20::text[]) \
+         AS x(id, mid, key, body, trace) \
        WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)) \
      SELECT message_id FROM won";
 
@@ -179,6 +182,7 @@ impl Batch<'_> {
                         message_id: Some(message_id),
                         routing_key: row.get(5),
                         body: row.get(6),
+                        traceparent: row.get(7),
                     });
                 }
             }
@@ -241,6 +245,7 @@ impl Batch<'_> {
         let e_mids: Vec<Option<&str>> = events.iter().map(|e| e.message_id.as_deref()).collect();
         let e_keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
         let e_bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+        let e_traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
 
         let err = |e| StoreError::pg("commit", e);
         let stmt = self.client.prepare_cached(COMMIT).await.map_err(err)?;
@@ -268,6 +273,7 @@ impl Batch<'_> {
                     &e_mids,
                     &e_keys,
                     &e_bodies,
+                    &e_traces,
                 ],
             )
             .await
@@ -311,6 +317,17 @@ impl Store {
     fn forgotten(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
         // A panic while holding the lock leaves a plain Vec, still usable.
         self.forgotten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Outbox rows, confirmed or not yet deleted included: a gauge of how far
+    /// event publication is behind.
+    pub async fn outbox_pending(&self) -> Result<u64, StoreError> {
+        let client = self.client("outbox").await?;
+        let row = client
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .map_err(|e| StoreError::pg("outbox", e))?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     pub async fn delete_outbox(&self, event_ids: &[Uuid]) -> Result<u64, StoreError> {

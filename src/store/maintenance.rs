@@ -79,7 +79,7 @@ impl Store {
                      SELECT event_id FROM outbox \
                      WHERE created_at < now() - make_interval(secs => $1) \
                      ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING event_id, message_id, routing_key, body",
+                 RETURNING event_id, message_id, routing_key, body, traceparent",
                 &[&grace_secs, &limit],
             )
             .await
@@ -91,6 +91,7 @@ impl Store {
                 message_id: r.get(1),
                 routing_key: r.get(2),
                 body: r.get(3),
+                traceparent: r.get(4),
             })
             .collect())
     }

@@ -9,11 +9,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "outbox_traceparent",
+        sql: include_str!("../../migrations/0002_outbox_traceparent.sql"),
+    },
+];
 
 /// Arbitrary, fixed: "profile-worker migrations".
 const LOCK_KEY: i64 = 0x7072_6f66_696c_6501;

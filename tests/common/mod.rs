@@ -76,6 +76,7 @@ pub struct Reply {
     pub status: i64,
     pub kind: String,
     pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
     pub body: Value,
     pub raw: String,
 }
@@ -128,6 +129,8 @@ pub struct Send {
     pub correlation_id: Option<String>,
     /// `None`: our reply queue; `Some("")`: no reply_to (fire-and-forget).
     pub reply_to: Option<String>,
+    /// A W3C traceparent header.
+    pub traceparent: Option<String>,
 }
 
 pub struct Env {
@@ -166,6 +169,9 @@ impl Env {
         settings.broker.events_exchange = format!("{prefix}.events");
         settings.worker.verification_url = "https://example.com/verify".into();
         settings.worker.sweep_interval_secs = 0;
+        // Any free port: every test worker serves /metrics and /readyz, so that
+        // code runs everywhere, and parallel tests do not collide.
+        settings.worker.http_addr = "127.0.0.1:0".into();
 
         let store = profile_worker::store::Store::connect(&settings.database).unwrap();
         store.migrate().await.expect("migrate");
@@ -201,6 +207,7 @@ impl Env {
                 let status =
                     profile_worker::broker::properties::status(&d.headers).map_or(-1, |v| v as i64);
                 let _ = reply_tx.send(Reply {
+                    traceparent: d.header("traceparent"),
                     status,
                     kind: d.kind,
                     correlation_id: d.correlation_id,
@@ -285,7 +292,16 @@ impl Env {
         let mut props = BasicProperties::default()
             .with_correlation_id(correlation.as_str().into())
             .with_type(kind.as_str().into())
-            .with_delivery_mode(2);
+            .with_delivery_mode(2)
+            .with_timestamp(profile_worker::broker::properties::now_secs());
+        if let Some(t) = &opts.traceparent {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "traceparent".into(),
+                lapin::types::AMQPValue::LongString(t.as_str().into()),
+            );
+            props = props.with_headers(headers);
+        }
         if let Some(ct) = opts
             .content_type
             .clone()
@@ -547,10 +563,11 @@ pub const SIGKILL: i32 = 9;
 
 /// `profile-worker run` as a separate process, configured for this test's
 /// database and broker names (stdio left to the caller).
-pub fn worker_process(env: &Env) -> tokio::process::Command {
+/// `profile-worker ARGS…` against this test's broker names and database.
+pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
     let s = &env.settings;
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_profile-worker"));
-    c.arg("run")
+    c.args(args)
         .env("DATABASE_URL", &s.database.database_url)
         .env("AMQP_URL", &s.broker.amqp_url)
         .env("COMMAND_EXCHANGE", &s.broker.command_exchange)
@@ -558,10 +575,67 @@ pub fn worker_process(env: &Env) -> tokio::process::Command {
         .env("DEAD_LETTER_EXCHANGE", &s.broker.dead_letter_exchange)
         .env("DEAD_LETTER_QUEUE", &s.broker.dead_letter_queue)
         .env("EVENTS_EXCHANGE", &s.broker.events_exchange)
-        .env("VERIFICATION_URL", &s.worker.verification_url)
-        .env("OUTBOX_GRACE_SECS", "1")
-        .env("SWEEP_INTERVAL_SECS", "0")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     c
+}
+
+pub fn worker_process(env: &Env) -> tokio::process::Command {
+    let s = &env.settings;
+    let mut c = cli(env, &["run"]);
+    c.env("VERIFICATION_URL", &s.worker.verification_url)
+        .env("OUTBOX_GRACE_SECS", "1")
+        .env("SWEEP_INTERVAL_SECS", "0")
+        .env("HTTP_ADDR", &s.worker.http_addr)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+/// A port nothing listens on right now, for a worker's HTTP_ADDR.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// `GET path` on a worker's operations endpoint: status and body, or `None`
+/// when nothing answers.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// Polls `path` until `want(status, body)` holds or `within` passes; returns the last answer.
+pub async fn http_until(
+    addr: &str,
+    path: &str,
+    within: Duration,
+    want: impl Fn(u16, &str) -> bool,
+) -> Option<(u16, String)> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let answer = http_get(addr, path).await;
+        if let Some((status, body)) = &answer {
+            if want(*status, body) {
+                return answer;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

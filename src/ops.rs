@@ -1,0 +1,214 @@
+//! The operations endpoint of `profile-worker run`: `/metrics` (Prometheus),
+//! `/healthz` (the process answers) and `/readyz` (it is consuming and its
+//! database answers). Readiness is decided by a pure function; the handlers
+//! only gather what it needs.
+
+use crate::store::Store;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long `/readyz` waits for the database to answer.
+const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Histogram upkeep (the exporter's buffers are drained on this period).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// What the worker reports about itself, updated by its consumers.
+#[derive(Debug, Default)]
+pub struct Health {
+    consuming: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+impl Health {
+    /// Counts a consumer as taking commands until the guard is dropped.
+    pub fn consuming(self: &Arc<Self>) -> ConsumingGuard {
+        let n = self.consuming.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!(crate::telemetry::CONSUMING).set(n as f64);
+        ConsumingGuard(self.clone())
+    }
+
+    /// Shutdown began: no longer ready, whatever else holds.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+pub struct ConsumingGuard(Arc<Health>);
+
+impl Drop for ConsumingGuard {
+    fn drop(&mut self) {
+        let n = self.0.consuming.fetch_sub(1, Ordering::SeqCst) - 1;
+        metrics::gauge!(crate::telemetry::CONSUMING).set(n as f64);
+    }
+}
+
+/// The answer to `/readyz`.
+#[derive(Debug, PartialEq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub body: serde_json::Value,
+}
+
+/// Ready means: not shutting down, at least one consumer on a live broker
+/// session, and the database answering. The body names what is missing.
+pub fn readiness(consuming: usize, stopping: bool, database: Result<(), String>) -> Readiness {
+    let mut problems = Vec::new();
+    if stopping {
+        problems.push("shutting down".to_string());
+    }
+    if consuming == 0 {
+        problems.push("broker: not consuming (connecting or reconnecting)".to_string());
+    }
+    if let Err(e) = &database {
+        problems.push(format!("database: {e}"));
+    }
+    Readiness {
+        ready: problems.is_empty(),
+        body: json!({
+            "ready": problems.is_empty(),
+            "consumers": consuming,
+            "database": if database.is_ok() { "ok" } else { "unavailable" },
+            "problems": problems,
+        }),
+    }
+}
+
+#[derive(Clone)]
+struct Ops {
+    health: Arc<Health>,
+    store: Store,
+    metrics: PrometheusHandle,
+}
+
+/// A bound listener, so a bad `HTTP_ADDR` fails start-up rather than later.
+pub struct Endpoint {
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+}
+
+impl Endpoint {
+    pub async fn bind(addr: SocketAddr) -> Result<Self, String> {
+        let metrics = crate::telemetry::metrics_handle()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        Ok(Endpoint { listener, metrics })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `stop`; the worker stops it last, so `/readyz` reports the
+    /// shutdown while held commands are finished.
+    pub async fn serve(self, health: Arc<Health>, store: Store, stop: CancellationToken) {
+        let upkeep = {
+            let handle = self.metrics.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            })
+        };
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state(Ops {
+                health,
+                store,
+                metrics: self.metrics,
+            });
+        let result = axum::serve(self.listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "operations endpoint stopped");
+        }
+        let _ = upkeep.await;
+    }
+}
+
+async fn metrics(State(ops): State<Ops>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ops.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(ops): State<Ops>) -> Response {
+    let database = match tokio::time::timeout(DB_PING_TIMEOUT, ops.store.check()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.message),
+        Err(_) => Err(format!("no answer within {DB_PING_TIMEOUT:?}")),
+    };
+    let r = readiness(
+        ops.health.consuming.load(Ordering::SeqCst),
+        ops.health.stopping.load(Ordering::SeqCst),
+        database,
+    );
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", r.body),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_consuming_with_a_database_and_not_stopping() {
+        assert!(readiness(2, false, Ok(())).ready);
+        let r = readiness(0, false, Ok(()));
+        assert!(!r.ready);
+        assert!(r.body["problems"][0].as_str().unwrap().contains("broker"));
+        let r = readiness(2, false, Err("connection refused".into()));
+        assert!(!r.ready);
+        assert_eq!(r.body["database"], "unavailable");
+        assert!(r.body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("connection refused"));
+        let r = readiness(2, true, Ok(()));
+        assert!(!r.ready);
+        assert_eq!(r.body["problems"][0], "shutting down");
+    }
+
+    #[test]
+    fn the_consuming_count_follows_the_guards() {
+        let h = Arc::new(Health::default());
+        let a = h.consuming();
+        let b = h.consuming();
+        assert_eq!(h.consuming.load(Ordering::SeqCst), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(h.consuming.load(Ordering::SeqCst), 0);
+    }
+}

@@ -1,0 +1,170 @@
+//! `profile-worker dead-letters list|replay` against a real broker and a running
+//! worker: listing changes nothing; replay sends exactly the chosen commands
+//! back, the worker answers them, and only they leave the dead-letter queue.
+
+mod common;
+use common::*;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::Value;
+use std::time::Duration;
+use uuid::Uuid;
+
+async fn dead_letter_depth(env: &Env) -> u32 {
+    env.channel
+        .queue_declare(
+            env.settings.broker.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
+async fn wait_depth(env: &Env, n: u32) -> u32 {
+    let mut depth = 0;
+    for _ in 0..50 {
+        depth = dead_letter_depth(env).await;
+        if depth == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    depth
+}
+
+async fn run_cli(env: &Env, args: &[&str]) -> (String, String) {
+    let out = cli(env, args).output().await.expect("run the CLI");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?}: {stdout}{stderr}");
+    (stdout, stderr)
+}
+
+fn listed(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_reasons_and_replayed_after_a_fix() {
+    let env = Env::start().await;
+
+    // A malformed command, dead-lettered by the worker.
+    let malformed_id = Uuid::new_v4().to_string();
+    let bad = Send {
+        kind: Some("create-ticket".into()),
+        message_id: Some(malformed_id.clone()),
+        ..Default::default()
+    };
+    assert_eq!(env.call_raw(b"{not json", bad).await.status, 400);
+
+    // A valid command as the worker dead-letters one that failed on every
+    // delivery (say, while a migration was broken), now fixed.
+    let failed_id = Uuid::new_v4().to_string();
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("x-error-code", "INTERNAL_SERVER_ERROR"),
+        ("x-error-reason", "failed on 5 deliveries: relation missing"),
+        ("x-delivery-count", "4"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    let props = BasicProperties::default()
+        .with_type("create-ticket".into())
+        .with_content_type("application/json".into())
+        .with_message_id(failed_id.as_str().into())
+        .with_correlation_id(failed_id.as_str().into())
+        .with_reply_to(env.reply_queue.as_str().into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+    env.channel
+        .basic_publish(
+            env.settings.broker.dead_letter_exchange.as_str().into(),
+            "create-ticket".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(wait_depth(&env, 2).await, 2);
+
+    let (out, _) = run_cli(&env, &["dead-letters", "list", "--json"]).await;
+    let all = listed(&out);
+    assert_eq!(all.len(), 2, "{out}");
+    let by_id = |id: &str| {
+        all.iter()
+            .find(|d| d["message_id"] == id)
+            .unwrap_or_else(|| panic!("{id} listed: {out}"))
+            .clone()
+    };
+    let m = by_id(&malformed_id);
+    assert_eq!(m["code"], "PARAM_DESERIALIZATION_ERROR");
+    assert_eq!(m["command"], "create-ticket");
+    assert_eq!(m["body"], "{not json");
+    assert!(!m["reason"].as_str().unwrap().is_empty());
+    let f = by_id(&failed_id);
+    assert_eq!(f["code"], "INTERNAL_SERVER_ERROR");
+    assert_eq!(f["reason"], "failed on 5 deliveries: relation missing");
+    assert_eq!(
+        wait_depth(&env, 2).await,
+        2,
+        "listing leaves the queue as it was"
+    );
+
+    let (table, _) = run_cli(&env, &["dead-letters", "list"]).await;
+    assert!(
+        table.contains(&failed_id) && table.contains("INTERNAL_SERVER_ERROR"),
+        "{table}"
+    );
+
+    let (dry, _) = run_cli(&env, &["dead-letters", "replay", "--all", "--dry-run"]).await;
+    assert_eq!(dry.lines().count(), 2, "{dry}");
+    assert_eq!(wait_depth(&env, 2).await, 2, "a dry run changes nothing");
+
+    let (replayed, _) = run_cli(
+        &env,
+        &["dead-letters", "replay", "--code", "INTERNAL_SERVER_ERROR"],
+    )
+    .await;
+    assert!(replayed.contains(&failed_id), "{replayed}");
+    assert!(!replayed.contains(&malformed_id), "{replayed}");
+
+    // The worker answers the replayed command to its original reply_to.
+    let reply = env.reply_for(&failed_id).await;
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    assert_eq!(env.count("tickets").await, 1);
+    assert_eq!(wait_depth(&env, 1).await, 1, "only the replayed one left");
+    let (out, _) = run_cli(&env, &["dead-letters", "list", "--json"]).await;
+    let left = listed(&out);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["message_id"], malformed_id.as_str());
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn replay_needs_a_selection() {
+    let env = Env::prepare().await;
+    let out = cli(&env, &["dead-letters", "replay"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--message-id") || err.contains("--all"),
+        "{err}"
+    );
+    env.teardown().await;
+}

@@ -1,0 +1,262 @@
+//! Operating the worker: its HTTP endpoint (/metrics, /healthz, /readyz) against
+//! what was really processed, and W3C trace context carried from a command to
+//! its reply and events. (/readyz during a Postgres outage: tests/faults.rs.)
+
+mod common;
+use common::*;
+use profile_worker::trace::TraceContext;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// `name{a="x",b="y"} value` lines of a Prometheus text page, keyed by the name
+/// and its labels in sorted order, so a test need not know the exporter's order.
+fn samples(page: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in page
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let key = match key.split_once('{') {
+            Some((name, labels)) => {
+                let mut l: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                l.sort_unstable();
+                format!("{name}{{{}}}", l.join(","))
+            }
+            None => key.to_string(),
+        };
+        if let Ok(v) = value.parse() {
+            out.insert(key, v);
+        }
+    }
+    out
+}
+
+fn sample(page: &BTreeMap<String, f64>, key: &str) -> f64 {
+    page.get(key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_what_was_processed_and_health_answers() {
+    let mut env = Env::prepare().await;
+    let http = format!("127.0.0.1:{}", free_port());
+    env.settings.worker.http_addr = http.clone();
+    let mut worker = worker_process(&env)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn worker");
+    env.wait_for_consumers(1).await;
+
+    assert_eq!(
+        http_get(&http, "/healthz").await,
+        Some((200, "ok\n".into()))
+    );
+    let ready = http_until(&http, "/readyz", Duration::from_secs(10), |s, _| s == 200)
+        .await
+        .expect("the endpoint answers");
+    assert_eq!(ready.0, 200, "{ready:?}");
+    let body: serde_json::Value = serde_json::from_str(&ready.1).unwrap();
+    assert_eq!(body["consumers"], 2);
+    assert_eq!(body["database"], "ok");
+    assert_eq!(
+        http_get(&http, "/nope").await.map(|a| a.0),
+        Some(404),
+        "unknown paths are not found"
+    );
+
+    // 3 tickets, one of them sent twice; 2 tokens; a 403, a 404 and a 400.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+                .await
+                .status,
+        );
+    }
+    let again = Send {
+        kind: Some("create-ticket".into()),
+        message_id: Some(Uuid::new_v4().to_string()),
+        ..Default::default()
+    };
+    let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+    statuses.push(env.call_raw(body.as_bytes(), again.clone()).await.status);
+    statuses.push(env.call_raw(body.as_bytes(), again).await.status);
+    for _ in 0..2 {
+        statuses.push(
+            env.call(
+                "create-verification-token",
+                verification(ADMIN_TOKEN, ENABLED_PROFILE),
+            )
+            .await
+            .status,
+        );
+    }
+    statuses.push(
+        env.call("create-ticket", ticket(OTHER_TENANT_TOKEN, ENABLED_PROFILE))
+            .await
+            .status,
+    );
+    statuses.push(
+        env.call("create-ticket", ticket(ADMIN_TOKEN, "nobody"))
+            .await
+            .status,
+    );
+    let malformed = Send {
+        kind: Some("create-ticket".into()),
+        message_id: Some(Uuid::new_v4().to_string()),
+        ..Default::default()
+    };
+    statuses.push(env.call_raw(b"{not json", malformed).await.status);
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 200, 403, 404, 400]);
+
+    // Metrics are recorded once the replies are confirmed, which can be a moment
+    // after the reply reached us.
+    let ticket_ok = r#"profile_worker_commands_total{command="create-ticket",status="200"}"#;
+    let page = http_until(&http, "/metrics", Duration::from_secs(10), |_, b| {
+        samples(b).get(ticket_ok) == Some(&5.0) && b.contains("status=\"400\"")
+    })
+    .await
+    .expect("metrics answer");
+    assert_eq!(page.0, 200);
+    let m = samples(&page.1);
+    let commands = |command: &str, status: &str| {
+        sample(
+            &m,
+            &format!(r#"profile_worker_commands_total{{command="{command}",status="{status}"}}"#),
+        )
+    };
+    assert_eq!(
+        commands("create-ticket", "200"),
+        5.0,
+        "the repeat counts too: {m:?}"
+    );
+    assert_eq!(commands("create-verification-token", "200"), 2.0);
+    assert_eq!(commands("create-ticket", "403"), 1.0);
+    assert_eq!(commands("create-ticket", "404"), 1.0);
+    assert_eq!(commands("create-ticket", "400"), 1.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"profile_worker_dead_letters_total{code="PARAM_DESERIALIZATION_ERROR"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "profile_worker_batch_size_sum"),
+        10.0,
+        "every command went through a batch"
+    );
+    let batches = sample(&m, "profile_worker_batch_size_count");
+    assert!(batches >= 1.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"profile_worker_batch_seconds_count{stage="database"}"#
+        ),
+        batches
+    );
+    assert_eq!(
+        sample(&m, "profile_worker_command_age_seconds_count"),
+        10.0,
+        "one age per command published with a timestamp"
+    );
+    assert_eq!(sample(&m, "profile_worker_consumers"), 2.0);
+    assert_eq!(
+        sample(&m, "profile_worker_reconnects_total"),
+        0.0,
+        "no reconnects: {m:?}"
+    );
+    // The outbox gauge is refreshed by the relay (every OUTBOX_GRACE_SECS = 1 s here).
+    let outbox = http_until(&http, "/metrics", Duration::from_secs(10), |_, b| {
+        samples(b).contains_key("profile_worker_outbox_pending")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        samples(&outbox.1).get("profile_worker_outbox_pending"),
+        Some(&0.0),
+        "every event was confirmed and its outbox row removed"
+    );
+
+    signal(&worker, SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(40), worker.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        http_get(&http, "/healthz").await,
+        None,
+        "the endpoint goes with the process"
+    );
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn a_commands_trace_continues_on_its_reply_and_events() {
+    let env = Env::start().await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let send = Send {
+        kind: Some("create-verification-token".into()),
+        message_id: Some(Uuid::new_v4().to_string()),
+        traceparent: Some(parent.into()),
+        ..Default::default()
+    };
+    let body = verification(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+    let reply = env.call_raw(body.as_bytes(), send).await;
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    let header = reply.traceparent.expect("the reply carries a traceparent");
+    let child = TraceContext::parse(&header).expect("a valid traceparent");
+    let parent = TraceContext::parse(parent).unwrap();
+    assert_eq!(child.trace_id, parent.trace_id, "same trace");
+    assert_ne!(child.span_id, parent.span_id, "the worker's own span");
+    assert_eq!(child.flags, parent.flags, "sampling decision kept");
+
+    let events = env.events(2).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    for e in &events {
+        assert_eq!(
+            e.header("traceparent").as_deref(),
+            Some(header.as_str()),
+            "{} is in the worker's span, like the reply",
+            e.routing_key
+        );
+    }
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn a_trace_is_started_when_a_command_has_none_or_a_broken_one() {
+    let env = Env::start().await;
+    let mut traces = Vec::new();
+    for given in [None, Some("00-not-a-trace-01")] {
+        let send = Send {
+            kind: Some("create-ticket".into()),
+            message_id: Some(Uuid::new_v4().to_string()),
+            traceparent: given.map(str::to_string),
+            ..Default::default()
+        };
+        let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+        let reply = env.call_raw(body.as_bytes(), send).await;
+        assert_eq!(reply.status, 200, "{}", reply.raw);
+        let header = reply.traceparent.expect("a traceparent even so");
+        let started = TraceContext::parse(&header).expect("valid");
+        assert_eq!(started.flags, 1, "a new trace is sampled");
+        let event = env.events(1).await;
+        assert_eq!(event[0].header("traceparent"), Some(header));
+        traces.push(started.trace_id);
+    }
+    assert_ne!(traces[0], traces[1], "each command starts its own trace");
+
+    // A refused command is traced too, and so is a malformed one.
+    let reply = env
+        .call("create-ticket", json!({"accessTokenId": ADMIN_TOKEN}))
+        .await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.traceparent.is_some());
+    env.teardown().await;
+}

@@ -1,0 +1,150 @@
+//! compose.yaml, the Dockerfile and the README's configuration table checked
+//! against the worker's real settings. No Docker engine runs here, so this is
+//! what keeps them honest: a renamed setting fails this test, not a deployment.
+
+use profile_worker::config::Settings;
+use std::collections::BTreeSet;
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn file(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/{name}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn compose() -> Yaml {
+    let docs = YamlLoader::load_from_str(&file("compose.yaml")).expect("compose.yaml parses");
+    docs.into_iter().next().expect("one document")
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    match y {
+        Yaml::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        Yaml::String(s) => vec![s.clone()],
+        _ => vec![],
+    }
+}
+
+#[test]
+fn compose_worker_environment_names_are_settings() {
+    let c = compose();
+    let worker = &c["services"]["worker"];
+    let env = worker["environment"]
+        .as_hash()
+        .expect("the worker's environment is a mapping");
+    let known: BTreeSet<String> = Settings::env_names().into_iter().collect();
+    assert!(
+        known.contains("HTTP_ADDR") && known.contains("AMQP_URL"),
+        "{known:?}"
+    );
+    for key in env.keys() {
+        let name = key.as_str().expect("names are strings");
+        assert!(
+            known.contains(name),
+            "compose.yaml sets {name}, which profile-worker run does not read; known: {known:?}"
+        );
+    }
+    // The values must also be ones the worker accepts.
+    let value = |k: &str| {
+        env[&Yaml::String(k.into())]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut s = Settings::from_env();
+    s.broker.amqp_url = value("AMQP_URL");
+    s.database.database_url = value("DATABASE_URL");
+    s.worker.http_addr = value("HTTP_ADDR");
+    s.validate().expect("compose's settings validate");
+    assert!(
+        value("HTTP_ADDR").starts_with("0.0.0.0:"),
+        "reachable from other containers"
+    );
+}
+
+#[test]
+fn compose_runs_the_stack_it_promises() {
+    let c = compose();
+    let services = &c["services"];
+    assert!(services["rabbitmq"]["image"]
+        .as_str()
+        .unwrap()
+        .contains("management"));
+    let pg_volumes = strings(&services["postgres"]["volumes"]);
+    assert!(
+        pg_volumes
+            .iter()
+            .any(|v| v.starts_with("pgdata:") && v.ends_with("/var/lib/postgresql/data")),
+        "{pg_volumes:?}"
+    );
+    assert!(
+        !c["volumes"]["pgdata"].is_badvalue(),
+        "the volume is declared"
+    );
+
+    let worker = &services["worker"];
+    assert_eq!(worker["deploy"]["replicas"].as_i64(), Some(2));
+    let check = strings(&worker["healthcheck"]["test"]).join(" ");
+    let port = worker["environment"]["HTTP_ADDR"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        check.contains(&format!("127.0.0.1:{port}/readyz")),
+        "the health check asks /readyz on HTTP_ADDR's port: {check}"
+    );
+    for dep in ["rabbitmq", "postgres"] {
+        assert_eq!(
+            worker["depends_on"][dep]["condition"].as_str(),
+            Some("service_healthy"),
+            "{dep}"
+        );
+        assert!(
+            !services[dep]["healthcheck"]["test"].is_badvalue(),
+            "{dep} has a health check"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_is_multi_stage_non_root_and_has_what_the_health_check_runs() {
+    let d = file("Dockerfile");
+    let froms = d.lines().filter(|l| l.starts_with("FROM ")).count();
+    assert!(froms >= 2, "multi-stage");
+    let user = d
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("a USER line");
+    assert!(
+        user.trim() != "root" && user.trim() != "0",
+        "runs as {user}"
+    );
+    let c = compose();
+    let check = strings(&c["services"]["worker"]["healthcheck"]["test"]);
+    let program = &check[1];
+    assert!(
+        d.contains(&format!(" {program}")),
+        "the runtime image installs {program}, which the health check runs"
+    );
+    // Everything the build compiles in must be copied into the build stage.
+    for dir in ["src", "migrations"] {
+        assert!(d.contains(&format!("COPY {dir} {dir}")), "{dir}");
+    }
+}
+
+#[test]
+fn readme_documents_every_setting() {
+    let readme = file("README.md");
+    for name in Settings::env_names() {
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README.md's configuration table lacks `{name}`"
+        );
+    }
+}
