@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use profile_worker::trace::TraceContext;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use uuid::Uuid;
@@ -258,5 +258,86 @@ async fn a_trace_is_started_when_a_command_has_none_or_a_broken_one() {
         .await;
     assert_eq!(reply.status, 400);
     assert!(reply.traceparent.is_some());
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn json_logs_name_each_commands_id_type_and_outcome_and_never_a_whole_token() {
+    let env = Env::prepare().await;
+    let log = std::env::temp_dir().join(format!("{}-json.log", env.db_name));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut worker = worker_process(&env)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,profile_worker::pipeline=debug")
+        .stderr(file)
+        .spawn()
+        .expect("spawn worker");
+    env.wait_for_consumers(1).await;
+    let ok = env
+        .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+        .await;
+    let refused = env
+        .call("create-ticket", ticket(OTHER_TENANT_TOKEN, ENABLED_PROFILE))
+        .await;
+    let malformed_id = Uuid::new_v4().to_string();
+    let bad = Send {
+        kind: Some("create-verification-token".into()),
+        message_id: Some(malformed_id.clone()),
+        ..Default::default()
+    };
+    let malformed = env.call_raw(b"[]", bad).await;
+    assert_eq!(
+        (ok.status, refused.status, malformed.status),
+        (200, 403, 400)
+    );
+    signal(&worker, SIGTERM);
+    assert!(worker.wait().await.unwrap().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        !text.contains(ADMIN_TOKEN) && !text.contains(OTHER_TENANT_TOKEN),
+        "a whole access token ID was logged"
+    );
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let about_commands: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("message_id").is_some())
+        .collect();
+    for l in &about_commands {
+        assert!(
+            l["command"].is_string() && l["outcome"].is_string() && l["trace_id"].is_string(),
+            "{l}"
+        );
+    }
+    let mut answered: Vec<(&str, &str)> = about_commands
+        .iter()
+        .filter(|l| l["message"] == "answered")
+        .map(|l| {
+            (
+                l["outcome"].as_str().unwrap(),
+                l["command"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // Two consumers: the lines need not come in the order the commands were sent.
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        [
+            ("created", "create-ticket"),
+            ("malformed", "create-verification-token"),
+            ("rejected", "create-ticket"),
+        ]
+    );
+    assert!(
+        about_commands
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["message_id"] == malformed_id.as_str()),
+        "the malformed command is logged at warn"
+    );
     env.teardown().await;
 }
