@@ -322,51 +322,60 @@ async fn send_all(
         .collect())
 }
 
-/// Rate and ETA: redrawn in place on a terminal, a plain line every few seconds otherwise.
+/// A bar with rate and ETA on a terminal; a plain line every few seconds
+/// otherwise (a log file or CI gets no control characters).
 struct Progress {
     total: usize,
     started: Instant,
     last: Instant,
-    tty: bool,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Progress {
     fn new(total: usize) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} answered, {rate}, ETA {eta}",
+            ) {
+                bar.set_style(style.with_key(
+                    "rate",
+                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", s.per_sec());
+                    },
+                ));
+            }
+            bar
+        });
         Progress {
             total,
             started: Instant::now(),
             last: Instant::now(),
-            tty: std::io::stderr().is_terminal(),
+            bar,
         }
     }
 
     fn update(&mut self, done: usize) {
-        let every = if self.tty {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(5)
-        };
-        if self.last.elapsed() < every {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+            return;
+        }
+        if self.last.elapsed() < Duration::from_secs(5) {
             return;
         }
         self.last = Instant::now();
         let secs = self.started.elapsed().as_secs_f64();
         let rate = done as f64 / secs.max(1e-3);
         let eta = (self.total - done) as f64 / rate.max(1e-3);
-        let line = format!(
+        eprintln!(
             "{done}/{} answered, {rate:.0}/s, ETA {eta:.0} s",
             self.total
         );
-        if self.tty {
-            eprint!("\r{line}   ");
-        } else {
-            eprintln!("{line}");
-        }
     }
 
     fn done(&self, n: usize) {
-        if self.tty {
-            eprintln!();
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
         }
         let secs = self.started.elapsed().as_secs_f64();
         eprintln!("{n} commands answered in {secs:.1} s");
