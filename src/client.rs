@@ -78,9 +78,16 @@ pub async fn send(
 }
 
 /// A command's properties as this project's publishers send it: JSON,
-/// persistent, replies by direct reply-to, and the AMQP `timestamp` the worker's
-/// command-age metric is measured from.
+/// persistent, replies by direct reply-to, and the send time (the AMQP
+/// `timestamp` and a `timestamp_in_ms` header) the worker's command-age metric
+/// is measured from.
 pub fn command_properties(kind: &str, message_id: &str, correlation_id: &str) -> BasicProperties {
+    let now = crate::broker::properties::now_ms();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        crate::broker::properties::TIMESTAMP_MS_HEADER.into(),
+        lapin::types::AMQPValue::LongLongInt(now as i64),
+    );
     BasicProperties::default()
         .with_type(kind.into())
         .with_content_type("application/json".into())
@@ -88,5 +95,6 @@ pub fn command_properties(kind: &str, message_id: &str, correlation_id: &str) ->
         .with_correlation_id(correlation_id.into())
         .with_reply_to(DIRECT_REPLY_TO.into())
         .with_delivery_mode(2)
-        .with_timestamp(crate::broker::properties::now_secs())
+        .with_timestamp(now / 1000)
+        .with_headers(headers)
 }

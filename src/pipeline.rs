@@ -602,9 +602,9 @@ fn record_answer(item: &Item, a: Answer) {
     );
     metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
         .increment(1);
-    if let Some(sent) = item.delivery.properties.timestamp() {
-        let age = properties::now_secs().saturating_sub(*sent);
-        metrics::histogram!(telemetry::COMMAND_AGE_SECONDS).record(age as f64);
+    if let Some(sent) = properties::sent_at_ms(&item.delivery.properties) {
+        let age = properties::now_ms().saturating_sub(sent);
+        metrics::histogram!(telemetry::COMMAND_AGE_SECONDS).record(age as f64 / 1000.0);
     }
 }
 

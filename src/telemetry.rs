@@ -31,8 +31,9 @@ pub const BATCH_SIZE: &str = "profile_worker_batch_size";
 /// How long a batch took, by `stage`: `database` (load and commit, retries
 /// included), `publish` (replies and events until confirmed), `total`.
 pub const BATCH_SECONDS: &str = "profile_worker_batch_seconds";
-/// From a command's AMQP `timestamp` (set by its publisher, whole seconds) to
-/// its reply being confirmed: queueing plus processing, as the publisher sees it.
+/// From a command's send time (its `timestamp_in_ms` header, else its AMQP
+/// `timestamp` in whole seconds) to its reply being confirmed: queueing plus
+/// processing, the round trip as the publisher sees it.
 pub const COMMAND_AGE_SECONDS: &str = "profile_worker_command_age_seconds";
 /// Failed database attempts, by `kind` (`transient`: retried; `permanent`).
 pub const DATABASE_ERRORS: &str = "profile_worker_database_errors_total";
@@ -56,7 +57,10 @@ pub fn metrics_handle() -> Result<PrometheusHandle, String> {
             let latency = [
                 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
-            let age = [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+            let age = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                900.0, 3600.0,
+            ];
             let sizes = [1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0];
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(BATCH_SECONDS.into()), &latency)
@@ -84,7 +88,7 @@ fn describe() {
     describe_histogram!(
         COMMAND_AGE_SECONDS,
         Unit::Seconds,
-        "From the command's AMQP timestamp to its confirmed reply (whole-second precision)"
+        "From the command's send time (timestamp_in_ms header, else AMQP timestamp) to its confirmed reply"
     );
     describe_counter!(
         DATABASE_ERRORS,

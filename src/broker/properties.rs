@@ -13,11 +13,33 @@ pub const STATUS_HEADER: &str = "status";
 pub const ERROR_CODE_HEADER: &str = "x-error-code";
 pub const ERROR_REASON_HEADER: &str = "x-error-reason";
 
+/// Milliseconds since the epoch a publisher may put in this header (the name
+/// RabbitMQ's message-timestamp plugin uses), since the AMQP `timestamp`
+/// property has whole seconds only.
+pub const TIMESTAMP_MS_HEADER: &str = "timestamp_in_ms";
+
 pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// When the publisher sent this message, in epoch milliseconds: the
+/// `timestamp_in_ms` header, else the `timestamp` property (whole seconds).
+pub fn sent_at_ms(p: &BasicProperties) -> Option<u64> {
+    p.headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(TIMESTAMP_MS_HEADER))
+        .and_then(|v| match v {
+            AMQPValue::Timestamp(t) => Some(*t),
+            v => as_u64(v),
+        })
+        .or_else(|| p.timestamp().map(|s| s.saturating_mul(1000)))
 }
 
 pub fn reply(
@@ -128,5 +150,26 @@ pub fn as_u64(v: &AMQPValue) -> Option<u64> {
         AMQPValue::LongUInt(n) => Some(n.into()),
         AMQPValue::LongLongInt(n) => u64::try_from(n).ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_at_prefers_milliseconds_and_falls_back_to_the_timestamp() {
+        let mut h = FieldTable::default();
+        h.insert(
+            TIMESTAMP_MS_HEADER.into(),
+            AMQPValue::LongLongInt(1_700_000_000_123),
+        );
+        let p = BasicProperties::default()
+            .with_timestamp(1_700_000_000)
+            .with_headers(h);
+        assert_eq!(sent_at_ms(&p), Some(1_700_000_000_123));
+        let p = BasicProperties::default().with_timestamp(1_700_000_000);
+        assert_eq!(sent_at_ms(&p), Some(1_700_000_000_000));
+        assert_eq!(sent_at_ms(&BasicProperties::default()), None);
     }
 }
