@@ -270,18 +270,13 @@ async fn correlation_id_falls_back_to_message_id() {
         .with_type("create-ticket".into())
         .with_message_id(mid.as_str().into())
         .with_reply_to(env.reply_queue.as_str().into());
-    env.channel
-        .basic_publish(
-            env.settings.broker.command_exchange.as_str().into(),
-            "create-ticket".into(),
-            Default::default(),
-            body.as_bytes(),
-            props,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    env.publish_as_is(
+        &env.settings.broker.command_exchange,
+        "create-ticket",
+        body.as_bytes(),
+        props,
+    )
+    .await;
     let r = env.reply_for(&mid).await;
     assert_eq!(r.status, 200);
     env.teardown().await;

@@ -4,7 +4,6 @@
 
 mod common;
 use common::*;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::Value;
@@ -12,17 +11,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 async fn dead_letter_depth(env: &Env) -> u32 {
-    env.channel
-        .queue_declare(
-            env.settings.broker.dead_letter_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    env.queue(&env.settings.broker.dead_letter_queue)
         .await
-        .unwrap()
         .message_count()
 }
 
@@ -86,18 +76,13 @@ async fn dead_letters_are_listed_with_reasons_and_replayed_after_a_fix() {
         .with_delivery_mode(2)
         .with_headers(headers);
     let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
-    env.channel
-        .basic_publish(
-            env.settings.broker.dead_letter_exchange.as_str().into(),
-            "create-ticket".into(),
-            BasicPublishOptions::default(),
-            body.as_bytes(),
-            props,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    env.publish_as_is(
+        &env.settings.broker.dead_letter_exchange,
+        "create-ticket",
+        body.as_bytes(),
+        props,
+    )
+    .await;
     assert_eq!(wait_depth(&env, 2).await, 2);
 
     let (out, _) = run_cli(&env, &["dead-letters", "list", "--json"]).await;

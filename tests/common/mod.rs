@@ -335,6 +335,31 @@ impl Env {
         correlation
     }
 
+    /// Publishes a message exactly as given (for properties `publish` would not
+    /// set) and waits for the broker's confirm.
+    pub async fn publish_as_is(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "broker accepted the message");
+    }
+
     pub async fn reply_for(&self, correlation: &str) -> Reply {
         let mut guard = self.replies.lock().await;
         let (rx, stash) = &mut *guard;
@@ -446,9 +471,14 @@ impl Env {
 
     /// The command queue's state (passive declare).
     pub async fn command_queue(&self) -> lapin::Queue {
+        self.queue(&self.settings.broker.command_queue).await
+    }
+
+    /// A queue's state (passive declare).
+    pub async fn queue(&self, name: &str) -> lapin::Queue {
         self.channel
             .queue_declare(
-                self.settings.broker.command_queue.as_str().into(),
+                name.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
