@@ -318,20 +318,13 @@ impl Env {
             Some("") => {}
             Some(r) => props = props.with_reply_to(r.into()),
         }
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.settings.broker.command_exchange.as_str().into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack(), "broker accepted the command");
+        self.publish_as_is(
+            &self.settings.broker.command_exchange,
+            &routing_key,
+            body,
+            props,
+        )
+        .await;
         correlation
     }
 
