@@ -598,6 +598,7 @@ fn record_answer(item: &Item, a: Answer) {
             .map(|c| token_prefix(c.access_token_id()))
             .unwrap_or_default(),
         trace_id = %item.trace.trace_id_hex(),
+        span_id = %item.trace.span_id_hex(),
         "answered"
     );
     metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
