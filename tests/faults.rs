@@ -539,7 +539,9 @@ async fn kill_9_five_times_during_a_burst_loses_and_duplicates_nothing() {
 #[tokio::test]
 async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let run = Run::prepare().await;
+    let mut run = Run::prepare().await;
+    let http = format!("127.0.0.1:{}", free_port());
+    run.env.settings.worker.http_addr = http.clone();
     let (sent, commands) = run.plan_burst();
     let (first, rest) = commands.split_at(BURST / 2);
     run.publish(first, 500, Duration::ZERO).await;
@@ -549,12 +551,31 @@ async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
     // broker goes away and comes back; the publisher re-sends what was not confirmed.
     let restart = async {
         control("rabbitmqctl", &["-q", "stop_app"]).await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (down, _) = tokio::join!(
+            http_until(&http, "/readyz", Duration::from_secs(3), |s, b| {
+                s == 503 && b.contains("broker")
+            }),
+            tokio::time::sleep(Duration::from_secs(3))
+        );
         control("rabbitmqctl", &["-q", "start_app"]).await;
         control("rabbitmqctl", &["-q", "await_startup"]).await;
-        run.processed().await
+        let up = http_until(&http, "/readyz", Duration::from_secs(30), |s, _| s == 200).await;
+        (run.processed().await, down, up)
     };
-    let (resent, before) = tokio::join!(run.publish(rest, 100, Duration::from_millis(50)), restart);
+    let (resent, (before, down, up)) =
+        tokio::join!(run.publish(rest, 100, Duration::from_millis(50)), restart);
+    assert!(
+        matches!(&down, Some((503, b)) if b.contains("not consuming")),
+        "/readyz is 503 while the broker is away: {down:?}"
+    );
+    assert_eq!(up.map(|a| a.0), Some(200), "ready again once reconsuming");
+    let metrics = http_get(&http, "/metrics").await.expect("metrics").1;
+    let reconnects: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("profile_worker_reconnects_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("reconnects are counted");
+    assert!(reconnects >= 1.0, "{metrics}");
     eprintln!(
         "RabbitMQ back: {before} of {BURST} processed; {resent} commands re-sent by the publisher"
     );
