@@ -235,7 +235,6 @@ impl Pipeline {
                 BatchError::Broker(m)
             }
         })?;
-        metrics::counter!(telemetry::DEAD_LETTERS, "code" => POISON_CODE).increment(1);
         record_answer(
             &item,
             Answer {
@@ -521,8 +520,6 @@ impl Pipeline {
                         reason = %r.message,
                         "malformed command answered 400 and dead-lettered"
                     );
-                    metrics::counter!(telemetry::DEAD_LETTERS, "code" => r.code.as_str())
-                        .increment(1);
                     self.push_reply(&mut out, item, r.status(), render::rejection(r));
                     out.push(self.dead_letter(item, r.code.as_str(), &r.message));
                 }
@@ -603,6 +600,10 @@ fn record_answer(item: &Item, a: Answer) {
     );
     metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
         .increment(1);
+    // Counted here, once the dead letter is confirmed, like the answer itself.
+    if let ("malformed" | "failed", Some(code)) = (a.outcome, a.code) {
+        metrics::counter!(telemetry::DEAD_LETTERS, "code" => code).increment(1);
+    }
     if let Some(sent) = properties::sent_at_ms(&item.delivery.properties) {
         let age = properties::now_ms().saturating_sub(sent);
         metrics::histogram!(telemetry::COMMAND_AGE_SECONDS).record(age as f64 / 1000.0);
