@@ -131,7 +131,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     ops_stop.cancel();
     if let Some(ops) = ops {
-        let _ = ops.await;
+        // A scraper holding a request open must not keep the process alive.
+        let _ = tokio::time::timeout(Duration::from_secs(2), ops).await;
     }
     store.close();
     result
