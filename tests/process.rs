@@ -104,7 +104,12 @@ async fn sigterm_finishes_held_commands_and_exits_zero() {
 
 async fn run_expecting_error(envs: &[(&str, &str)]) -> String {
     let mut c = Command::new(env!("CARGO_BIN_EXE_profile-worker"));
-    c.arg("run").env("RUST_LOG", "off").stdin(Stdio::null());
+    // Any free port, unless the case sets one: a worker already serving 9090
+    // on this machine must not turn a DATABASE_URL case into an HTTP_ADDR one.
+    c.arg("run")
+        .env("RUST_LOG", "off")
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .stdin(Stdio::null());
     for (k, v) in envs {
         c.env(k, v);
     }
@@ -141,6 +146,16 @@ async fn bad_or_unreachable_urls_are_one_line_errors_naming_the_setting() {
     );
     let e = run_expecting_error(&[("DATABASE_URL", &good_db), ("AMQP_URL", "not a url")]).await;
     assert!(e.starts_with("error: AMQP_URL:"), "{e}");
+    let e = run_expecting_error(&[("DATABASE_URL", &good_db), ("HTTP_ADDR", "localhost")]).await;
+    assert!(e.starts_with("error: HTTP_ADDR:"), "{e}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = run_expecting_error(&[("DATABASE_URL", &good_db), ("HTTP_ADDR", &addr)]).await;
+    assert!(
+        e.starts_with("error: HTTP_ADDR: cannot listen on") && e.contains(&addr),
+        "{e}"
+    );
+    drop(taken);
     env.teardown().await;
 }
 
