@@ -33,9 +33,11 @@ impl TraceContext {
         if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
             return None;
         }
-        let trace_id = hex_bytes::<16>(&h[3..35])?;
-        let span_id = hex_bytes::<8>(&h[36..52])?;
-        let flags = hex_bytes::<1>(&h[53..55])?[0];
+        // `get`, not indexing: a header is untrusted bytes and may not split on
+        // character boundaries.
+        let trace_id = hex_bytes::<16>(h.get(3..35)?)?;
+        let span_id = hex_bytes::<8>(h.get(36..52)?)?;
+        let flags = hex_bytes::<1>(h.get(53..55)?)?[0];
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
@@ -160,8 +162,23 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47é-00f067aa0ba902b7-01",
+            "00-ééééééééééééééééé-00f067aa0ba902b7-01",
+            "0é-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn no_header_makes_it_panic() {
+        // Every position replaced by a multi-byte character, and every truncation.
+        for i in 0..EXAMPLE.len() {
+            let mut h = EXAMPLE.to_string();
+            h.replace_range(i..i + 1, "é");
+            assert_eq!(TraceContext::parse(&h), None, "{h}");
+            let _ = TraceContext::parse(&EXAMPLE[..i]);
+            let _ = TraceContext::parse(&format!("01{}é", &EXAMPLE[2..]));
         }
     }
 
