@@ -12,7 +12,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -22,24 +22,27 @@ const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Histogram upkeep (the exporter's buffers are drained on this period).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// What the worker reports about itself, updated by its consumers.
-#[derive(Debug, Default)]
+/// What the worker reports about itself: its consumers count themselves in
+/// and out; shutting down is read from the worker's own shutdown token.
+#[derive(Debug)]
 pub struct Health {
     consuming: AtomicUsize,
-    stopping: AtomicBool,
+    shutdown: CancellationToken,
 }
 
 impl Health {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Health {
+            consuming: AtomicUsize::new(0),
+            shutdown,
+        }
+    }
+
     /// Counts a consumer as taking commands until the guard is dropped.
     pub fn consuming(self: &Arc<Self>) -> ConsumingGuard {
         let n = self.consuming.fetch_add(1, Ordering::SeqCst) + 1;
         metrics::gauge!(crate::telemetry::CONSUMING).set(n as f64);
         ConsumingGuard(self.clone())
-    }
-
-    /// Shutdown began: no longer ready, whatever else holds.
-    pub fn stopping(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
     }
 }
 
@@ -163,7 +166,7 @@ async fn readyz(State(ops): State<Ops>) -> Response {
     };
     let r = readiness(
         ops.health.consuming.load(Ordering::SeqCst),
-        ops.health.stopping.load(Ordering::SeqCst),
+        ops.health.shutdown.is_cancelled(),
         database,
     );
     let status = if r.ready {
@@ -203,7 +206,7 @@ mod tests {
 
     #[test]
     fn the_consuming_count_follows_the_guards() {
-        let h = Arc::new(Health::default());
+        let h = Arc::new(Health::new(CancellationToken::new()));
         let a = h.consuming();
         let b = h.consuming();
         assert_eq!(h.consuming.load(Ordering::SeqCst), 2);

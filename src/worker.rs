@@ -78,7 +78,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     })?;
     tracing::info!(broker = %broker_at, queue = %settings.broker.command_queue, "connected");
 
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(shutdown.clone()));
     let ops_stop = CancellationToken::new();
     let ops = endpoint.map(|e| {
         if let Some(addr) = e.local_addr() {
@@ -87,13 +87,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         tokio::spawn(e.serve(health.clone(), store.clone(), ops_stop.clone()))
     });
     let _stop_ops = ops_stop.clone().drop_guard();
-    {
-        let (health, shutdown) = (health.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            health.stopping();
-        });
-    }
 
     let sweeper = tokio::spawn(sweep_loop(
         store.clone(),

@@ -540,8 +540,7 @@ async fn kill_9_five_times_during_a_burst_loses_and_duplicates_nothing() {
 async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut run = Run::prepare().await;
-    let http = format!("127.0.0.1:{}", free_port());
-    run.env.settings.worker.http_addr = http.clone();
+    let http = http_on_free_port(&mut run.env.settings);
     let (sent, commands) = run.plan_burst();
     let (first, rest) = commands.split_at(BURST / 2);
     run.publish(first, 500, Duration::ZERO).await;
@@ -569,13 +568,11 @@ async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
         "/readyz is 503 while the broker is away: {down:?}"
     );
     assert_eq!(up.map(|a| a.0), Some(200), "ready again once reconsuming");
-    let metrics = http_get(&http, "/metrics").await.expect("metrics").1;
-    let reconnects: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("profile_worker_reconnects_total "))
-        .and_then(|v| v.parse().ok())
+    let metrics = samples(&http_get(&http, "/metrics").await.expect("metrics").1);
+    let reconnects = metrics
+        .get("profile_worker_reconnects_total")
         .expect("reconnects are counted");
-    assert!(reconnects >= 1.0, "{metrics}");
+    assert!(*reconnects >= 1.0, "{metrics:?}");
     eprintln!(
         "RabbitMQ back: {before} of {BURST} processed; {resent} commands re-sent by the publisher"
     );
@@ -611,8 +608,7 @@ async fn postgres_restart_mid_burst_holds_commands_and_resumes() {
 async fn postgres_unreachable_for_60_s_reports_not_ready_and_recovers() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut run = Run::prepare().await;
-    let http = format!("127.0.0.1:{}", free_port());
-    run.env.settings.worker.http_addr = http.clone();
+    let http = http_on_free_port(&mut run.env.settings);
     run.burst_with(1_000, |mut worker, run| async move {
         let ready = |s: u16, _: &str| s == 200;
         let before = http_until(&http, "/readyz", Duration::from_secs(10), ready).await;

@@ -10,32 +10,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// `name{a="x",b="y"} value` lines of a Prometheus text page, keyed by the name
-/// and its labels in sorted order, so a test need not know the exporter's order.
-fn samples(page: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for line in page
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let Some((key, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let key = match key.split_once('{') {
-            Some((name, labels)) => {
-                let mut l: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
-                l.sort_unstable();
-                format!("{name}{{{}}}", l.join(","))
-            }
-            None => key.to_string(),
-        };
-        if let Ok(v) = value.parse() {
-            out.insert(key, v);
-        }
-    }
-    out
-}
-
 fn sample(page: &BTreeMap<String, f64>, key: &str) -> f64 {
     page.get(key).copied().unwrap_or(0.0)
 }
@@ -43,8 +17,7 @@ fn sample(page: &BTreeMap<String, f64>, key: &str) -> f64 {
 #[tokio::test]
 async fn metrics_count_what_was_processed_and_health_answers() {
     let mut env = Env::prepare().await;
-    let http = format!("127.0.0.1:{}", free_port());
-    env.settings.worker.http_addr = http.clone();
+    let http = http_on_free_port(&mut env.settings);
     let mut worker = worker_process(&env)
         .stderr(std::process::Stdio::null())
         .spawn()

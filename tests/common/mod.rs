@@ -615,12 +615,42 @@ pub fn worker_process(env: &Env) -> tokio::process::Command {
     c
 }
 
-/// A port nothing listens on right now, for a worker's HTTP_ADDR.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// Gives the worker a port nothing listens on right now as its HTTP_ADDR (so a
+/// test can reach it; the default `:0` picks one the test cannot know) and
+/// returns that address.
+pub fn http_on_free_port(settings: &mut Settings) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")
-        .port()
+        .port();
+    settings.worker.http_addr = format!("127.0.0.1:{port}");
+    settings.worker.http_addr.clone()
+}
+
+/// `name{a="x",b="y"} value` lines of a Prometheus text page, keyed by the name
+/// and its labels in sorted order, so a test need not know the exporter's order.
+pub fn samples(page: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in page
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let key = match key.split_once('{') {
+            Some((name, labels)) => {
+                let mut l: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                l.sort_unstable();
+                format!("{name}{{{}}}", l.join(","))
+            }
+            None => key.to_string(),
+        };
+        if let Ok(v) = value.parse() {
+            out.insert(key, v);
+        }
+    }
+    out
 }
 
 /// `GET path` on a worker's operations endpoint: status and body, or `None`
