@@ -76,6 +76,49 @@ fn two_thousand_commands_all_answered_stored_and_announced_correctly() {
 }
 
 #[test]
+fn the_events_ceiling_publishes_the_contracts_events_for_every_command() {
+    let (out, r) = bench(&[
+        "--commands",
+        "1000",
+        "--in-flight",
+        "100",
+        "--rounds",
+        "2",
+        "--warmup",
+        "0",
+        "--ceiling-events",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert_eq!(r["checks"]["problems"], serde_json::json!([]), "{stdout}");
+    assert_eq!(r["ceiling_events"], true);
+    let ceiling_rounds: Vec<&serde_json::Value> = r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["target"] == "ceiling")
+        .collect();
+    assert_eq!(
+        ceiling_rounds.len(),
+        2,
+        "--ceiling-events implies --ceiling"
+    );
+    // Both rounds send the same commands, half of them create-verification-token:
+    // each got its email.requested from the echo, as from the worker.
+    let tokens_per_round = ceiling_rounds[0]["expected"]["verification_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(tokens_per_round > 0);
+    assert_eq!(
+        r["checks"]["ceiling_email_requested"].as_u64().unwrap(),
+        2 * tokens_per_round,
+        "{stdout}"
+    );
+    assert!(stdout.contains("ceiling with events"), "{stdout}");
+}
+
+#[test]
 fn a_worker_that_cannot_start_fails_the_bench_with_its_log() {
     let (out, _) = bench(&["--commands", "10", "--worker-bin", "/bin/false"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -1,10 +1,18 @@
 //! The ceiling: consumers that do everything the worker does with the broker
 //! (as many consumers, the same prefetch window and batch drain, confirmed
-//! replies, `ack multiple`) and nothing else — no database, no events. What they
-//! reach is what the broker allows on this machine; the worker's rate is
-//! reported as a share of it.
+//! replies, `ack multiple`) and nothing else — no database and, unless asked,
+//! no events. What they reach is what the broker allows on this machine; the
+//! worker's rate is reported as a share of it.
+//!
+//! With an events exchange the echo also publishes, per command, the events
+//! CONTRACT §5 requires for its type (`ticket.created`, or
+//! `verification-token.created` + `email.requested`), persistent and confirmed
+//! with the reply. That ceiling asks of the broker everything the worker's
+//! answers ask of it, so the distance to it is the database's and the worker's
+//! own cost, not the contract's messages.
 
 use crate::broker::{self, properties, Connection, Outgoing, Publisher};
+use crate::contract::message::routing;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -13,12 +21,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const BODY: &[u8] = br#"{"echo":true}"#;
+// About the size of the worker's reply and email bodies.
+const REPLY_BODY: &[u8] = br#"{"tenant":"bench","profileId":"bench-profile-000000000","timestamp":1495746285875,"id":"055d58c4-fabb-44da-96eb-261e24e1d0c9"}"#;
+const EMAIL_BODY: &[u8] = br#"{"id":"6a0c4b8e-2f6d-5b1e-9d0a-2b5b0f3c1e77","tenant":"bench","profileId":"bench-profile-000000000","to":"bench0@example.com","template":"verify-account","tokenId":"055d58c4-fabb-44da-96eb-261e24e1d0c9","verificationLink":"https://example.com/verify?tokenId=055d58c4-fabb-44da-96eb-261e24e1d0c9","timestamp":1495746285875}"#;
 
 pub struct Shape {
     pub consumers: u16,
     /// Shared out between the consumers, as the worker does.
     pub prefetch: u16,
     pub max_batch: usize,
+    /// Where to publish the contract's events for each command; `None`: no events.
+    pub events_exchange: Option<String>,
 }
 
 fn describe(e: lapin::Error) -> String {
@@ -51,7 +64,17 @@ pub async fn start(
     let prefetch = shape.prefetch.div_ceil(consumers);
     let mut lanes = Vec::new();
     for _ in 0..consumers {
-        lanes.push(echo(&conn, queue, prefetch, shape.max_batch, stop.clone()).await?);
+        lanes.push(
+            echo(
+                &conn,
+                queue,
+                prefetch,
+                shape.max_batch,
+                shape.events_exchange.clone(),
+                stop.clone(),
+            )
+            .await?,
+        );
     }
     Ok(tokio::spawn(async move {
         let result = futures_util::future::try_join_all(lanes).await.map(|_| ());
@@ -65,6 +88,7 @@ async fn echo(
     queue: &str,
     prefetch: u16,
     max_batch: usize,
+    events_exchange: Option<String>,
     stop: CancellationToken,
 ) -> Result<impl std::future::Future<Output = Result<(), String>>, String> {
     let channel = conn.create_channel().await.map_err(describe)?;
@@ -102,7 +126,7 @@ async fn echo(
                     _ => break,
                 }
             }
-            let out: Vec<Outgoing> = batch
+            let mut out: Vec<Outgoing> = batch
                 .iter()
                 .filter_map(|d| {
                     let p = &d.properties;
@@ -121,6 +145,11 @@ async fn echo(
                     })
                 })
                 .collect();
+            if let Some(exchange) = &events_exchange {
+                for d in &batch {
+                    out.extend(contract_events(exchange, &d.properties));
+                }
+            }
             publisher
                 .publish_all(&out)
                 .await
@@ -132,4 +161,26 @@ async fn echo(
                 .map_err(|e| e.to_string())?;
         }
     })
+}
+
+/// The events the worker publishes for a valid command of this type.
+fn contract_events(exchange: &str, command: &lapin::BasicProperties) -> Vec<Outgoing> {
+    let id = command
+        .message_id()
+        .as_ref()
+        .map_or("", |m| m.as_str())
+        .to_string();
+    let event = |routing_key: &str, body: &[u8]| Outgoing {
+        exchange: exchange.to_string(),
+        routing_key: routing_key.to_string(),
+        properties: properties::event(routing_key, &format!("{id}/{routing_key}"), None),
+        body: body.to_vec(),
+    };
+    match command.kind().as_ref().map(|k| k.as_str()) {
+        Some("create-verification-token") => vec![
+            event(routing::VERIFICATION_TOKEN_CREATED, REPLY_BODY),
+            event(routing::EMAIL_REQUESTED, EMAIL_BODY),
+        ],
+        _ => vec![event(routing::TICKET_CREATED, REPLY_BODY)],
+    }
 }

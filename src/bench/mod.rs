@@ -45,6 +45,11 @@ pub struct BenchArgs {
     /// Also measure the no-database echo consumer, alternating rounds with the worker.
     #[arg(long)]
     pub ceiling: bool,
+    /// The echo consumer also publishes the events the contract requires for each
+    /// command's type (as if every command were valid), so the ceiling asks of the
+    /// broker what the worker's answers ask of it. Implies --ceiling.
+    #[arg(long)]
+    pub ceiling_events: bool,
     /// Measured rounds per target.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
@@ -183,6 +188,8 @@ pub struct Checks {
     pub tickets: u64,
     pub verification_tokens: u64,
     pub email_requested: u64,
+    /// `email.requested` events the echo consumer published (`--ceiling-events`).
+    pub ceiling_email_requested: u64,
     pub dead_letters: u64,
     pub problems: Vec<String>,
 }
@@ -198,6 +205,8 @@ pub struct Report {
     pub consumers: u16,
     pub batch_size: u16,
     pub isolation: String,
+    /// Whether the echo consumer also published the contract's events.
+    pub ceiling_events: bool,
     pub rounds: Vec<RoundRow>,
     pub worker: Summary,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,7 +226,8 @@ impl Report {
 
 /// Runs the benchmark, prints the report, appends it to `--json`; fails when any
 /// reply, row, event or dead letter is not what the commands must produce.
-pub async fn run(args: BenchArgs) -> Result<Report, String> {
+pub async fn run(mut args: BenchArgs) -> Result<Report, String> {
+    args.ceiling |= args.ceiling_events;
     if !(0.0..=1.0).contains(&args.invalid_share) {
         return Err("--invalid-share must be between 0 and 1".into());
     }
@@ -324,6 +334,10 @@ fn ceiling_queue(prefix: &str) -> String {
     format!("{prefix}bench.ceiling")
 }
 
+fn ceiling_events_exchange(prefix: &str) -> String {
+    format!("{prefix}bench.ceiling-events")
+}
+
 async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
     let n = names(prefix, amqp_url, 1);
     let uri = n.validate().map_err(|e| e.to_string())?;
@@ -343,6 +357,7 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
         broker::unrouted_exchange(&n),
         n.dead_letter_exchange.clone(),
         n.events_exchange.clone(),
+        ceiling_events_exchange(prefix),
     ] {
         let _ = ch
             .exchange_delete(x.as_str().into(), Default::default())
@@ -448,27 +463,14 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         .map_err(|e| e.to_string())?;
     // What the email dispatcher would see, counted and purged after every round.
     let email_queue = format!("{prefix}bench.email-requested");
-    channel
-        .queue_declare(
-            email_queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .queue_bind(
-            email_queue.as_str().into(),
-            broker_names.events_exchange.as_str().into(),
-            "email.requested".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    declare_email_sink(&channel, &broker_names.events_exchange, &email_queue, false).await?;
+
+    // The events ceiling's own exchange and email queue, shaped like the worker's.
+    let ceiling_events = ceiling_events_exchange(&prefix);
+    let ceiling_email_queue = format!("{prefix}bench.ceiling-email-requested");
+    if args.ceiling_events {
+        declare_email_sink(&channel, &ceiling_events, &ceiling_email_queue, true).await?;
+    }
 
     let stop_ceiling = CancellationToken::new();
     let ceiling_task = if args.ceiling {
@@ -481,6 +483,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
                     consumers: args.consumers,
                     prefetch: args.prefetch,
                     max_batch: args.batch_size as usize,
+                    events_exchange: args.ceiling_events.then(|| ceiling_events.clone()),
                 },
                 stop_ceiling.clone(),
             )
@@ -512,7 +515,12 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     let mut next_index = 0u64;
     if args.warmup > 0 {
         if args.ceiling {
-            loader.round(&ceiling_target, 0, args.warmup).await?;
+            let r = loader.round(&ceiling_target, 0, args.warmup).await?;
+            if args.ceiling_events {
+                counter
+                    .take(&ceiling_email_queue, r.expected.verification_tokens)
+                    .await?;
+            }
         }
         let r = loader.round(&worker_target, 0, args.warmup).await?;
         next_index += args.warmup;
@@ -528,6 +536,16 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
             let before = meters.read(&workers, None).await;
             let r = loader.round(&ceiling_target, 0, args.commands).await?;
             let (_, split) = meters.since(before, &workers, args.commands).await;
+            if args.ceiling_events {
+                let want = r.expected.verification_tokens;
+                let emails = counter.take(&ceiling_email_queue, want).await?;
+                checks.ceiling_email_requested += emails;
+                if emails < want {
+                    checks.problems.push(format!(
+                        "ceiling round {k}: {emails} email.requested events for {want} verification tokens"
+                    ));
+                }
+            }
             rows.push(RoundRow {
                 round: k,
                 target: "ceiling",
@@ -615,6 +633,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         consumers: args.consumers,
         batch_size: args.batch_size,
         isolation: iso.describe(),
+        ceiling_events: args.ceiling_events,
         worker: summary("worker").expect("at least one worker round"),
         ceiling: summary("ceiling"),
         ratio,
@@ -680,6 +699,53 @@ async fn wait_for_consumers(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// An exclusive queue bound to `email.requested` on `exchange`, standing in for
+/// the email dispatcher's. `declare_exchange`: the exchange is the bench's own
+/// (a durable topic exchange, as the worker declares its events exchange).
+async fn declare_email_sink(
+    channel: &lapin::Channel,
+    exchange: &str,
+    queue: &str,
+    declare_exchange: bool,
+) -> Result<(), String> {
+    let fail = |e: lapin::Error| format!("{queue}: {}", broker::describe(&e));
+    if declare_exchange {
+        channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(fail)?;
+    }
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "email.requested".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)
 }
 
 struct Counter<'a> {
@@ -830,10 +896,19 @@ fn print(r: &Report) {
     );
     if let (Some(c), Some(ratio)) = (&r.ceiling, r.ratio) {
         println!(
-            "ceiling (median of rounds): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
-            c.rate, c.p50_ms, c.p99_ms, c.max_ms
+            "ceiling (median of rounds{}): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            if r.ceiling_events {
+                ", publishing the contract's events"
+            } else {
+                ""
+            },
+            c.rate,
+            c.p50_ms,
+            c.p99_ms,
+            c.max_ms
         );
-        println!("worker ÷ ceiling (median of paired rounds): {ratio:.3}");
+        let of = if r.ceiling_events { " with events" } else { "" };
+        println!("worker ÷ ceiling{of} (median of paired rounds): {ratio:.3}");
     }
     let c = &r.checks;
     println!(
