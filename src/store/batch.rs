@@ -48,21 +48,23 @@ pub struct NewRecord {
     pub events: Vec<OutboxEvent>,
 }
 
-// Reference tables (tokens, profiles) are joined against `unnest($1)`: with
-// `= ANY($1)`, a table small enough for a sequential scan has every row compared
-// with every key of the batch (250 × rows text comparisons), while the join
-// hashes the keys. The bookkeeping tables keep `= ANY($1)`, which under the
-// generic plan (see `Store::connect`) is always an index scan: they grow by every
-// command, and a hash join planned while they were small would scan them whole.
+// Every lookup is `= ANY($1)` on a primary key, which under the generic plan (see
+// `Store::connect`) is an index scan once a table has more than a few pages,
+// whatever the batch's size. The earlier form, a join against `unnest($1)`, was
+// planned as a hash join over a sequential scan of the whole table while the
+// table was small: 0.42 ms for a one-command batch against 1,000 profiles, where
+// the index takes 0.04 ms (at 250 keys the two are within 0.3 ms of each other).
 const LOAD_TOKENS: &str =
     "SELECT t.id, t.application, (extract(epoch FROM t.expires_on) * 1000)::bigint, t.tenant_permissions \
-     FROM unnest($1::text[]) AS k(id) JOIN access_tokens t ON t.id = k.id";
-const LOAD_PROFILES: &str = "SELECT p.id, p.tenant, p.email, p.enabled \
-     FROM unnest($1::text[]) AS k(id) JOIN profiles p ON p.id = k.id";
+     FROM access_tokens t WHERE t.id = ANY($1)";
+const LOAD_PROFILES: &str =
+    "SELECT p.id, p.tenant, p.email, p.enabled FROM profiles p WHERE p.id = ANY($1)";
 // Earlier replies and their still-unconfirmed events in one statement. The
-// outbox side is a lateral subquery fenced with `OFFSET 0` so it stays an index
-// lookup per reply: flattened into a join, the plan hash-joins a sequential scan
-// of the whole outbox, which is large exactly when the broker has been away.
+// outbox side is a lateral subquery fenced with `OFFSET 0`: once the outbox holds
+// rows it is an index lookup per reply (250 replies against 100,000 outbox rows:
+// 2.4 ms), and only an empty outbox is scanned. Flattened into a join, the plan
+// hash-joins a sequential scan of the whole outbox, which is large exactly when
+// the broker has been away.
 const LOAD_PROCESSED: &str = "SELECT p.message_id, p.command, p.status, p.reply, \
      o.event_id, o.routing_key, o.body, o.traceparent \
      FROM processed_commands p LEFT JOIN LATERAL ( \
