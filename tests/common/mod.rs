@@ -50,6 +50,27 @@ pub async fn admin_client() -> tokio_postgres::Client {
     client
 }
 
+/// Drops a test's database, retrying for a while: a fault test may end while
+/// PostgreSQL is still coming back from the restart it caused.
+async fn drop_database(name: &str) {
+    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    let mut last = String::new();
+    for _ in 0..30 {
+        match tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                match client.batch_execute(&sql).await {
+                    Ok(()) => return,
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    eprintln!("test database {name} left behind: {last}");
+}
+
 pub fn fixtures() -> Value {
     let all = json!([{ "tenant": "*", "allowedActions": ["*"] }]);
     json!({
@@ -514,13 +535,7 @@ impl Env {
         let _ = conn.close(200, "bye".into()).await;
         let _ = self.conn.close(200, "bye".into()).await;
         drop(self.db);
-        let _ = admin_client()
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .await;
+        drop_database(&self.db_name).await;
     }
 }
 
