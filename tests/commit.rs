@@ -106,3 +106,29 @@ async fn confirmed_events_are_deleted_by_the_next_commit() {
     store.close();
     env.teardown().await;
 }
+
+#[tokio::test]
+async fn batch_lookups_take_their_indexes_even_on_small_analyzed_tables() {
+    // A new database, analyzed (as autovacuum soon does): the statistics say the
+    // tables are tiny and the idempotency records and the outbox empty. A plan
+    // made now and cached on the connection must not be a sequential scan, which
+    // would then read the whole table on every batch as it grows.
+    let env = Env::prepare().await;
+    env.db.batch_execute("ANALYZE").await.unwrap();
+    let store = Store::connect(&env.settings.database).unwrap();
+    let batch = store.batch().await.unwrap();
+    let plans = batch.lookup_plans().await.unwrap();
+    assert_eq!(plans.len(), 3);
+    for (plan, index) in plans.iter().zip([
+        "access_tokens_pkey",
+        "profiles_pkey",
+        "processed_commands_pkey",
+    ]) {
+        assert!(plan.contains(index), "not through {index}:\n{plan}");
+        assert!(!plan.contains("Seq Scan"), "a sequential scan:\n{plan}");
+    }
+    // The earlier replies' pending events: through the outbox's message_id index.
+    assert!(plans[2].contains("outbox_message_id"), "{}", plans[2]);
+    drop(batch);
+    env.teardown().await;
+}
