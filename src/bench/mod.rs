@@ -463,13 +463,26 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         .map_err(|e| e.to_string())?;
     // What the email dispatcher would see, counted and purged after every round.
     let email_queue = format!("{prefix}bench.email-requested");
-    declare_email_sink(&channel, &broker_names.events_exchange, &email_queue, false).await?;
+    declare_email_sink(&channel, &broker_names.events_exchange, &email_queue).await?;
 
     // The events ceiling's own exchange and email queue, shaped like the worker's.
     let ceiling_events = ceiling_events_exchange(&prefix);
     let ceiling_email_queue = format!("{prefix}bench.ceiling-email-requested");
     if args.ceiling_events {
-        declare_email_sink(&channel, &ceiling_events, &ceiling_email_queue, true).await?;
+        // Durable and topic, as the worker declares its events exchange.
+        channel
+            .exchange_declare(
+                ceiling_events.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("{ceiling_events}: {}", broker::describe(&e)))?;
+        declare_email_sink(&channel, &ceiling_events, &ceiling_email_queue).await?;
     }
 
     let stop_ceiling = CancellationToken::new();
@@ -702,29 +715,13 @@ async fn wait_for_consumers(
 }
 
 /// An exclusive queue bound to `email.requested` on `exchange`, standing in for
-/// the email dispatcher's. `declare_exchange`: the exchange is the bench's own
-/// (a durable topic exchange, as the worker declares its events exchange).
+/// the email dispatcher's.
 async fn declare_email_sink(
     channel: &lapin::Channel,
     exchange: &str,
     queue: &str,
-    declare_exchange: bool,
 ) -> Result<(), String> {
     let fail = |e: lapin::Error| format!("{queue}: {}", broker::describe(&e));
-    if declare_exchange {
-        channel
-            .exchange_declare(
-                exchange.into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(fail)?;
-    }
     channel
         .queue_declare(
             queue.into(),
