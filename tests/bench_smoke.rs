@@ -93,20 +93,25 @@ fn the_events_ceiling_publishes_the_contracts_events_for_every_command() {
     assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
     assert_eq!(r["checks"]["problems"], serde_json::json!([]), "{stdout}");
     assert_eq!(r["ceiling_events"], true);
-    let ceiling_rounds: Vec<&serde_json::Value> = r["rounds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| x["target"] == "ceiling")
-        .collect();
+    let rounds_of = |target: &str| -> Vec<serde_json::Value> {
+        r["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["target"] == target)
+            .cloned()
+            .collect()
+    };
+    let events_rounds = rounds_of("ceiling-events");
+    assert_eq!(events_rounds.len(), 2, "{stdout}");
     assert_eq!(
-        ceiling_rounds.len(),
+        rounds_of("ceiling").len(),
         2,
-        "--ceiling-events implies --ceiling"
+        "--ceiling-events adds a third target to the plain ceiling's rounds"
     );
     // Both rounds send the same commands, half of them create-verification-token:
     // each got its email.requested from the echo, as from the worker.
-    let tokens_per_round = ceiling_rounds[0]["expected"]["verification_tokens"]
+    let tokens_per_round = events_rounds[0]["expected"]["verification_tokens"]
         .as_u64()
         .unwrap();
     assert!(tokens_per_round > 0);
@@ -115,6 +120,9 @@ fn the_events_ceiling_publishes_the_contracts_events_for_every_command() {
         2 * tokens_per_round,
         "{stdout}"
     );
+    for ratio in ["ratio", "ratio_to_events_ceiling", "events_bound"] {
+        assert!(r[ratio].as_f64().unwrap() > 0.0, "{ratio}: {stdout}");
+    }
     assert!(stdout.contains("ceiling with events"), "{stdout}");
 }
 

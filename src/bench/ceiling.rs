@@ -9,7 +9,9 @@
 //! `verification-token.created` + `email.requested`), persistent and confirmed
 //! with the reply. That ceiling asks of the broker everything the worker's
 //! answers ask of it, so the distance to it is the database's and the worker's
-//! own cost, not the contract's messages.
+//! own cost, not the contract's messages. Its replies and events also carry a
+//! `traceparent` header, as the worker's do, so the broker parses the same
+//! properties.
 
 use crate::broker::{self, properties, Connection, Outgoing, Publisher};
 use crate::contract::message::routing;
@@ -23,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 const BODY: &[u8] = br#"{"echo":true}"#;
 // About the size of the worker's reply and email bodies.
 const REPLY_BODY: &[u8] = br#"{"tenant":"bench","profileId":"bench-profile-000000000","timestamp":1495746285875,"id":"055d58c4-fabb-44da-96eb-261e24e1d0c9"}"#;
+// The shape of the worker's W3C trace context header (the value is immaterial).
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const EMAIL_BODY: &[u8] = br#"{"id":"6a0c4b8e-2f6d-5b1e-9d0a-2b5b0f3c1e77","tenant":"bench","profileId":"bench-profile-000000000","to":"bench0@example.com","template":"verify-account","tokenId":"055d58c4-fabb-44da-96eb-261e24e1d0c9","verificationLink":"https://example.com/verify?tokenId=055d58c4-fabb-44da-96eb-261e24e1d0c9","timestamp":1495746285875}"#;
 
 pub struct Shape {
@@ -130,6 +134,7 @@ async fn echo(
                 .iter()
                 .filter_map(|d| {
                     let p = &d.properties;
+                    let traceparent = events_exchange.as_ref().map(|_| TRACEPARENT);
                     let reply_to = p.reply_to().as_ref()?.as_str().to_string();
                     let correlation = p.correlation_id().as_ref().map(|c| c.as_str());
                     Some(Outgoing {
@@ -139,7 +144,7 @@ async fn echo(
                             "create-ticket.reply",
                             correlation,
                             200,
-                            None,
+                            traceparent,
                         ),
                         body: BODY.to_vec(),
                     })
@@ -173,7 +178,11 @@ fn contract_events(exchange: &str, command: &lapin::BasicProperties) -> Vec<Outg
     let event = |routing_key: &str, body: &[u8]| Outgoing {
         exchange: exchange.to_string(),
         routing_key: routing_key.to_string(),
-        properties: properties::event(routing_key, &format!("{id}/{routing_key}"), None),
+        properties: properties::event(
+            routing_key,
+            &format!("{id}/{routing_key}"),
+            Some(TRACEPARENT),
+        ),
         body: body.to_vec(),
     };
     match command.kind().as_ref().map(|k| k.as_str()) {

@@ -3,7 +3,10 @@
 //! broker with confirms, checks every reply and the rows and events left behind,
 //! and reports rate, latency, CPU per 1,000 commands and peak RSS. With
 //! `--ceiling` it alternates rounds with an echo consumer that does no database
-//! work, and reports the worker's rate as a share of that.
+//! work, and reports the worker's rate as a share of that. `--ceiling-events`
+//! adds a third target, an echo that also publishes the contract's events, so one
+//! run tells how much of the distance is the broker's work for those events and
+//! how much the database's and the worker's.
 
 mod ceiling;
 mod load;
@@ -45,9 +48,12 @@ pub struct BenchArgs {
     /// Also measure the no-database echo consumer, alternating rounds with the worker.
     #[arg(long)]
     pub ceiling: bool,
-    /// The echo consumer also publishes the events the contract requires for each
-    /// command's type (as if every command were valid), so the ceiling asks of the
-    /// broker what the worker's answers ask of it. Implies --ceiling.
+    /// Also measure a second echo consumer that publishes, with each reply, the
+    /// events the contract requires for the command's type (as if every command
+    /// were valid), so it asks of the broker what the worker's answers ask of it.
+    /// Its rounds alternate with the other two; the report gives the worker's rate
+    /// against both ceilings, and this ceiling's against the plain one: the most a
+    /// worker whose database and own work cost nothing could reach. Implies --ceiling.
     #[arg(long)]
     pub ceiling_events: bool,
     /// Measured rounds per target.
@@ -205,14 +211,26 @@ pub struct Report {
     pub consumers: u16,
     pub batch_size: u16,
     pub isolation: String,
-    /// Whether the echo consumer also published the contract's events.
+    /// Whether the events ceiling ran as a third target.
     pub ceiling_events: bool,
     pub rounds: Vec<RoundRow>,
     pub worker: Summary,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ceiling: Option<Summary>,
+    /// Worker ÷ the plain echo ceiling: the headline number.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
+    /// The echo that also publishes the contract's events (`--ceiling-events`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_ceiling: Option<Summary>,
+    /// Worker ÷ the events ceiling: the distance due to the database and the
+    /// worker's own work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_events_ceiling: Option<f64>,
+    /// Events ceiling ÷ plain ceiling: what the contract's events alone leave of
+    /// the plain ceiling, an upper bound for `ratio` on this machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_bound: Option<f64>,
     pub worker_peak_rss_kib: Vec<u64>,
     pub checks: Checks,
     pub unix_time: u64,
@@ -334,6 +352,10 @@ fn ceiling_queue(prefix: &str) -> String {
     format!("{prefix}bench.ceiling")
 }
 
+fn events_ceiling_queue(prefix: &str) -> String {
+    format!("{prefix}bench.ceiling-events")
+}
+
 fn ceiling_events_exchange(prefix: &str) -> String {
     format!("{prefix}bench.ceiling-events")
 }
@@ -349,6 +371,7 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
         n.command_queue.clone(),
         n.dead_letter_queue.clone(),
         ceiling_queue(prefix),
+        events_ceiling_queue(prefix),
     ] {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }
@@ -486,30 +509,38 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     }
 
     let stop_ceiling = CancellationToken::new();
-    let ceiling_task = if args.ceiling {
-        Some(
-            ceiling::start(
-                &uri,
-                &ceiling_queue(&prefix),
-                command_queue_arguments(&broker_names),
-                ceiling::Shape {
-                    consumers: args.consumers,
-                    prefetch: args.prefetch,
-                    max_batch: args.batch_size as usize,
-                    events_exchange: args.ceiling_events.then(|| ceiling_events.clone()),
-                },
-                stop_ceiling.clone(),
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
     let ceiling_q = ceiling_queue(&prefix);
+    let events_ceiling_q = events_ceiling_queue(&prefix);
+    // The echo consumers: plain, and (with --ceiling-events) one publishing the
+    // contract's events, each on its own queue shaped like the worker's.
+    let mut echoes = Vec::new();
+    for (wanted, queue, events_exchange) in [
+        (args.ceiling, &ceiling_q, None),
+        (
+            args.ceiling_events,
+            &events_ceiling_q,
+            Some(ceiling_events.clone()),
+        ),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let shape = ceiling::Shape {
+            consumers: args.consumers,
+            prefetch: args.prefetch,
+            max_batch: args.batch_size as usize,
+            events_exchange,
+        };
+        let arguments = command_queue_arguments(&broker_names);
+        echoes.push(ceiling::start(&uri, queue, arguments, shape, stop_ceiling.clone()).await?);
+    }
     let worker_target = Target::Worker {
         exchange: &broker_names.command_exchange,
     };
     let ceiling_target = Target::Ceiling { queue: &ceiling_q };
+    let events_ceiling_target = Target::Ceiling {
+        queue: &events_ceiling_q,
+    };
     let mut loader = load::Loader {
         channel: &channel,
         replies,
@@ -528,12 +559,13 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     let mut next_index = 0u64;
     if args.warmup > 0 {
         if args.ceiling {
-            let r = loader.round(&ceiling_target, 0, args.warmup).await?;
-            if args.ceiling_events {
-                counter
-                    .take(&ceiling_email_queue, r.expected.verification_tokens)
-                    .await?;
-            }
+            loader.round(&ceiling_target, 0, args.warmup).await?;
+        }
+        if args.ceiling_events {
+            let r = loader.round(&events_ceiling_target, 0, args.warmup).await?;
+            counter
+                .take(&ceiling_email_queue, r.expected.verification_tokens)
+                .await?;
         }
         let r = loader.round(&worker_target, 0, args.warmup).await?;
         next_index += args.warmup;
@@ -545,23 +577,33 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     };
     let mut rows = Vec::new();
     for k in 1..=args.rounds {
-        if args.ceiling {
+        for (wanted, target, name) in [
+            (args.ceiling, &ceiling_target, "ceiling"),
+            (
+                args.ceiling_events,
+                &events_ceiling_target,
+                "ceiling-events",
+            ),
+        ] {
+            if !wanted {
+                continue;
+            }
             let before = meters.read(&workers, None).await;
-            let r = loader.round(&ceiling_target, 0, args.commands).await?;
+            let r = loader.round(target, 0, args.commands).await?;
             let (_, split) = meters.since(before, &workers, args.commands).await;
-            if args.ceiling_events {
+            if name == "ceiling-events" {
                 let want = r.expected.verification_tokens;
                 let emails = counter.take(&ceiling_email_queue, want).await?;
                 checks.ceiling_email_requested += emails;
                 if emails < want {
                     checks.problems.push(format!(
-                        "ceiling round {k}: {emails} email.requested events for {want} verification tokens"
+                        "events ceiling round {k}: {emails} email.requested events for {want} verification tokens"
                     ));
                 }
             }
             rows.push(RoundRow {
                 round: k,
-                target: "ceiling",
+                target: name,
                 result: r,
                 cpu_secs_per_1k: None,
                 cpu_per_1k: split,
@@ -588,7 +630,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         .collect();
 
     stop_ceiling.cancel();
-    if let Some(t) = ceiling_task {
+    for t in echoes {
         if let Ok(Err(e)) = t.await {
             checks.problems.push(format!("ceiling consumer: {e}"));
         }
@@ -636,6 +678,12 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     let ratio = args
         .ceiling
         .then(|| paired_ratio(&rates("worker"), &rates("ceiling")));
+    let ratio_to_events_ceiling = args
+        .ceiling_events
+        .then(|| paired_ratio(&rates("worker"), &rates("ceiling-events")));
+    let events_bound = args
+        .ceiling_events
+        .then(|| paired_ratio(&rates("ceiling-events"), &rates("ceiling")));
     Ok(Report {
         commands: args.commands,
         in_flight: args.in_flight,
@@ -650,6 +698,9 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         worker: summary("worker").expect("at least one worker round"),
         ceiling: summary("ceiling"),
         ratio,
+        events_ceiling: summary("ceiling-events"),
+        ratio_to_events_ceiling,
+        events_bound,
         rounds: rows,
         worker_peak_rss_kib: peak_rss,
         checks,
@@ -848,7 +899,7 @@ fn print(r: &Report) {
         r.commands, r.in_flight, r.mix, r.invalid_share, r.workers, r.consumers, r.prefetch, r.batch_size, r.isolation
     );
     println!(
-        "{:>5} {:<8} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6}",
+        "{:>5} {:<14} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6}",
         "round",
         "target",
         "rate/s",
@@ -864,7 +915,7 @@ fn print(r: &Report) {
     for row in &r.rounds {
         let l = row.result.latency;
         println!(
-            "{:>5} {:<8} {:>8.0} {:>8.2} {:>8.2} {:>8.1}                 {:>6} {:>6} {:>6} {:>6.3}",
+            "{:>5} {:<14} {:>8.0} {:>8.2} {:>8.2} {:>8.1}                 {:>6} {:>6} {:>6} {:>6.3}",
             row.round,
             row.target,
             row.result.rate,
@@ -891,21 +942,28 @@ fn print(r: &Report) {
             .collect::<Vec<_>>()
             .join(" + ")
     );
-    if let (Some(c), Some(ratio)) = (&r.ceiling, r.ratio) {
+    let ceilings = [
+        ("ceiling", &r.ceiling, r.ratio),
+        (
+            "ceiling with events",
+            &r.events_ceiling,
+            r.ratio_to_events_ceiling,
+        ),
+    ];
+    for (name, summary, ratio) in ceilings {
+        let (Some(c), Some(ratio)) = (summary, ratio) else {
+            continue;
+        };
         println!(
-            "ceiling (median of rounds{}): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
-            if r.ceiling_events {
-                ", publishing the contract's events"
-            } else {
-                ""
-            },
-            c.rate,
-            c.p50_ms,
-            c.p99_ms,
-            c.max_ms
+            "{name} (median of rounds): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            c.rate, c.p50_ms, c.p99_ms, c.max_ms
         );
-        let of = if r.ceiling_events { " with events" } else { "" };
-        println!("worker ÷ ceiling{of} (median of paired rounds): {ratio:.3}");
+        println!("worker ÷ {name} (median of paired rounds): {ratio:.3}");
+    }
+    if let Some(bound) = r.events_bound {
+        println!(
+            "ceiling with events ÷ ceiling (median of paired rounds): {bound:.3}, the most a worker answering with the contract's events could reach here"
+        );
     }
     let c = &r.checks;
     println!(
