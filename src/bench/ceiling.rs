@@ -110,6 +110,8 @@ async fn echo(
         )
         .await
         .map_err(describe)?;
+    // The events echo's replies carry the worker's headers; the plain echo's do not.
+    let traceparent = events_exchange.as_ref().map(|_| TRACEPARENT);
     Ok(async move {
         loop {
             let first = tokio::select! {
@@ -134,7 +136,6 @@ async fn echo(
                 .iter()
                 .filter_map(|d| {
                     let p = &d.properties;
-                    let traceparent = events_exchange.as_ref().map(|_| TRACEPARENT);
                     let reply_to = p.reply_to().as_ref()?.as_str().to_string();
                     let correlation = p.correlation_id().as_ref().map(|c| c.as_str());
                     Some(Outgoing {

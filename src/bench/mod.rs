@@ -98,6 +98,8 @@ pub struct BenchArgs {
 }
 
 const BENCH_TENANT: &str = "bench";
+/// The events ceiling's rounds, in the report.
+const EVENTS_CEILING: &str = "ceiling-events";
 const BENCH_TOKEN: &str = "bench-admin-token";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -353,7 +355,7 @@ fn ceiling_queue(prefix: &str) -> String {
 }
 
 fn events_ceiling_queue(prefix: &str) -> String {
-    format!("{prefix}bench.ceiling-events")
+    format!("{prefix}bench.events-ceiling")
 }
 
 fn ceiling_events_exchange(prefix: &str) -> String {
@@ -579,11 +581,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     for k in 1..=args.rounds {
         for (wanted, target, name) in [
             (args.ceiling, &ceiling_target, "ceiling"),
-            (
-                args.ceiling_events,
-                &events_ceiling_target,
-                "ceiling-events",
-            ),
+            (args.ceiling_events, &events_ceiling_target, EVENTS_CEILING),
         ] {
             if !wanted {
                 continue;
@@ -591,7 +589,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
             let before = meters.read(&workers, None).await;
             let r = loader.round(target, 0, args.commands).await?;
             let (_, split) = meters.since(before, &workers, args.commands).await;
-            if name == "ceiling-events" {
+            if name == EVENTS_CEILING {
                 let want = r.expected.verification_tokens;
                 let emails = counter.take(&ceiling_email_queue, want).await?;
                 checks.ceiling_email_requested += emails;
@@ -680,10 +678,10 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         .then(|| paired_ratio(&rates("worker"), &rates("ceiling")));
     let ratio_to_events_ceiling = args
         .ceiling_events
-        .then(|| paired_ratio(&rates("worker"), &rates("ceiling-events")));
+        .then(|| paired_ratio(&rates("worker"), &rates(EVENTS_CEILING)));
     let events_bound = args
         .ceiling_events
-        .then(|| paired_ratio(&rates("ceiling-events"), &rates("ceiling")));
+        .then(|| paired_ratio(&rates(EVENTS_CEILING), &rates("ceiling")));
     Ok(Report {
         commands: args.commands,
         in_flight: args.in_flight,
@@ -698,7 +696,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         worker: summary("worker").expect("at least one worker round"),
         ceiling: summary("ceiling"),
         ratio,
-        events_ceiling: summary("ceiling-events"),
+        events_ceiling: summary(EVENTS_CEILING),
         ratio_to_events_ceiling,
         events_bound,
         rounds: rows,
