@@ -165,8 +165,6 @@ impl Batch<'_> {
             .await
             .map_err(err)?;
 
-        let forgotten: HashSet<Uuid> = self.store.forgotten().iter().copied().collect();
-        // Pending events keep the order they were written in: re-published in it.
         let mut pending: Vec<(SystemTime, OutboxEvent)> = Vec::new();
         for row in rows {
             match Kind::of(&row) {
@@ -210,16 +208,14 @@ impl Batch<'_> {
                             pending_events: vec![],
                         });
                     if let Some(event_id) = row.get::<_, Option<Uuid>>(7) {
-                        if !forgotten.contains(&event_id) {
-                            let event = OutboxEvent {
-                                event_id,
-                                message_id: Some(message_id),
-                                routing_key: row.get(8),
-                                body: row.get(9),
-                                traceparent: row.get(10),
-                            };
-                            pending.push((row.get(11), event));
-                        }
+                        let event = OutboxEvent {
+                            event_id,
+                            message_id: Some(message_id),
+                            routing_key: row.get(8),
+                            body: row.get(9),
+                            traceparent: row.get(10),
+                        };
+                        pending.push((row.get(11), event));
                     }
                 }
                 None => {
@@ -230,6 +226,13 @@ impl Batch<'_> {
                 }
             }
         }
+        if !pending.is_empty() {
+            // Confirmed but not yet deleted: not pending. Only read when there
+            // are earlier events, which most batches have none of.
+            let forgotten: HashSet<Uuid> = self.store.forgotten().iter().copied().collect();
+            pending.retain(|(_, e)| !forgotten.contains(&e.event_id));
+        }
+        // Pending events keep the order they were written in: re-published in it.
         pending.sort_by(|(a, x), (b, y)| (a, x.event_id).cmp(&(b, y.event_id)));
         for (_, event) in pending {
             let mid = event.message_id.as_deref().unwrap_or_default();
