@@ -9,15 +9,17 @@ ensure_rust
 ensure_services
 cargo build --release --locked
 bin=target/release/profile-worker
-"$bin" migrate
-"$bin" seed seeds/example.json
+# Schema changes and seeding as the owner; the worker itself runs with row rights
+# only, as a broker user limited to its own objects (scripts/services.sh).
+DATABASE_URL="$OWNER_DATABASE_URL" "$bin" migrate
+DATABASE_URL="$OWNER_DATABASE_URL" "$bin" seed seeds/example.json
 token="$(sed -n 's/.*"id": "\([0-9a-f-]\{36\}\)", "application".*/\1/p' seeds/example.json | head -1)"
 cat <<MSG
 
 profile-worker is starting. In another shell, send a first command:
 
-  $PWD/$bin send create-ticket '{"accessTokenId":"$token","profileId":"5925a68def86951f895cf497"}'
-  $PWD/$bin send create-verification-token '{"accessTokenId":"$token","id":"592715d4d4c650e226b03b62"}'
+  AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-ticket '{"accessTokenId":"$token","profileId":"5925a68def86951f895cf497"}'
+  AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-verification-token '{"accessTokenId":"$token","id":"592715d4d4c650e226b03b62"}'
 
 Stop with Ctrl-C (SIGINT) or SIGTERM.
 

@@ -6,15 +6,35 @@
 #   2. a working Docker engine -> `docker compose up -d rabbitmq postgres`;
 #   3. otherwise Debian's packages are installed (if missing) and started by hand
 #      (there is no systemd on these machines: `rabbitmq-server -detached`, `pg_ctlcluster`).
-# Afterwards the role and database named below exist (role may create databases,
-# which the test suite needs for its one-database-per-test isolation).
+# Least privilege (CONTRACT §9), set up here:
+#   PostgreSQL: an owner role that runs migrations and seeds (and may create
+#     databases, which the test suite needs for its one-database-per-test
+#     isolation), and a runtime role with only row rights (granted by
+#     `profile-worker migrate` with DATABASE_RUNTIME_ROLE), which `run` uses;
+#   RabbitMQ: a user for the worker whose permissions cover only its own
+#     exchanges and queues, and the default exchange for replies. Publishers
+#     and the operator's tools use their own users (here: guest, loopback only).
+# Nothing listens on a non-loopback address: RabbitMQ's listeners, epmd and
+# Erlang distribution are bound to 127.0.0.1 (Debian's PostgreSQL already is).
 set -euo pipefail
 
+PW_DB_OWNER="${PW_DB_OWNER:-profile_worker_owner}"
+PW_DB_OWNER_PASSWORD="${PW_DB_OWNER_PASSWORD:-profile_worker_owner}"
 PW_DB_USER="${PW_DB_USER:-profile_worker}"
 PW_DB_PASSWORD="${PW_DB_PASSWORD:-profile_worker}"
 PW_DB_NAME="${PW_DB_NAME:-profile_worker}"
 PW_PG_PORT="${PW_PG_PORT:-5432}"
 PW_AMQP_PORT="${PW_AMQP_PORT:-5672}"
+PW_RABBIT_USER="${PW_RABBIT_USER:-profile-worker}"
+PW_RABBIT_PASSWORD="${PW_RABBIT_PASSWORD:-profile-worker}"
+# When set (the test command sets 5671), RabbitMQ also gets an amqps listener
+# with certificates made here by openssl, in PW_TLS_DIR.
+PW_AMQPS_PORT="${PW_AMQPS_PORT:-}"
+PW_TLS_DIR="${PW_TLS_DIR:-/etc/rabbitmq/profile-worker-tls}"
+RABBIT_CONF=/etc/rabbitmq/rabbitmq.conf
+RABBIT_MARK="# written by profile-worker scripts/services.sh"
+# The worker's objects (CONTRACT §1 defaults) as a permission regex.
+PW_RABBIT_NAMES='profile\.(commands(\.(dlx|dead|unrouted))?|events)'
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -47,26 +67,98 @@ docker_usable() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>
 
 start_with_docker() {
   log "Docker engine found: docker compose up -d rabbitmq postgres"
-  (cd "$(dirname "${BASH_SOURCE[0]}")/.." && docker compose up -d --wait rabbitmq postgres)
+  (cd "$(dirname "${BASH_SOURCE[0]}")/.." && docker compose up -d --wait rabbitmq postgres &&
+    docker compose run --rm rabbitmq-users)
+}
+
+# A CA and a server certificate for 127.0.0.1/localhost, made once.
+make_tls_certs() {
+  [ -s "$PW_TLS_DIR/server.pem" ] && return
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+  log "making test certificates in $PW_TLS_DIR"
+  as_root mkdir -p "$PW_TLS_DIR"
+  local d; d="$(mktemp -d)"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=profile-worker test CA" \
+    -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$d/ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$d/ext" -out "$d/server.pem" 2>/dev/null
+  as_root cp "$d/ca.pem" "$d/server.pem" "$d/server.key" "$PW_TLS_DIR/"
+  as_root chmod 644 "$PW_TLS_DIR/ca.pem" "$PW_TLS_DIR/server.pem"
+  as_root chmod 640 "$PW_TLS_DIR/server.key"
+  id rabbitmq >/dev/null 2>&1 && as_root chown rabbitmq "$PW_TLS_DIR/server.key"
+  rm -rf "$d"
+}
+
+# RabbitMQ's configuration, unless the machine has one of its own.
+write_rabbit_conf() {
+  if [ -e "$RABBIT_CONF" ] && ! grep -qF "$RABBIT_MARK" "$RABBIT_CONF"; then
+    log "$RABBIT_CONF is not ours; leaving it as it is"
+    return
+  fi
+  {
+    echo "$RABBIT_MARK"
+    echo "listeners.tcp.default = 127.0.0.1:$PW_AMQP_PORT"
+    echo "loopback_users.guest = true"
+    if [ -n "$PW_AMQPS_PORT" ]; then
+      echo "listeners.ssl.default = 127.0.0.1:$PW_AMQPS_PORT"
+      echo "ssl_options.cacertfile = $PW_TLS_DIR/ca.pem"
+      echo "ssl_options.certfile = $PW_TLS_DIR/server.pem"
+      echo "ssl_options.keyfile = $PW_TLS_DIR/server.key"
+      echo "ssl_options.verify = verify_none"
+      echo "ssl_options.fail_if_no_peer_cert = false"
+    fi
+  } | as_root tee "$RABBIT_CONF.new" >/dev/null
+  as_root mv "$RABBIT_CONF.new" "$RABBIT_CONF"
 }
 
 start_rabbitmq() {
-  if port_open "$PW_AMQP_PORT"; then log "RabbitMQ already listening on $PW_AMQP_PORT"; return; fi
+  if port_open "$PW_AMQP_PORT"; then
+    if [ -z "$PW_AMQPS_PORT" ] || port_open "$PW_AMQPS_PORT"; then
+      log "RabbitMQ already listening on $PW_AMQP_PORT"
+      return
+    fi
+    if ! command -v rabbitmqctl >/dev/null 2>&1; then
+      log "RabbitMQ on $PW_AMQP_PORT is not ours to restart; amqps tests need a listener on $PW_AMQPS_PORT"
+      return
+    fi
+    log "restarting RabbitMQ to add the amqps listener on $PW_AMQPS_PORT"
+    as_root rabbitmqctl -q stop >/dev/null 2>&1 || true
+  fi
   command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
+  [ -n "$PW_AMQPS_PORT" ] && make_tls_certs
+  write_rabbit_conf
   log "starting rabbitmq-server -detached"
   # A node left half-dead by an earlier session would make -detached exit at once.
   as_root rabbitmqctl -q stop >/dev/null 2>&1 || true
-  as_root rabbitmq-server -detached
+  # epmd and Erlang distribution on loopback too (an epmd already started on
+  # every interface is replaced).
+  as_root epmd -kill >/dev/null 2>&1 || true
+  as_root env ERL_EPMD_ADDRESS=127.0.0.1 \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+    rabbitmq-server -detached
   # -detached returns before the node is registered, so wait for the port first.
   wait_port "$PW_AMQP_PORT" 120 RabbitMQ
   as_root timeout 60 rabbitmqctl -q await_startup
+  [ -z "$PW_AMQPS_PORT" ] || wait_port "$PW_AMQPS_PORT" 30 "RabbitMQ (amqps)"
+}
+
+# A broker user allowed only names matching the regex NAMES (configure, read)
+# plus the default exchange (write: replies). USER PASSWORD NAMES
+rabbit_user() {
+  command -v rabbitmqctl >/dev/null 2>&1 || { log "no rabbitmqctl: create broker user $1 yourself"; return; }
+  as_root rabbitmqctl -q add_user "$1" "$2" >/dev/null 2>&1 ||
+    as_root rabbitmqctl -q change_password "$1" "$2" >/dev/null
+  as_root rabbitmqctl -q set_permissions -p / "$1" "^$3\$" "^(amq\.default|$3)\$" "^$3\$" >/dev/null
 }
 
 pg_version() { ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1; }
 
 start_postgres() {
   if ! port_open "$PW_PG_PORT"; then
-    [ -n "$(pg_version)" ] || apt_install postgresql
+    [ -n "$(pg_version)" ] || apt_install postgresql ssl-cert
     local ver; ver="$(pg_version)"
     if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -qx "$ver main"; then
       log "creating cluster $ver/main"
@@ -79,19 +171,29 @@ start_postgres() {
     log "PostgreSQL already listening on $PW_PG_PORT"
   fi
   command -v psql >/dev/null 2>&1 || apt_install postgresql-client
-  # Create the role and database when we can reach the server as its superuser
-  # (local peer auth); with Docker the image already created them from the env.
+  # Create the roles and database when we can reach the server as its superuser
+  # (local peer auth); with Docker the image's init script creates them.
   if id postgres >/dev/null 2>&1; then
     as_root su postgres -c "psql -q -v ON_ERROR_STOP=1 -p $PW_PG_PORT" <<SQL
 DO \$\$ BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PW_DB_USER') THEN
-    CREATE ROLE "$PW_DB_USER" LOGIN CREATEDB PASSWORD '$PW_DB_PASSWORD';
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PW_DB_OWNER') THEN
+    CREATE ROLE "$PW_DB_OWNER" LOGIN CREATEDB PASSWORD '$PW_DB_OWNER_PASSWORD';
   ELSE
-    ALTER ROLE "$PW_DB_USER" LOGIN CREATEDB PASSWORD '$PW_DB_PASSWORD';
+    ALTER ROLE "$PW_DB_OWNER" LOGIN CREATEDB PASSWORD '$PW_DB_OWNER_PASSWORD';
   END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PW_DB_USER') THEN
+    CREATE ROLE "$PW_DB_USER" LOGIN PASSWORD '$PW_DB_PASSWORD';
+  END IF;
+  -- Only row rights, granted table by table: no DDL, no databases, no roles.
+  ALTER ROLE "$PW_DB_USER" LOGIN NOCREATEDB NOCREATEROLE NOSUPERUSER PASSWORD '$PW_DB_PASSWORD';
 END \$\$;
-SELECT 'CREATE DATABASE "$PW_DB_NAME" OWNER "$PW_DB_USER"'
+SELECT 'CREATE DATABASE "$PW_DB_NAME" OWNER "$PW_DB_OWNER"'
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PW_DB_NAME')\gexec
+ALTER DATABASE "$PW_DB_NAME" OWNER TO "$PW_DB_OWNER";
+\c "$PW_DB_NAME"
+-- Tables an older set-up made as the runtime role move to the owner.
+REASSIGN OWNED BY "$PW_DB_USER" TO "$PW_DB_OWNER";
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 SQL
   fi
 }
@@ -102,9 +204,15 @@ ensure_services() {
   fi
   start_rabbitmq
   start_postgres
-  export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:$PW_AMQP_PORT/%2f}"
+  rabbit_user "$PW_RABBIT_USER" "$PW_RABBIT_PASSWORD" "$PW_RABBIT_NAMES"
+  # The worker's own connections (least privilege) ...
+  export AMQP_URL="${AMQP_URL:-amqp://$PW_RABBIT_USER:$PW_RABBIT_PASSWORD@127.0.0.1:$PW_AMQP_PORT/%2f}"
   export DATABASE_URL="${DATABASE_URL:-postgres://$PW_DB_USER:$PW_DB_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
-  log "ready: AMQP_URL=${AMQP_URL%%//*}//…@127.0.0.1:$PW_AMQP_PORT, DATABASE_URL=postgres://…@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME"
+  export DATABASE_RUNTIME_ROLE="${DATABASE_RUNTIME_ROLE:-$PW_DB_USER}"
+  # ... and the owner's, for migrate and seed; a publisher's, for send.
+  export OWNER_DATABASE_URL="${OWNER_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
+  export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://guest:guest@127.0.0.1:$PW_AMQP_PORT/%2f}"
+  log "ready: worker as broker user $PW_RABBIT_USER and database role $PW_DB_USER; migrations as $PW_DB_OWNER"
 }
 
 ensure_rust() {

@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# The whole test suite: installs/starts RabbitMQ and PostgreSQL if needed, then
-# `cargo test` (unit tests, and integration tests against the real servers; each
-# integration test makes its own database and prefixed broker names).
+# The whole test suite: installs/starts RabbitMQ and PostgreSQL if needed (with
+# an amqps listener for the TLS tests), then `cargo test` (unit tests, and
+# integration tests against the real servers; each integration test makes its
+# own database and prefixed broker names).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PW_AMQPS_PORT="${PW_AMQPS_PORT:-5671}"
 source scripts/services.sh
 ensure_rust
 ensure_services
-export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://$PW_DB_USER:$PW_DB_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres}"
+# The tests' worker runs as a broker user limited to the tests' names
+# (t<12 hex>.commands…), as the real one is to profile.commands…; the tests'
+# own publishers and checks use the admin user.
+rabbit_user profile-worker-test profile-worker-test 't[0-9a-f]{12}\.(commands(\.(dlx|dead|unrouted))?|events)'
+export AMQP_URL="$PUBLISHER_AMQP_URL"
+export TEST_WORKER_AMQP_URL="amqp://profile-worker-test:profile-worker-test@127.0.0.1:$PW_AMQP_PORT/%2f"
+export TEST_AMQPS_URL="amqps://profile-worker-test:profile-worker-test@localhost:$PW_AMQPS_PORT/%2f"
+export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
+# Test databases are made by the owner role; the worker runs as the runtime role.
+export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres}"
+export TEST_RUNTIME_DB_USER="$PW_DB_USER" TEST_RUNTIME_DB_PASSWORD="$PW_DB_PASSWORD"
 cargo test --locked --no-fail-fast "$@"

@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use std::time::Duration;
 
 /// RabbitMQ's direct reply-to pseudo-queue: no queue to create or clean up.
-pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+pub use crate::contract::DIRECT_REPLY_TO;
 
 /// A confirm channel consuming its own direct replies. Commands whose replies
 /// should come back here must be published on this same channel.
@@ -41,7 +41,7 @@ pub async fn send(
     timeout: Duration,
 ) -> Result<(i64, String), String> {
     let uri = settings.validate().map_err(|e| e.to_string())?;
-    let conn = broker::connect(&uri)
+    let conn = broker::connect(&uri, &settings.tls().map_err(|e| e.to_string())?)
         .await
         .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
     let (channel, mut replies) = reply_channel(&conn).await.map_err(|e| e.to_string())?;

@@ -20,21 +20,59 @@ pub struct DatabaseSettings {
     /// How long a query may wait for a free connection or a new one, in seconds.
     #[arg(long, env = "DB_TIMEOUT_SECS", default_value_t = 5)]
     pub db_timeout_secs: u64,
+    /// Role `migrate` grants the worker's row rights to (the role `run` connects
+    /// as, without DDL rights); empty: grant nothing.
+    #[arg(long, env = "DATABASE_RUNTIME_ROLE", default_value = "")]
+    pub runtime_role: String,
 }
 
 impl DatabaseSettings {
-    pub fn validate(&self) -> Result<tokio_postgres::Config, ConfigError> {
+    /// The connection settings and the TLS wanted (`sslmode`, `sslrootcert`, read
+    /// here because tokio-postgres knows only part of libpq's modes).
+    pub fn validate(
+        &self,
+    ) -> Result<(tokio_postgres::Config, crate::store::tls::TlsSettings), ConfigError> {
+        use crate::store::tls::{RootCert, SslMode, TlsSettings};
+        let bad = |m: String| ConfigError::new("DATABASE_URL", m);
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://"))
         {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "must be a postgres:// URL",
-            ));
+            return Err(bad("must be a postgres:// URL".into()));
         }
-        self.database_url
+        let (base, query) = self
+            .database_url
+            .split_once('?')
+            .unwrap_or((&self.database_url, ""));
+        let mut mode = SslMode::Prefer;
+        let mut root = None;
+        let mut rest = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "sslmode" => mode = SslMode::parse(&v).map_err(bad)?,
+                "sslrootcert" => root = Some(v.into_owned()),
+                "sslcert" | "sslkey" | "sslpassword" => {
+                    return Err(bad(format!("{k} (client certificates) is not supported")))
+                }
+                _ => {
+                    rest.append_pair(&k, &v);
+                }
+            }
+        }
+        let rest = rest.finish();
+        let url = if rest.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{rest}")
+        };
+        let mut pg = url
             .parse::<tokio_postgres::Config>()
-            .map_err(|e| ConfigError::new("DATABASE_URL", format!("invalid URL: {e}")))
+            .map_err(|e| bad(format!("invalid URL: {e}")))?;
+        pg.ssl_mode(mode.negotiation());
+        let tls = TlsSettings {
+            mode,
+            root_cert: RootCert::resolve(root.as_deref()),
+        };
+        Ok((pg, tls))
     }
 
     pub fn db_timeout(&self) -> Duration {
@@ -48,6 +86,7 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("database_url", &redact_url(&self.database_url))
             .field("db_pool_size", &self.db_pool_size)
             .field("db_timeout_secs", &self.db_timeout_secs)
+            .field("runtime_role", &self.runtime_role)
             .finish()
     }
 }
@@ -90,6 +129,34 @@ pub struct BrokerSettings {
     /// AMQP heartbeat in seconds, so a dead connection is noticed.
     #[arg(long, env = "AMQP_HEARTBEAT_SECS", default_value_t = 10)]
     pub heartbeat_secs: u16,
+    /// Queue-name prefixes a command's reply_to may start with, besides
+    /// amq.rabbitmq.reply-to (direct reply-to), comma-separated. The default
+    /// allows server-named queues.
+    #[arg(
+        long,
+        env = "REPLY_TO_PREFIXES",
+        default_value = "amq.gen-",
+        value_delimiter = ','
+    )]
+    pub reply_to_prefixes: Vec<String>,
+    /// Most commands the command queue holds (x-max-length; 0: no limit). Past
+    /// it, publishers' messages are refused (nack), not dropped.
+    #[arg(long, env = "COMMAND_QUEUE_MAX_LENGTH", default_value_t = 1_000_000)]
+    pub command_queue_max_length: u64,
+    /// Most bytes of bodies the command queue holds (x-max-length-bytes; 0: no limit).
+    #[arg(long, env = "COMMAND_QUEUE_MAX_BYTES", default_value_t = 1 << 30)]
+    pub command_queue_max_bytes: u64,
+    /// Most messages the dead-letter queue holds (0: no limit). Past it, dead
+    /// letters wait in the command queue's dead-lettering instead.
+    #[arg(long, env = "DEAD_LETTER_QUEUE_MAX_LENGTH", default_value_t = 100_000)]
+    pub dead_letter_queue_max_length: u64,
+    /// Most bytes the dead-letter queue holds (0: no limit).
+    #[arg(long, env = "DEAD_LETTER_QUEUE_MAX_BYTES", default_value_t = 256 << 20)]
+    pub dead_letter_queue_max_bytes: u64,
+    /// PEM file of the certificate authorities an amqps:// broker's certificate
+    /// must chain to (default: the system's).
+    #[arg(long, env = "AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
 }
 
 impl BrokerSettings {
@@ -121,7 +188,43 @@ impl BrokerSettings {
                 ));
             }
         }
+        if self.reply_to_prefixes.iter().any(|p| p.trim().is_empty()) {
+            return Err(ConfigError::new(
+                "REPLY_TO_PREFIXES",
+                "an empty prefix would allow replies to any queue",
+            ));
+        }
+        for p in &self.reply_to_prefixes {
+            if [&self.command_queue, &self.dead_letter_queue]
+                .iter()
+                .any(|q| q.starts_with(p.as_str()))
+            {
+                return Err(ConfigError::new(
+                    "REPLY_TO_PREFIXES",
+                    format!("{p:?} would allow replies into the worker's own queues"),
+                ));
+            }
+        }
+        self.tls()?;
         Ok(uri)
+    }
+}
+
+impl BrokerSettings {
+    /// TLS settings for `amqps://`: the CA file's certificates, trusted besides
+    /// the system's.
+    pub fn tls(&self) -> Result<lapin::tcp::OwnedTLSConfig, ConfigError> {
+        let cert_chain =
+            match &self.amqp_ca_file {
+                None => None,
+                Some(ca) => Some(std::fs::read_to_string(ca).map_err(|e| {
+                    ConfigError::new("AMQP_CA_FILE", format!("{}: {e}", ca.display()))
+                })?),
+            };
+        Ok(lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain,
+        })
     }
 }
 
@@ -137,6 +240,18 @@ impl std::fmt::Debug for BrokerSettings {
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)
             .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("reply_to_prefixes", &self.reply_to_prefixes)
+            .field("command_queue_max_length", &self.command_queue_max_length)
+            .field("command_queue_max_bytes", &self.command_queue_max_bytes)
+            .field(
+                "dead_letter_queue_max_length",
+                &self.dead_letter_queue_max_length,
+            )
+            .field(
+                "dead_letter_queue_max_bytes",
+                &self.dead_letter_queue_max_bytes,
+            )
+            .field("amqp_ca_file", &self.amqp_ca_file)
             .finish()
     }
 }
@@ -158,6 +273,10 @@ pub struct WorkerSettings {
         default_value = "http://localhost:8080/verify"
     )]
     pub verification_url: String,
+    /// At most one verification email per profile and purpose this often, in
+    /// seconds (0 turns the cooldown off).
+    #[arg(long, env = "EMAIL_COOLDOWN_SECS", default_value_t = 60)]
+    pub email_cooldown_secs: u64,
     /// Tickets expire this many seconds after their last request time.
     #[arg(long, env = "TICKET_MAX_AGE_SECS", default_value_t = 900)]
     pub ticket_max_age_secs: u64,

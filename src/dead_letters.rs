@@ -24,6 +24,9 @@ pub enum DeadLetterCmd {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show bodies' accessTokenId whole (bearer secrets: masked by default).
+        #[arg(long)]
+        show_secrets: bool,
     },
     /// Re-publish chosen dead letters to the command exchange, then remove them from
     /// the dead-letter queue.
@@ -105,6 +108,23 @@ const BROKER_HEADERS: [&str; 10] = [
     "x-opt-deaths",
 ];
 
+/// A body with its `accessTokenId` cut to a prefix (a bearer secret; enough
+/// to tell tokens apart). A body that is not a JSON object is kept as it is.
+pub fn mask_secrets(body: &str) -> String {
+    let Ok(serde_json::Value::Object(mut o)) = serde_json::from_str::<serde_json::Value>(body)
+    else {
+        return body.to_string();
+    };
+    match o.get("accessTokenId") {
+        Some(serde_json::Value::String(t)) => {
+            let masked = format!("{} (masked)", crate::telemetry::token_prefix(t));
+            o.insert("accessTokenId".into(), masked.into());
+            serde_json::Value::Object(o).to_string()
+        }
+        _ => body.to_string(),
+    }
+}
+
 impl DeadLetter {
     pub fn read(position: u64, routing_key: &str, p: &BasicProperties, body: &[u8]) -> Self {
         let text = |name| properties::header_text(p, name).map(str::to_string);
@@ -153,14 +173,22 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
 
 pub async fn run(cmd: DeadLetterCmd) -> Result<(), String> {
     match cmd {
-        DeadLetterCmd::List { scan, json } => {
+        DeadLetterCmd::List {
+            scan,
+            json,
+            show_secrets,
+        } => {
             let conn = connect(&scan.broker).await?;
             let channel = conn.create_channel().await.map_err(describe)?;
             let mut shown = 0;
             for_each(&channel, &scan, |d, _| {
                 shown += 1;
                 if json {
-                    println!("{}", serde_json::to_string(d).unwrap_or_default());
+                    let mut d = d.clone();
+                    if !show_secrets {
+                        d.body = mask_secrets(&d.body);
+                    }
+                    println!("{}", serde_json::to_string(&d).unwrap_or_default());
                 } else {
                     println!(
                         "{:>5}  {}  {}  {}: {}",
@@ -253,7 +281,7 @@ pub async fn run(cmd: DeadLetterCmd) -> Result<(), String> {
 
 async fn connect(settings: &BrokerSettings) -> Result<Connection, String> {
     let uri = settings.validate().map_err(|e| e.to_string())?;
-    broker::connect(&uri)
+    broker::connect(&uri, &settings.tls().map_err(|e| e.to_string())?)
         .await
         .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))
 }
@@ -291,6 +319,19 @@ async fn for_each(
 mod tests {
     use super::*;
     use lapin::types::{AMQPValue, LongString};
+
+    #[test]
+    fn bodies_are_shown_with_access_tokens_masked() {
+        let body = r#"{"accessTokenId":"e8f5170c-877b-416f-b70f-4b09772f8e2d","profileId":"p"}"#;
+        let masked = mask_secrets(body);
+        assert!(!masked.contains("877b-416f"), "{masked}");
+        assert!(masked.contains("e8f5170c… (masked)") && masked.contains("\"profileId\":\"p\""));
+        assert_eq!(mask_secrets("not json"), "not json");
+        assert_eq!(
+            mask_secrets(r#"{"accessTokenId":5}"#),
+            r#"{"accessTokenId":5}"#
+        );
+    }
 
     fn with_headers(pairs: &[(&str, &str)]) -> BasicProperties {
         let mut h = FieldTable::default();

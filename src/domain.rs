@@ -29,7 +29,6 @@ impl TenantPermission {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessToken {
-    pub id: String,
     pub application: String,
     /// Epoch milliseconds; `None` never expires.
     pub expires_on: Option<i64>,
@@ -41,12 +40,14 @@ impl AccessToken {
         matches!(self.expires_on, Some(t) if t <= now_ms)
     }
 
-    /// Allowed when any permission that covers the tenant allows the action
-    /// (a specific-tenant entry does not hide a `*` entry).
+    /// Crafter's `TenantPermissionResolver`: the first entry, in list order, that
+    /// names the tenant or `*` decides; later entries are not consulted, so a
+    /// specific entry placed first can narrow a `*` entry after it.
     pub fn allows(&self, tenant: &str, action: &str) -> bool {
         self.tenant_permissions
             .iter()
-            .any(|p| p.covers_tenant(tenant) && p.allows(action))
+            .find(|p| p.covers_tenant(tenant))
+            .is_some_and(|p| p.allows(action))
     }
 }
 
@@ -56,6 +57,32 @@ pub struct Profile {
     pub tenant: String,
     pub email: String,
     pub enabled: bool,
+}
+
+/// What the domain needs of a tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tenant {
+    /// Hosts a caller-given `verificationUrl` may point at (`*.example.com`
+    /// matches any subdomain); empty: any host.
+    pub link_hosts: Vec<String>,
+}
+
+impl Tenant {
+    pub fn allows_link_host(&self, host: &str) -> bool {
+        self.link_hosts.is_empty() || self.link_hosts.iter().any(|h| host_matches(h, host))
+    }
+}
+
+/// `example.com` matches itself; `*.example.com` matches any subdomain of it
+/// (at any depth) but not `example.com` itself. Case-insensitive.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let (pattern, host) = (pattern.to_ascii_lowercase(), host.to_ascii_lowercase());
+    match pattern.strip_prefix("*.") {
+        Some(domain) => host
+            .strip_suffix(domain)
+            .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+        None => pattern == host,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,23 +116,46 @@ pub enum Outcome {
     Rejected(Rejection),
 }
 
+impl Outcome {
+    /// Whether a repeat of the command (same `message_id`, same fingerprint) gets
+    /// this outcome again from the idempotency record. Not for an unknown or
+    /// expired token (CONTRACT §4: decided again; their messages also carry the
+    /// whole access token ID, which is never stored), nor for the email cooldown,
+    /// whose answer is "retry later".
+    pub fn is_remembered(&self) -> bool {
+        match self {
+            Outcome::Rejected(r) => !matches!(
+                r.code,
+                ErrorCode::NoSuchAccessTokenId
+                    | ErrorCode::AccessDenied
+                    | ErrorCode::TooManyRequests
+            ),
+            _ => true,
+        }
+    }
+}
+
 /// What `decide` needs besides the loaded rows.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub now_ms: i64,
     pub new_id: Uuid,
-    /// Base of the email link when the command names none.
+    /// Base of the email link when the command names none (trusted: the operator's).
     pub default_verification_url: &'a str,
+    /// At most one email per profile and purpose this often; 0 turns it off.
+    pub email_cooldown_secs: u64,
+    /// When the last email for this command's profile and purpose was requested.
+    pub last_email_ms: Option<i64>,
 }
 
 /// Applies the rules in Crafter Profile's order; the first that fails decides.
 pub fn decide(
     command: &Command,
     token: Option<&AccessToken>,
-    profile: Option<&Profile>,
+    profile: Option<(&Profile, &Tenant)>,
     ctx: Context<'_>,
 ) -> Outcome {
-    match check(command, token, profile, ctx.now_ms) {
+    match check(command, token, profile, ctx) {
         Err(rejection) => Outcome::Rejected(rejection),
         Ok(profile) => match command {
             Command::CreateTicket(_) => Outcome::TicketCreated(Ticket {
@@ -140,8 +190,8 @@ pub fn decide(
 fn check<'p>(
     command: &Command,
     token: Option<&AccessToken>,
-    profile: Option<&'p Profile>,
-    now_ms: i64,
+    profile: Option<(&'p Profile, &Tenant)>,
+    ctx: Context<'_>,
 ) -> Result<&'p Profile, Rejection> {
     let token_id = command.access_token_id();
     let Some(token) = token else {
@@ -150,35 +200,75 @@ fn check<'p>(
             format!("No access token found for ID \"{token_id}\""),
         ));
     };
-    if token.is_expired(now_ms) {
+    if let Some(expired_on) = token.expires_on.filter(|_| token.is_expired(ctx.now_ms)) {
         return Err(Rejection::new(
             ErrorCode::AccessDenied,
             format!(
-                "Access token for application \"{}\" has expired",
-                token.application
+                "Access token \"{token_id}\" for application \"{}\" expired on {}",
+                token.application,
+                us_date(expired_on)
             ),
         ));
     }
     let profile_id = command.profile_id();
-    let Some(profile) = profile else {
+    let Some((profile, tenant)) = profile else {
         return Err(Rejection::new(
             ErrorCode::NoSuchProfile,
-            format!("No profile found for ID \"{profile_id}\""),
+            format!("No profile with ID \"{profile_id}\" found"),
         ));
     };
     require_action(token, &profile.tenant, MANAGE_PROFILES)?;
-    if let Command::CreateTicket(_) = command {
-        require_action(token, &profile.tenant, MANAGE_TICKETS)?;
-        // Disabled profiles get no tickets; verification tokens are still allowed,
-        // because verifying the account is how a profile becomes enabled.
-        if !profile.enabled {
-            return Err(Rejection::new(
-                ErrorCode::DisabledProfile,
-                format!("Profile \"{profile_id}\" is disabled"),
-            ));
+    match command {
+        Command::CreateTicket(_) => {
+            require_action(token, &profile.tenant, MANAGE_TICKETS)?;
+            // Disabled profiles get no tickets; verification tokens are still allowed,
+            // because verifying the account is how a profile becomes enabled.
+            if !profile.enabled {
+                return Err(Rejection::new(
+                    ErrorCode::DisabledProfile,
+                    format!(
+                        "Profile \"{profile_id}\" of tenant \"{}\" is disabled",
+                        profile.tenant
+                    ),
+                ));
+            }
+        }
+        Command::CreateVerificationToken(c) => {
+            // After the permission check, so a caller without it learns nothing
+            // about the tenant's hosts.
+            if let Some(host) = c.verification_url.as_deref().and_then(link_host) {
+                if !tenant.allows_link_host(&host) {
+                    return Err(Rejection::malformed(format!(
+                        "verificationUrl host \"{host}\" is not allowed for tenant \"{}\"",
+                        profile.tenant
+                    )));
+                }
+            }
+            check_cooldown(profile_id, ctx)?;
         }
     }
     Ok(profile)
+}
+
+/// Rule 6: one email per profile and purpose per cooldown, so no caller can
+/// flood a mailbox.
+fn check_cooldown(profile_id: &str, ctx: Context<'_>) -> Result<(), Rejection> {
+    let cooldown_ms = ctx.email_cooldown_secs.saturating_mul(1000) as i64;
+    let Some(last) = ctx.last_email_ms.filter(|_| cooldown_ms > 0) else {
+        return Ok(());
+    };
+    let wait_ms = last.saturating_add(cooldown_ms).saturating_sub(ctx.now_ms);
+    if wait_ms <= 0 {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        ErrorCode::TooManyRequests,
+        format!(
+            "A verification email was requested for profile \"{profile_id}\" less than {} s ago; retry in {} s",
+            ctx.email_cooldown_secs,
+            (wait_ms + 999) / 1000
+        ),
+    ))
 }
 
 fn require_action(token: &AccessToken, tenant: &str, action: &str) -> Result<(), Rejection> {
@@ -188,26 +278,47 @@ fn require_action(token: &AccessToken, tenant: &str, action: &str) -> Result<(),
         Err(Rejection::new(
             ErrorCode::ActionDenied,
             format!(
-                "Action {action} denied on tenant \"{tenant}\" for application \"{}\"",
-                token.application
+                "Current subject does not have permission to execute action \"{action}\" on tenant \"{tenant}\""
             ),
         ))
     }
 }
 
-/// Appends `tokenId=<id>` to the base: with `?`, or `&` when the base already has a
-/// query. A `#fragment` stays at the end, where browsers expect it.
+/// The host of an already validated link base, lower-cased.
+pub fn link_host(url: &str) -> Option<String> {
+    url::Url::parse(url)
+        .ok()?
+        .host_str()
+        .map(str::to_ascii_lowercase)
+}
+
+/// Crafter's `createVerificationUrl`, byte for byte: the base, `&` if it contains
+/// `?` anywhere (else `?`), then `tokenId=<id>`, at the very end, after a
+/// `#fragment` too (single-page apps read it from their hash route).
 pub fn verification_link(base: &str, token_id: Uuid) -> String {
-    let (before_fragment, fragment) = match base.find('#') {
-        Some(i) => base.split_at(i),
-        None => (base, ""),
-    };
-    let separator = match before_fragment.find('?') {
-        None => "?",
-        Some(i) if i + 1 == before_fragment.len() || before_fragment.ends_with('&') => "",
-        Some(_) => "&",
-    };
-    format!("{before_fragment}{separator}tokenId={token_id}{fragment}")
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}tokenId={token_id}")
+}
+
+/// `MM/dd/yyyy` of an epoch-milliseconds instant, in UTC (Crafter's format).
+pub fn us_date(epoch_ms: i64) -> String {
+    let (y, m, d) = civil_from_days(epoch_ms.div_euclid(86_400_000));
+    format!("{m:02}/{d:02}/{y:04}")
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]
@@ -226,12 +337,13 @@ mod tests {
             now_ms: NOW,
             new_id: id(),
             default_verification_url: "https://default.test/verify",
+            email_cooldown_secs: 60,
+            last_email_ms: None,
         }
     }
 
     fn token(perms: &[(&str, &[&str])], expires_on: Option<i64>) -> AccessToken {
         AccessToken {
-            id: "tok".into(),
             application: "app".into(),
             expires_on,
             tenant_permissions: perms
@@ -257,6 +369,8 @@ mod tests {
         }
     }
 
+    const ANY_HOST: Tenant = Tenant { link_hosts: vec![] };
+
     fn ticket_cmd() -> Command {
         Command::CreateTicket(CreateTicket {
             access_token_id: "tok".into(),
@@ -273,6 +387,10 @@ mod tests {
         })
     }
 
+    fn decide_for(c: &Command, t: &AccessToken, p: &Profile) -> Outcome {
+        decide(c, Some(t), Some((p, &ANY_HOST)), ctx())
+    }
+
     fn rejected(o: Outcome) -> Rejection {
         match o {
             Outcome::Rejected(r) => r,
@@ -282,7 +400,7 @@ mod tests {
 
     #[test]
     fn creates_a_ticket() {
-        let o = decide(&ticket_cmd(), Some(&admin()), Some(&profile(true)), ctx());
+        let o = decide_for(&ticket_cmd(), &admin(), &profile(true));
         assert_eq!(
             o,
             Outcome::TicketCreated(Ticket {
@@ -292,21 +410,29 @@ mod tests {
                 last_request_time: NOW
             })
         );
+        assert!(o.is_remembered());
     }
 
     #[test]
-    fn missing_token_comes_first() {
-        let r = rejected(decide(&ticket_cmd(), None, None, ctx()));
+    fn missing_token_comes_first_and_is_not_remembered() {
+        let o = decide(&ticket_cmd(), None, None, ctx());
+        assert!(!o.is_remembered());
+        let r = rejected(o);
         assert_eq!(r.code, ErrorCode::NoSuchAccessTokenId);
         assert_eq!(r.message, "No access token found for ID \"tok\"");
     }
 
     #[test]
-    fn expired_token_is_denied_before_profile_lookup() {
+    fn expired_token_is_denied_before_profile_lookup_with_crafters_message() {
+        // 2023-11-14T22:13:19.999Z
         let t = token(&[("*", &["*"])], Some(NOW - 1));
+        let o = decide(&ticket_cmd(), Some(&t), None, ctx());
+        assert!(!o.is_remembered());
+        let r = rejected(o);
+        assert_eq!(r.code, ErrorCode::AccessDenied);
         assert_eq!(
-            rejected(decide(&ticket_cmd(), Some(&t), None, ctx())).code,
-            ErrorCode::AccessDenied
+            r.message,
+            "Access token \"tok\" for application \"app\" expired on 11/14/2023"
         );
         let exactly_now = token(&[("*", &["*"])], Some(NOW));
         assert_eq!(
@@ -315,37 +441,45 @@ mod tests {
         );
         let future = token(&[("*", &["*"])], Some(NOW + 1));
         assert!(matches!(
-            decide(&ticket_cmd(), Some(&future), Some(&profile(true)), ctx()),
+            decide_for(&ticket_cmd(), &future, &profile(true)),
             Outcome::TicketCreated(_)
         ));
     }
 
     #[test]
+    fn us_dates_are_utc() {
+        assert_eq!(us_date(0), "01/01/1970");
+        assert_eq!(us_date(1_000_000_000_000), "09/09/2001");
+        assert_eq!(us_date(951_782_400_000), "02/29/2000");
+        assert_eq!(us_date(-1), "12/31/1969");
+        assert_eq!(us_date(4_102_444_799_999), "12/31/2099");
+    }
+
+    #[test]
     fn missing_profile() {
-        let r = rejected(decide(&ticket_cmd(), Some(&admin()), None, ctx()));
+        let o = decide(&ticket_cmd(), Some(&admin()), None, ctx());
+        assert!(o.is_remembered());
+        let r = rejected(o);
         assert_eq!(r.code, ErrorCode::NoSuchProfile);
         assert_eq!(r.status(), 404);
-        assert_eq!(r.message, "No profile found for ID \"p1\"");
+        assert_eq!(r.message, "No profile with ID \"p1\" found");
     }
 
     #[test]
     fn manage_profiles_is_required_on_the_profiles_tenant() {
         let other_tenant = token(&[("other", &["*"])], None);
-        let r = rejected(decide(
+        let r = rejected(decide_for(
             &vt_cmd(None, None),
-            Some(&other_tenant),
-            Some(&profile(true)),
-            ctx(),
+            &other_tenant,
+            &profile(true),
         ));
         assert_eq!(r.code, ErrorCode::ActionDenied);
-        assert!(r.message.contains("MANAGE_PROFILES"));
+        assert_eq!(
+            r.message,
+            "Current subject does not have permission to execute action \"MANAGE_PROFILES\" on tenant \"default\""
+        );
         let tickets_only = token(&[("default", &[MANAGE_TICKETS])], None);
-        let r = rejected(decide(
-            &ticket_cmd(),
-            Some(&tickets_only),
-            Some(&profile(true)),
-            ctx(),
-        ));
+        let r = rejected(decide_for(&ticket_cmd(), &tickets_only, &profile(true)));
         assert!(
             r.message.contains("MANAGE_PROFILES"),
             "MANAGE_PROFILES is checked before MANAGE_TICKETS"
@@ -355,48 +489,57 @@ mod tests {
     #[test]
     fn tickets_also_need_manage_tickets() {
         let t = token(&[("default", &[MANAGE_PROFILES])], None);
-        let r = rejected(decide(&ticket_cmd(), Some(&t), Some(&profile(true)), ctx()));
+        let r = rejected(decide_for(&ticket_cmd(), &t, &profile(true)));
         assert_eq!(r.code, ErrorCode::ActionDenied);
-        assert!(r.message.contains("MANAGE_TICKETS"));
+        assert!(r.message.contains("\"MANAGE_TICKETS\""));
         assert!(matches!(
-            decide(&vt_cmd(None, None), Some(&t), Some(&profile(true)), ctx()),
+            decide_for(&vt_cmd(None, None), &t, &profile(true)),
             Outcome::VerificationTokenCreated(..)
         ));
     }
 
     #[test]
-    fn permissions_combine_across_matching_entries() {
+    fn the_first_matching_permission_entry_decides() {
+        // The issue's example: a specific entry first narrows the `*` after it.
+        let t = token(&[("default", &[]), ("*", &["*"])], None);
+        let r = rejected(decide_for(&ticket_cmd(), &t, &profile(true)));
+        assert_eq!(r.code, ErrorCode::ActionDenied);
+        assert!(r.message.contains("MANAGE_PROFILES"));
+        // Entries are not combined: MANAGE_TICKETS from a later `*` does not count.
         let t = token(
             &[("default", &[MANAGE_PROFILES]), ("*", &[MANAGE_TICKETS])],
             None,
         );
+        let r = rejected(decide_for(&ticket_cmd(), &t, &profile(true)));
+        assert!(r.message.contains("MANAGE_TICKETS"), "{}", r.message);
+        // A `*` first decides for every tenant, even before a specific entry.
+        let t = token(&[("*", &[MANAGE_PROFILES]), ("default", &["*"])], None);
+        let r = rejected(decide_for(&ticket_cmd(), &t, &profile(true)));
+        assert!(r.message.contains("MANAGE_TICKETS"), "{}", r.message);
+        // An entry for another tenant is skipped, not decisive.
+        let t = token(&[("other", &[]), ("*", &["*"])], None);
         assert!(matches!(
-            decide(&ticket_cmd(), Some(&t), Some(&profile(true)), ctx()),
+            decide_for(&ticket_cmd(), &t, &profile(true)),
             Outcome::TicketCreated(_)
         ));
         let exact = token(&[("default", &[MANAGE_PROFILES, MANAGE_TICKETS])], None);
         assert!(matches!(
-            decide(&ticket_cmd(), Some(&exact), Some(&profile(true)), ctx()),
+            decide_for(&ticket_cmd(), &exact, &profile(true)),
             Outcome::TicketCreated(_)
         ));
+        assert!(!token(&[], None).allows("default", MANAGE_PROFILES));
     }
 
     #[test]
     fn disabled_profiles_get_no_tickets_but_do_get_verification_tokens() {
-        let r = rejected(decide(
-            &ticket_cmd(),
-            Some(&admin()),
-            Some(&profile(false)),
-            ctx(),
-        ));
+        let r = rejected(decide_for(&ticket_cmd(), &admin(), &profile(false)));
         assert_eq!(r.code, ErrorCode::DisabledProfile);
+        assert_eq!(
+            r.message,
+            "Profile \"p1\" of tenant \"default\" is disabled"
+        );
         assert!(matches!(
-            decide(
-                &vt_cmd(None, None),
-                Some(&admin()),
-                Some(&profile(false)),
-                ctx()
-            ),
+            decide_for(&vt_cmd(None, None), &admin(), &profile(false)),
             Outcome::VerificationTokenCreated(..)
         ));
     }
@@ -405,27 +548,20 @@ mod tests {
     fn disabled_is_checked_after_permissions() {
         let t = token(&[("default", &[MANAGE_PROFILES])], None);
         assert_eq!(
-            rejected(decide(
-                &ticket_cmd(),
-                Some(&t),
-                Some(&profile(false)),
-                ctx()
-            ))
-            .code,
+            rejected(decide_for(&ticket_cmd(), &t, &profile(false))).code,
             ErrorCode::ActionDenied
         );
     }
 
     #[test]
     fn verification_token_carries_the_email_request() {
-        let o = decide(
+        let o = decide_for(
             &vt_cmd(
                 Some(Purpose::ResetPassword),
                 Some("https://x.test/reset?lang=en"),
             ),
-            Some(&admin()),
-            Some(&profile(false)),
-            ctx(),
+            &admin(),
+            &profile(false),
         );
         let Outcome::VerificationTokenCreated(tok, email) = o else {
             panic!()
@@ -438,12 +574,7 @@ mod tests {
             email.verification_link,
             format!("https://x.test/reset?lang=en&tokenId={}", id())
         );
-        let o = decide(
-            &vt_cmd(None, None),
-            Some(&admin()),
-            Some(&profile(true)),
-            ctx(),
-        );
+        let o = decide_for(&vt_cmd(None, None), &admin(), &profile(true));
         let Outcome::VerificationTokenCreated(_, email) = o else {
             panic!()
         };
@@ -455,31 +586,160 @@ mod tests {
     }
 
     #[test]
-    fn link_rule() {
+    fn link_rule_is_crafters_concatenation() {
         let t = id();
+        for (base, link) in [
+            (
+                "https://e.com/verify",
+                format!("https://e.com/verify?tokenId={t}"),
+            ),
+            (
+                "https://e.com/v?a=1",
+                format!("https://e.com/v?a=1&tokenId={t}"),
+            ),
+            ("https://e.com/v?", format!("https://e.com/v?&tokenId={t}")),
+            (
+                "https://e.com/v?a=1&",
+                format!("https://e.com/v?a=1&&tokenId={t}"),
+            ),
+            (
+                "https://e.com/#/v",
+                format!("https://e.com/#/v?tokenId={t}"),
+            ),
+            (
+                "https://e.com/v?a#f",
+                format!("https://e.com/v?a#f&tokenId={t}"),
+            ),
+            (
+                "https://e.com/#/v?x=1",
+                format!("https://e.com/#/v?x=1&tokenId={t}"),
+            ),
+        ] {
+            assert_eq!(verification_link(base, t), link, "{base}");
+        }
+    }
+
+    #[test]
+    fn link_hosts_are_checked_after_permissions() {
+        let tenant = Tenant {
+            link_hosts: vec!["example.com".into(), "*.example.com".into()],
+        };
+        let p = profile(true);
+        let with = |url: &str, t: &AccessToken| {
+            decide(
+                &vt_cmd(None, Some(url)),
+                Some(t),
+                Some((&p, &tenant)),
+                ctx(),
+            )
+        };
+        for ok in [
+            "https://example.com/v",
+            "https://EXAMPLE.com/v",
+            "https://a.example.com/v",
+            "https://a.b.example.com/v",
+        ] {
+            assert!(
+                matches!(with(ok, &admin()), Outcome::VerificationTokenCreated(..)),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "https://evil.test/v",
+            "https://notexample.com/v",
+            "https://example.com.evil.test/v",
+        ] {
+            let o = with(bad, &admin());
+            assert!(o.is_remembered(), "a business rejection");
+            let r = rejected(o);
+            assert_eq!(r.code, ErrorCode::ParamDeserializationError, "{bad}");
+            assert_eq!(r.status(), 400);
+            assert!(
+                r.message.starts_with("verificationUrl host \""),
+                "{}",
+                r.message
+            );
+            assert!(r.message.ends_with("is not allowed for tenant \"default\""));
+        }
         assert_eq!(
-            verification_link("https://e.com/verify", t),
-            format!("https://e.com/verify?tokenId={t}")
+            rejected(with("https://evil.test/v", &admin())).message,
+            "verificationUrl host \"evil.test\" is not allowed for tenant \"default\""
         );
+        // Without permission the caller learns nothing about the hosts.
+        let no = token(&[("other", &["*"])], None);
         assert_eq!(
-            verification_link("https://e.com/v?a=1", t),
-            format!("https://e.com/v?a=1&tokenId={t}")
+            rejected(with("https://evil.test/v", &no)).code,
+            ErrorCode::ActionDenied
         );
+        // The operator's default is trusted.
+        let o = decide(
+            &vt_cmd(None, None),
+            Some(&admin()),
+            Some((&p, &tenant)),
+            ctx(),
+        );
+        assert!(matches!(o, Outcome::VerificationTokenCreated(..)));
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert!(host_matches("*.example.com", "a.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", ".example.com"));
+        assert!(!host_matches("*.example.com", "aexample.com"));
+        assert!(host_matches("Example.COM", "example.com"));
+        assert!(!host_matches("example.com", "a.example.com"));
+    }
+
+    #[test]
+    fn email_cooldown() {
+        let p = profile(true);
+        let at = |last: Option<i64>, secs: u64| {
+            decide(
+                &vt_cmd(None, None),
+                Some(&admin()),
+                Some((&p, &ANY_HOST)),
+                Context {
+                    last_email_ms: last,
+                    email_cooldown_secs: secs,
+                    ..ctx()
+                },
+            )
+        };
+        assert!(matches!(
+            at(None, 60),
+            Outcome::VerificationTokenCreated(..)
+        ));
+        let o = at(Some(NOW - 1_500), 60);
+        assert!(!o.is_remembered());
+        let r = rejected(o);
+        assert_eq!(r.code, ErrorCode::TooManyRequests);
+        assert_eq!(r.status(), 429);
         assert_eq!(
-            verification_link("https://e.com/v?", t),
-            format!("https://e.com/v?tokenId={t}")
+            r.message,
+            "A verification email was requested for profile \"p1\" less than 60 s ago; retry in 59 s"
         );
-        assert_eq!(
-            verification_link("https://e.com/v?a=1&", t),
-            format!("https://e.com/v?a=1&tokenId={t}")
+        let r = rejected(at(Some(NOW - 59_999), 60));
+        assert!(r.message.ends_with("retry in 1 s"), "{}", r.message);
+        assert!(matches!(
+            at(Some(NOW - 60_000), 60),
+            Outcome::VerificationTokenCreated(..)
+        ));
+        assert!(
+            matches!(at(Some(NOW), 0), Outcome::VerificationTokenCreated(..)),
+            "0 turns it off"
         );
-        assert_eq!(
-            verification_link("https://e.com/#/v", t),
-            format!("https://e.com/?tokenId={t}#/v")
+        // Permissions first: no cooldown answer to a caller who may not ask.
+        let no = token(&[("other", &["*"])], None);
+        let o = decide(
+            &vt_cmd(None, None),
+            Some(&no),
+            Some((&p, &ANY_HOST)),
+            Context {
+                last_email_ms: Some(NOW),
+                ..ctx()
+            },
         );
-        assert_eq!(
-            verification_link("https://e.com/v?a#f", t),
-            format!("https://e.com/v?a&tokenId={t}#f")
-        );
+        assert_eq!(rejected(o).code, ErrorCode::ActionDenied);
     }
 }

@@ -55,8 +55,40 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Stack for every thread the process starts, unless RUST_MIN_STACK says
+/// otherwise. A publisher controls how deeply a command's headers nest, and
+/// lapin's AMQP parser (amq-protocol, nom) recurses once per level at about
+/// 2 KiB of stack in a release build (several times that unoptimized): the
+/// 2 MiB default overflows below a thousand levels and aborts the process,
+/// while one 128 KiB header frame can nest some 21,800 (≈ 45 MiB). Copying,
+/// re-encoding and dropping such headers recurse as well. The stack is
+/// reserved, not committed: it costs address space, not memory.
+const THREAD_STACK: usize = if cfg!(debug_assertions) {
+    1 << 30
+} else {
+    128 << 20
+};
+
+fn main() -> ExitCode {
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // Before any thread exists (the runtime is built below), so no race.
+        std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string());
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // On a runtime thread (with the stack above), not on the main thread.
+    runtime.block_on(async { tokio::spawn(run_cli()).await.unwrap_or(ExitCode::FAILURE) })
+}
+
+async fn run_cli() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let result = match cli.command {
@@ -135,6 +167,13 @@ async fn migrate(db: DatabaseSettings) -> Result<(), String> {
         .migrate()
         .await
         .map_err(|e| format!("DATABASE_URL: migration failed: {e}"))?;
+    if !db.runtime_role.is_empty() {
+        store
+            .grant_runtime(&db.runtime_role)
+            .await
+            .map_err(|e| format!("DATABASE_RUNTIME_ROLE: {e}"))?;
+        println!("row rights granted to {}", db.runtime_role);
+    }
     println!(
         "migrations applied: {}",
         if applied.is_empty() {

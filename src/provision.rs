@@ -230,7 +230,7 @@ async fn send_all(
         return Ok(vec![]);
     }
     let uri = args.broker.validate().map_err(|e| e.to_string())?;
-    let conn = broker::connect(&uri)
+    let conn = broker::connect(&uri, &args.broker.tls().map_err(|e| e.to_string())?)
         .await
         .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
     let (channel, mut replies) = crate::client::reply_channel(&conn)

@@ -39,6 +39,9 @@ pub const COMMAND_AGE_SECONDS: &str = "profile_worker_command_age_seconds";
 pub const DATABASE_ERRORS: &str = "profile_worker_database_errors_total";
 /// Broker failures, by `kind` (`session`: connection or channel lost; `nack`).
 pub const BROKER_ERRORS: &str = "profile_worker_broker_errors_total";
+/// Replies the broker kept refusing (their queue full, say), dropped after a
+/// second of retries.
+pub const REPLIES_DROPPED: &str = "profile_worker_replies_dropped_total";
 /// Broker connections re-established after a loss.
 pub const RECONNECTS: &str = "profile_worker_reconnects_total";
 /// Commands dead-lettered, by error `code`.
@@ -96,6 +99,10 @@ fn describe() {
     );
     describe_counter!(BROKER_ERRORS, "Broker failures by kind (session, nack)");
     describe_counter!(RECONNECTS, "Broker reconnections");
+    describe_counter!(
+        REPLIES_DROPPED,
+        "Replies the broker kept refusing, dropped after about a second of retries"
+    );
     describe_counter!(DEAD_LETTERS, "Commands dead-lettered, by error code");
     describe_gauge!(
         OUTBOX_PENDING,
@@ -104,6 +111,7 @@ fn describe() {
     describe_gauge!(CONSUMING, "Consumers taking commands in this process");
     // Present from the start, so a dashboard's rate() sees the first failure.
     metrics::counter!(RECONNECTS).absolute(0);
+    metrics::counter!(REPLIES_DROPPED).absolute(0);
     for kind in ["transient", "permanent"] {
         metrics::counter!(DATABASE_ERRORS, "kind" => kind).absolute(0);
     }
@@ -113,8 +121,11 @@ fn describe() {
 }
 
 /// Access token IDs are bearer secrets: logs carry only enough to correlate.
+/// At most 8 characters and at most a quarter of the ID, so a short token is
+/// never logged whole.
 pub fn token_prefix(id: &str) -> String {
-    let prefix: String = id.chars().take(8).collect();
+    let n = (id.chars().count() / 4).min(8);
+    let prefix: String = id.chars().take(n).collect();
     format!("{prefix}…")
 }
 
@@ -126,5 +137,7 @@ mod tests {
             super::token_prefix("e8f5170c-877b-416f-b70f-4b09772f8e2d"),
             "e8f5170c…"
         );
+        assert_eq!(super::token_prefix("tok"), "…");
+        assert_eq!(super::token_prefix("12345678"), "12…");
     }
 }

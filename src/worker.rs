@@ -64,13 +64,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .check()
         .await
         .map_err(|e| RunError::Database(format!("cannot connect: {}", e.message)))?;
-    store
-        .migrate()
-        .await
-        .map_err(|e| RunError::Database(format!("migration failed: {e}")))?;
+    apply_migrations(&store, &settings.database).await?;
 
+    let tls = settings.broker.tls()?;
     let broker_at = format!("{}:{}", uri.authority.host, uri.authority.port);
-    let first = broker::connect(&uri).await.map_err(|e| {
+    let first = broker::connect(&uri, &tls).await.map_err(|e| {
         RunError::Broker(format!(
             "cannot connect to {broker_at}: {}",
             broker::describe(&e)
@@ -97,7 +95,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let result = loop {
         let c = match conn.take() {
             Some(c) => c,
-            None => match reconnect(&uri, &broker_at, &shutdown).await {
+            None => match reconnect(&uri, &tls, &broker_at, &shutdown).await {
                 Some(c) => c,
                 None => break Ok(()),
             },
@@ -106,7 +104,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let _ = c.close(200, "bye".into()).await;
         match outcome {
             Ok(()) => break Ok(()),
-            Err(SessionError::Topology(e)) if e.is_conflict() => break Err(RunError::Topology(e)),
+            Err(SessionError::Topology(e)) if e.is_fatal() => break Err(RunError::Topology(e)),
             Err(e) if shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, "broker session ended during shutdown; unacked commands will be redelivered");
                 break Ok(());
@@ -131,8 +129,40 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     result
 }
 
+/// `run` migrates when it may; under a role without DDL rights (as it should
+/// run, CONTRACT §9) it starts when nothing is pending and otherwise says which
+/// command to run.
+async fn apply_migrations(
+    store: &Store,
+    db: &crate::config::DatabaseSettings,
+) -> Result<(), RunError> {
+    let failed = |e: crate::store::StoreError| RunError::Database(format!("migration failed: {e}"));
+    let pending = store.pending_migrations().await.map_err(failed)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    match store.migrate().await {
+        Ok(_) => {}
+        Err(e) if e.is_permission_denied() => {
+            return Err(RunError::Database(format!(
+                "migrations {pending:?} are pending and this role may not apply them ({e}); \
+                 run `profile-worker migrate` as the schema's owner, then start again"
+            )))
+        }
+        Err(e) => return Err(failed(e)),
+    }
+    if !db.runtime_role.is_empty() {
+        store
+            .grant_runtime(&db.runtime_role)
+            .await
+            .map_err(failed)?;
+    }
+    Ok(())
+}
+
 async fn reconnect(
     uri: &AMQPUri,
+    tls: &broker::OwnedTLSConfig,
     endpoint: &str,
     shutdown: &CancellationToken,
 ) -> Option<Connection> {
@@ -142,7 +172,7 @@ async fn reconnect(
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.cancelled() => return None,
         }
-        match broker::connect(uri).await {
+        match broker::connect(uri, tls).await {
             Ok(c) => {
                 metrics::counter!(telemetry::RECONNECTS).increment(1);
                 tracing::info!(broker = %endpoint, "reconnected");

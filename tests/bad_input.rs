@@ -15,9 +15,18 @@ async fn assert_malformed(env: &Env, body: &[u8], opts: Send, code: &str, mentio
     );
     let dead = env.wait_dead_letters(1).await;
     assert_eq!(dead.len(), 1, "exactly one dead letter");
+    // The original message; a body over the limit cut to it, with its size in a header.
+    let kept = body
+        .len()
+        .min(profile_worker::contract::command::MAX_BODY_BYTES);
     assert_eq!(
-        dead[0].body, body,
+        dead[0].body,
+        &body[..kept],
         "the dead letter is the original message"
+    );
+    assert_eq!(
+        dead[0].header("x-original-body-size"),
+        (kept < body.len()).then(|| body.len().to_string())
     );
     assert_eq!(dead[0].header("x-error-code").as_deref(), Some(code));
     assert_eq!(dead[0].header("x-error-reason").as_deref(), Some(message));

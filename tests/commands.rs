@@ -176,7 +176,7 @@ async fn every_rule_in_order() {
             ticket(ADMIN_TOKEN, "nobody"),
             404,
             "NO_SUCH_PROFILE",
-            Some("No profile found for ID \"nobody\""),
+            Some("No profile with ID \"nobody\" found"),
         ),
         (
             "create-verification-token",

@@ -9,7 +9,10 @@ use common::*;
 use profile_worker::domain::{Ticket, VerificationToken};
 use profile_worker::store::{NewRecord, OutboxEvent, Store};
 use std::collections::HashSet;
+use std::time::Duration;
 use uuid::Uuid;
+
+const COOLDOWN: Duration = Duration::from_secs(60);
 
 fn record(message_id: Option<&str>, reply: &str, token: bool) -> NewRecord {
     let id = Uuid::new_v4();
@@ -20,8 +23,10 @@ fn record(message_id: Option<&str>, reply: &str, token: bool) -> NewRecord {
         } else {
             "create-ticket"
         },
+        fingerprint: [7; 32],
         status: 200,
         reply: reply.to_string(),
+        email: None,
         ticket: (!token).then(|| Ticket {
             id,
             tenant: "default".into(),
@@ -50,18 +55,24 @@ async fn a_message_id_committed_first_elsewhere_writes_nothing_the_second_time()
     let store = Store::connect(&env.settings.database).unwrap();
     let mut first = store.batch().await.unwrap();
     let lost = first
-        .commit(&[record(Some("m1"), "first", false), record(None, "-", true)])
+        .commit(
+            &[record(Some("m1"), "first", false), record(None, "-", true)],
+            COOLDOWN,
+        )
         .await
         .unwrap();
     assert!(lost.is_empty());
 
     let mut second = store.batch().await.unwrap();
     let lost = second
-        .commit(&[
-            record(Some("m2"), "m2", true),
-            record(Some("m1"), "second", false),
-            record(None, "-", false),
-        ])
+        .commit(
+            &[
+                record(Some("m2"), "m2", true),
+                record(Some("m1"), "second", false),
+                record(None, "-", false),
+            ],
+            COOLDOWN,
+        )
         .await
         .unwrap();
     assert_eq!(lost, HashSet::from([1]), "only m1 lost");
@@ -83,7 +94,13 @@ async fn confirmed_events_are_deleted_by_the_next_commit() {
     let store = Store::connect(&env.settings.database).unwrap();
     let r = record(Some("m1"), "r", true);
     let event = r.events[0].event_id;
-    store.batch().await.unwrap().commit(&[r]).await.unwrap();
+    store
+        .batch()
+        .await
+        .unwrap()
+        .commit(&[r], COOLDOWN)
+        .await
+        .unwrap();
     assert_eq!(env.count("outbox").await, 1);
     store.forget_outbox([event]);
     // Until then, a redelivery does not treat it as pending.
@@ -99,7 +116,7 @@ async fn confirmed_events_are_deleted_by_the_next_commit() {
         .batch()
         .await
         .unwrap()
-        .commit(&[record(Some("m2"), "r", false)])
+        .commit(&[record(Some("m2"), "r", false)], COOLDOWN)
         .await
         .unwrap();
     assert_eq!(env.count("outbox").await, 1, "m1's event gone, m2's in");
@@ -116,10 +133,13 @@ async fn one_load_returns_tokens_profiles_and_earlier_replies_with_pending_event
         .batch()
         .await
         .unwrap()
-        .commit(&[
-            record(Some("m1"), "r1", true),
-            record(Some("m2"), "r2", false),
-        ])
+        .commit(
+            &[
+                record(Some("m1"), "r1", true),
+                record(Some("m2"), "r2", false),
+            ],
+            COOLDOWN,
+        )
         .await
         .unwrap();
     // m1 also has two later events, inserted (so stored, and read back through
@@ -205,6 +225,8 @@ async fn batch_lookups_take_their_indexes_even_on_small_analyzed_tables() {
     for index in [
         "access_tokens_pkey",
         "profiles_pkey",
+        "tenants_pkey",
+        "email_cooldowns_pkey",
         "processed_commands_pkey",
         // The earlier replies' pending events.
         "outbox_message_id",
@@ -213,5 +235,70 @@ async fn batch_lookups_take_their_indexes_even_on_small_analyzed_tables() {
     }
     assert!(!plan.contains("Seq Scan"), "a sequential scan:\n{plan}");
     drop(batch);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn an_email_claim_another_batch_took_first_fails_the_commit_as_transient() {
+    let env = Env::prepare().await;
+    let store = Store::connect(&env.settings.database).unwrap();
+    let claim = |mid: &str, at_ms: i64| {
+        let mut r = record(Some(mid), "r", true);
+        r.email = Some(profile_worker::store::EmailClaim {
+            profile_id: ENABLED_PROFILE.into(),
+            purpose: "verify-account",
+            at_ms,
+        });
+        r
+    };
+    let now = 1_700_000_000_000;
+    assert!(store
+        .batch()
+        .await
+        .unwrap()
+        .commit(&[claim("a", now)], COOLDOWN)
+        .await
+        .unwrap()
+        .is_empty());
+    // A second claim inside the cooldown (a batch that loaded before the first
+    // committed): nothing of it is written, and the error says retry.
+    let e = store
+        .batch()
+        .await
+        .unwrap()
+        .commit(
+            &[claim("b", now + 1_000), record(Some("c"), "r", false)],
+            COOLDOWN,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(
+        env.count("processed_commands").await,
+        1,
+        "b and c rolled back"
+    );
+    assert_eq!(env.count("tickets").await, 0);
+    // A whole cooldown later the claim is taken.
+    assert!(store
+        .batch()
+        .await
+        .unwrap()
+        .commit(&[claim("d", now + 60_000)], COOLDOWN)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(env.count("verification_tokens").await, 2);
+    let at: i64 = env
+        .db
+        .query_one(
+            "SELECT (extract(epoch FROM requested_at) * 1000)::bigint FROM email_cooldowns",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(at, now + 60_000);
+    store.close();
     env.teardown().await;
 }

@@ -53,10 +53,14 @@ struct Run {
 
 impl Run {
     async fn prepare() -> Run {
-        let env = Env::prepare().await;
+        let mut env = Env::prepare().await;
         let prefix = env.settings.broker.command_queue.clone();
+        // A durable, named reply queue (so no reply is lost while the broker
+        // restarts), allowed as a reply_to the way an operator would allow it.
+        let replies = format!("{prefix}.replies");
+        env.settings.broker.reply_to_prefixes.push(replies.clone());
         let run = Run {
-            replies: format!("{prefix}.replies"),
+            replies,
             events: format!("{prefix}.all-events"),
             log: std::env::temp_dir().join(format!("{}-worker.log", env.db_name)),
             env,

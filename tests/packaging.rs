@@ -28,6 +28,28 @@ fn strings(y: &Yaml) -> Vec<String> {
 }
 
 #[test]
+fn compose_publishes_nothing_beyond_loopback_and_runs_nothing_as_admin() {
+    let c = compose();
+    let services = c["services"].as_hash().expect("services");
+    for (name, service) in services {
+        for port in strings(&service["ports"]) {
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name:?} publishes {port} beyond loopback"
+            );
+        }
+    }
+    let worker = &c["services"]["worker"]["environment"];
+    let amqp = worker["AMQP_URL"].as_str().unwrap();
+    let db = worker["DATABASE_URL"].as_str().unwrap();
+    assert!(!amqp.contains("guest") && !amqp.contains("admin"), "{amqp}");
+    assert!(
+        !db.contains("owner"),
+        "the worker runs as the runtime role: {db}"
+    );
+}
+
+#[test]
 fn compose_worker_environment_names_are_settings() {
     let c = compose();
     let worker = &c["services"]["worker"];
@@ -97,6 +119,20 @@ fn compose_runs_the_stack_it_promises() {
     assert!(
         check.contains(&format!("127.0.0.1:{port}/readyz")),
         "the health check asks /readyz on HTTP_ADDR's port: {check}"
+    );
+    // Least privilege: the broker user and the migrations (as the owner) come first.
+    for dep in ["rabbitmq-users", "migrate"] {
+        assert_eq!(
+            worker["depends_on"][dep]["condition"].as_str(),
+            Some("service_completed_successfully"),
+            "{dep}"
+        );
+    }
+    let migrate = &services["migrate"]["environment"];
+    assert!(migrate["DATABASE_URL"].as_str().unwrap().contains("owner"));
+    assert_eq!(
+        migrate["DATABASE_RUNTIME_ROLE"].as_str(),
+        Some("profile_worker")
     );
     for dep in ["rabbitmq", "postgres"] {
         assert_eq!(

@@ -167,7 +167,13 @@ async fn refuses_to_start_on_conflicting_topology() {
         "x-queue-type".into(),
         AMQPValue::LongString("classic".into()),
     );
-    let conflicting = format!("{}-conflict", env.settings.broker.command_queue);
+    // The dead-letter queue, already there as a classic queue (a name the
+    // worker's broker user may declare: a conflict, not a permission problem).
+    let conflicting = env.settings.broker.dead_letter_queue.clone();
+    env.channel
+        .queue_delete(conflicting.as_str().into(), Default::default())
+        .await
+        .unwrap();
     env.channel
         .queue_declare(
             conflicting.as_str().into(),
@@ -181,10 +187,7 @@ async fn refuses_to_start_on_conflicting_topology() {
         .unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        worker_command(&env)
-            .env("COMMAND_QUEUE", &conflicting)
-            .env("RUST_LOG", "off")
-            .output(),
+        worker_command(&env).env("RUST_LOG", "off").output(),
     )
     .await
     .expect("exits")
@@ -209,7 +212,8 @@ async fn poison_command_is_dead_lettered_after_the_delivery_limit() {
     // permissions JSON is not what the worker can read.
     env.db
         .execute(
-            "UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' WHERE id = $1",
+            "UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' \
+             WHERE id_sha256 = sha256(convert_to($1, 'UTF8'))",
             &[&PROFILES_ONLY_TOKEN],
         )
         .await

@@ -19,7 +19,7 @@ async fn provision(
         .arg(input)
         .arg("--output")
         .arg(output)
-        .env("AMQP_URL", &b.amqp_url)
+        .env("AMQP_URL", amqp_url())
         .env("COMMAND_EXCHANGE", &b.command_exchange)
         .env("PROVISION_ACCESS_TOKEN", ADMIN_TOKEN)
         .output()

@@ -50,7 +50,9 @@ pub async fn start(
     shape: Shape,
     stop: CancellationToken,
 ) -> Result<JoinHandle<Result<(), String>>, String> {
-    let conn = broker::connect(uri).await.map_err(describe)?;
+    let conn = broker::connect(uri, &Default::default())
+        .await
+        .map_err(describe)?;
     let channel = conn.create_channel().await.map_err(describe)?;
     channel
         .queue_declare(

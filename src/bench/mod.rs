@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// Worker processes consuming the same queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub workers: u64,
+    /// The workers' EMAIL_COOLDOWN_SECS. Commands cycle through the profiles, so
+    /// with a cooldown most verification commands would be answered 429, which
+    /// costs less than making a token: 0 (the default) measures full work.
+    #[arg(long, default_value_t = 0)]
+    pub email_cooldown_secs: u64,
     /// Profiles seeded; commands cycle through them.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub profiles: u64,
@@ -347,6 +352,12 @@ fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
         delivery_limit: 5,
         prefetch,
         heartbeat_secs: 10,
+        reply_to_prefixes: vec!["amq.gen-".into()],
+        command_queue_max_length: 1_000_000,
+        command_queue_max_bytes: 1 << 30,
+        dead_letter_queue_max_length: 100_000,
+        dead_letter_queue_max_bytes: 256 << 20,
+        amqp_ca_file: None,
     }
 }
 
@@ -365,7 +376,7 @@ fn ceiling_events_exchange(prefix: &str) -> String {
 async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
     let n = names(prefix, amqp_url, 1);
     let uri = n.validate().map_err(|e| e.to_string())?;
-    let conn = broker::connect(&uri)
+    let conn = broker::connect(&uri, &Default::default())
         .await
         .map_err(|e| broker::describe(&e))?;
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
@@ -426,6 +437,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         database_url: db_url.clone(),
         db_pool_size: 2,
         db_timeout_secs: 10,
+        runtime_role: String::new(),
     })
     .map_err(|e| e.to_string())?;
     store.migrate().await.map_err(|e| e.to_string())?;
@@ -468,6 +480,10 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         ("PREFETCH".into(), args.prefetch.to_string()),
         ("BATCH_SIZE".into(), args.batch_size.to_string()),
         ("CONSUMERS".into(), args.consumers.to_string()),
+        (
+            "EMAIL_COOLDOWN_SECS".into(),
+            args.email_cooldown_secs.to_string(),
+        ),
         // Metrics are recorded as in production; any free port, so workers of
         // one run (and a worker already running here) do not collide.
         ("HTTP_ADDR".into(), "127.0.0.1:0".into()),
@@ -477,7 +493,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         let log = std::env::temp_dir().join(format!("{db}-worker{k}.log"));
         workers.push(setup::spawn_worker(&bin, &env, log)?);
     }
-    let conn = broker::connect(&uri)
+    let conn = broker::connect(&uri, &Default::default())
         .await
         .map_err(|e| format!("AMQP_URL: {}", broker::describe(&e)))?;
     wait_for_consumers(&conn, &broker_names, &mut workers).await?;

@@ -13,8 +13,18 @@ pub use topology::{command_queue_arguments, declare, unrouted_exchange, Topology
 use lapin::uri::AMQPUri;
 use lapin::ConnectionProperties;
 
-pub async fn connect(uri: &AMQPUri) -> Result<Connection, lapin::Error> {
-    Connection::connect_uri(uri.clone(), ConnectionProperties::default()).await
+pub use lapin::tcp::OwnedTLSConfig;
+
+/// Connects; for `amqps://`, `tls` may add trusted certificate authorities to
+/// the system's (the broker's certificate and host name are always verified).
+pub async fn connect(uri: &AMQPUri, tls: &OwnedTLSConfig) -> Result<Connection, lapin::Error> {
+    Connection::connect_uri_with_config(
+        uri.clone(),
+        ConnectionProperties::default(),
+        tls.clone(),
+        lapin::runtime::default_runtime()?,
+    )
+    .await
 }
 
 /// A one-line description of a lapin error, including the broker's reply text.

@@ -12,6 +12,8 @@ pub const STATUS_HEADER: &str = "status";
 /// Headers we add to a dead letter to say why it is there.
 pub const ERROR_CODE_HEADER: &str = "x-error-code";
 pub const ERROR_REASON_HEADER: &str = "x-error-reason";
+/// On a dead letter whose body was cut to the size limit: the body's size as sent.
+pub const ORIGINAL_SIZE_HEADER: &str = "x-original-body-size";
 
 /// Milliseconds since the epoch a publisher may put in this header (the name
 /// RabbitMQ's message-timestamp plugin uses), since the AMQP `timestamp`
@@ -96,9 +98,21 @@ pub fn header_text<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a str> {
     }
 }
 
-/// The original properties, plus headers saying why the worker dead-lettered it.
-pub fn dead_letter(original: &BasicProperties, code: &str, reason: &str) -> BasicProperties {
+/// The original properties, plus headers saying why the worker dead-lettered it
+/// (and, when its body was cut, how large it was).
+pub fn dead_letter(
+    original: &BasicProperties,
+    code: &str,
+    reason: &str,
+    original_size: Option<usize>,
+) -> BasicProperties {
     let mut headers = original.headers().clone().unwrap_or_default();
+    if let Some(n) = original_size {
+        headers.insert(
+            ORIGINAL_SIZE_HEADER.into(),
+            AMQPValue::LongLongInt(n as i64),
+        );
+    }
     headers.insert(
         ERROR_CODE_HEADER.into(),
         AMQPValue::LongString(LongString::from(code)),

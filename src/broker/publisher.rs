@@ -43,6 +43,16 @@ impl Publisher {
 
     /// Returns once the broker confirmed every message.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
+        let acked = self.publish_each(messages).await?;
+        match acked.iter().filter(|a| !**a).count() {
+            0 => Ok(()),
+            n => Err(PublishError::Nacked(n)),
+        }
+    }
+
+    /// Publishes every message and says, for each, whether the broker took it
+    /// (ack) or refused it (nack), so a caller can retry just the refused ones.
+    pub async fn publish_each(&self, messages: &[Outgoing]) -> Result<Vec<bool>, lapin::Error> {
         // lapin's `basic_publish` resolves only once its I/O thread has written the
         // frames; awaiting them one by one costs two thread hand-offs per message.
         // Started together, the I/O thread writes the whole batch in a few syscalls.
@@ -62,17 +72,11 @@ impl Publisher {
         for s in sent {
             confirms.push(s?);
         }
-        let mut nacked = 0;
+        let mut acked = Vec::with_capacity(confirms.len());
         for c in confirms {
-            if c.await?.is_nack() {
-                nacked += 1;
-            }
+            acked.push(c.await?.is_ack());
         }
-        if nacked > 0 {
-            Err(PublishError::Nacked(nacked))
-        } else {
-            Ok(())
-        }
+        Ok(acked)
     }
 
     pub async fn close(&self) {

@@ -12,13 +12,19 @@ use lapin::{Channel, ExchangeKind};
 pub enum TopologyError {
     #[error("broker topology conflicts with an existing declaration: {0}. Delete or rename the object (or configure other names) and start again")]
     Conflict(String),
+    #[error("the broker user may not declare the topology: {0}. Give it configure, write and read permissions on the worker's exchanges and queues (README, \"Least privilege\")")]
+    Forbidden(String),
     #[error("declaring the broker topology failed: {0}")]
     Broker(#[from] lapin::Error),
 }
 
 impl TopologyError {
-    pub fn is_conflict(&self) -> bool {
-        matches!(self, TopologyError::Conflict(_))
+    /// Not worth retrying: only an operator can change it.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            TopologyError::Conflict(_) | TopologyError::Forbidden(_)
+        )
     }
 }
 
@@ -54,7 +60,41 @@ pub fn command_queue_arguments(s: &BrokerSettings) -> FieldTable {
     // at-least-once dead-lettering needs reject-publish overflow.
     args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
     args.insert("x-overflow".into(), text("reject-publish"));
+    limits(
+        &mut args,
+        s.command_queue_max_length,
+        s.command_queue_max_bytes,
+    );
     args
+}
+
+/// The dead-letter queue: bounded, and refusing (not dropping) past its bounds,
+/// so the command queue's at-least-once dead-lettering keeps what does not fit.
+pub fn dead_letter_queue_arguments(s: &BrokerSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    limits(
+        &mut args,
+        s.dead_letter_queue_max_length,
+        s.dead_letter_queue_max_bytes,
+    );
+    args
+}
+
+/// `x-max-length` / `x-max-length-bytes`, each only when set (0: no limit).
+fn limits(args: &mut FieldTable, max_length: u64, max_bytes: u64) {
+    for (name, value) in [
+        ("x-max-length", max_length),
+        ("x-max-length-bytes", max_bytes),
+    ] {
+        if value > 0 {
+            args.insert(
+                name.into(),
+                AMQPValue::LongLongInt(value.min(i64::MAX as u64) as i64),
+            );
+        }
+    }
 }
 
 /// `<command exchange>.unrouted`: the command exchange's alternate exchange.
@@ -63,8 +103,6 @@ pub fn unrouted_exchange(s: &BrokerSettings) -> String {
 }
 
 pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), TopologyError> {
-    let mut quorum = FieldTable::default();
-    quorum.insert("x-queue-type".into(), text("quorum"));
     // Commands whose routing key names no command would be dropped by the direct
     // exchange; its alternate exchange routes them to the queue instead, so they get
     // an UNKNOWN_COMMAND reply and a dead letter rather than vanishing.
@@ -94,7 +132,7 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
         ),
     ];
     let queues = [
-        (s.dead_letter_queue.as_str(), quorum),
+        (s.dead_letter_queue.as_str(), dead_letter_queue_arguments(s)),
         (s.command_queue.as_str(), command_queue_arguments(s)),
     ];
     let mut bindings = vec![
@@ -145,6 +183,14 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
             ) =>
         {
             TopologyError::Conflict(amqp.get_message().as_str().to_string())
+        }
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            ) =>
+        {
+            TopologyError::Forbidden(amqp.get_message().as_str().to_string())
         }
         _ => TopologyError::Broker(e),
     })

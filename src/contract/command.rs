@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_ID_CHARS: usize = 128;
 pub const MAX_URL_CHARS: usize = 2048;
+/// JSON Schema form of the control-character rule (CONTRACT §2).
+const ID_PATTERN: &str = r"^[^\u0000-\u001F\u007F]*$";
+/// JSON Schema form of the URL rules that a pattern can say: http(s), a host
+/// without userinfo, RFC 3986 characters only (the decoder checks the rest).
+const URL_PATTERN: &str = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9\-._~:\[\]!$&()*+,;=%]+([/?#][A-Za-z0-9\-._~:/?#\[\]@!$&()*+,;=%]*)?$";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CommandName {
@@ -46,10 +51,10 @@ impl CommandName {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTicket {
     /// The caller's access token (a bearer secret).
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = ID_PATTERN))]
     pub access_token_id: String,
     /// The profile the ticket authenticates.
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = ID_PATTERN))]
     pub profile_id: String,
 }
 
@@ -76,18 +81,21 @@ impl Purpose {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateVerificationToken {
     /// The caller's access token (a bearer secret).
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = ID_PATTERN))]
     pub access_token_id: String,
     /// The profile to verify.
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = ID_PATTERN))]
     pub id: String,
     /// `verify-account` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purpose: Option<Purpose>,
     /// Absolute http(s) URL, the base of the link in the email; the worker's
-    /// configured default applies when absent.
+    /// configured default applies when absent. A host and no userinfo; only
+    /// characters RFC 3986 allows, less `'`; no `%` but in a percent-encoded
+    /// byte; no `tokenId` parameter (the worker appends it). When the profile's
+    /// tenant has `linkHosts`, the host must be one of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 2048), url)]
+    #[schemars(length(min = 1, max = 2048), url, regex(pattern = URL_PATTERN))]
     pub verification_url: Option<String>,
 }
 
@@ -117,6 +125,30 @@ impl Command {
             Command::CreateTicket(c) => &c.profile_id,
             Command::CreateVerificationToken(c) => &c.id,
         }
+    }
+}
+
+/// SHA-256 over the command type and its decoded body with defaults applied (the
+/// access token ID included): what binds an idempotency record to its caller
+/// (CONTRACT §4). Two commands share a fingerprint only if they mean the same.
+pub type Fingerprint = [u8; 32];
+
+impl Command {
+    pub fn fingerprint(&self) -> Fingerprint {
+        use sha2::{Digest, Sha256};
+        let body = match self {
+            Command::CreateTicket(c) => serde_json::to_vec(c),
+            Command::CreateVerificationToken(c) => serde_json::to_vec(&CreateVerificationToken {
+                purpose: Some(c.purpose.unwrap_or_default()),
+                ..c.clone()
+            }),
+        }
+        .expect("commands always serialize");
+        let mut h = Sha256::new();
+        h.update(self.name().as_str().as_bytes());
+        h.update([0]);
+        h.update(&body);
+        h.finalize().into()
     }
 }
 
@@ -213,6 +245,24 @@ fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Resul
     })
 }
 
+/// U+0000–U+001F and U+007F: never part of an id or a link, and NUL is refused
+/// by Postgres' text type (it would fail the batch instead of the command).
+pub fn is_control(c: char) -> bool {
+    c <= '\u{1f}' || c == '\u{7f}'
+}
+
+fn check_no_control(field: &str, value: &str) -> Result<(), Rejection> {
+    match value.chars().position(is_control) {
+        None => Ok(()),
+        Some(at) => {
+            let c = value.chars().nth(at).unwrap_or_default() as u32;
+            Err(Rejection::malformed(format!(
+                "Field \"{field}\" contains a control character (U+{c:04X}) at position {at}"
+            )))
+        }
+    }
+}
+
 fn check_id(field: &str, value: &str) -> Result<(), Rejection> {
     let chars = value.chars().count();
     if chars == 0 {
@@ -225,19 +275,63 @@ fn check_id(field: &str, value: &str) -> Result<(), Rejection> {
             "Field \"{field}\" is {chars} characters long, over the limit of {MAX_ID_CHARS}"
         )));
     }
-    Ok(())
+    check_no_control(field, value)
 }
 
-/// The base of the email link must be something a mail client can open.
-pub fn check_verification_url(value: &str) -> Result<(), Rejection> {
+/// Characters RFC 3986 allows in a URI (unreserved, reserved and `%`), less the
+/// single quote: a link goes into HTML emails, where `'` ends an attribute.
+fn is_uri_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~:/?#[]@!$&()*+,;=%".contains(c)
+}
+
+/// The base of the email link must be something a mail client can open, made of
+/// nothing a caller could use to change the email around it (CONTRACT §2).
+/// Returns the URL's host, lower-cased, for the tenant's `linkHosts` check.
+pub fn check_verification_url(value: &str) -> Result<String, Rejection> {
     let bad = |why: &str| Rejection::malformed(format!("Field \"verificationUrl\" {why}"));
-    if value.chars().count() > MAX_URL_CHARS {
+    let chars = value.chars().count();
+    if chars == 0 {
+        return Err(bad("must not be empty"));
+    }
+    if chars > MAX_URL_CHARS {
         return Err(bad(&format!("is longer than {MAX_URL_CHARS} characters")));
     }
-    match url::Url::parse(value) {
-        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => Ok(()),
-        Ok(_) => Err(bad("must be an absolute http or https URL")),
-        Err(e) => Err(bad(&format!("is not a valid URL: {e}"))),
+    check_no_control("verificationUrl", value)?;
+    if let Some((at, c)) = value.char_indices().find(|&(_, c)| !is_uri_char(c)) {
+        return Err(bad(&format!(
+            "contains {c:?} at byte {at}, which is not allowed in a URL"
+        )));
+    }
+    for (at, _) in value.match_indices('%') {
+        let hex = value.as_bytes().get(at + 1..at + 3);
+        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+            return Err(bad(&format!(
+                "has a '%' at byte {at} that does not start a percent-encoded byte"
+            )));
+        }
+    }
+    let scheme_end = value.find("://").unwrap_or(0);
+    let scheme = &value[..scheme_end];
+    if !(scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http")) {
+        return Err(bad("must be an absolute http or https URL"));
+    }
+    let rest = &value[scheme_end + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    if authority.is_empty() {
+        return Err(bad("must have a host"));
+    }
+    if authority.contains('@') {
+        return Err(bad("must not contain userinfo (\"user@\")"));
+    }
+    if value.to_ascii_lowercase().contains("tokenid=") {
+        return Err(bad(
+            "must not contain a tokenId parameter: the worker appends it",
+        ));
+    }
+    let url = url::Url::parse(value).map_err(|e| bad(&format!("is not a valid URL: {e}")))?;
+    match url.host_str() {
+        Some(host) if !host.is_empty() => Ok(host.to_ascii_lowercase()),
+        _ => Err(bad("must have a host")),
     }
 }
 
@@ -258,13 +352,25 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 }
 
 /// Publisher-supplied text echoed in an error message is kept short.
+/// What a caller typed, made safe to quote in a reply or a log line: at most 64
+/// characters, control characters escaped.
 fn truncate_for_message(s: &str) -> String {
     const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(MAX).collect::<String>())
+    let mut out: String = s
+        .chars()
+        .take(MAX)
+        .flat_map(|c| {
+            if is_control(c) {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if s.chars().count() > MAX {
+        out.push('…');
     }
+    out
 }
 
 #[cfg(test)]
@@ -435,6 +541,191 @@ mod tests {
                 "{bad}: {}",
                 r.message
             );
+        }
+    }
+
+    #[test]
+    fn control_characters_are_refused_naming_the_field() {
+        for (field, body) in [
+            (
+                "profileId",
+                r#"{"accessTokenId":"t","profileId":"abc\u0000def"}"#,
+            ),
+            (
+                "accessTokenId",
+                r#"{"accessTokenId":"t\u001f","profileId":"p"}"#,
+            ),
+            (
+                "profileId",
+                r#"{"accessTokenId":"t","profileId":"p\u007f"}"#,
+            ),
+        ] {
+            let r = err(msg("create-ticket", body));
+            assert_eq!(r.code, ErrorCode::ParamDeserializationError);
+            assert!(
+                r.message.contains(&format!("\"{field}\"")) && r.message.contains("control"),
+                "{body}: {}",
+                r.message
+            );
+        }
+        let r = err(msg(
+            "create-verification-token",
+            r#"{"accessTokenId":"t","id":"p\n"}"#,
+        ));
+        assert!(r.message.contains("\"id\""), "{}", r.message);
+        let r = err(msg(
+            "create-verification-token",
+            r#"{"accessTokenId":"t","id":"p","verificationUrl":"https://x.test/v\r\nBcc: a@b"}"#,
+        ));
+        assert!(r.message.contains("verificationUrl"), "{}", r.message);
+        // DEL and C0 only: other characters are fine in ids.
+        assert!(decode(msg(
+            "create-ticket",
+            r#"{"accessTokenId":"t","profileId":"p\u0080é"}"#
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn unknown_types_are_quoted_without_their_control_characters() {
+        let r = err(msg("x\u{0}\r\n", "{}"));
+        assert!(!r.message.chars().any(is_control), "{:?}", r.message);
+    }
+
+    #[test]
+    fn verification_urls_are_links_nobody_can_bend() {
+        let url = |u: &str| check_verification_url(u);
+        for ok in [
+            "https://example.com/verify",
+            "http://example.com:8080/v?a=1&b=%20#/route",
+            "HTTPS://Example.com/v",
+            "https://[::1]/v",
+            "https://example.com/a@b",
+        ] {
+            assert!(url(ok).is_ok(), "{ok}: {:?}", url(ok));
+        }
+        assert_eq!(url("HTTPS://Example.COM/v").unwrap(), "example.com");
+        for bad in [
+            "https://trusted.example@evil.example/",
+            "https://@evil.example/",
+            "https://user:pw@example.com/",
+            "https://example.com/v\r\nBcc: x@y",
+            "https://example.com/<script>",
+            "https://example.com/\"onmouseover",
+            "https://example.com/'x",
+            "https://example.com/a b",
+            "https://example.com\\@evil.example/",
+            "https://example.com/%zz",
+            "https://example.com/%4",
+            "javascript:alert(1)",
+            "//example.com/v",
+            "https:///v",
+            "https://example.com/v?tokenId=123",
+            "",
+        ] {
+            let r = url(bad).unwrap_err();
+            assert_eq!(r.code, ErrorCode::ParamDeserializationError, "{bad}");
+            assert!(
+                r.message.contains("verificationUrl"),
+                "{bad}: {}",
+                r.message
+            );
+        }
+        let long = format!("https://example.com/{}", "a".repeat(MAX_URL_CHARS));
+        assert!(url(&long).unwrap_err().message.contains("2048"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Strings made to hit the rules: control characters, URL syntax, non-ASCII.
+        fn nasty() -> impl Strategy<Value = String> {
+            proptest::string::string_regex(
+                "[a-zA-Z0-9:/?#@%&=.\\-_~\\[\\]<>\"' \\\\\\x00-\\x1f\\x7féé€]{0,40}",
+            )
+            .unwrap()
+        }
+
+        fn url_like() -> impl Strategy<Value = String> {
+            (
+                prop_oneof![Just("https://"), Just("http://"), Just("ftp://"), Just("")],
+                nasty(),
+                prop_oneof![
+                    Just("example.com"),
+                    Just("a.example.com"),
+                    Just("x@evil.test"),
+                    Just("")
+                ],
+                nasty(),
+            )
+                .prop_map(|(s, a, h, b)| format!("{s}{a}{h}{b}"))
+        }
+
+        proptest! {
+            /// Whatever bytes arrive, decoding answers (never panics).
+            #[test]
+            fn decode_never_panics(
+                kind in prop_oneof![Just("create-ticket".to_string()), Just("create-verification-token".to_string()), nasty()],
+                body in proptest::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let _ = decode(Incoming { kind: Some(&kind), routing_key: "", content_type: None, body: &body });
+            }
+
+            /// What decoding accepts obeys every limit, and the body it came
+            /// from validates against the committed JSON Schema.
+            #[test]
+            fn accepted_commands_obey_the_limits_and_the_schema(
+                token in nasty(), profile in nasty(), url in proptest::option::of(url_like()),
+                purpose in proptest::option::of(prop_oneof![Just("verify-account"), Just("reset-password"), Just("other")]),
+                ticket in any::<bool>(),
+            ) {
+                let (kind, body) = if ticket {
+                    ("create-ticket", serde_json::json!({"accessTokenId": token, "profileId": profile}))
+                } else {
+                    let mut b = serde_json::json!({"accessTokenId": token, "id": profile});
+                    if let Some(u) = &url { b["verificationUrl"] = u.clone().into(); }
+                    if let Some(p) = purpose { b["purpose"] = p.into(); }
+                    ("create-verification-token", b)
+                };
+                let text = body.to_string();
+                let Ok(c) = decode(msg(kind, &text)) else { return Ok(()); };
+                for id in [c.access_token_id(), c.profile_id()] {
+                    prop_assert!((1..=MAX_ID_CHARS).contains(&id.chars().count()));
+                    prop_assert!(!id.chars().any(is_control));
+                }
+                if let Command::CreateVerificationToken(v) = &c {
+                    if let Some(u) = &v.verification_url {
+                        prop_assert!(u.chars().count() <= MAX_URL_CHARS);
+                        prop_assert!(u.chars().all(is_uri_char));
+                        let parsed = url::Url::parse(u).unwrap();
+                        prop_assert!(matches!(parsed.scheme(), "http" | "https"));
+                        prop_assert!(parsed.username().is_empty() && parsed.password().is_none());
+                    }
+                }
+                let file = if ticket { "create-ticket.command.json" } else { "create-verification-token.command.json" };
+                let schema: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(format!("{}/schemas/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap(),
+                ).unwrap();
+                let validator = jsonschema::validator_for(&schema).unwrap();
+                prop_assert!(validator.is_valid(&body), "{} accepted but not valid against {}", text, file);
+            }
+
+            /// Any accepted verificationUrl gives a link that re-parses, keeps the
+            /// base's host and carries exactly one tokenId.
+            #[test]
+            fn accepted_urls_make_sound_links(url in url_like(), id in any::<u128>()) {
+                let Ok(host) = check_verification_url(&url) else { return Ok(()); };
+                let id = uuid::Uuid::from_u128(id);
+                let link = crate::domain::verification_link(&url, id);
+                let parsed = url::Url::parse(&link);
+                prop_assert!(parsed.is_ok(), "{} does not re-parse", link);
+                let parsed = parsed.unwrap();
+                prop_assert_eq!(parsed.host_str().map(str::to_ascii_lowercase), Some(host));
+                prop_assert_eq!(link.matches("tokenId=").count(), 1);
+                let tail = format!("tokenId={id}");
+                prop_assert!(link.ends_with(&tail));
+            }
         }
     }
 }

@@ -14,6 +14,10 @@ pub enum ErrorCode {
     DisabledProfile,
     ParamDeserializationError,
     UnknownCommand,
+    /// The command's `message_id` was already used for a different command (§4).
+    MessageIdConflict,
+    /// Email cooldown (§3 rule 6).
+    TooManyRequests,
 }
 
 impl ErrorCode {
@@ -25,6 +29,8 @@ impl ErrorCode {
             | ErrorCode::DisabledProfile => 403,
             ErrorCode::NoSuchProfile => 404,
             ErrorCode::ParamDeserializationError | ErrorCode::UnknownCommand => 400,
+            ErrorCode::MessageIdConflict => 409,
+            ErrorCode::TooManyRequests => 429,
         }
     }
 
@@ -37,6 +43,8 @@ impl ErrorCode {
             ErrorCode::DisabledProfile => "DISABLED_PROFILE",
             ErrorCode::ParamDeserializationError => "PARAM_DESERIALIZATION_ERROR",
             ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
+            ErrorCode::MessageIdConflict => "MESSAGE_ID_CONFLICT",
+            ErrorCode::TooManyRequests => "TOO_MANY_REQUESTS",
         }
     }
 }
@@ -79,6 +87,8 @@ mod tests {
             ErrorCode::DisabledProfile,
             ErrorCode::ParamDeserializationError,
             ErrorCode::UnknownCommand,
+            ErrorCode::MessageIdConflict,
+            ErrorCode::TooManyRequests,
         ] {
             assert_eq!(
                 serde_json::to_value(code).unwrap(),
@@ -96,5 +106,7 @@ mod tests {
         assert_eq!(ErrorCode::DisabledProfile.status(), 403);
         assert_eq!(ErrorCode::ParamDeserializationError.status(), 400);
         assert_eq!(ErrorCode::UnknownCommand.status(), 400);
+        assert_eq!(ErrorCode::MessageIdConflict.status(), 409);
+        assert_eq!(ErrorCode::TooManyRequests.status(), 429);
     }
 }

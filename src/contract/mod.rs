@@ -13,3 +13,52 @@ pub use error::{ErrorCode, Rejection};
 pub use message::{
     EmailRequested, ErrorReply, InternalErrorReply, TicketCreated, VerificationTokenCreated,
 };
+
+/// RabbitMQ's direct reply-to pseudo-queue (and the names it gives replies).
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Whether a command's `reply_to` names a reply queue (CONTRACT §2): direct
+/// reply-to, or a queue named with one of the configured prefixes. Anything
+/// else (another service's queue, the command queue) is never published to.
+pub fn reply_to_allowed(reply_to: &str, prefixes: &[String]) -> bool {
+    let direct = reply_to
+        .strip_prefix(DIRECT_REPLY_TO)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+    direct
+        || prefixes
+            .iter()
+            .any(|p| !p.is_empty() && reply_to.starts_with(p.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_reply_queues_may_be_replied_to() {
+        let prefixes = vec!["amq.gen-".to_string()];
+        for ok in [
+            "amq.rabbitmq.reply-to",
+            "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAyNjI2NDk1OQAAd4cAAAAAZ0nDTA==",
+            "amq.gen-JzTY20BRgKO-HjmUJj0wLg",
+        ] {
+            assert!(reply_to_allowed(ok, &prefixes), "{ok}");
+        }
+        for bad in [
+            "profile.commands",
+            "billing.inbox",
+            "amq.ge",
+            "",
+            " amq.gen-x",
+            "AMQ.GEN-x",
+            "amq.rabbitmq.reply-tox",
+        ] {
+            assert!(!reply_to_allowed(bad, &prefixes), "{bad:?}");
+        }
+        assert!(
+            !reply_to_allowed("x", &[String::new()]),
+            "an empty prefix allows nothing"
+        );
+        assert!(reply_to_allowed("replies.svc-1", &["replies.".into()]));
+    }
+}

@@ -1,8 +1,8 @@
 //! The two round trips of a batch: one load of everything the batch needs, and one
 //! transaction that writes every row, idempotency record and outbox event.
 
-use super::{to_system_time, Store, StoreError};
-use crate::domain::{AccessToken, Profile, TenantPermission, Ticket, VerificationToken};
+use super::{access_token_hash, to_system_time, Store, StoreError};
+use crate::domain::{AccessToken, Profile, Tenant, TenantPermission, Ticket, VerificationToken};
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 use uuid::Uuid;
@@ -25,15 +25,31 @@ pub struct StoredReply {
     pub command: String,
     pub status: u16,
     pub reply: String,
+    /// The fingerprint of the command it answered (`None` for records older than
+    /// fingerprints, which match no repeat).
+    pub fingerprint: Option<Vec<u8>>,
     /// Events of that command still unconfirmed (a crash between commit and publish).
     pub pending_events: Vec<OutboxEvent>,
 }
 
 #[derive(Debug, Default)]
 pub struct Loaded {
+    /// By access token ID (as the commands name them; the table has only hashes).
     pub tokens: HashMap<String, AccessToken>,
     pub profiles: HashMap<String, Profile>,
+    /// The loaded profiles' tenants, by name.
+    pub tenants: HashMap<String, Tenant>,
     pub processed: HashMap<String, StoredReply>,
+    /// When the last email was requested, by (profile id, purpose), epoch ms.
+    pub last_emails: HashMap<(String, String), i64>,
+}
+
+/// A verification email's claim on its profile's and purpose's cooldown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailClaim {
+    pub profile_id: String,
+    pub purpose: &'static str,
+    pub at_ms: i64,
 }
 
 /// One command's effect, to be written atomically with all others of its batch.
@@ -41,10 +57,13 @@ pub struct Loaded {
 pub struct NewRecord {
     pub message_id: Option<String>,
     pub command: &'static str,
+    pub fingerprint: crate::contract::command::Fingerprint,
     pub status: u16,
     pub reply: String,
     pub ticket: Option<Ticket>,
     pub token: Option<VerificationToken>,
+    /// Set when the email cooldown is on and this record requests an email.
+    pub email: Option<EmailClaim>,
     pub events: Vec<OutboxEvent>,
 }
 
@@ -53,34 +72,43 @@ pub struct NewRecord {
 // 0.33 ms at the client for one command against 0.11 ms of server time: each
 // statement's reply is its own wake-up of the connection task and the caller.
 // Rows are told apart by `kind` (see `Kind`); the columns each kind uses:
-//   1 access token:    key id, a application, n expiry (epoch ms), j tenant permissions
-//   2 profile:         key id, a tenant, b email, flag enabled
-//   3 earlier reply:   key message_id, a command, b reply, n status, and one of its
-//                      still-unconfirmed outbox events (NULLs when it has none)
+//   1 access token:    key hex SHA-256 of the id, a application, n expiry (epoch
+//                      ms), j tenant permissions
+//   2 profile:         key id, a tenant, b email, flag enabled, hosts the
+//                      tenant's link hosts
+//   3 earlier reply:   key message_id, a command, b reply, n status, fp its
+//                      fingerprint, and one of its still-unconfirmed outbox events
+//                      (NULLs when it has none)
+//   4 last email:      key profile id, a purpose, n when (epoch ms)
 // Every lookup is `= ANY(...)` on a primary key: with sequential scans off (see
 // `Store::connect`) an index scan, whatever the table's size and statistics and
 // the batch's size. (A join against `unnest($1)` was planned as a hash join over
-// a sequential scan of the whole table while the table was small: 0.42 ms for a
-// one-command batch against 1,000 profiles, where the index takes 0.04 ms.)
+// a sequential scan of the whole table while the table was small.)
 // The outbox side of an earlier reply is a lateral subquery fenced with
-// `OFFSET 0`, an index lookup per reply (250 replies against 100,000 outbox
-// rows: 2.4 ms); flattened into a join, the plan hash-joins the whole outbox,
-// which is large exactly when the broker has been away.
-const LOAD: &str = "SELECT 1::int2 AS kind, t.id AS key, t.application AS a, NULL::text AS b, \
-       (extract(epoch FROM t.expires_on) * 1000)::bigint AS n, NULL::bool AS flag, \
+// `OFFSET 0`, an index lookup per reply; flattened into a join, the plan
+// hash-joins the whole outbox, which is large exactly when the broker has been away.
+const LOAD: &str = "SELECT 1::int2 AS kind, encode(t.id_sha256, 'hex') AS key, t.application AS a, \
+       NULL::text AS b, (extract(epoch FROM t.expires_on) * 1000)::bigint AS n, NULL::bool AS flag, \
        t.tenant_permissions AS j, NULL::uuid AS event_id, NULL::text AS routing_key, \
-       NULL::text AS body, NULL::text AS traceparent, NULL::timestamptz AS created_at \
-     FROM access_tokens t WHERE t.id = ANY($1) \
+       NULL::text AS body, NULL::text AS traceparent, NULL::timestamptz AS created_at, \
+       NULL::text[] AS hosts, NULL::bytea AS fp \
+     FROM access_tokens t WHERE t.id_sha256 = ANY($1) \
      UNION ALL \
-     SELECT 2::int2, p.id, p.tenant, p.email, NULL, p.enabled, NULL, NULL, NULL, NULL, NULL, NULL \
-     FROM profiles p WHERE p.id = ANY($2) \
+     SELECT 2::int2, p.id, p.tenant, p.email, NULL, p.enabled, NULL, NULL, NULL, NULL, NULL, NULL, \
+       tn.link_hosts, NULL \
+     FROM profiles p LEFT JOIN tenants tn ON tn.name = p.tenant WHERE p.id = ANY($2) \
      UNION ALL \
      SELECT 3::int2, p.message_id, p.command, p.reply, p.status::bigint, NULL, NULL, \
-       o.event_id, o.routing_key, o.body, o.traceparent, o.created_at \
+       o.event_id, o.routing_key, o.body, o.traceparent, o.created_at, NULL, p.fingerprint \
      FROM processed_commands p LEFT JOIN LATERAL ( \
        SELECT event_id, routing_key, body, traceparent, created_at FROM outbox \
        WHERE outbox.message_id = p.message_id OFFSET 0) o ON true \
-     WHERE p.message_id = ANY($3)";
+     WHERE p.message_id = ANY($3) \
+     UNION ALL \
+     SELECT 4::int2, c.profile_id, c.purpose, NULL, \
+       (extract(epoch FROM c.requested_at) * 1000)::bigint, NULL, NULL, NULL, NULL, NULL, NULL, \
+       NULL, NULL, NULL \
+     FROM email_cooldowns c WHERE c.profile_id = ANY($2)";
 
 /// What a row of [`LOAD`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +116,7 @@ enum Kind {
     AccessToken = 1,
     Profile = 2,
     EarlierReply = 3,
+    LastEmail = 4,
 }
 
 impl Kind {
@@ -96,19 +125,24 @@ impl Kind {
             1 => Some(Kind::AccessToken),
             2 => Some(Kind::Profile),
             3 => Some(Kind::EarlierReply),
+            4 => Some(Kind::LastEmail),
             _ => None,
         }
     }
 }
 
 /// The whole batch as one statement, so one round trip and one implicit
-/// transaction: idempotency records first; rows and outbox events only for the
-/// message_ids this statement won (a message_id another transaction committed
-/// first writes nothing here and is answered with the stored reply); and the
-/// outbox rows of events already confirmed are deleted on the way.
+/// transaction: idempotency records first; rows, outbox events and email claims
+/// only for the message_ids this statement won (a message_id another transaction
+/// committed first writes nothing here and is answered from the stored record);
+/// and the outbox rows of events already confirmed are deleted on the way.
+/// An email claim takes its (profile, purpose) row only if the last email there
+/// is a whole cooldown old; a claim that finds it taken (another batch committed
+/// one in the meantime) aborts the statement as a serialization failure, so the
+/// batch is retried and decided again against what was committed.
 const COMMIT: &str = "WITH won AS ( \
-       INSERT INTO processed_commands (message_id, command, status, reply) \
-       SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[]) \
+       INSERT INTO processed_commands (message_id, command, status, reply, fingerprint) \
+       SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[], $21::bytea[]) \
        ON CONFLICT (message_id) DO NOTHING RETURNING message_id), \
      forgotten AS (DELETE FROM outbox WHERE event_id = ANY($5::uuid[])), \
      t AS (INSERT INTO tickets (id, tenant, profile_id, last_request_time) \
@@ -125,8 +159,20 @@ const COMMIT: &str = "WITH won AS ( \
        SELECT x.id, x.mid, x.key, x.body, x.trace \
        FROM unnest($16::uuid[], $17::text[], $18::text[], $19::text[], $20::text[]) \
          AS x(id, mid, key, body, trace) \
-       WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)) \
-     SELECT message_id FROM won";
+       WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)), \
+     wanted AS (SELECT x.profile_id, x.purpose, x.at \
+       FROM unnest($22::text[], $23::text[], $24::timestamptz[], $25::text[]) \
+         AS x(profile_id, purpose, at, mid) \
+       WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)), \
+     claimed AS (INSERT INTO email_cooldowns AS c (profile_id, purpose, requested_at) \
+       SELECT * FROM wanted \
+       ON CONFLICT (profile_id, purpose) DO UPDATE SET requested_at = EXCLUDED.requested_at \
+       WHERE c.requested_at <= EXCLUDED.requested_at - make_interval(secs => $26::float8) \
+       RETURNING 1) \
+     SELECT message_id FROM won \
+     UNION ALL \
+     SELECT NULL WHERE CASE WHEN (SELECT count(*) FROM claimed) <> (SELECT count(*) FROM wanted) \
+       THEN profile_worker_cooldown_taken() ELSE false END";
 
 /// One batch's connection: checked out (and, with Verified recycling, checked
 /// with a round trip) once for the load and the commit together.
@@ -159,9 +205,19 @@ impl Batch<'_> {
         }
         let client = &self.client;
         let err = |e| StoreError::pg("load", e);
+        // The table holds hashes only (CONTRACT §7): look up by the hash, keep
+        // the rows under the IDs the commands name.
+        let by_hash: HashMap<String, &str> = token_ids
+            .iter()
+            .map(|id| (hex(&access_token_hash(id)), *id))
+            .collect();
+        let hashes: Vec<Vec<u8>> = token_ids
+            .iter()
+            .map(|id| access_token_hash(id).to_vec())
+            .collect();
         let stmt = client.prepare_cached(LOAD).await.map_err(err)?;
         let rows = client
-            .query(&stmt, &[&token_ids, &profile_ids, &message_ids])
+            .query(&stmt, &[&hashes, &profile_ids, &message_ids])
             .await
             .map_err(err)?;
 
@@ -169,10 +225,12 @@ impl Batch<'_> {
         for row in rows {
             match Kind::of(&row) {
                 Some(Kind::AccessToken) => {
-                    let id: String = row.get(1);
+                    let hash: String = row.get(1);
+                    let Some(id) = by_hash.get(&hash).map(|id| id.to_string()) else {
+                        continue;
+                    };
                     let permissions: serde_json::Value = row.get(6);
                     let token = AccessToken {
-                        id: id.clone(),
                         application: row.get(2),
                         expires_on: row.get(4),
                         tenant_permissions: parse_permissions(&permissions).map_err(|m| {
@@ -194,6 +252,13 @@ impl Batch<'_> {
                         email: row.get(3),
                         enabled: row.get(5),
                     };
+                    let link_hosts: Option<Vec<String>> = row.get(12);
+                    loaded.tenants.insert(
+                        profile.tenant.clone(),
+                        Tenant {
+                            link_hosts: link_hosts.unwrap_or_default(),
+                        },
+                    );
                     loaded.profiles.insert(profile.id.clone(), profile);
                 }
                 Some(Kind::EarlierReply) => {
@@ -205,6 +270,7 @@ impl Batch<'_> {
                             command: row.get(2),
                             status: row.get::<_, i64>(4) as u16,
                             reply: row.get(3),
+                            fingerprint: row.get(13),
                             pending_events: vec![],
                         });
                     if let Some(event_id) = row.get::<_, Option<Uuid>>(7) {
@@ -217,6 +283,11 @@ impl Batch<'_> {
                         };
                         pending.push((row.get(11), event));
                     }
+                }
+                Some(Kind::LastEmail) => {
+                    loaded
+                        .last_emails
+                        .insert((row.get(1), row.get(2)), row.get(4));
                 }
                 None => {
                     return Err(StoreError::permanent(
@@ -247,9 +318,10 @@ impl Batch<'_> {
     /// to see that every lookup in it takes its index.
     pub async fn lookup_plan(&self) -> Result<String, StoreError> {
         let keys: &[&str] = &["k"];
+        let hashes: &[&[u8]] = &[&[0u8; 32]];
         let rows = self
             .client
-            .query(&format!("EXPLAIN {LOAD}"), &[&keys, &keys, &keys])
+            .query(&format!("EXPLAIN {LOAD}"), &[&hashes, &keys, &keys])
             .await
             .map_err(|e| StoreError::pg("explain", e))?;
         let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
@@ -260,9 +332,16 @@ impl Batch<'_> {
     /// transaction committed first (two workers, or a publisher retry racing the
     /// original) writes nothing; its index is returned so the caller can answer
     /// with the stored reply instead.
-    pub async fn commit(&mut self, records: &[NewRecord]) -> Result<HashSet<usize>, StoreError> {
+    /// `email_cooldown` is how old the last email of a record's email claim must be.
+    pub async fn commit(
+        &mut self,
+        records: &[NewRecord],
+        email_cooldown: std::time::Duration,
+    ) -> Result<HashSet<usize>, StoreError> {
         let forget = std::mem::take(&mut *self.store.forgotten());
-        let result = self.commit_forgetting(records, &forget).await;
+        let result = self
+            .commit_forgetting(records, &forget, email_cooldown)
+            .await;
         if result.is_err() {
             self.store.forget_outbox(forget);
         }
@@ -273,6 +352,7 @@ impl Batch<'_> {
         &mut self,
         records: &[NewRecord],
         forget: &[Uuid],
+        email_cooldown: std::time::Duration,
     ) -> Result<HashSet<usize>, StoreError> {
         let ids: Vec<Option<&str>> = records.iter().map(|r| r.message_id.as_deref()).collect();
         let keyed: Vec<usize> = (0..records.len()).filter(|&i| ids[i].is_some()).collect();
@@ -280,6 +360,21 @@ impl Batch<'_> {
         let p_commands: Vec<&str> = keyed.iter().map(|&i| records[i].command).collect();
         let p_statuses: Vec<i16> = keyed.iter().map(|&i| records[i].status as i16).collect();
         let p_replies: Vec<&str> = keyed.iter().map(|&i| records[i].reply.as_str()).collect();
+        let p_fingerprints: Vec<&[u8]> = keyed
+            .iter()
+            .map(|&i| records[i].fingerprint.as_slice())
+            .collect();
+        let claims: Vec<(&EmailClaim, Option<&str>)> = records
+            .iter()
+            .filter_map(|r| Some((r.email.as_ref()?, r.message_id.as_deref())))
+            .collect();
+        let c_profiles: Vec<&str> = claims.iter().map(|(c, _)| c.profile_id.as_str()).collect();
+        let c_purposes: Vec<&str> = claims.iter().map(|(c, _)| c.purpose).collect();
+        let c_times: Vec<SystemTime> = claims
+            .iter()
+            .map(|(c, _)| to_system_time(c.at_ms))
+            .collect();
+        let c_mids: Vec<Option<&str>> = claims.iter().map(|(_, m)| *m).collect();
 
         let tickets: Vec<(&Ticket, Option<&str>)> = records
             .iter()
@@ -340,12 +435,18 @@ impl Batch<'_> {
                     &e_keys,
                     &e_bodies,
                     &e_traces,
+                    &p_fingerprints,
+                    &c_profiles,
+                    &c_purposes,
+                    &c_times,
+                    &c_mids,
+                    &email_cooldown.as_secs_f64(),
                 ],
             )
             .await
             .map_err(err)?
             .into_iter()
-            .map(|r| r.get(0))
+            .filter_map(|r| r.get(0))
             .collect();
         Ok(keyed
             .into_iter()
@@ -406,6 +507,10 @@ impl Store {
             .await
             .map_err(|e| StoreError::pg("outbox", e))
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn parse_permissions(v: &serde_json::Value) -> Result<Vec<TenantPermission>, String> {

@@ -20,14 +20,73 @@ const MIGRATIONS: &[Migration] = &[
         name: "outbox_traceparent",
         sql: include_str!("../../migrations/0002_outbox_traceparent.sql"),
     },
+    Migration {
+        version: 3,
+        name: "hardening",
+        sql: include_str!("../../migrations/0003_hardening.sql"),
+    },
 ];
 
 /// Arbitrary, fixed: "profile-worker migrations".
 const LOCK_KEY: i64 = 0x7072_6f66_696c_6501;
 
+/// The worker's row rights (CONTRACT §9): what `run` needs and nothing more;
+/// no DDL, no rights on the tables it only reads but to read them.
+const RUNTIME_GRANTS: &[&str] = &[
+    "GRANT SELECT ON schema_migrations, tenants, access_tokens, profiles TO {role}",
+    "GRANT SELECT, INSERT, DELETE ON tickets, verification_tokens, processed_commands TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox, email_cooldowns TO {role}",
+];
+
 impl Store {
-    /// Applies pending migrations; returns the versions applied now.
+    /// Versions not yet applied, without any DDL (so a role without DDL rights
+    /// can ask).
+    pub async fn pending_migrations(&self) -> Result<Vec<i32>, StoreError> {
+        let client = self.client("migrate").await?;
+        let err = |e| StoreError::pg("migrate", e);
+        let exists: bool = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(err)?
+            .get(0);
+        let applied: Vec<i32> = if exists {
+            client
+                .query("SELECT version FROM schema_migrations", &[])
+                .await
+                .map_err(err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            vec![]
+        };
+        Ok(MIGRATIONS
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !applied.contains(v))
+            .collect())
+    }
+
+    /// Grants the worker's row rights to `role` (idempotent), so `run` can
+    /// connect as a role that owns nothing.
+    pub async fn grant_runtime(&self, role: &str) -> Result<(), StoreError> {
+        let client = self.client("migrate").await?;
+        let quoted = format!("\"{}\"", role.replace('"', "\"\""));
+        for g in RUNTIME_GRANTS {
+            client
+                .batch_execute(&g.replace("{role}", &quoted))
+                .await
+                .map_err(|e| StoreError::pg("grant", e))?;
+        }
+        Ok(())
+    }
+
+    /// Applies pending migrations; returns the versions applied now. Runs no
+    /// DDL at all when nothing is pending.
     pub async fn migrate(&self) -> Result<Vec<i32>, StoreError> {
+        if self.pending_migrations().await?.is_empty() {
+            return Ok(vec![]);
+        }
         let mut client = self.client("migrate").await?;
         let err = |e| StoreError::pg("migrate", e);
         client

@@ -5,15 +5,23 @@ mod batch;
 mod maintenance;
 mod migrate;
 mod seed;
+pub mod tls;
 
-pub use batch::{Batch, Loaded, NewRecord, OutboxEvent, StoredReply};
+pub use batch::{Batch, EmailClaim, Loaded, NewRecord, OutboxEvent, StoredReply};
 pub use maintenance::SweepReport;
 pub use seed::{SeedFile, SeedReport};
 
 use crate::config::DatabaseSettings;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio_postgres::NoTls;
+
+/// How `access_tokens` keys a token (CONTRACT §7): the SHA-256 of its ID's UTF-8
+/// bytes, so the table never holds the bearer secret itself. (In SQL:
+/// `sha256(convert_to(id, 'UTF8'))`.)
+pub fn access_token_hash(id: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(id.as_bytes()).into()
+}
 
 /// Whether retrying can help: the database (or the way to it) is down or busy,
 /// versus something wrong with what we asked it to do.
@@ -29,11 +37,27 @@ pub struct StoreError {
     pub kind: ErrorKind,
     pub context: &'static str,
     pub message: String,
+    /// The server's SQLSTATE, when it answered with an error.
+    pub sqlstate: Option<String>,
 }
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
+    }
+
+    /// The role lacks a privilege (SQLSTATE 42501), e.g. DDL as the runtime role.
+    pub fn is_permission_denied(&self) -> bool {
+        self.sqlstate.as_deref() == Some("42501")
+    }
+
+    pub fn transient(context: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            kind: ErrorKind::Transient,
+            context,
+            message: message.into(),
+            sqlstate: None,
+        }
     }
 
     fn pg(context: &'static str, e: tokio_postgres::Error) -> Self {
@@ -56,17 +80,14 @@ impl StoreError {
             kind,
             context,
             message,
+            sqlstate: e.as_db_error().map(|db| db.code().code().to_string()),
         }
     }
 
     fn pool(context: &'static str, e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => StoreError::pg(context, e),
-            other => StoreError {
-                kind: ErrorKind::Transient,
-                context,
-                message: other.to_string(),
-            },
+            other => StoreError::transient(context, other.to_string()),
         }
     }
 
@@ -75,6 +96,7 @@ impl StoreError {
             kind: ErrorKind::Permanent,
             context,
             message: message.into(),
+            sqlstate: None,
         }
     }
 }
@@ -115,7 +137,9 @@ pub struct Store {
 impl Store {
     /// Builds the pool. Connections are made lazily; call [`Store::check`] to fail fast.
     pub fn connect(settings: &DatabaseSettings) -> Result<Self, crate::config::ConfigError> {
-        let mut pg = settings.validate()?;
+        let (mut pg, tls) = settings.validate()?;
+        let tls = tls::client_config(&tls)
+            .map_err(|e| crate::config::ConfigError::new("DATABASE_URL", e))?;
         pg.connect_timeout(settings.db_timeout());
         if pg.get_application_name().is_none() {
             pg.application_name("profile-worker");
@@ -138,13 +162,17 @@ impl Store {
         // without the extra round trip `Verified` spends on every checkout; one
         // that died unnoticed fails its query with a transient error and the batch
         // is retried on a fresh connection.
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls {
+            Some(tls) => Manager::from_config(
+                pg,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                config,
+            ),
+            None => Manager::from_config(pg, tokio_postgres::NoTls, config),
+        };
         let timeout = Some(settings.db_timeout());
         let pool = Pool::builder(manager)
             .max_size(settings.db_pool_size as usize)
@@ -231,6 +259,16 @@ pub fn epoch_millis(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_tokens_are_keyed_by_the_sha256_of_their_id() {
+        // The standard test vector for "abc".
+        let h = access_token_hash("abc");
+        assert_eq!(
+            h.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     #[test]
     fn millis_round_trip() {

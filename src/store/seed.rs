@@ -1,7 +1,7 @@
 //! `profile-worker seed FILE` (CONTRACT §8): an idempotent upsert of tenants,
 //! access tokens and profiles, all in one transaction.
 
-use super::{to_system_time, Store, StoreError};
+use super::{access_token_hash, to_system_time, Store, StoreError};
 use crate::contract::command::MAX_ID_CHARS;
 use serde::Deserialize;
 
@@ -22,6 +22,10 @@ pub struct SeedTenant {
     pub name: String,
     #[serde(default)]
     pub verify_new_profiles: bool,
+    /// Hosts a caller-given verificationUrl may point at (`*.example.com`: any
+    /// subdomain); absent or empty: any host.
+    #[serde(default)]
+    pub link_hosts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,9 +100,19 @@ impl SeedFile {
         };
         for t in &self.tenants {
             id_ok("tenant", &t.name)?;
+            for h in &t.link_hosts {
+                check_link_host(h)
+                    .map_err(|m| format!("tenant \"{}\": linkHosts entry {h:?} {m}", t.name))?;
+            }
         }
-        for t in &self.access_tokens {
-            id_ok("access token", &t.id)?;
+        for (i, t) in self.access_tokens.iter().enumerate() {
+            // Not quoted: an access token ID is a secret, even a malformed one.
+            let n = t.id.chars().count();
+            if n == 0 || n > MAX_ID_CHARS {
+                return Err(format!(
+                    "accessTokens[{i}]: id must be 1 to {MAX_ID_CHARS} characters"
+                ));
+            }
         }
         for p in &self.profiles {
             id_ok("profile", &p.id)?;
@@ -113,6 +127,18 @@ impl SeedFile {
     }
 }
 
+/// A host name, or `*.` and a host name; no scheme, port, path or whitespace.
+fn check_link_host(h: &str) -> Result<(), &'static str> {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err("must be a host name like example.com or *.example.com");
+    }
+    Ok(())
+}
+
 impl Store {
     pub async fn seed(&self, file: &SeedFile) -> Result<SeedReport, StoreError> {
         let mut client = self.client("seed").await?;
@@ -120,20 +146,26 @@ impl Store {
         let tx = client.transaction().await.map_err(err)?;
         let up_tenant = tx
             .prepare(
-                "INSERT INTO tenants (name, verify_new_profiles) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO UPDATE SET verify_new_profiles = EXCLUDED.verify_new_profiles",
+                "INSERT INTO tenants (name, verify_new_profiles, link_hosts) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET verify_new_profiles = EXCLUDED.verify_new_profiles, \
+                 link_hosts = EXCLUDED.link_hosts",
             )
             .await
             .map_err(err)?;
         for t in &file.tenants {
-            tx.execute(&up_tenant, &[&t.name, &t.verify_new_profiles])
+            let hosts: Vec<String> = t
+                .link_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect();
+            tx.execute(&up_tenant, &[&t.name, &t.verify_new_profiles, &hosts])
                 .await
                 .map_err(err)?;
         }
         let up_token = tx
             .prepare(
-                "INSERT INTO access_tokens (id, application, master, expires_on, tenant_permissions) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                "INSERT INTO access_tokens (id_sha256, application, master, expires_on, tenant_permissions) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id_sha256) DO UPDATE SET \
                  application = EXCLUDED.application, master = EXCLUDED.master, \
                  expires_on = EXCLUDED.expires_on, tenant_permissions = EXCLUDED.tenant_permissions",
             )
@@ -142,9 +174,10 @@ impl Store {
         for t in &file.access_tokens {
             let expires = t.expires_on.map(to_system_time);
             let perms = serde_json::to_value(&t.tenant_permissions).unwrap_or_default();
+            let hash = access_token_hash(&t.id).to_vec();
             tx.execute(
                 &up_token,
-                &[&t.id, &t.application, &t.master, &expires, &perms],
+                &[&hash, &t.application, &t.master, &expires, &perms],
             )
             .await
             .map_err(err)?;
@@ -214,6 +247,27 @@ mod tests {
             vec!["*"]
         );
         assert!(!f.profiles[0].enabled);
+    }
+
+    #[test]
+    fn link_hosts_must_be_host_names() {
+        let ok = SeedFile::parse(
+            r#"{"tenants":[{"name":"t","linkHosts":["example.com","*.example.com","a-b.c"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.tenants[0].link_hosts.len(), 3);
+        for bad in [
+            "https://example.com",
+            "example.com/x",
+            "*",
+            "a..b",
+            " example.com",
+            "*.*.x",
+        ] {
+            let text = format!(r#"{{"tenants":[{{"name":"t","linkHosts":[{bad:?}]}}]}}"#);
+            let e = SeedFile::parse(&text).unwrap_err();
+            assert!(e.contains("linkHosts"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,21 +23,46 @@ pub const ENABLED_PROFILE: &str = "5925a68def86951f895cf497";
 pub const DISABLED_PROFILE: &str = "592715d4d4c650e226b03b62";
 pub const OTHER_TENANT_PROFILE: &str = "other-tenant-profile";
 
+/// The tests' own broker user (publishers, checks, clean-up): may do anything.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| profile_worker::config::DEFAULT_AMQP_URL.into())
 }
 
-/// A URL to a database we may create databases from.
-pub fn admin_db_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
-        "postgres://profile_worker:profile_worker@127.0.0.1:5432/postgres".into()
+/// The worker's broker user: permissions on the tests' names (`t<12 hex>.…`)
+/// only, as the real one has on `profile.…` (scripts/test.sh creates it).
+pub fn worker_amqp_url() -> String {
+    std::env::var("TEST_WORKER_AMQP_URL").unwrap_or_else(|_| {
+        "amqp://profile-worker-test:profile-worker-test@127.0.0.1:5672/%2f".into()
     })
 }
 
-fn db_url_for(name: &str) -> String {
+/// A URL to a database we may create databases from, as the schema owner.
+pub fn admin_db_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://profile_worker_owner:profile_worker_owner@127.0.0.1:5432/postgres".into()
+    })
+}
+
+/// The role `run` connects as: row rights only, granted by the migration step.
+pub fn runtime_role() -> String {
+    std::env::var("TEST_RUNTIME_DB_USER").unwrap_or_else(|_| "profile_worker".into())
+}
+
+/// The owner's URL for database `name`.
+pub fn db_url_for(name: &str) -> String {
     let admin = admin_db_url();
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
     format!("{base}/{name}")
+}
+
+/// The runtime role's URL for database `name`.
+pub fn runtime_db_url_for(name: &str) -> String {
+    let owner = db_url_for(name);
+    let password =
+        std::env::var("TEST_RUNTIME_DB_PASSWORD").unwrap_or_else(|_| "profile_worker".into());
+    let (scheme, rest) = owner.split_once("://").expect("a URL");
+    let at = rest.rfind('@').expect("credentials in TEST_DATABASE_URL");
+    format!("{scheme}://{}:{password}{}", runtime_role(), &rest[at..])
 }
 
 pub async fn admin_client() -> tokio_postgres::Client {
@@ -135,7 +160,10 @@ impl Received {
         match self.headers.inner().get(name)? {
             AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
             AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-            other => Some(format!("{other:?}")),
+            other => match profile_worker::broker::properties::as_u64(other) {
+                Some(n) => Some(n.to_string()),
+                None => Some(format!("{other:?}")),
+            },
         }
     }
 }
@@ -155,8 +183,13 @@ pub struct Send {
 }
 
 pub struct Env {
+    /// The worker's settings: the runtime database role, the worker's broker user.
     pub settings: Settings,
     pub db_name: String,
+    /// The owner's URL for this test's database (migrations, seeds, changes a
+    /// test makes behind the worker's back).
+    pub owner_db_url: String,
+    /// Connected as the owner.
     pub db: tokio_postgres::Client,
     pub conn: Connection,
     pub channel: Channel,
@@ -170,6 +203,12 @@ pub struct Env {
 impl Env {
     /// Database created and seeded, topology names prefixed; the worker is not started.
     pub async fn prepare() -> Self {
+        Self::prepare_with(|_| {}).await
+    }
+
+    /// As [`Env::prepare`], with the settings changed by `f` before the topology
+    /// is declared.
+    pub async fn prepare_with(f: impl FnOnce(&mut Settings)) -> Self {
         let id = Uuid::new_v4().simple().to_string();
         let prefix = format!("t{}", &id[..12]);
         let db_name = format!("pw_test_{}", &id[..16]);
@@ -180,9 +219,11 @@ impl Env {
             .expect("create test database");
 
         let mut settings = Settings::from_env();
-        settings.database.database_url = db_url_for(&db_name);
+        let owner_db_url = db_url_for(&db_name);
+        settings.database.database_url = runtime_db_url_for(&db_name);
         settings.database.db_pool_size = 4;
-        settings.broker.amqp_url = amqp_url();
+        settings.database.runtime_role = String::new();
+        settings.broker.amqp_url = worker_amqp_url();
         settings.broker.command_exchange = format!("{prefix}.commands");
         settings.broker.command_queue = format!("{prefix}.commands");
         settings.broker.dead_letter_exchange = format!("{prefix}.commands.dlx");
@@ -190,20 +231,28 @@ impl Env {
         settings.broker.events_exchange = format!("{prefix}.events");
         settings.worker.verification_url = "https://example.com/verify".into();
         settings.worker.sweep_interval_secs = 0;
+        // Most tests send many emails to one profile; the cooldown's own tests turn it on.
+        settings.worker.email_cooldown_secs = 0;
         // Any free port: every test worker serves /metrics and /readyz, so that
         // code runs everywhere, and parallel tests do not collide.
         settings.worker.http_addr = "127.0.0.1:0".into();
+        f(&mut settings);
 
-        let store = profile_worker::store::Store::connect(&settings.database).unwrap();
+        let mut owner = settings.database.clone();
+        owner.database_url = owner_db_url.clone();
+        let store = profile_worker::store::Store::connect(&owner).unwrap();
         store.migrate().await.expect("migrate");
+        store
+            .grant_runtime(&runtime_role())
+            .await
+            .expect("grant the runtime role its rights");
         let seed = profile_worker::store::SeedFile::parse(&fixtures().to_string()).unwrap();
         store.seed(&seed).await.expect("seed");
         store.close();
 
-        let (db, db_conn) =
-            tokio_postgres::connect(&settings.database.database_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
+        let (db, db_conn) = tokio_postgres::connect(&owner_db_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(db_conn);
 
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -252,6 +301,7 @@ impl Env {
         Env {
             settings,
             db_name,
+            owner_db_url,
             db,
             conn,
             channel,
@@ -599,15 +649,17 @@ extern "C" {
 pub const SIGTERM: i32 = 15;
 pub const SIGKILL: i32 = 9;
 
-/// `profile-worker run` as a separate process, configured for this test's
-/// database and broker names (stdio left to the caller).
-/// `profile-worker ARGS…` against this test's broker names and database.
+/// `profile-worker ARGS…` against this test's broker names and database, as an
+/// operator runs it: the owner's database role, the admin broker user.
 pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
     let s = &env.settings;
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_profile-worker"));
+    // The binary sizes its own threads' stacks (src/main.rs); the tests' own
+    // setting (.cargo/config.toml) is for the test process.
     c.args(args)
-        .env("DATABASE_URL", &s.database.database_url)
-        .env("AMQP_URL", &s.broker.amqp_url)
+        .env_remove("RUST_MIN_STACK")
+        .env("DATABASE_URL", &env.owner_db_url)
+        .env("AMQP_URL", amqp_url())
         .env("COMMAND_EXCHANGE", &s.broker.command_exchange)
         .env("COMMAND_QUEUE", &s.broker.command_queue)
         .env("DEAD_LETTER_EXCHANGE", &s.broker.dead_letter_exchange)
@@ -618,10 +670,28 @@ pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
     c
 }
 
+/// `profile-worker run` as a separate process, configured for this test's
+/// database and broker names, as the worker's own (least-privileged) users
+/// (stdio left to the caller).
 pub fn worker_process(env: &Env) -> tokio::process::Command {
     let s = &env.settings;
     let mut c = cli(env, &["run"]);
-    c.env("VERIFICATION_URL", &s.worker.verification_url)
+    c.env("DATABASE_URL", &s.database.database_url)
+        .env("AMQP_URL", &s.broker.amqp_url)
+        .env("VERIFICATION_URL", &s.worker.verification_url)
+        .env(
+            "EMAIL_COOLDOWN_SECS",
+            s.worker.email_cooldown_secs.to_string(),
+        )
+        .env("REPLY_TO_PREFIXES", s.broker.reply_to_prefixes.join(","))
+        .env(
+            "COMMAND_QUEUE_MAX_LENGTH",
+            s.broker.command_queue_max_length.to_string(),
+        )
+        .env(
+            "DEAD_LETTER_QUEUE_MAX_LENGTH",
+            s.broker.dead_letter_queue_max_length.to_string(),
+        )
         .env("OUTBOX_GRACE_SECS", "1")
         .env("SWEEP_INTERVAL_SECS", "0")
         .env("HTTP_ADDR", &s.worker.http_addr)

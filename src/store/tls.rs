@@ -1,0 +1,299 @@
+//! TLS to PostgreSQL with libpq's `sslmode` semantics (CONTRACT §9), on rustls.
+//!
+//! tokio-postgres itself knows only `disable`, `prefer` and `require`, and
+//! verifies nothing; libpq users expect more:
+//!
+//! | sslmode       | TLS                  | certificate checked against `sslrootcert` | host name checked |
+//! |---------------|----------------------|-------------------------------------------|-------------------|
+//! | `disable`     | never                | –                                         | –                 |
+//! | `prefer` (default) | if the server offers it | no                               | no                |
+//! | `require`     | always               | only when a root certificate is configured (as libpq) | no     |
+//! | `verify-ca`   | always               | yes                                       | no                |
+//! | `verify-full` | always               | yes                                       | yes               |
+//!
+//! `sslrootcert` is a PEM file, or `system` for the machine's trust store; as in
+//! libpq, it defaults to `~/.postgresql/root.crt` when that file exists.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "sslmode={other:?} is not supported (disable, prefer, require, verify-ca, verify-full)"
+                ))
+            }
+        })
+    }
+
+    /// What tokio-postgres is told: whether TLS is attempted and whether it must succeed.
+    pub fn negotiation(self) -> tokio_postgres::config::SslMode {
+        match self {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        }
+    }
+}
+
+/// Where the trusted root certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// Neither configured nor at libpq's default path.
+    None,
+    System,
+    File(PathBuf),
+}
+
+impl RootCert {
+    /// `sslrootcert` as given, else libpq's default `~/.postgresql/root.crt` when present.
+    pub fn resolve(given: Option<&str>) -> Self {
+        match given {
+            Some("system") => RootCert::System,
+            Some(path) => RootCert::File(PathBuf::from(path)),
+            None => match std::env::var_os("HOME").map(PathBuf::from) {
+                Some(home) if home.join(".postgresql/root.crt").is_file() => {
+                    RootCert::File(home.join(".postgresql/root.crt"))
+                }
+                _ => RootCert::None,
+            },
+        }
+    }
+}
+
+/// The TLS settings a `DATABASE_URL` asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: SslMode,
+    pub root_cert: RootCert,
+}
+
+/// Builds the rustls configuration for `settings`; `None` for `disable`.
+pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let verify_chain = match settings.mode {
+        SslMode::Disable => return Ok(None),
+        SslMode::Prefer => false,
+        // libpq: with a root certificate, `require` verifies like `verify-ca`.
+        SslMode::Require => settings.root_cert != RootCert::None,
+        SslMode::VerifyCa | SslMode::VerifyFull => true,
+    };
+    let config = if !verify_chain {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth()
+    } else {
+        let roots = Arc::new(roots(&settings.root_cert)?);
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| format!("sslrootcert: {e}"))?;
+        if settings.mode == SslMode::VerifyFull {
+            builder.with_webpki_verifier(webpki).with_no_client_auth()
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
+                .with_no_client_auth()
+        }
+    };
+    Ok(Some(config))
+}
+
+fn roots(root: &RootCert) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    match root {
+        RootCert::None => {
+            return Err(
+                "sslmode=verify-ca and verify-full need sslrootcert (a PEM file, or \"system\"); \
+                 none is set and ~/.postgresql/root.crt does not exist"
+                    .into(),
+            )
+        }
+        RootCert::System => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = store.add(cert);
+            }
+        }
+        RootCert::File(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect())
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            for cert in certs {
+                store
+                    .add(cert)
+                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            }
+        }
+    }
+    if store.is_empty() {
+        return Err(format!("sslrootcert: no certificate found in {root:?}"));
+    }
+    Ok(store)
+}
+
+/// `prefer` and `require` without a root certificate: encrypted, with the
+/// handshake's signatures checked, but whoever the server is (libpq's behaviour).
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted root; the name in the
+/// certificate is not compared with the host connected to.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_as_libpq_names_them() {
+        for (s, m) in [
+            ("disable", SslMode::Disable),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            assert_eq!(SslMode::parse(s).unwrap(), m);
+        }
+        assert!(SslMode::parse("allow")
+            .unwrap_err()
+            .contains("not supported"));
+    }
+
+    #[test]
+    fn verifying_modes_need_a_root_certificate() {
+        let none = |mode| TlsSettings {
+            mode,
+            root_cert: RootCert::None,
+        };
+        assert!(client_config(&none(SslMode::Disable)).unwrap().is_none());
+        assert!(client_config(&none(SslMode::Prefer)).unwrap().is_some());
+        assert!(client_config(&none(SslMode::Require)).unwrap().is_some());
+        let e = client_config(&none(SslMode::VerifyFull)).unwrap_err();
+        assert!(e.contains("sslrootcert"), "{e}");
+        let missing = TlsSettings {
+            mode: SslMode::VerifyCa,
+            root_cert: RootCert::File("/nonexistent/root.crt".into()),
+        };
+        assert!(client_config(&missing)
+            .unwrap_err()
+            .contains("/nonexistent/root.crt"));
+    }
+}

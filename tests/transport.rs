@@ -1,0 +1,263 @@
+//! TLS both ways and least privilege (CONTRACT §9): PostgreSQL with libpq's
+//! `sslmode`, `amqps://` with a CA file, a runtime database role with row rights
+//! only, and a broker user limited to the worker's own objects.
+
+mod common;
+
+use common::*;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use profile_worker::worker;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Whether the worker's connections to this test's database are encrypted
+/// (asked as the worker's own role: others' sessions' details are hidden).
+async fn worker_connections_use_tls(env: &Env) -> Vec<bool> {
+    let (db, conn) =
+        tokio_postgres::connect(&runtime_db_url_for(&env.db_name), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    db.query(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = $1 AND a.application_name = 'profile-worker'",
+        &[&env.db_name],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Runs the worker with `settings` until it fails (or 20 s pass); its error.
+async fn start_error(settings: profile_worker::config::Settings) -> String {
+    let stop = CancellationToken::new();
+    let run = tokio::time::timeout(Duration::from_secs(20), worker::run(settings, stop.clone()));
+    match run.await {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(())) => panic!("the worker ran and stopped"),
+        Err(_) => panic!("the worker did not fail within 20 s"),
+    }
+}
+
+#[tokio::test]
+async fn database_tls_follows_libpq_sslmode() {
+    let mut env = Env::prepare().await;
+    let plain = env.settings.database.database_url.clone();
+    for (mode, encrypted) in [("require", true), ("prefer", true), ("disable", false)] {
+        env.settings.database.database_url = format!("{plain}?sslmode={mode}");
+        env.start_worker().await;
+        assert_eq!(
+            env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+                .await
+                .status,
+            200
+        );
+        let tls = worker_connections_use_tls(&env).await;
+        assert!(!tls.is_empty());
+        assert!(
+            tls.iter().all(|t| *t == encrypted),
+            "sslmode={mode}: {tls:?}"
+        );
+        env.stop_worker().await;
+    }
+    // Without sslmode, libpq's default (prefer): encrypted when the server can.
+    env.settings.database.database_url = plain.clone();
+    env.start_worker().await;
+    env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+        .await;
+    assert!(worker_connections_use_tls(&env).await.iter().all(|t| *t));
+    env.stop_worker().await;
+
+    // verify-ca against the server's own (self-signed) certificate: trusted.
+    let snakeoil = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    env.settings.database.database_url =
+        format!("{plain}?sslmode=verify-ca&sslrootcert={snakeoil}");
+    env.start_worker().await;
+    assert_eq!(
+        env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+            .await
+            .status,
+        200
+    );
+    env.stop_worker().await;
+
+    // Verifying modes refuse a server their roots do not vouch for, or whose
+    // name (here 127.0.0.1) the certificate does not carry; a clear start-up
+    // error names the setting.
+    let ca = std::env::var("TEST_AMQPS_CA")
+        .unwrap_or_else(|_| "/etc/rabbitmq/profile-worker-tls/ca.pem".into());
+    for url in [
+        format!("{plain}?sslmode=verify-ca&sslrootcert={ca}"),
+        format!("{plain}?sslmode=verify-full&sslrootcert={snakeoil}"),
+    ] {
+        let mut s = env.settings.clone();
+        s.database.database_url = url.clone();
+        let e = start_error(s).await;
+        assert!(e.starts_with("DATABASE_URL: cannot connect"), "{url}: {e}");
+        assert!(!e.contains("profile_worker:"), "no password in {e}");
+    }
+    let mut s = env.settings.clone();
+    s.database.database_url = format!("{plain}?sslmode=verify-full");
+    let e = start_error(s).await;
+    assert!(e.contains("sslrootcert"), "{e}");
+    let mut s = env.settings.clone();
+    s.database.database_url = format!("{plain}?sslmode=allow");
+    assert!(start_error(s).await.contains("sslmode"));
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn the_worker_speaks_amqps_with_a_configured_ca() {
+    let mut env = Env::prepare().await;
+    let url = std::env::var("TEST_AMQPS_URL").unwrap_or_else(|_| {
+        "amqps://profile-worker-test:profile-worker-test@localhost:5671/%2f".into()
+    });
+    let ca = std::env::var("TEST_AMQPS_CA")
+        .unwrap_or_else(|_| "/etc/rabbitmq/profile-worker-tls/ca.pem".into());
+    env.settings.broker.amqp_url = url.clone();
+    // Without the CA the broker's certificate is not trusted.
+    let e = start_error(env.settings.clone()).await;
+    assert!(e.starts_with("AMQP_URL: cannot connect"), "{e}");
+    env.settings.broker.amqp_ca_file = Some(ca.into());
+    env.start_worker().await;
+    let r = env
+        .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    env.stop_worker().await;
+    // A missing CA file is a start-up error naming its setting.
+    env.settings.broker.amqp_ca_file = Some("/nonexistent/ca.pem".into());
+    let e = start_error(env.settings.clone()).await;
+    assert!(e.starts_with("AMQP_CA_FILE:"), "{e}");
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn run_under_the_runtime_role_says_which_command_to_run_when_migrations_are_pending() {
+    let mut env = Env::prepare().await;
+    // A database the owner has not migrated yet.
+    let name = format!("{}_new", env.db_name);
+    admin_client()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    env.settings.database.database_url = runtime_db_url_for(&name);
+    let e = start_error(env.settings.clone()).await;
+    assert!(
+        e.contains("pending") && e.contains("profile-worker migrate"),
+        "{e}"
+    );
+    // After `migrate` as the owner (granting the runtime role), run starts.
+    let out = cli(&env, &["migrate"])
+        .env("DATABASE_URL", db_url_for(&name))
+        .env("DATABASE_RUNTIME_ROLE", runtime_role())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.start_worker().await;
+    let r = env
+        .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+        .await;
+    assert_eq!(r.status, 403, "no tokens seeded there: {}", r.raw);
+    env.stop_worker().await;
+    admin_client()
+        .await
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn the_runtime_role_has_row_rights_only() {
+    let env = Env::prepare().await;
+    let (db, conn) =
+        tokio_postgres::connect(&env.settings.database.database_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for sql in [
+        "CREATE TABLE intruder (x int)",
+        "ALTER TABLE tickets ADD COLUMN x int",
+        "DROP TABLE outbox",
+        "UPDATE access_tokens SET application = 'x'",
+        "DELETE FROM profiles",
+        "INSERT INTO tenants (name) VALUES ('x')",
+        "TRUNCATE tickets",
+    ] {
+        let e = db.batch_execute(sql).await.unwrap_err();
+        assert_eq!(
+            e.code().map(|c| c.code()),
+            Some("42501"),
+            "{sql} was allowed or failed otherwise: {e}"
+        );
+    }
+    // What it does need, it has.
+    db.query("SELECT count(*) FROM access_tokens", &[])
+        .await
+        .unwrap();
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn the_workers_broker_user_reaches_only_its_own_objects() {
+    let env = Env::prepare().await;
+    let conn = Connection::connect(&worker_amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    // Declaring someone else's queue, or publishing to someone else's exchange,
+    // is refused by the broker (each closes the channel, so one channel each).
+    let ch = conn.create_channel().await.unwrap();
+    let e = ch
+        .queue_declare(
+            "billing.inbox".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    let ch = conn.create_channel().await.unwrap();
+    let e = ch
+        .basic_publish(
+            "amq.topic".into(),
+            "x".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await;
+    let closed = e.is_err() || !ch.status().connected();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        closed || !ch.status().connected(),
+        "publishing to amq.topic was allowed"
+    );
+    // Replies go through the default exchange.
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "amq.gen-nonexistent".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(ch.status().connected());
+    let _ = conn.close(200, "bye".into()).await;
+    env.teardown().await;
+}
