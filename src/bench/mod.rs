@@ -94,6 +94,10 @@ pub struct BenchArgs {
     /// Worker executable (default: this one).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
+    /// Declare the command and dead-letter queues without length bounds, as
+    /// workers before them did, to compare against such a build (`--worker-bin`).
+    #[arg(long)]
+    pub unbounded_queues: bool,
     /// PostgreSQL URL the run's own database is created through (and dropped afterwards).
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = true)]
     pub database_url: String,
@@ -430,7 +434,13 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     let db_url = setup::with_database(&args.database_url, db)?;
     let amqp_url = iso.amqp_url(&args.amqp_url)?;
     let prefix = iso.prefix().to_string();
-    let broker_names = names(&prefix, &amqp_url, args.prefetch);
+    let mut broker_names = names(&prefix, &amqp_url, args.prefetch);
+    if args.unbounded_queues {
+        broker_names.command_queue_max_length = 0;
+        broker_names.command_queue_max_bytes = 0;
+        broker_names.dead_letter_queue_max_length = 0;
+        broker_names.dead_letter_queue_max_bytes = 0;
+    }
     let uri = broker_names.validate().map_err(|e| e.to_string())?;
 
     let store = Store::connect(&DatabaseSettings {
@@ -483,6 +493,22 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         (
             "EMAIL_COOLDOWN_SECS".into(),
             args.email_cooldown_secs.to_string(),
+        ),
+        (
+            "COMMAND_QUEUE_MAX_LENGTH".into(),
+            broker_names.command_queue_max_length.to_string(),
+        ),
+        (
+            "COMMAND_QUEUE_MAX_BYTES".into(),
+            broker_names.command_queue_max_bytes.to_string(),
+        ),
+        (
+            "DEAD_LETTER_QUEUE_MAX_LENGTH".into(),
+            broker_names.dead_letter_queue_max_length.to_string(),
+        ),
+        (
+            "DEAD_LETTER_QUEUE_MAX_BYTES".into(),
+            broker_names.dead_letter_queue_max_bytes.to_string(),
         ),
         // Metrics are recorded as in production; any free port, so workers of
         // one run (and a worker already running here) do not collide.

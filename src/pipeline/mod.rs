@@ -211,8 +211,8 @@ impl Pipeline {
             .collect();
         match self.process(&items).await {
             Ok(settled) => {
-                let last = items.iter().map(Item::tag).max().unwrap_or(0);
-                self.finish(settled, last, true).await
+                let tags: Vec<u64> = items.iter().map(Item::tag).collect();
+                self.finish(settled, &tags).await
             }
             Err(Failure::Store(e)) if items.len() > 1 => {
                 tracing::warn!(error = %e, batch = items.len(), "batch failed; retrying its commands one by one");
@@ -233,26 +233,29 @@ impl Pipeline {
     async fn handle_alone(&self, item: Item) -> Result<(), BatchError> {
         let one = std::slice::from_ref(&item);
         match self.process(one).await {
-            Ok(settled) => self.finish(settled, item.tag(), false).await,
+            Ok(settled) => self.finish(settled, &[item.tag()]).await,
             Err(Failure::Store(e)) => self.poison(item, e).await,
             Err(Failure::Broker(m)) => Err(BatchError::Broker(m)),
             Err(Failure::Abandoned) => Err(BatchError::Abandoned),
         }
     }
 
-    /// Rejects what must go to the queue's dead-lettering, then acks the rest
-    /// (a `multiple` ack leaves the rejected ones alone: they are settled).
-    async fn finish(&self, settled: Settled, tag: u64, multiple: bool) -> Result<(), BatchError> {
-        for t in settled.reject {
+    /// Rejects what must go to the queue's dead-lettering, then acks the rest of
+    /// `tags` (this channel's unsettled deliveries, all of them from this batch)
+    /// with one `multiple` ack on the highest tag not rejected: the broker
+    /// refuses an ack naming a tag that is already settled, and a `multiple` ack
+    /// skips the rejected ones below it.
+    async fn finish(&self, settled: Settled, tags: &[u64]) -> Result<(), BatchError> {
+        for &t in &settled.reject {
             self.acks
                 .basic_reject(t, BasicRejectOptions { requeue: false })
                 .await
                 .map_err(|e| BatchError::Broker(e.to_string()))?;
-            if t == tag && !multiple {
-                return Ok(());
-            }
         }
-        self.ack(tag, multiple).await
+        match tags.iter().filter(|t| !settled.reject.contains(t)).max() {
+            Some(&last) => self.ack(last, tags.len() > 1).await,
+            None => Ok(()),
+        }
     }
 
     /// A command that fails for a reason other than its input or an outage.
@@ -304,7 +307,7 @@ impl Pipeline {
                 code: Some(POISON_CODE),
             },
         );
-        self.finish(settled, item.tag(), false).await
+        self.finish(settled, &[item.tag()]).await
     }
 
     async fn ack(&self, tag: u64, multiple: bool) -> Result<(), BatchError> {
@@ -536,7 +539,7 @@ impl Pipeline {
         );
         // Events carry the trace of the command that caused them.
         for (item, step) in planned.iter().zip(&plan.steps) {
-            if let Step::New(r) = *step {
+            if let Step::New { record: r, .. } = *step {
                 for e in &mut plan.records[r].events {
                     e.traceparent = Some(item.traceparent.clone());
                 }
@@ -632,23 +635,18 @@ impl Pipeline {
                         code: None,
                     }
                 }
-                Step::New(r) => {
-                    let rec = &plan.records[*r];
-                    for e in &rec.events {
+                Step::New { record, rejected } => {
+                    for e in &plan.records[*record].events {
                         out.events.push((self.event(e), e.event_id));
                     }
-                    let code = match serde_json::from_str::<contract::ErrorReply>(&rec.reply) {
-                        Ok(e) if rec.status != 200 => Some(e.error_code.as_str()),
-                        _ => None,
-                    };
                     Answer {
                         status,
-                        outcome: if code.is_some() {
+                        outcome: if rejected.is_some() {
                             "rejected"
                         } else {
                             "created"
                         },
-                        code,
+                        code: rejected.map(|c| c.as_str()),
                     }
                 }
                 Step::SameAs(_) => Answer {

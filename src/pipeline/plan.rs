@@ -28,8 +28,12 @@ pub enum Step {
     Refused(Rejection),
     /// A repeat of a remembered command: its stored reply (and unconfirmed events) again.
     Stored(StoredReply),
-    /// `records[i]` of the plan, written by the commit.
-    New(usize),
+    /// A record of the plan, written by the commit; with the error code when
+    /// the domain refused the command (a remembered rejection).
+    New {
+        record: usize,
+        rejected: Option<ErrorCode>,
+    },
     /// The same command (same `message_id`, same fingerprint) as step `j` of this batch.
     SameAs(usize),
 }
@@ -131,6 +135,10 @@ pub fn plan(
             continue;
         }
         let rendered = render::outcome(&outcome, input.message_id);
+        let rejected = match &outcome {
+            Outcome::Rejected(r) => Some(r.code),
+            _ => None,
+        };
         let (ticket, token) = match outcome {
             Outcome::TicketCreated(t) => (Some(t), None),
             Outcome::VerificationTokenCreated(t, _) => (None, Some(t)),
@@ -152,7 +160,10 @@ pub fn plan(
         if let Some(mid) = input.message_id {
             first_with_id.insert(mid, (index, fingerprint));
         }
-        plan.steps.push(Step::New(plan.records.len()));
+        plan.steps.push(Step::New {
+            record: plan.records.len(),
+            rejected,
+        });
         plan.records.push(NewRecord {
             message_id: input.message_id.map(str::to_string),
             command: command.name().as_str(),
@@ -178,7 +189,9 @@ pub fn resolve_lost(
     mut stored: HashMap<String, StoredReply>,
 ) -> Result<(), String> {
     for step in plan.steps.iter_mut() {
-        let Step::New(r) = *step else { continue };
+        let Step::New { record: r, .. } = *step else {
+            continue;
+        };
         if !lost.contains(&r) {
             continue;
         }
@@ -204,7 +217,10 @@ impl Plan {
         match &self.steps[i] {
             Step::Malformed(r) | Step::Refused(r) => (r.status(), render::rejection(r)),
             Step::Stored(s) => (s.status, s.reply.clone()),
-            Step::New(r) => (self.records[*r].status, self.records[*r].reply.clone()),
+            Step::New { record, .. } => {
+                let r = &self.records[*record];
+                (r.status, r.reply.clone())
+            }
             Step::SameAs(j) => self.answer(*j),
         }
     }
@@ -289,6 +305,13 @@ mod tests {
         plan(&inputs, l, settings(), ids())
     }
 
+    fn new(record: usize) -> Step {
+        Step::New {
+            record,
+            rejected: None,
+        }
+    }
+
     fn code(step: &Step) -> Option<ErrorCode> {
         match step {
             Step::Malformed(r) | Step::Refused(r) => Some(r.code),
@@ -302,7 +325,7 @@ mod tests {
             &[(ticket("admin"), Some("m")), (ticket("admin"), Some("m"))],
             loaded(),
         );
-        assert_eq!(p.steps, vec![Step::New(0), Step::SameAs(0)]);
+        assert_eq!(p.steps, vec![new(0), Step::SameAs(0)]);
         assert_eq!(p.records.len(), 1);
         assert_eq!(p.answer(1), p.answer(0));
     }
@@ -313,7 +336,7 @@ mod tests {
             &[(ticket("admin"), Some("m")), (ticket("other"), Some("m"))],
             loaded(),
         );
-        assert_eq!(p.steps[0], Step::New(0));
+        assert_eq!(p.steps[0], new(0));
         assert_eq!(code(&p.steps[1]), Some(ErrorCode::MessageIdConflict));
         let (status, body) = p.answer(1);
         assert_eq!(status, 409);
@@ -379,7 +402,7 @@ mod tests {
             loaded(),
         );
         assert_eq!(code(&p.steps[0]), Some(ErrorCode::NoSuchAccessTokenId));
-        assert_eq!(p.steps[1], Step::New(0), "decided again, on its own");
+        assert_eq!(p.steps[1], new(0), "decided again, on its own");
         assert_eq!(p.records.len(), 1);
     }
 
@@ -394,9 +417,9 @@ mod tests {
             ],
             loaded(),
         );
-        assert_eq!(p.steps[0], Step::New(0));
+        assert_eq!(p.steps[0], new(0));
         assert_eq!(code(&p.steps[1]), Some(ErrorCode::TooManyRequests));
-        assert_eq!(p.steps[2], Step::New(1));
+        assert_eq!(p.steps[2], new(1));
         assert_eq!(code(&p.steps[3]), Some(ErrorCode::TooManyRequests));
         assert_eq!(
             p.records[0].email,
@@ -481,7 +504,7 @@ mod tests {
                         prop_assert_eq!(commands[*j].1, commands[i].1);
                         prop_assert_eq!(commands[*j].0.as_ref().unwrap().fingerprint(), fp);
                     }
-                    Step::New(r) => prop_assert_eq!(p.records[*r].fingerprint, fp),
+                    Step::New { record, .. } => prop_assert_eq!(p.records[*record].fingerprint, fp),
                     Step::Refused(_) | Step::Malformed(_) => {}
                 }
             }
