@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 export PW_AMQPS_PORT="${PW_AMQPS_PORT:-5671}"
 source scripts/services.sh
 ensure_rust
+# The gates every commit passes: formatting and lints, before anything runs.
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
 ensure_services
 # The tests' worker runs as a broker user limited to the tests' names
 # (t<12 hex>.commands…), as the real one is to profile.commands…; the tests'
