@@ -375,9 +375,12 @@ async fn sweep_loop(store: Store, settings: Arc<Settings>, shutdown: Cancellatio
         match store
             .sweep(
                 now,
-                Duration::from_secs(w.ticket_max_age_secs),
-                Duration::from_secs(w.token_max_age_secs),
-                Duration::from_secs(w.idempotency_retention_secs),
+                crate::store::Retention {
+                    ticket_max_age: Duration::from_secs(w.ticket_max_age_secs),
+                    token_max_age: Duration::from_secs(w.token_max_age_secs),
+                    idempotency: Duration::from_secs(w.idempotency_retention_secs),
+                    email_cooldown: Duration::from_secs(w.email_cooldown_secs),
+                },
             )
             .await
         {
@@ -386,6 +389,7 @@ async fn sweep_loop(store: Store, settings: Arc<Settings>, shutdown: Cancellatio
                 tickets = r.tickets,
                 verification_tokens = r.verification_tokens,
                 processed_commands = r.processed_commands,
+                email_cooldowns = r.email_cooldowns,
                 "deleted expired rows"
             ),
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed; will retry"),

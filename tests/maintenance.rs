@@ -135,21 +135,39 @@ async fn sweep_deletes_exactly_the_expired_rows() {
                 .unwrap();
         }
     }
+    // Email claims: one inside the 60 s cooldown, two past it.
+    for (profile, purpose, age) in [
+        ("p1", "verify-account", 59),
+        ("p1", "reset-password", 61),
+        ("p2", "verify-account", 600),
+    ] {
+        env.db
+            .execute(
+                "INSERT INTO email_cooldowns (profile_id, purpose, requested_at) VALUES ($1, $2, $3)",
+                &[&profile, &purpose, &ms(age)],
+            )
+            .await
+            .unwrap();
+    }
+    // The sweep runs as the worker does: as the runtime role.
     let store = Store::connect(&env.settings.database).unwrap();
     let day = Duration::from_secs(86_400);
-    let report = store
-        .sweep(now, Duration::from_secs(900), day, day * 7)
-        .await
-        .unwrap();
+    let keep = profile_worker::store::Retention {
+        ticket_max_age: Duration::from_secs(900),
+        token_max_age: day,
+        idempotency: day * 7,
+        email_cooldown: Duration::from_secs(60),
+    };
+    let report = store.sweep(now, keep).await.unwrap();
     assert_eq!((report.tickets, report.verification_tokens), (3, 1));
+    assert_eq!(report.email_cooldowns, 2);
     assert_eq!(env.count("tickets").await, 2);
     assert_eq!(env.count("verification_tokens").await, 4);
+    assert_eq!(env.count("email_cooldowns").await, 1);
     // Moving the clock on expires the rest.
-    let later = store
-        .sweep(now + 86_400_000, Duration::from_secs(900), day, day * 7)
-        .await
-        .unwrap();
+    let later = store.sweep(now + 86_400_000, keep).await.unwrap();
     assert_eq!((later.tickets, later.verification_tokens), (2, 4));
+    assert_eq!(later.email_cooldowns, 1);
     store.close();
     env.teardown().await;
 }

@@ -793,3 +793,46 @@ async fn bounded_queues_refuse_rather_than_drop_and_a_full_dead_letter_queue_hol
     assert_eq!(env.queue_depth().await, 0, "nothing left for consumers");
     env.teardown().await;
 }
+
+#[tokio::test]
+async fn a_bogus_direct_reply_to_name_costs_the_worker_nothing() {
+    let mut env = Env::prepare().await;
+    let http = http_on_free_port(&mut env.settings);
+    env.start_worker().await;
+    // Allowed by its prefix, but no consumer's. (A bare `amq.rabbitmq.reply-to`
+    // is refused by the broker itself unless the publisher consumes from it.)
+    for (i, name) in [
+        "amq.rabbitmq.reply-to.garbage",
+        "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAyNjI2NDk1OQAAd4cAAAAAZ0nDTA==",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        env.publish(
+            ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string().as_bytes(),
+            Send {
+                reply_to: Some(name.into()),
+                message_id: Some(format!("bogus-{i}")),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    // Processed, acked, and the worker's session never dropped.
+    for _ in 0..20 {
+        let r = env
+            .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let (_, page) = http_get(&http, "/metrics").await.expect("metrics");
+    let s = samples(&page);
+    assert_eq!(s["profile_worker_reconnects_total"], 0.0, "{page}");
+    assert_eq!(
+        s["profile_worker_broker_errors_total{kind=\"session\"}"], 0.0,
+        "{page}"
+    );
+    assert_eq!(env.count("tickets").await, 22);
+    assert_eq!(env.queue_depth().await, 0);
+    env.teardown().await;
+}

@@ -12,18 +12,23 @@ pub struct SweepReport {
     pub tickets: u64,
     pub verification_tokens: u64,
     pub processed_commands: u64,
+    pub email_cooldowns: u64,
+}
+
+/// How long each kind of row lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub ticket_max_age: Duration,
+    pub token_max_age: Duration,
+    pub idempotency: Duration,
+    /// An email claim older than the cooldown holds nothing back.
+    pub email_cooldown: Duration,
 }
 
 impl Store {
     /// Deletes what expired before `now_ms`, in bounded chunks. The clock is the
     /// caller's, so tests can move it.
-    pub async fn sweep(
-        &self,
-        now_ms: i64,
-        ticket_max_age: Duration,
-        token_max_age: Duration,
-        idempotency_retention: Duration,
-    ) -> Result<SweepReport, StoreError> {
+    pub async fn sweep(&self, now_ms: i64, keep: Retention) -> Result<SweepReport, StoreError> {
         let client = self.client("sweep").await?;
         let err = |e| StoreError::pg("sweep", e);
         let cutoff = |age: Duration| to_system_time(now_ms - age.as_millis() as i64);
@@ -32,20 +37,26 @@ impl Store {
             (
                 "DELETE FROM tickets WHERE id IN \
                  (SELECT id FROM tickets WHERE last_request_time < $1 LIMIT $2)",
-                cutoff(ticket_max_age),
+                cutoff(keep.ticket_max_age),
                 &mut report.tickets,
             ),
             (
                 "DELETE FROM verification_tokens WHERE id IN \
                  (SELECT id FROM verification_tokens WHERE \"timestamp\" < $1 LIMIT $2)",
-                cutoff(token_max_age),
+                cutoff(keep.token_max_age),
                 &mut report.verification_tokens,
             ),
             (
                 "DELETE FROM processed_commands WHERE message_id IN \
                  (SELECT message_id FROM processed_commands WHERE processed_at < $1 LIMIT $2)",
-                cutoff(idempotency_retention),
+                cutoff(keep.idempotency),
                 &mut report.processed_commands,
+            ),
+            (
+                "DELETE FROM email_cooldowns WHERE (profile_id, purpose) IN \
+                 (SELECT profile_id, purpose FROM email_cooldowns WHERE requested_at < $1 LIMIT $2)",
+                cutoff(keep.email_cooldown),
+                &mut report.email_cooldowns,
             ),
         ] {
             loop {

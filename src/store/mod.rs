@@ -8,7 +8,7 @@ mod seed;
 pub mod tls;
 
 pub use batch::{Batch, EmailClaim, Loaded, NewRecord, OutboxEvent, StoredReply};
-pub use maintenance::SweepReport;
+pub use maintenance::{Retention, SweepReport};
 pub use seed::{SeedFile, SeedReport};
 
 use crate::config::DatabaseSettings;
