@@ -2,6 +2,7 @@
 //! Nothing else in the crate reads the environment.
 
 use clap::Args;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -29,10 +30,7 @@ pub struct DatabaseSettings {
 impl DatabaseSettings {
     /// The connection settings and the TLS wanted (`sslmode`, `sslrootcert`, read
     /// here because tokio-postgres knows only part of libpq's modes).
-    pub fn validate(
-        &self,
-    ) -> Result<(tokio_postgres::Config, crate::store::tls::TlsSettings), ConfigError> {
-        use crate::store::tls::{RootCert, SslMode, TlsSettings};
+    pub fn validate(&self) -> Result<(tokio_postgres::Config, TlsSettings), ConfigError> {
         let bad = |m: String| ConfigError::new("DATABASE_URL", m);
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://"))
@@ -89,6 +87,74 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("runtime_role", &self.runtime_role)
             .finish()
     }
+}
+
+/// `DATABASE_URL`'s `sslmode` (libpq's names; what each means: `store::tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "sslmode={other:?} is not supported (disable, prefer, require, verify-ca, verify-full)"
+                ))
+            }
+        })
+    }
+
+    /// What tokio-postgres is told: whether TLS is attempted and whether it must succeed.
+    pub fn negotiation(self) -> tokio_postgres::config::SslMode {
+        match self {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        }
+    }
+}
+
+/// Where the trusted root certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// Neither configured nor at libpq's default path.
+    None,
+    System,
+    File(PathBuf),
+}
+
+impl RootCert {
+    /// `sslrootcert` as given, else libpq's default `~/.postgresql/root.crt` when present.
+    pub fn resolve(given: Option<&str>) -> Self {
+        match given {
+            Some("system") => RootCert::System,
+            Some(path) => RootCert::File(PathBuf::from(path)),
+            None => match std::env::var_os("HOME").map(PathBuf::from) {
+                Some(home) if home.join(".postgresql/root.crt").is_file() => {
+                    RootCert::File(home.join(".postgresql/root.crt"))
+                }
+                _ => RootCert::None,
+            },
+        }
+    }
+}
+
+/// The TLS settings a `DATABASE_URL` asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: SslMode,
+    pub root_cert: RootCert,
 }
 
 /// Where RabbitMQ is and what the topology is called (CONTRACT §1).
@@ -408,6 +474,22 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modes_parse_as_libpq_names_them() {
+        for (s, m) in [
+            ("disable", SslMode::Disable),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            assert_eq!(SslMode::parse(s).unwrap(), m);
+        }
+        assert!(SslMode::parse("allow")
+            .unwrap_err()
+            .contains("not supported"));
+    }
 
     #[test]
     fn redacts_passwords() {

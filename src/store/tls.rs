@@ -14,6 +14,7 @@
 //! `sslrootcert` is a PEM file, or `system` for the machine's trust store; as in
 //! libpq, it defaults to `~/.postgresql/root.crt` when that file exists.
 
+pub use crate::config::{RootCert, SslMode, TlsSettings};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -22,75 +23,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use std::path::PathBuf;
 use std::sync::Arc;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl SslMode {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "disable" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(format!(
-                    "sslmode={other:?} is not supported (disable, prefer, require, verify-ca, verify-full)"
-                ))
-            }
-        })
-    }
-
-    /// What tokio-postgres is told: whether TLS is attempted and whether it must succeed.
-    pub fn negotiation(self) -> tokio_postgres::config::SslMode {
-        match self {
-            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-            _ => tokio_postgres::config::SslMode::Require,
-        }
-    }
-}
-
-/// Where the trusted root certificates come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootCert {
-    /// Neither configured nor at libpq's default path.
-    None,
-    System,
-    File(PathBuf),
-}
-
-impl RootCert {
-    /// `sslrootcert` as given, else libpq's default `~/.postgresql/root.crt` when present.
-    pub fn resolve(given: Option<&str>) -> Self {
-        match given {
-            Some("system") => RootCert::System,
-            Some(path) => RootCert::File(PathBuf::from(path)),
-            None => match std::env::var_os("HOME").map(PathBuf::from) {
-                Some(home) if home.join(".postgresql/root.crt").is_file() => {
-                    RootCert::File(home.join(".postgresql/root.crt"))
-                }
-                _ => RootCert::None,
-            },
-        }
-    }
-}
-
-/// The TLS settings a `DATABASE_URL` asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsSettings {
-    pub mode: SslMode,
-    pub root_cert: RootCert,
-}
 
 /// Builds the rustls configuration for `settings`; `None` for `disable`.
 pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, String> {
@@ -260,22 +193,6 @@ impl ServerCertVerifier for ChainOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modes_parse_as_libpq_names_them() {
-        for (s, m) in [
-            ("disable", SslMode::Disable),
-            ("prefer", SslMode::Prefer),
-            ("require", SslMode::Require),
-            ("verify-ca", SslMode::VerifyCa),
-            ("verify-full", SslMode::VerifyFull),
-        ] {
-            assert_eq!(SslMode::parse(s).unwrap(), m);
-        }
-        assert!(SslMode::parse("allow")
-            .unwrap_err()
-            .contains("not supported"));
-    }
 
     #[test]
     fn verifying_modes_need_a_root_certificate() {
