@@ -10,7 +10,7 @@ source scripts/services.sh
 ensure_rust
 # The gates every commit passes: formatting and lints, before anything runs.
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 ensure_services
 # The tests' worker runs as a broker user limited to the tests' names
 # (t<12 hex>.commands…), as the real one is to profile.commands…; the tests'

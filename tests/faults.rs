@@ -9,12 +9,10 @@
 //! the outage). They need the servers on this machine and the right to control
 //! them (`rabbitmqctl`, `pg_ctlcluster`): the README's test command gives both.
 
-mod common;
-
-use common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use profile_worker_testkit::*;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;

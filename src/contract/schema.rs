@@ -1,5 +1,5 @@
 //! JSON Schemas of every message body, generated from the Rust types so they cannot
-//! drift: `tests/schemas.rs` fails when the committed files in `schemas/` differ.
+//! drift: `tests/integration/schemas.rs` fails when the committed files in `schemas/` differ.
 
 use super::*;
 use schemars::{schema_for, Schema};

@@ -1,7 +1,12 @@
 //! Test harness: a real RabbitMQ and a real PostgreSQL on loopback. Every test gets
 //! its own database and its own prefixed exchange/queue names, so tests run in
-//! parallel and never see each other's messages.
-#![allow(dead_code)]
+//! parallel and never see each other's messages. The worker runs as the
+//! least-privileged database role and broker user the set-up makes
+//! (scripts/test.sh), the tests' own checks as the owner and an admin user.
+//!
+//! `TEST_LOG=1` shows the workers' logs: those run in the test process through
+//! the test's captured output (so a failing test shows them), those run as a
+//! process on stderr. `RUST_LOG` filters both (default `info`).
 
 use futures_util::StreamExt;
 use lapin::options::*;
@@ -22,6 +27,42 @@ pub const PROFILES_ONLY_TOKEN: &str = "profiles-only-token";
 pub const ENABLED_PROFILE: &str = "5925a68def86951f895cf497";
 pub const DISABLED_PROFILE: &str = "592715d4d4c650e226b03b62";
 pub const OTHER_TENANT_PROFILE: &str = "other-tenant-profile";
+
+/// The tests' own broker user (publishers, checks, clean-up): may do anything.
+/// Whether the workers' logs are wanted (`TEST_LOG` set to anything but `0`).
+pub fn test_log() -> bool {
+    std::env::var("TEST_LOG").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// With `TEST_LOG`, a log subscriber for workers run in this process, writing
+/// through libtest's capture; once per process.
+fn init_test_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if test_log() {
+        ONCE.call_once(|| {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        });
+    }
+}
+
+/// The `profile-worker` binary cargo built for these tests: `PROFILE_WORKER_BIN`,
+/// else beside the test executable's `deps/` folder (target/<profile>/).
+pub fn worker_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PROFILE_WORKER_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    profile_dir.join(format!("profile-worker{}", std::env::consts::EXE_SUFFIX))
+}
 
 /// The tests' own broker user (publishers, checks, clean-up): may do anything.
 pub fn amqp_url() -> String {
@@ -209,6 +250,7 @@ impl Env {
     /// As [`Env::prepare`], with the settings changed by `f` before the topology
     /// is declared.
     pub async fn prepare_with(f: impl FnOnce(&mut Settings)) -> Self {
+        init_test_log();
         let id = Uuid::new_v4().simple().to_string();
         let prefix = format!("t{}", &id[..12]);
         let db_name = format!("pw_test_{}", &id[..16]);
@@ -653,7 +695,7 @@ pub const SIGKILL: i32 = 9;
 /// operator runs it: the owner's database role, the admin broker user.
 pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
     let s = &env.settings;
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_profile-worker"));
+    let mut c = tokio::process::Command::new(worker_bin());
     // The binary sizes its own threads' stacks (src/main.rs); the tests' own
     // setting (.cargo/config.toml) is for the test process.
     c.args(args)

@@ -1,8 +1,7 @@
 //! Malformed commands: a 400 reply naming the problem, a dead letter saying why,
 //! no crash, and the worker keeps serving.
 
-mod common;
-use common::*;
+use profile_worker_testkit::*;
 
 async fn assert_malformed(env: &Env, body: &[u8], opts: Send, code: &str, mentions: &str) {
     let r = env.call_raw(body, opts).await;

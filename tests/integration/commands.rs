@@ -1,8 +1,7 @@
 //! CONTRACT §3–§6 against a real broker and database: every rule, the reply and
 //! event shapes, idempotency, fire-and-forget, and a burst with correlation.
 
-mod common;
-use common::*;
+use profile_worker_testkit::*;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;

@@ -3,11 +3,9 @@
 //! the same message_id first (two workers, or a publisher's retry racing the
 //! original) — a path the end-to-end tests reach only by chance.
 
-mod common;
-
-use common::*;
 use profile_worker::domain::{Ticket, VerificationToken};
 use profile_worker::store::{NewRecord, OutboxEvent, Store};
+use profile_worker_testkit::*;
 use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;

@@ -2,10 +2,9 @@
 //! worker: listing changes nothing; replay sends exactly the chosen commands
 //! back, the worker answers them, and only they leave the dead-letter queue.
 
-mod common;
-use common::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
+use profile_worker_testkit::*;
 use serde_json::Value;
 use std::time::Duration;
 use uuid::Uuid;

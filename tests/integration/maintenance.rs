@@ -1,9 +1,8 @@
 //! The outbox relay and the expiry sweep, made deterministic: a crash between commit
 //! and publish is staged as an outbox row, and the sweep is given a clock.
 
-mod common;
-use common::*;
 use profile_worker::store::Store;
+use profile_worker_testkit::*;
 use std::time::Duration;
 use uuid::Uuid;
 

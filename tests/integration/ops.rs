@@ -2,9 +2,8 @@
 //! what was really processed, and W3C trace context carried from a command to
 //! its reply and events. (/readyz during a Postgres outage: tests/faults.rs.)
 
-mod common;
-use common::*;
 use profile_worker::trace::TraceContext;
+use profile_worker_testkit::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;

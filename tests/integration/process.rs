@@ -2,10 +2,9 @@
 //! server restarts are in faults.rs), clear one-line errors for bad settings, refusal of a conflicting topology, and
 //! a poison command dead-lettered after the delivery limit.
 
-mod common;
-use common::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
+use profile_worker_testkit::*;
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,10 +15,14 @@ fn worker_command(env: &Env) -> Command {
     let mut c = worker_process(env);
     c.env(
         "RUST_LOG",
-        std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        match (test_log(), std::env::var("RUST_LOG")) {
+            (true, Ok(filter)) => filter,
+            (true, Err(_)) => "info".into(),
+            (false, _) => "warn".into(),
+        },
     )
     .stdout(Stdio::null())
-    .stderr(if std::env::var("WORKER_LOG").is_ok() {
+    .stderr(if test_log() {
         Stdio::inherit()
     } else {
         Stdio::piped()

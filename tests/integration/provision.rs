@@ -2,9 +2,7 @@
 //! 5,000-line file of valid, refused and invalid lines, then the same file again,
 //! which must create nothing and answer every line as before.
 
-mod common;
-
-use common::*;
+use profile_worker_testkit::*;
 use serde_json::Value;
 use tokio::process::Command;
 

@@ -1,5 +1,5 @@
 //! schemas/ must not drift from the code: the committed JSON Schemas are exactly what
-//! the Rust types generate (regenerate with `UPDATE_SCHEMAS=1 cargo test --test schemas`),
+//! the Rust types generate (regenerate with `UPDATE_SCHEMAS=1 cargo test --test integration schemas`),
 //! and the contract's own example messages validate against them.
 
 use profile_worker::contract::schema;

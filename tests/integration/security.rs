@@ -5,11 +5,9 @@
 //! that carry what the caller typed, control characters, email floods, and
 //! access token IDs at rest.
 
-mod common;
-
-use common::*;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use profile_worker_testkit::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;

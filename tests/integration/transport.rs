@@ -2,13 +2,11 @@
 //! `sslmode`, `amqps://` with a CA file, a runtime database role with row rights
 //! only, and a broker user limited to the worker's own objects.
 
-mod common;
-
-use common::*;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use profile_worker::worker;
+use profile_worker_testkit::*;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,18 @@
+//! The integration tests, one binary: each test gets its own database and its
+//! own prefixed broker names (profile-worker-testkit), so they run in parallel.
+//! The fault tests, which stop and restart the servers, are a binary of their
+//! own (tests/faults.rs). `TEST_LOG=1` shows the workers' logs.
+
+mod bad_input;
+mod bench_smoke;
+mod commands;
+mod commit;
+mod dead_letters;
+mod maintenance;
+mod ops;
+mod packaging;
+mod process;
+mod provision;
+mod schemas;
+mod security;
+mod transport;
