@@ -4,7 +4,11 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
-RUN cargo build --release --locked
+# The workspace's other members (test harness, load generator): cargo reads
+# their manifests; only the worker is built.
+COPY testkit testkit
+COPY loadgen loadgen
+RUN cargo build --release --locked -p profile-worker
 
 FROM debian:bookworm-slim
 # curl: compose's health check asks /readyz with it.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B of two worker builds on the same machine, alternated so that drift cancels:
 #   scripts/bench-ab.sh BEFORE_BIN AFTER_BIN [PAIRS] [OUT.jsonl] [-- BENCH ARGS…]
-# Each pair runs `BEFORE bench` then `AFTER bench`: each build drives its own
-# workers, so each measures against its own schema, seed and queue arguments
+# Each pair runs BEFORE's bench, then AFTER's: each build drives its own
+# workers (its `profile-worker-bench` when one sits beside the worker binary,
+# else, for builds from before the bench had its own crate, `profile-worker bench`), so each measures against its own schema, seed and queue arguments
 # (the load generator itself is the same code on both sides unless the change
 # touched it). Default bench arguments:
 # --commands 20000 --in-flight 500 --rounds 3 --ceiling. BEFORE_ARGS and
@@ -26,7 +27,9 @@ for ((i = 1; i <= pairs; i++)); do
     bin="$before" extra=(${BEFORE_ARGS:-})
     [ "$side" = after ] && bin="$after" extra=(${AFTER_ARGS:-})
     echo "== pair $i: $side ($bin)" >&2
-    "$bin" bench "${args[@]}" "${extra[@]}" --json "$out.$side"
+    driver=("$bin" bench)
+    [ -x "$(dirname "$bin")/profile-worker-bench" ] && driver=("$(dirname "$bin")/profile-worker-bench" --worker-bin "$bin")
+    "${driver[@]}" "${args[@]}" "${extra[@]}" --json "$out.$side"
   done
 done
 echo "results: $out.before, $out.after" >&2

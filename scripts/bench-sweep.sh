@@ -15,8 +15,8 @@ export AMQP_URL="$PUBLISHER_AMQP_URL"
 out="${1:-bench/sweep.jsonl}"
 mkdir -p "$(dirname "$out")"
 : > "$out"
-cargo build --release --locked --quiet
-bin=target/release/profile-worker
+cargo build --release --locked --quiet --workspace
+bin=target/release/profile-worker-bench
 for w in 1 10 100 500 2000; do
   case $w in
     1) n=2000 ;;
@@ -24,6 +24,6 @@ for w in 1 10 100 500 2000; do
     *) n=20000 ;;
   esac
   echo "== W=$w, $n commands per round" >&2
-  "$bin" bench --commands "$n" --in-flight "$w" --rounds 3 --ceiling --json "$out"
+  "$bin" --commands "$n" --in-flight "$w" --rounds 3 --ceiling --json "$out"
 done
 python3 scripts/bench-plot.py "$out" bench/sweep.svg

@@ -23,4 +23,12 @@ export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
 # Test databases are made by the owner role; the worker runs as the runtime role.
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres}"
 export TEST_RUNTIME_DB_USER="$PW_DB_USER" TEST_RUNTIME_DB_PASSWORD="$PW_DB_PASSWORD"
-cargo test --locked --no-fail-fast "$@"
+# The whole workspace's tests; the last line totals every binary's result.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -5,7 +5,6 @@
 //! `domain::decide` (pure) → `store::commit` (one transaction) → `broker` (publish,
 //! confirmed) → ack. `pipeline` runs it; `worker` supervises it.
 
-pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod config;

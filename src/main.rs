@@ -42,9 +42,6 @@ enum Cmd {
         #[command(flatten)]
         broker: BrokerSettings,
     },
-    /// Load generator: seeds its own database and vhost, starts worker processes,
-    /// publishes commands through the broker, checks every reply and reports speed.
-    Bench(Box<profile_worker::bench::BenchArgs>),
     /// Sends a file of commands (one per line) and writes one result line per input
     /// line; re-running the same file creates nothing twice.
     Provision(Box<profile_worker::provision::ProvisionArgs>),
@@ -109,7 +106,6 @@ async fn run_cli() -> ExitCode {
         .await
         .map(|(status, reply)| println!("{status} {reply}")),
         Cmd::DeadLetters { cmd } => profile_worker::dead_letters::run(cmd).await,
-        Cmd::Bench(args) => profile_worker::bench::run(*args).await.map(|_| ()),
         Cmd::Provision(args) => match profile_worker::provision::run(*args).await {
             Ok(true) => Ok(()),
             // The summary and the result lines already say what failed.

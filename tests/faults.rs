@@ -455,8 +455,8 @@ impl Run {
     }
 }
 
-fn cpu_secs(pid: u32) -> f64 {
-    profile_worker::bench::cpu_secs(pid).expect("/proc/PID/stat of the worker")
+fn worker_cpu_secs(pid: u32) -> f64 {
+    cpu_secs(pid).expect("/proc/PID/stat of the worker")
 }
 
 async fn control(program: &str, args: &[&str]) {
@@ -592,9 +592,9 @@ async fn postgres_restart_mid_burst_holds_commands_and_resumes() {
     run.burst_with(1_000, |worker, run| async move {
         postgres("stop").await;
         let pid = worker.id().unwrap();
-        let cpu = cpu_secs(pid);
+        let cpu = worker_cpu_secs(pid);
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let waiting = cpu_secs(pid) - cpu;
+        let waiting = worker_cpu_secs(pid) - cpu;
         eprintln!("worker CPU while Postgres was down 5 s: {waiting:.2} s");
         assert!(
             waiting < 0.5,
@@ -625,9 +625,9 @@ async fn postgres_unreachable_for_60_s_reports_not_ready_and_recovers() {
             "/readyz says the database is missing: {down:?}"
         );
         let pid = worker.id().unwrap();
-        let cpu = cpu_secs(pid);
+        let cpu = worker_cpu_secs(pid);
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let waiting = cpu_secs(pid) - cpu;
+        let waiting = worker_cpu_secs(pid) - cpu;
         eprintln!("worker CPU while Postgres was down 60 s: {waiting:.2} s");
         assert!(
             worker.try_wait().unwrap().is_none(),

@@ -64,6 +64,15 @@ pub fn worker_bin() -> std::path::PathBuf {
     profile_dir.join(format!("profile-worker{}", std::env::consts::EXE_SUFFIX))
 }
 
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+}
+
 /// The tests' own broker user (publishers, checks, clean-up): may do anything.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| profile_worker::config::DEFAULT_AMQP_URL.into())

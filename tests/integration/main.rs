@@ -4,7 +4,6 @@
 //! own (tests/faults.rs). `TEST_LOG=1` shows the workers' logs.
 
 mod bad_input;
-mod bench_smoke;
 mod commands;
 mod commit;
 mod dead_letters;

@@ -13,12 +13,12 @@
 //! `traceparent` header, as the worker's do, so the broker parses the same
 //! properties.
 
-use crate::broker::{self, properties, Connection, Outgoing, Publisher};
-use crate::contract::message::routing;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
+use profile_worker::broker::{self, properties, Connection, Outgoing, Publisher};
+use profile_worker::contract::message::routing;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -37,6 +37,19 @@ async fn admin(database_url: &str) -> Result<tokio_postgres::Client, String> {
     Ok(client)
 }
 
+/// (tickets, verification tokens) stored in the run's database.
+pub async fn row_counts(db_url: &str) -> Result<(u64, u64), String> {
+    let row = admin(db_url)
+        .await?
+        .query_one(
+            "SELECT (SELECT count(*) FROM tickets), (SELECT count(*) FROM verification_tokens)",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("counting the stored rows: {e}"))?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
 pub async fn create_database(database_url: &str, db: &str) -> Result<(), String> {
     admin(database_url)
         .await?

@@ -1,4 +1,4 @@
-//! `profile-worker bench` end to end, small: real worker processes, the real
+//! `profile-worker-bench` end to end, small: real worker processes, the real
 //! broker and database, every reply, row, email event and dead letter checked by
 //! the bench itself. Correctness only: no speed is asserted here (speed lives in
 //! BENCHMARKS.md, measured by the bench, never by a test).
@@ -7,18 +7,26 @@ use std::process::Command;
 
 fn bench(args: &[&str]) -> (std::process::Output, serde_json::Value) {
     let admin = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
-        "postgres://profile_worker:profile_worker@127.0.0.1:5432/postgres".into()
+        "postgres://profile_worker_owner:profile_worker_owner@127.0.0.1:5432/postgres".into()
     });
+    // The bench runs the `profile-worker` beside it, which the workspace's test
+    // run builds for the product's own integration tests.
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_profile-worker-bench"));
+    let worker = bench.with_file_name(format!("profile-worker{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        worker.is_file(),
+        "{} is missing: run the workspace's tests (`cargo test --workspace`) or `cargo build -p profile-worker`",
+        worker.display()
+    );
     let json = std::env::temp_dir().join(format!("bench-smoke-{}.jsonl", uuid::Uuid::new_v4()));
-    let out = Command::new(env!("CARGO_BIN_EXE_profile-worker"))
-        .arg("bench")
+    let out = Command::new(bench)
         .args(args)
         .arg("--json")
         .arg(&json)
         .env("DATABASE_URL", admin)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("run profile-worker bench");
+        .expect("run profile-worker-bench");
     let report = std::fs::read_to_string(&json)
         .ok()
         .and_then(|t| serde_json::from_str(t.lines().next()?).ok())

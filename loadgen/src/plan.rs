@@ -1,7 +1,7 @@
 //! What the load generator sends: a deterministic sequence of commands, each with
 //! the reply status it must get and the row it must create. Pure.
 
-use crate::contract::CommandName;
+use profile_worker::contract::CommandName;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -147,7 +147,7 @@ impl Expected {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{decode, Incoming};
+    use profile_worker::contract::{decode, Incoming};
 
     fn plan(mix: Mix, share: f64) -> Plan {
         Plan {

@@ -1,4 +1,4 @@
-//! `profile-worker bench`: an honest load generator. It seeds its own database
+//! `profile-worker-bench`: an honest load generator for profile-worker. It seeds its own database
 //! and vhost, starts real worker processes, publishes real commands through the
 //! broker with confirms, checks every reply and the rows and events left behind,
 //! and reports rate, latency, CPU per 1,000 commands and peak RSS. With
@@ -15,15 +15,16 @@ mod setup;
 pub mod stats;
 
 pub use plan::Mix;
-pub use setup::cpu_secs;
 
-use crate::broker::{self, command_queue_arguments};
-use crate::config::{BrokerSettings, DatabaseSettings, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
-use crate::store::{SeedFile, Store};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use load::{RoundResult, Target};
 use plan::{Expected, Plan};
+use profile_worker::broker::{self, command_queue_arguments};
+use profile_worker::config::{
+    BrokerSettings, DatabaseSettings, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL,
+};
+use profile_worker::store::{SeedFile, Store};
 use serde::Serialize;
 use setup::WorkerProcess;
 use stats::{median, paired_ratio};
@@ -31,7 +32,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-#[derive(clap::Args, Debug, Clone)]
+/// Publishes real commands to real `profile-worker run` processes through the
+/// broker, checks every reply, row and event, and reports speed (BENCHMARKS.md).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "profile-worker-bench", version, about)]
 pub struct BenchArgs {
     /// Commands per measured round.
     #[arg(long, short = 'n', default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -91,7 +95,7 @@ pub struct BenchArgs {
     /// Keep the database, vhost and worker logs afterwards.
     #[arg(long)]
     pub keep: bool,
-    /// Worker executable (default: this one).
+    /// Worker executable (default: `profile-worker` beside this program).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
     /// Declare the command and dead-letter queues without length bounds, as
@@ -465,7 +469,10 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     // Workers: real processes, so their CPU time and memory are their own.
     let bin = match &args.worker_bin {
         Some(b) => b.clone(),
-        None => std::env::current_exe().map_err(|e| e.to_string())?,
+        None => {
+            let me = std::env::current_exe().map_err(|e| e.to_string())?;
+            me.with_file_name(format!("profile-worker{}", std::env::consts::EXE_SUFFIX))
+        }
     };
     let env = vec![
         ("DATABASE_URL".to_string(), db_url.clone()),
@@ -525,7 +532,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     wait_for_consumers(&conn, &broker_names, &mut workers).await?;
 
     // The load channel: direct reply-to and publishes must share a channel.
-    let (channel, replies) = crate::client::reply_channel(&conn)
+    let (channel, replies) = profile_worker::client::reply_channel(&conn)
         .await
         .map_err(|e| e.to_string())?;
     // What the email dispatcher would see, counted and purged after every round.
@@ -688,7 +695,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         }
     }
     let _ = conn.close(200, "bye".into()).await;
-    check_rows(&store, &mut checks).await?;
+    check_rows(&db_url, &mut checks).await?;
     store.close();
 
     let summary = |target: &str| -> Option<Summary> {
@@ -914,10 +921,8 @@ async fn check_round(
 }
 
 /// At the end: exactly one row per valid command, no more, no fewer.
-async fn check_rows(store: &Store, checks: &mut Checks) -> Result<(), String> {
-    let counts = store.row_counts().await.map_err(|e| e.to_string())?;
-    checks.tickets = counts.tickets;
-    checks.verification_tokens = counts.verification_tokens;
+async fn check_rows(db_url: &str, checks: &mut Checks) -> Result<(), String> {
+    (checks.tickets, checks.verification_tokens) = setup::row_counts(db_url).await?;
     if checks.tickets != checks.expected.tickets {
         checks.problems.push(format!(
             "{} tickets stored for {} valid create-ticket commands",

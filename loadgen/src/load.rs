@@ -3,10 +3,10 @@
 
 use super::plan::{Expected, Plan};
 use super::stats::Latency;
-use crate::broker::{properties, Channel, Consumer};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
+use profile_worker::broker::{properties, Channel, Consumer};
 use std::time::{Duration, Instant};
 
 /// Where a round's commands go.
@@ -174,7 +174,7 @@ async fn round(
             // For the echo, what these commands would ask of the worker (its
             // events ceiling publishes at least the email events counted here).
             expected.add(&planned);
-            let props = crate::client::command_properties(
+            let props = profile_worker::client::command_properties(
                 planned.command.as_str(),
                 &uuid::Uuid::new_v4().to_string(),
                 &format!("{}{}", t.prefix, t.slots.len()),

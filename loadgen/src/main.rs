@@ -1,0 +1,17 @@
+//! `profile-worker-bench`: see the library's docs and BENCHMARKS.md.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = profile_worker_bench::BenchArgs::parse();
+    profile_worker::telemetry::init(profile_worker::telemetry::LogFormat::Text);
+    match profile_worker_bench::run(args).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
