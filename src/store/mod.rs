@@ -208,35 +208,6 @@ impl Store {
     pub fn close(&self) {
         self.pool.close();
     }
-
-    /// How many rows the tables other services read hold, and how many events
-    /// still await publication (for checks, benchmarks and metrics).
-    pub async fn row_counts(&self) -> Result<RowCounts, StoreError> {
-        let client = self.client("count").await?;
-        let row = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM tickets), (SELECT count(*) FROM verification_tokens), \
-                 (SELECT count(*) FROM processed_commands), (SELECT count(*) FROM outbox)",
-                &[],
-            )
-            .await
-            .map_err(|e| StoreError::pg("count", e))?;
-        let n = |i: usize| row.get::<_, i64>(i) as u64;
-        Ok(RowCounts {
-            tickets: n(0),
-            verification_tokens: n(1),
-            processed_commands: n(2),
-            outbox: n(3),
-        })
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RowCounts {
-    pub tickets: u64,
-    pub verification_tokens: u64,
-    pub processed_commands: u64,
-    pub outbox: u64,
 }
 
 pub(crate) fn to_system_time(ms: i64) -> SystemTime {
