@@ -46,7 +46,7 @@ impl DatabaseSettings {
         let mut rest = url::form_urlencoded::Serializer::new(String::new());
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             match &*k {
-                "sslmode" => mode = SslMode::parse(&v).map_err(bad)?,
+                "sslmode" => mode = SslMode::parse(&v)?,
                 "sslrootcert" => root = Some(v.into_owned()),
                 "sslcert" | "sslkey" | "sslpassword" => {
                     return Err(bad(format!("{k} (client certificates) is not supported")))
@@ -100,7 +100,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
         Ok(match s {
             "disable" => SslMode::Disable,
             "prefer" => SslMode::Prefer,
@@ -108,8 +108,9 @@ impl SslMode {
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
             other => {
-                return Err(format!(
-                    "sslmode={other:?} is not supported (disable, prefer, require, verify-ca, verify-full)"
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    format!("sslmode={other:?} is not supported (disable, prefer, require, verify-ca, verify-full)"),
                 ))
             }
         })
@@ -488,6 +489,7 @@ mod tests {
         }
         assert!(SslMode::parse("allow")
             .unwrap_err()
+            .problem
             .contains("not supported"));
     }
 

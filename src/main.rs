@@ -1,3 +1,6 @@
+mod cli;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use profile_worker::config::{BrokerSettings, DatabaseSettings, Settings};
 use profile_worker::store::{SeedFile, Store};
@@ -44,11 +47,11 @@ enum Cmd {
     },
     /// Sends a file of commands (one per line) and writes one result line per input
     /// line; re-running the same file creates nothing twice.
-    Provision(Box<profile_worker::provision::ProvisionArgs>),
+    Provision(Box<cli::provision::ProvisionArgs>),
     /// Lists dead letters with their reasons, or re-publishes chosen ones after a fix.
     DeadLetters {
         #[command(subcommand)]
-        cmd: profile_worker::dead_letters::DeadLetterCmd,
+        cmd: cli::dead_letters::DeadLetterCmd,
     },
 }
 
@@ -97,37 +100,39 @@ async fn run_cli() -> ExitCode {
             body,
             timeout,
             broker,
-        } => profile_worker::client::send(
+        } => cli::send::run(
             &broker,
             &command,
             &body,
             std::time::Duration::from_secs(timeout),
         )
         .await
-        .map(|(status, reply)| println!("{status} {reply}")),
-        Cmd::DeadLetters { cmd } => profile_worker::dead_letters::run(cmd).await,
-        Cmd::Provision(args) => match profile_worker::provision::run(*args).await {
+        .map(|(status, reply)| println!("{status} {reply}"))
+        .map_err(anyhow::Error::msg),
+        Cmd::DeadLetters { cmd } => cli::dead_letters::run(cmd)
+            .await
+            .map_err(anyhow::Error::msg),
+        Cmd::Provision(args) => match cli::provision::run(*args).await {
             Ok(true) => Ok(()),
             // The summary and the result lines already say what failed.
             Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e),
+            Err(e) => Err(anyhow::Error::msg(e)),
         },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(e) => {
+            // One line: the context, then each cause.
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(settings: Settings) -> Result<(), String> {
+async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    profile_worker::worker::run(settings, shutdown)
-        .await
-        .map_err(|e| e.to_string())?;
+    profile_worker::worker::run(settings, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -148,26 +153,27 @@ async fn on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn connect(db: &DatabaseSettings) -> Result<Store, String> {
-    let store = Store::connect(db).map_err(|e| e.to_string())?;
+async fn connect(db: &DatabaseSettings) -> anyhow::Result<Store> {
+    let store = Store::connect(db)?;
     store
         .check()
         .await
-        .map_err(|e| format!("DATABASE_URL: cannot connect: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+        .context("DATABASE_URL: cannot connect")?;
     Ok(store)
 }
 
-async fn migrate(db: DatabaseSettings) -> Result<(), String> {
+async fn migrate(db: DatabaseSettings) -> anyhow::Result<()> {
     let store = connect(&db).await?;
     let applied = store
         .migrate()
         .await
-        .map_err(|e| format!("DATABASE_URL: migration failed: {e}"))?;
+        .context("DATABASE_URL: migration failed")?;
     if !db.runtime_role.is_empty() {
         store
             .grant_runtime(&db.runtime_role)
             .await
-            .map_err(|e| format!("DATABASE_RUNTIME_ROLE: {e}"))?;
+            .context("DATABASE_RUNTIME_ROLE")?;
         println!("row rights granted to {}", db.runtime_role);
     }
     println!(
@@ -181,18 +187,16 @@ async fn migrate(db: DatabaseSettings) -> Result<(), String> {
     Ok(())
 }
 
-async fn seed(file: PathBuf, db: DatabaseSettings) -> Result<(), String> {
-    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let seed = SeedFile::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+async fn seed(file: PathBuf, db: DatabaseSettings) -> anyhow::Result<()> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(&file).with_context(|| name.clone())?;
+    let seed = SeedFile::parse(&text).with_context(|| name.clone())?;
     let store = connect(&db).await?;
     store
         .migrate()
         .await
-        .map_err(|e| format!("DATABASE_URL: migration failed: {e}"))?;
-    let r = store
-        .seed(&seed)
-        .await
-        .map_err(|e| format!("{}: {e}", file.display()))?;
+        .context("DATABASE_URL: migration failed")?;
+    let r = store.seed(&seed).await.with_context(|| name.clone())?;
     println!(
         "seeded {} tenants, {} access tokens, {} profiles from {}",
         r.tenants,

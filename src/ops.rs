@@ -64,7 +64,8 @@ pub struct Readiness {
 
 /// Ready means: not shutting down, at least one consumer on a live broker
 /// session, and the database answering. The body names what is missing.
-pub fn readiness(consuming: usize, stopping: bool, database: Result<(), String>) -> Readiness {
+/// `database_problem`: why the database did not answer, `None` when it did.
+pub fn readiness(consuming: usize, stopping: bool, database_problem: Option<String>) -> Readiness {
     let mut problems = Vec::new();
     if stopping {
         problems.push("shutting down".to_string());
@@ -72,7 +73,7 @@ pub fn readiness(consuming: usize, stopping: bool, database: Result<(), String>)
     if consuming == 0 {
         problems.push("broker: not consuming (connecting or reconnecting)".to_string());
     }
-    if let Err(e) = &database {
+    if let Some(e) = &database_problem {
         problems.push(format!("database: {e}"));
     }
     Readiness {
@@ -80,7 +81,7 @@ pub fn readiness(consuming: usize, stopping: bool, database: Result<(), String>)
         body: json!({
             "ready": problems.is_empty(),
             "consumers": consuming,
-            "database": if database.is_ok() { "ok" } else { "unavailable" },
+            "database": if database_problem.is_none() { "ok" } else { "unavailable" },
             "problems": problems,
         }),
     }
@@ -93,6 +94,18 @@ struct Ops {
     metrics: PrometheusHandle,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::MetricsError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A bound listener, so a bad `HTTP_ADDR` fails start-up rather than later.
 pub struct Endpoint {
     listener: tokio::net::TcpListener,
@@ -100,11 +113,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub async fn bind(addr: SocketAddr) -> Result<Self, String> {
+    pub async fn bind(addr: SocketAddr) -> Result<Self, EndpointError> {
         let metrics = crate::telemetry::metrics_handle()?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            .map_err(|source| EndpointError::Listen { addr, source })?;
         Ok(Endpoint { listener, metrics })
     }
 
@@ -160,9 +173,9 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(ops): State<Ops>) -> Response {
     let database = match tokio::time::timeout(DB_PING_TIMEOUT, ops.store.check()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.message),
-        Err(_) => Err(format!("no answer within {DB_PING_TIMEOUT:?}")),
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.message),
+        Err(_) => Some(format!("no answer within {DB_PING_TIMEOUT:?}")),
     };
     let r = readiness(
         ops.health.consuming.load(Ordering::SeqCst),
@@ -188,18 +201,18 @@ mod tests {
 
     #[test]
     fn ready_only_when_consuming_with_a_database_and_not_stopping() {
-        assert!(readiness(2, false, Ok(())).ready);
-        let r = readiness(0, false, Ok(()));
+        assert!(readiness(2, false, None).ready);
+        let r = readiness(0, false, None);
         assert!(!r.ready);
         assert!(r.body["problems"][0].as_str().unwrap().contains("broker"));
-        let r = readiness(2, false, Err("connection refused".into()));
+        let r = readiness(2, false, Some("connection refused".into()));
         assert!(!r.ready);
         assert_eq!(r.body["database"], "unavailable");
         assert!(r.body["problems"][0]
             .as_str()
             .unwrap()
             .contains("connection refused"));
-        let r = readiness(2, true, Ok(()));
+        let r = readiness(2, true, None);
         assert!(!r.ready);
         assert_eq!(r.body["problems"][0], "shutting down");
     }

@@ -51,10 +51,15 @@ pub const OUTBOX_PENDING: &str = "profile_worker_outbox_pending";
 /// Consumers currently taking commands in this process.
 pub const CONSUMING: &str = "profile_worker_consumers";
 
+/// The Prometheus recorder could not be installed (kept for every later caller).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot install the metrics recorder")]
+pub struct MetricsError(#[source] std::sync::Arc<metrics_exporter_prometheus::BuildError>);
+
 /// Installs the Prometheus recorder once per process and returns its handle.
 /// Until it is installed, recording a metric costs nothing and goes nowhere.
-pub fn metrics_handle() -> Result<PrometheusHandle, String> {
-    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+pub fn metrics_handle() -> Result<PrometheusHandle, MetricsError> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, MetricsError>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let latency = [
@@ -72,7 +77,7 @@ pub fn metrics_handle() -> Result<PrometheusHandle, String> {
                 })
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
                 .and_then(|b| b.install_recorder())
-                .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+                .map_err(|e| MetricsError(std::sync::Arc::new(e)))?;
             describe();
             Ok(handle)
         })

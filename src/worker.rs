@@ -32,8 +32,8 @@ pub enum RunError {
     Broker(String),
     #[error(transparent)]
     Topology(TopologyError),
-    #[error("HTTP_ADDR: {0}")]
-    Http(String),
+    #[error("HTTP_ADDR")]
+    Http(#[source] crate::ops::EndpointError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -555,7 +555,7 @@ impl Pipeline {
                 .collect();
             let stored = db.stored_replies(&ids).await?;
             plan::resolve_lost(&mut plan, &lost, stored)
-                .map_err(|m| StoreError::transient("commit", m))?;
+                .map_err(|e| StoreError::transient("commit", e.to_string()))?;
         }
         Ok(self.outgoing(items, &planned, &plan))
     }
@@ -772,18 +772,25 @@ pub fn event_outgoing(exchange: &str, e: &OutboxEvent) -> Outgoing {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("publishing failed: {}", crate::broker::describe(.0))]
+    Broker(#[source] lapin::Error),
+    #[error("the broker refused {refused} of {of} events; they stay in the outbox")]
+    Refused { refused: usize, of: usize },
+}
+
 /// Re-publishes outbox events whose confirm never arrived (the worker died between
 /// commit and publish, or the delivery was dead-lettered before its redelivery).
 pub async fn relay_outbox(
     store: &Store,
     publisher: &Publisher,
     settings: &Settings,
-) -> Result<usize, String> {
+) -> Result<usize, RelayError> {
     let grace = Duration::from_secs(settings.worker.outbox_grace_secs);
-    let events = store
-        .lease_stale_outbox(grace, 500)
-        .await
-        .map_err(|e| e.to_string())?;
+    let events = store.lease_stale_outbox(grace, 500).await?;
     if events.is_empty() {
         return Ok(0);
     }
@@ -794,7 +801,7 @@ pub async fn relay_outbox(
     let acked = publisher
         .publish_each(&out)
         .await
-        .map_err(|e| crate::broker::describe(&e))?;
+        .map_err(RelayError::Broker)?;
     // A refused event keeps its row (its lease ran forward) and is tried again
     // after another grace period.
     let ids: Vec<Uuid> = events
@@ -803,13 +810,12 @@ pub async fn relay_outbox(
         .filter(|(_, ok)| **ok)
         .map(|(e, _)| e.event_id)
         .collect();
-    store.delete_outbox(&ids).await.map_err(|e| e.to_string())?;
+    store.delete_outbox(&ids).await?;
     if ids.len() < events.len() {
-        return Err(format!(
-            "the broker refused {} of {} events; they stay in the outbox",
-            events.len() - ids.len(),
-            events.len()
-        ));
+        return Err(RelayError::Refused {
+            refused: events.len() - ids.len(),
+            of: events.len(),
+        });
     }
     Ok(ids.len())
 }

@@ -179,6 +179,14 @@ pub fn plan(
     plan
 }
 
+/// A message_id another transaction committed first whose record is gone by
+/// the time it is read (swept meanwhile): worth a retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("message_id {message_id:?} conflicted but its record is gone")]
+pub struct RecordGone {
+    pub message_id: String,
+}
+
 /// A record whose message_id another transaction committed first wrote nothing:
 /// its command is answered from that transaction's record, if it was the same
 /// command, else with 409. `stored` holds those records; one missing (swept
@@ -187,7 +195,7 @@ pub fn resolve_lost(
     plan: &mut Plan,
     lost: &HashSet<usize>,
     mut stored: HashMap<String, StoredReply>,
-) -> Result<(), String> {
+) -> Result<(), RecordGone> {
     for step in plan.steps.iter_mut() {
         let Step::New { record: r, .. } = *step else {
             continue;
@@ -198,9 +206,9 @@ pub fn resolve_lost(
         let record = &plan.records[r];
         let mid = record.message_id.as_deref().unwrap_or_default();
         let Some(s) = stored.remove(mid) else {
-            return Err(format!(
-                "message_id {mid:?} conflicted but its record is gone"
-            ));
+            return Err(RecordGone {
+                message_id: mid.to_string(),
+            });
         };
         *step = if matches(&s, &record.fingerprint) {
             Step::Stored(s)

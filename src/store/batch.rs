@@ -237,7 +237,7 @@ impl Batch<'_> {
                             StoreError::permanent(
                                 "load",
                                 format!(
-                                    "access token {}: {m}",
+                                    "access token {}: bad tenant_permissions: {m}",
                                     crate::telemetry::token_prefix(&id)
                                 ),
                             )
@@ -513,7 +513,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn parse_permissions(v: &serde_json::Value) -> Result<Vec<TenantPermission>, String> {
+fn parse_permissions(v: &serde_json::Value) -> Result<Vec<TenantPermission>, serde_json::Error> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Raw {
@@ -521,8 +521,7 @@ fn parse_permissions(v: &serde_json::Value) -> Result<Vec<TenantPermission>, Str
         #[serde(default)]
         allowed_actions: Vec<String>,
     }
-    let raw: Vec<Raw> =
-        serde_json::from_value(v.clone()).map_err(|e| format!("bad tenant_permissions: {e}"))?;
+    let raw: Vec<Raw> = serde::Deserialize::deserialize(v)?;
     Ok(raw
         .into_iter()
         .map(|r| TenantPermission {

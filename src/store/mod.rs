@@ -139,7 +139,7 @@ impl Store {
     pub fn connect(settings: &DatabaseSettings) -> Result<Self, crate::config::ConfigError> {
         let (mut pg, tls) = settings.validate()?;
         let tls = tls::client_config(&tls)
-            .map_err(|e| crate::config::ConfigError::new("DATABASE_URL", e))?;
+            .map_err(|e| crate::config::ConfigError::new("DATABASE_URL", e.to_string()))?;
         pg.connect_timeout(settings.db_timeout());
         if pg.get_application_name().is_none() {
             pg.application_name("profile-worker");

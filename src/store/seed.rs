@@ -78,20 +78,32 @@ pub struct SeedReport {
     pub profiles: usize,
 }
 
+/// Why a seed file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    // The position is the message: not a `source`, so `{:#}` says it once.
+    #[error("{} (at {})", .0.inner(), .0.path())]
+    Json(serde_path_to_error::Error<serde_json::Error>),
+    /// Well-formed, but breaks a rule of CONTRACT §8 (the message says which).
+    #[error("{0}")]
+    Invalid(String),
+}
+
 impl SeedFile {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, SeedError> {
         let file: SeedFile =
             serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
-                .map_err(|e| format!("{} (at {})", e.inner(), e.path()))?;
+                .map_err(SeedError::Json)?;
         file.check()?;
         Ok(file)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), SeedError> {
+        let invalid = |m: String| Err(SeedError::Invalid(m));
         let id_ok = |what: &str, id: &str| {
             let n = id.chars().count();
             if n == 0 || n > MAX_ID_CHARS {
-                Err(format!(
+                invalid(format!(
                     "{what} id \"{id}\" must be 1 to {MAX_ID_CHARS} characters"
                 ))
             } else {
@@ -101,15 +113,16 @@ impl SeedFile {
         for t in &self.tenants {
             id_ok("tenant", &t.name)?;
             for h in &t.link_hosts {
-                check_link_host(h)
-                    .map_err(|m| format!("tenant \"{}\": linkHosts entry {h:?} {m}", t.name))?;
+                if let Err(m) = check_link_host(h) {
+                    return invalid(format!("tenant \"{}\": linkHosts entry {h:?} {m}", t.name));
+                }
             }
         }
         for (i, t) in self.access_tokens.iter().enumerate() {
             // Not quoted: an access token ID is a secret, even a malformed one.
             let n = t.id.chars().count();
             if n == 0 || n > MAX_ID_CHARS {
-                return Err(format!(
+                return invalid(format!(
                     "accessTokens[{i}]: id must be 1 to {MAX_ID_CHARS} characters"
                 ));
             }
@@ -117,7 +130,7 @@ impl SeedFile {
         for p in &self.profiles {
             id_ok("profile", &p.id)?;
             if !p.attributes.is_object() {
-                return Err(format!(
+                return invalid(format!(
                     "profile \"{}\": attributes must be an object",
                     p.id
                 ));
@@ -265,14 +278,16 @@ mod tests {
             "*.*.x",
         ] {
             let text = format!(r#"{{"tenants":[{{"name":"t","linkHosts":[{bad:?}]}}]}}"#);
-            let e = SeedFile::parse(&text).unwrap_err();
+            let e = SeedFile::parse(&text).unwrap_err().to_string();
             assert!(e.contains("linkHosts"), "{bad}: {e}");
         }
     }
 
     #[test]
     fn rejects_unknown_fields_with_their_path() {
-        let e = SeedFile::parse(r#"{"tenants":[{"name":"x","bogus":1}]}"#).unwrap_err();
+        let e = SeedFile::parse(r#"{"tenants":[{"name":"x","bogus":1}]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus") && e.contains("tenants[0]"), "{e}");
     }
 }

@@ -25,12 +25,29 @@ use rustls::{
 };
 use std::sync::Arc;
 
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("sslmode=verify-ca and verify-full need sslrootcert (a PEM file, or \"system\"); none is set and ~/.postgresql/root.crt does not exist")]
+    NoRootCert,
+    #[error("sslrootcert {}: {source}", path.display())]
+    RootCertFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("sslrootcert: no usable certificate in {0:?}")]
+    NoCertificate(RootCert),
+    #[error("sslrootcert: {0}")]
+    Verifier(#[from] rustls::client::VerifierBuilderError),
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
 /// Builds the rustls configuration for `settings`; `None` for `disable`.
-pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, String> {
+pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .with_safe_default_protocol_versions()?;
     let verify_chain = match settings.mode {
         SslMode::Disable => return Ok(None),
         SslMode::Prefer => false,
@@ -45,9 +62,7 @@ pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, Str
             .with_no_client_auth()
     } else {
         let roots = Arc::new(roots(&settings.root_cert)?);
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| format!("sslrootcert: {e}"))?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider).build()?;
         if settings.mode == SslMode::VerifyFull {
             builder.with_webpki_verifier(webpki).with_no_client_auth()
         } else {
@@ -60,34 +75,30 @@ pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, Str
     Ok(Some(config))
 }
 
-fn roots(root: &RootCert) -> Result<RootCertStore, String> {
+fn roots(root: &RootCert) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
     match root {
-        RootCert::None => {
-            return Err(
-                "sslmode=verify-ca and verify-full need sslrootcert (a PEM file, or \"system\"); \
-                 none is set and ~/.postgresql/root.crt does not exist"
-                    .into(),
-            )
-        }
+        RootCert::None => return Err(TlsError::NoRootCert),
         RootCert::System => {
             for cert in rustls_native_certs::load_native_certs().certs {
                 let _ = store.add(cert);
             }
         }
         RootCert::File(path) => {
+            let file_error = |source| TlsError::RootCertFile {
+                path: path.clone(),
+                source,
+            };
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .and_then(|i| i.collect())
-                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                .map_err(file_error)?;
             for cert in certs {
-                store
-                    .add(cert)
-                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                store.add(cert)?;
             }
         }
     }
     if store.is_empty() {
-        return Err(format!("sslrootcert: no certificate found in {root:?}"));
+        return Err(TlsError::NoCertificate(root.clone()));
     }
     Ok(store)
 }
@@ -204,13 +215,14 @@ mod tests {
         assert!(client_config(&none(SslMode::Prefer)).unwrap().is_some());
         assert!(client_config(&none(SslMode::Require)).unwrap().is_some());
         let e = client_config(&none(SslMode::VerifyFull)).unwrap_err();
-        assert!(e.contains("sslrootcert"), "{e}");
+        assert!(e.to_string().contains("sslrootcert"), "{e}");
         let missing = TlsSettings {
             mode: SslMode::VerifyCa,
             root_cert: RootCert::File("/nonexistent/root.crt".into()),
         };
         assert!(client_config(&missing)
             .unwrap_err()
+            .to_string()
             .contains("/nonexistent/root.crt"));
     }
 }

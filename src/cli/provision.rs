@@ -3,12 +3,12 @@
 //! an interrupted run can simply be run again: what was done is answered from the
 //! worker's idempotency records, nothing is created twice.
 
-use crate::broker::{self, properties};
-use crate::config::BrokerSettings;
-use crate::contract::CommandName;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
+use profile_worker::broker::{self, properties};
+use profile_worker::config::BrokerSettings;
+use profile_worker::contract::CommandName;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -113,7 +113,7 @@ pub fn prepare_line(
     let body = Value::Object(fields).to_string();
     // Checked here with the worker's own decoder, so a bad line is reported with
     // its number instead of becoming a dead letter.
-    crate::contract::decode(crate::contract::Incoming {
+    profile_worker::contract::decode(profile_worker::contract::Incoming {
         kind: Some(command.as_str()),
         routing_key: command.as_str(),
         content_type: Some("application/json"),
@@ -233,7 +233,7 @@ async fn send_all(
     let conn = broker::connect(&uri, &args.broker.tls().map_err(|e| e.to_string())?)
         .await
         .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
-    let (channel, mut replies) = crate::client::reply_channel(&conn)
+    let (channel, mut replies) = profile_worker::client::reply_channel(&conn)
         .await
         .map_err(|e| e.to_string())?;
 
@@ -249,7 +249,7 @@ async fn send_all(
         let mut batch = Vec::new();
         while outstanding < window && next < n {
             let (_, p) = &commands[next];
-            let props = crate::client::command_properties(
+            let props = profile_worker::client::command_properties(
                 p.command.as_str(),
                 &p.message_id,
                 &next.to_string(),

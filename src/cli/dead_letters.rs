@@ -7,12 +7,12 @@
 //! so an interrupted replay loses nothing (at worst a command is sent twice, and
 //! its message_id makes the second one answer with the stored reply).
 
-use crate::broker::{self, properties, Connection};
-use crate::config::BrokerSettings;
 use clap::{Args, Subcommand};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
+use profile_worker::broker::{self, properties, Connection};
+use profile_worker::config::BrokerSettings;
 use serde::Serialize;
 
 #[derive(Subcommand)]
@@ -117,7 +117,7 @@ pub fn mask_secrets(body: &str) -> String {
     };
     match o.get("accessTokenId") {
         Some(serde_json::Value::String(t)) => {
-            let masked = format!("{} (masked)", crate::telemetry::token_prefix(t));
+            let masked = format!("{} (masked)", profile_worker::telemetry::token_prefix(t));
             o.insert("accessTokenId".into(), masked.into());
             serde_json::Value::Object(o).to_string()
         }
