@@ -28,6 +28,19 @@ fn vt_with_mid(mid: &str) -> Send {
     }
 }
 
+/// A valid create-ticket whose reply_to is `target`.
+async fn ticket_replying_to(env: &Env, target: &str, message_id: &str) {
+    env.publish(
+        ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string().as_bytes(),
+        Send {
+            reply_to: Some(target.into()),
+            message_id: Some(message_id.into()),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
 async fn insert_token(env: &Env, id: &str, permissions: Value) {
     env.db
         .execute(
@@ -216,15 +229,7 @@ async fn replies_go_only_to_reply_queues() {
         .into_iter()
         .enumerate()
     {
-        env.publish(
-            ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string().as_bytes(),
-            Send {
-                reply_to: Some(target.into()),
-                message_id: Some(format!("r{i}")),
-                ..Default::default()
-            },
-        )
-        .await;
+        ticket_replying_to(&env, target, &format!("r{i}")).await;
     }
     let dead = env.wait_dead_letters(3).await;
     assert_eq!(dead.len(), 3);
@@ -806,15 +811,7 @@ async fn a_bogus_direct_reply_to_name_costs_the_worker_nothing() {
     .into_iter()
     .enumerate()
     {
-        env.publish(
-            ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string().as_bytes(),
-            Send {
-                reply_to: Some(name.into()),
-                message_id: Some(format!("bogus-{i}")),
-                ..Default::default()
-            },
-        )
-        .await;
+        ticket_replying_to(&env, name, &format!("bogus-{i}")).await;
     }
     // Processed, acked, and the worker's session never dropped.
     for _ in 0..20 {
