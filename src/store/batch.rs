@@ -207,14 +207,13 @@ impl Batch<'_> {
         let err = |e| StoreError::pg("load", e);
         // The table holds hashes only (CONTRACT §7): look up by the hash, keep
         // the rows under the IDs the commands name.
-        let by_hash: HashMap<String, &str> = token_ids
+        let digests: Vec<[u8; 32]> = token_ids.iter().map(|id| access_token_hash(id)).collect();
+        let by_hash: HashMap<String, &str> = digests
             .iter()
-            .map(|id| (hex(&access_token_hash(id)), *id))
+            .zip(token_ids)
+            .map(|(h, id)| (hex(h), *id))
             .collect();
-        let hashes: Vec<Vec<u8>> = token_ids
-            .iter()
-            .map(|id| access_token_hash(id).to_vec())
-            .collect();
+        let hashes: Vec<&[u8]> = digests.iter().map(|h| h.as_slice()).collect();
         let stmt = client.prepare_cached(LOAD).await.map_err(err)?;
         let rows = client
             .query(&stmt, &[&hashes, &profile_ids, &message_ids])
