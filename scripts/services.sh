@@ -187,6 +187,9 @@ DO \$\$ BEGIN
   -- Only row rights, granted table by table: no DDL, no databases, no roles.
   ALTER ROLE "$PW_DB_USER" LOGIN NOCREATEDB NOCREATEROLE NOSUPERUSER PASSWORD '$PW_DB_PASSWORD';
 END \$\$;
+-- The owner may end the runtime role's sessions, so that dropping a database
+-- (the tests' clean-up, DROP DATABASE … WITH (FORCE)) is not held up by them.
+GRANT pg_signal_backend TO "$PW_DB_OWNER";
 SELECT 'CREATE DATABASE "$PW_DB_NAME" OWNER "$PW_DB_OWNER"'
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PW_DB_NAME')\gexec
 ALTER DATABASE "$PW_DB_NAME" OWNER TO "$PW_DB_OWNER";

@@ -204,6 +204,7 @@ async fn the_runtime_role_has_row_rights_only() {
     db.query("SELECT count(*) FROM access_tokens", &[])
         .await
         .unwrap();
+    drop(db);
     env.teardown().await;
 }
 
