@@ -404,11 +404,28 @@ pub struct Settings {
     pub worker: WorkerSettings,
 }
 
+/// Settings checked once, in the forms the worker connects with.
+pub struct Checked {
+    pub database: (tokio_postgres::Config, TlsSettings),
+    pub amqp: lapin::uri::AMQPUri,
+    pub amqp_tls: lapin::tcp::OwnedTLSConfig,
+    /// `None` when the operations endpoint is off.
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
 impl Settings {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.database.validate()?;
-        self.broker.validate()?;
-        self.worker.validate()
+    /// Checks every setting; the first problem names its setting.
+    pub fn check(&self) -> Result<Checked, ConfigError> {
+        let database = self.database.validate()?;
+        let amqp = self.broker.validate()?;
+        let amqp_tls = self.broker.tls()?;
+        self.worker.validate()?;
+        Ok(Checked {
+            database,
+            amqp,
+            amqp_tls,
+            http_addr: self.worker.http_addr()?,
+        })
     }
 
     /// Every environment variable `run` reads: its settings', plus the logging
@@ -519,16 +536,16 @@ mod tests {
     fn bad_urls_name_the_setting() {
         let mut s = Settings::from_env();
         s.database.database_url = "mysql://x".into();
-        assert_eq!(s.validate().unwrap_err().setting, "DATABASE_URL");
+        assert_eq!(s.check().err().unwrap().setting, "DATABASE_URL");
         let mut s = Settings::from_env();
         s.broker.amqp_url = "http://nope".into();
-        assert_eq!(s.validate().unwrap_err().setting, "AMQP_URL");
+        assert_eq!(s.check().err().unwrap().setting, "AMQP_URL");
         let mut s = Settings::from_env();
         s.worker.verification_url = "relative/path".into();
-        assert_eq!(s.validate().unwrap_err().setting, "VERIFICATION_URL");
+        assert_eq!(s.check().err().unwrap().setting, "VERIFICATION_URL");
         let mut s = Settings::from_env();
         s.worker.http_addr = "localhost".into();
-        assert_eq!(s.validate().unwrap_err().setting, "HTTP_ADDR");
+        assert_eq!(s.check().err().unwrap().setting, "HTTP_ADDR");
         s.worker.http_addr = "OFF".into();
         assert_eq!(s.worker.http_addr().unwrap(), None);
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod contract;
 pub mod domain;
 pub mod ops;
+pub mod outbox;
 pub mod pipeline;
 pub mod render;
 pub mod store;

@@ -107,16 +107,13 @@ async fn run_cli() -> ExitCode {
             std::time::Duration::from_secs(timeout),
         )
         .await
-        .map(|(status, reply)| println!("{status} {reply}"))
-        .map_err(anyhow::Error::msg),
-        Cmd::DeadLetters { cmd } => cli::dead_letters::run(cmd)
-            .await
-            .map_err(anyhow::Error::msg),
+        .map(|(status, reply)| println!("{status} {reply}")),
+        Cmd::DeadLetters { cmd } => cli::dead_letters::run(cmd).await,
         Cmd::Provision(args) => match cli::provision::run(*args).await {
             Ok(true) => Ok(()),
             // The summary and the result lines already say what failed.
             Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(anyhow::Error::msg(e)),
+            Err(e) => Err(e),
         },
     };
     match result {
@@ -132,7 +129,8 @@ async fn run_cli() -> ExitCode {
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    profile_worker::worker::run(settings, shutdown).await?;
+    let worker = profile_worker::worker::Worker::build(settings).await?;
+    worker.run_until_stopped(shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -158,7 +156,6 @@ async fn connect(db: &DatabaseSettings) -> anyhow::Result<Store> {
     store
         .check()
         .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))
         .context("DATABASE_URL: cannot connect")?;
     Ok(store)
 }

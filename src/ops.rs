@@ -12,7 +12,6 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -23,26 +22,49 @@ const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// What the worker reports about itself: its consumers count themselves in
-/// and out; shutting down is read from the worker's own shutdown token.
+/// and out, and it says when it is stopping. [`Ready`] waits on it.
 #[derive(Debug)]
 pub struct Health {
-    consuming: AtomicUsize,
-    shutdown: CancellationToken,
+    consuming: tokio::sync::watch::Sender<usize>,
+    /// Consumers a session runs: ready means all of them are consuming.
+    consumers: usize,
+    stopping: CancellationToken,
 }
 
 impl Health {
-    pub fn new(shutdown: CancellationToken) -> Self {
+    pub fn new(consumers: usize) -> Self {
         Health {
-            consuming: AtomicUsize::new(0),
-            shutdown,
+            consuming: tokio::sync::watch::Sender::new(0),
+            consumers,
+            stopping: CancellationToken::new(),
         }
     }
 
     /// Counts a consumer as taking commands until the guard is dropped.
     pub fn consuming(self: &Arc<Self>) -> ConsumingGuard {
-        let n = self.consuming.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!(crate::telemetry::CONSUMING).set(n as f64);
+        let mut now = 0;
+        self.consuming.send_modify(|n| {
+            *n += 1;
+            now = *n;
+        });
+        metrics::gauge!(crate::telemetry::CONSUMING).set(now as f64);
+        if now == self.consumers {
+            tracing::info!(consumers = now, "ready");
+        }
         ConsumingGuard(self.clone())
+    }
+
+    pub fn consuming_now(&self) -> usize {
+        *self.consuming.borrow()
+    }
+
+    /// From now on `/readyz` says the worker is shutting down.
+    pub fn stop(&self) {
+        self.stopping.cancel();
+    }
+
+    pub fn ready(self: &Arc<Self>) -> Ready {
+        Ready(self.clone())
     }
 }
 
@@ -50,8 +72,28 @@ pub struct ConsumingGuard(Arc<Health>);
 
 impl Drop for ConsumingGuard {
     fn drop(&mut self) {
-        let n = self.0.consuming.fetch_sub(1, Ordering::SeqCst) - 1;
-        metrics::gauge!(crate::telemetry::CONSUMING).set(n as f64);
+        let mut now = 0;
+        self.0.consuming.send_modify(|n| {
+            *n -= 1;
+            now = *n;
+        });
+        metrics::gauge!(crate::telemetry::CONSUMING).set(now as f64);
+    }
+}
+
+/// The worker's readiness signal: resolves once every consumer is consuming
+/// (`true`), or the worker stopped before that (`false`).
+#[derive(Clone)]
+pub struct Ready(Arc<Health>);
+
+impl Ready {
+    pub async fn wait(&self) -> bool {
+        let mut rx = self.0.consuming.subscribe();
+        let want = self.0.consumers;
+        tokio::select! {
+            r = rx.wait_for(|n| *n >= want) => r.is_ok(),
+            _ = self.0.stopping.cancelled() => false,
+        }
     }
 }
 
@@ -174,12 +216,12 @@ async fn healthz() -> &'static str {
 async fn readyz(State(ops): State<Ops>) -> Response {
     let database = match tokio::time::timeout(DB_PING_TIMEOUT, ops.store.check()).await {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.message),
+        Ok(Err(e)) => Some(crate::telemetry::Report(&e).to_string()),
         Err(_) => Some(format!("no answer within {DB_PING_TIMEOUT:?}")),
     };
     let r = readiness(
-        ops.health.consuming.load(Ordering::SeqCst),
-        ops.health.shutdown.is_cancelled(),
+        ops.health.consuming_now(),
+        ops.health.stopping.is_cancelled(),
         database,
     );
     let status = if r.ready {
@@ -217,14 +259,24 @@ mod tests {
         assert_eq!(r.body["problems"][0], "shutting down");
     }
 
-    #[test]
-    fn the_consuming_count_follows_the_guards() {
-        let h = Arc::new(Health::new(CancellationToken::new()));
+    #[tokio::test]
+    async fn the_consuming_count_follows_the_guards_and_ready_waits_for_all() {
+        let h = Arc::new(Health::new(2));
+        let ready = h.ready();
         let a = h.consuming();
+        let waiting = tokio::spawn({
+            let ready = ready.clone();
+            async move { ready.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one of two consumers is not ready");
         let b = h.consuming();
-        assert_eq!(h.consuming.load(Ordering::SeqCst), 2);
+        assert!(waiting.await.unwrap());
+        assert_eq!(h.consuming_now(), 2);
         drop(a);
         drop(b);
-        assert_eq!(h.consuming.load(Ordering::SeqCst), 0);
+        assert_eq!(h.consuming_now(), 0);
+        h.stop();
+        assert!(!ready.wait().await, "a stopped worker is never ready");
     }
 }

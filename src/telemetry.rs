@@ -125,6 +125,23 @@ fn describe() {
     }
 }
 
+/// An error and its causes on one line, `outer: inner: …`, for log fields and
+/// the text of a dead letter's reason (`{:#}` of anyhow, for the library's own
+/// errors, whose messages never repeat their source's).
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 /// Access token IDs are bearer secrets: logs carry only enough to correlate.
 /// At most 8 characters and at most a quarter of the ID, so a short token is
 /// never logged whole.
@@ -136,6 +153,15 @@ pub fn token_prefix(id: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_report_names_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("commit")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("connection reset"));
+        assert_eq!(super::Report(&e).to_string(), "commit: connection reset");
+    }
+
     #[test]
     fn token_prefix_is_short() {
         assert_eq!(

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use uuid::Uuid;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -228,18 +228,11 @@ impl Run {
         resent
     }
 
-    fn spawn_worker(&self) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        worker_process(&self.env)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn worker")
+    /// Starts a worker process (its log appended to this run's) and waits until it is ready.
+    async fn spawn_worker(&self) -> WorkerProcess {
+        let mut cmd = worker_process(&self.env);
+        cmd.env("RUST_LOG", "info");
+        WorkerProcess::start(cmd, Some(&self.log)).await
     }
 
     async fn processed(&self) -> usize {
@@ -411,7 +404,7 @@ impl Run {
         );
     }
 
-    async fn finish(self, mut worker: Child) {
+    async fn finish(self, mut worker: WorkerProcess) {
         signal(&worker, SIGTERM);
         let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
             .await
@@ -431,12 +424,12 @@ impl Run {
     /// Runs the burst to the end with `fault` injected once `at` commands are done.
     async fn burst_with<F, Fut>(self, at: usize, fault: F)
     where
-        F: FnOnce(Child, Run) -> Fut,
-        Fut: std::future::Future<Output = (Child, Run)>,
+        F: FnOnce(WorkerProcess, Run) -> Fut,
+        Fut: std::future::Future<Output = (WorkerProcess, Run)>,
     {
         let (sent, commands) = self.plan_burst();
         self.publish(&commands, 500, Duration::ZERO).await;
-        let worker = self.spawn_worker();
+        let worker = self.spawn_worker().await;
         let done = self.wait_processed(at, Duration::from_secs(120)).await;
         assert!(done >= at, "worker started: {done} processed");
         let (worker, run) = fault(worker, self).await;
@@ -444,7 +437,7 @@ impl Run {
     }
 
     /// After the fault: the worker finishes everything, the guarantees hold, it stops cleanly.
-    async fn complete(self, worker: Child, sent: &HashMap<String, Sent>) {
+    async fn complete(self, worker: WorkerProcess, sent: &HashMap<String, Sent>) {
         let expected = sent.values().filter(|s| !s.malformed).count();
         let done = self
             .wait_processed(expected, Duration::from_secs(240))
@@ -523,7 +516,7 @@ async fn kill_9_five_times_during_a_burst_loses_and_duplicates_nothing() {
             let _ = worker.wait().await;
             let done = run.processed().await;
             eprintln!("kill {}: {done} of {BURST} processed", k + 1);
-            worker = run.spawn_worker();
+            worker = run.spawn_worker().await;
             // Let it get some way before the next kill; the kills land mid-burst.
             run.wait_processed(done + 700, Duration::from_secs(60))
                 .await;
@@ -541,12 +534,12 @@ async fn kill_9_five_times_during_a_burst_loses_and_duplicates_nothing() {
 #[tokio::test]
 async fn rabbitmq_restart_mid_burst_the_worker_reconnects_and_finishes() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut run = Run::prepare().await;
-    let http = http_on_free_port(&mut run.env.settings);
+    let run = Run::prepare().await;
     let (sent, commands) = run.plan_burst();
     let (first, rest) = commands.split_at(BURST / 2);
     run.publish(first, 500, Duration::ZERO).await;
-    let worker = run.spawn_worker();
+    let worker = run.spawn_worker().await;
+    let http = worker.http().to_string();
     assert!(run.wait_processed(1_000, Duration::from_secs(120)).await >= 1_000);
     // The second half is published, slowly enough to span the stop, while the
     // broker goes away and comes back; the publisher re-sends what was not confirmed.
@@ -609,9 +602,9 @@ async fn postgres_restart_mid_burst_holds_commands_and_resumes() {
 #[tokio::test]
 async fn postgres_unreachable_for_60_s_reports_not_ready_and_recovers() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut run = Run::prepare().await;
-    let http = http_on_free_port(&mut run.env.settings);
+    let run = Run::prepare().await;
     run.burst_with(1_000, |mut worker, run| async move {
+        let http = worker.http().to_string();
         let ready = |s: u16, _: &str| s == 200;
         let before = http_until(&http, "/readyz", Duration::from_secs(10), ready).await;
         assert_eq!(before.map(|a| a.0), Some(200), "ready while consuming");

@@ -14,7 +14,7 @@ pub enum TopologyError {
     Conflict(String),
     #[error("the broker user may not declare the topology: {0}. Give it configure, write and read permissions on the worker's exchanges and queues (README, \"Least privilege\")")]
     Forbidden(String),
-    #[error("declaring the broker topology failed: {0}")]
+    #[error("declaring the broker topology failed")]
     Broker(#[from] lapin::Error),
 }
 

@@ -7,11 +7,12 @@
 //! so an interrupted replay loses nothing (at worst a command is sent twice, and
 //! its message_id makes the second one answer with the stored reply).
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use profile_worker::broker::{self, properties, Connection};
+use profile_worker::broker::properties;
 use profile_worker::config::BrokerSettings;
 use serde::Serialize;
 
@@ -171,15 +172,15 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
     p.clone().with_headers(kept)
 }
 
-pub async fn run(cmd: DeadLetterCmd) -> Result<(), String> {
+pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
     match cmd {
         DeadLetterCmd::List {
             scan,
             json,
             show_secrets,
         } => {
-            let conn = connect(&scan.broker).await?;
-            let channel = conn.create_channel().await.map_err(describe)?;
+            let conn = super::connect(&scan.broker).await?;
+            let channel = conn.create_channel().await?;
             let mut shown = 0;
             for_each(&channel, &scan, |d, _| {
                 shown += 1;
@@ -217,12 +218,11 @@ pub async fn run(cmd: DeadLetterCmd) -> Result<(), String> {
             select,
             dry_run,
         } => {
-            let conn = connect(&scan.broker).await?;
-            let channel = conn.create_channel().await.map_err(describe)?;
+            let conn = super::connect(&scan.broker).await?;
+            let channel = conn.create_channel().await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(describe)?;
+                .await?;
             let exchange = scan.broker.command_exchange.clone();
             let mut chosen = Vec::new();
             for_each(&channel, &scan, |d, m| {
@@ -251,19 +251,16 @@ pub async fn run(cmd: DeadLetterCmd) -> Result<(), String> {
                         &m.delivery.data,
                         replay_properties(&m.delivery.properties),
                     )
-                    .await
-                    .map_err(describe)?
-                    .await
-                    .map_err(describe)?;
+                    .await?
+                    .await?;
                 if !confirm.is_ack() {
-                    return Err(format!(
+                    anyhow::bail!(
                         "the broker refused to take {what} back; it stays dead-lettered ({replayed} replayed before it)"
-                    ));
+                    );
                 }
                 channel
                     .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
-                    .await
-                    .map_err(describe)?;
+                    .await?;
                 replayed += 1;
                 println!("replayed {what}");
             }
@@ -279,30 +276,19 @@ pub async fn run(cmd: DeadLetterCmd) -> Result<(), String> {
     }
 }
 
-async fn connect(settings: &BrokerSettings) -> Result<Connection, String> {
-    let uri = settings.validate().map_err(|e| e.to_string())?;
-    broker::connect(&uri, &settings.tls().map_err(|e| e.to_string())?)
-        .await
-        .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))
-}
-
-fn describe(e: lapin::Error) -> String {
-    broker::describe(&e)
-}
-
 /// Gets dead letters one by one (each stays unacked on `channel`) up to the
 /// limit or the end of the queue, and shows each to `f`.
 async fn for_each(
     channel: &lapin::Channel,
     scan: &Scan,
     mut f: impl FnMut(&DeadLetter, lapin::message::BasicGetMessage),
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let queue = scan.broker.dead_letter_queue.as_str();
     for position in 1..=scan.limit {
         let got = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await
-            .map_err(|e| format!("{queue}: {}", broker::describe(&e)))?;
+            .context(queue.to_string())?;
         let Some(m) = got else { break };
         let d = DeadLetter::read(
             position,

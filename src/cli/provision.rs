@@ -3,10 +3,11 @@
 //! an interrupted run can simply be run again: what was done is answered from the
 //! worker's idempotency records, nothing is created twice.
 
+use anyhow::Context;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
-use profile_worker::broker::{self, properties};
+use profile_worker::broker::properties;
 use profile_worker::config::BrokerSettings;
 use profile_worker::contract::CommandName;
 use serde_json::{json, Map, Value};
@@ -160,12 +161,11 @@ pub fn summary(results: &[(i64, Option<String>)], invalid: usize) -> String {
 }
 
 /// Runs the file; Ok(true) when every line was answered 200.
-pub async fn run(args: ProvisionArgs) -> Result<bool, String> {
+pub async fn run(args: ProvisionArgs) -> anyhow::Result<bool> {
     let content = if args.input.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("stdin: {e}"))?
+        std::io::read_to_string(std::io::stdin()).context("stdin")?
     } else {
-        std::fs::read_to_string(&args.input)
-            .map_err(|e| format!("{}: {e}", args.input.display()))?
+        std::fs::read_to_string(&args.input).with_context(|| args.input.display().to_string())?
     };
     let namespace = file_namespace(&content);
     let mut outcomes: Vec<(usize, Option<String>, Outcome)> = Vec::new();
@@ -191,7 +191,7 @@ pub async fn run(args: ProvisionArgs) -> Result<bool, String> {
 
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
+            std::fs::File::create(path).with_context(|| path.display().to_string())?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
@@ -213,9 +213,9 @@ pub async fn run(args: ProvisionArgs) -> Result<bool, String> {
                 json!({ "line": line, "messageId": message_id, "status": status, "reply": body })
             }
         };
-        writeln!(out, "{record}").map_err(|e| format!("writing results: {e}"))?;
+        writeln!(out, "{record}").context("writing results")?;
     }
-    out.flush().map_err(|e| format!("writing results: {e}"))?;
+    out.flush().context("writing results")?;
     eprintln!("{}", summary(&answered, invalid));
     Ok(invalid == 0 && answered.iter().all(|(s, _)| *s == 200))
 }
@@ -225,17 +225,12 @@ pub async fn run(args: ProvisionArgs) -> Result<bool, String> {
 async fn send_all(
     args: &ProvisionArgs,
     commands: &[(usize, Prepared)],
-) -> Result<Vec<Outcome>, String> {
+) -> anyhow::Result<Vec<Outcome>> {
     if commands.is_empty() {
         return Ok(vec![]);
     }
-    let uri = args.broker.validate().map_err(|e| e.to_string())?;
-    let conn = broker::connect(&uri, &args.broker.tls().map_err(|e| e.to_string())?)
-        .await
-        .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
-    let (channel, mut replies) = profile_worker::client::reply_channel(&conn)
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = super::connect(&args.broker).await?;
+    let (channel, mut replies) = profile_worker::client::reply_channel(&conn).await?;
 
     let n = commands.len();
     let mut results: Vec<Option<Outcome>> = vec![None; n];
@@ -270,7 +265,7 @@ async fn send_all(
         }))
         .await;
         for s in sent {
-            confirms.push(s.map_err(|e| format!("publishing failed: {e}"))?);
+            confirms.push(s.context("publishing failed")?);
         }
         let mut take = |d: lapin::message::Delivery| {
             let index = d
@@ -293,7 +288,7 @@ async fn send_all(
         };
         tokio::select! {
             reply = replies.next() => {
-                let d = reply.ok_or("the broker closed the reply consumer")?.map_err(|e| e.to_string())?;
+                let d = reply.context("the broker closed the reply consumer")??;
                 take(d);
                 while let Some(Some(Ok(d))) = replies.next().now_or_never() {
                     take(d);
@@ -302,15 +297,15 @@ async fn send_all(
                 progress.update(answered);
             }
             Some(c) = confirms.next(), if !confirms.is_empty() => {
-                if c.map_err(|e| e.to_string())?.is_nack() {
-                    return Err("the broker refused a command (nack); run the file again to finish it".into());
+                if c?.is_nack() {
+                    anyhow::bail!("the broker refused a command (nack); run the file again to finish it");
                 }
             }
             _ = tokio::time::sleep_until((last_reply + stall).into()) => {
-                return Err(format!(
+                anyhow::bail!(
                     "no reply for {} s ({answered} of {n} answered): is `profile-worker run` running? Run the file again to finish; what was done is not repeated",
                     stall.as_secs()
-                ));
+                );
             }
         }
     }

@@ -1,9 +1,10 @@
 //! `profile-worker send`: publish one command and print its reply — the quickest
 //! way to talk to a running worker from a shell.
 
+use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
-use profile_worker::broker::{self, properties};
+use profile_worker::broker::properties;
 use profile_worker::client::{command_properties, reply_channel};
 use profile_worker::config::BrokerSettings;
 use std::time::Duration;
@@ -14,12 +15,9 @@ pub async fn run(
     kind: &str,
     body: &str,
     timeout: Duration,
-) -> Result<(i64, String), String> {
-    let uri = settings.validate().map_err(|e| e.to_string())?;
-    let conn = broker::connect(&uri, &settings.tls().map_err(|e| e.to_string())?)
-        .await
-        .map_err(|e| format!("AMQP_URL: cannot connect: {}", broker::describe(&e)))?;
-    let (channel, mut replies) = reply_channel(&conn).await.map_err(|e| e.to_string())?;
+) -> anyhow::Result<(i64, String)> {
+    let conn = super::connect(settings).await?;
+    let (channel, mut replies) = reply_channel(&conn).await?;
     let message_id = uuid::Uuid::new_v4().to_string();
     let props = command_properties(kind, &message_id, &message_id);
     let confirm = channel
@@ -30,23 +28,20 @@ pub async fn run(
             body.as_bytes(),
             props,
         )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?
+        .await?;
     if confirm.is_nack() {
-        return Err("the broker refused the command".into());
+        anyhow::bail!("the broker refused the command");
     }
     let reply = tokio::time::timeout(timeout, replies.next())
         .await
         .map_err(|_| {
-            format!(
+            anyhow::anyhow!(
                 "no reply within {} s: is `profile-worker run` running?",
                 timeout.as_secs()
             )
         })?
-        .ok_or("reply consumer closed")?
-        .map_err(|e| e.to_string())?;
+        .context("reply consumer closed")??;
     let status = properties::reply_status(&reply.properties);
     let _ = conn.close(200, "bye".into()).await;
     Ok((status, String::from_utf8_lossy(&reply.data).into_owned()))

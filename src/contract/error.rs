@@ -4,8 +4,20 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+    strum::IntoStaticStr,
+    strum::EnumIter,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     NoSuchAccessTokenId,
     AccessDenied,
@@ -34,18 +46,9 @@ impl ErrorCode {
         }
     }
 
+    /// The code as replies and dead letters spell it (the same as serde's).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::NoSuchAccessTokenId => "NO_SUCH_ACCESS_TOKEN_ID",
-            ErrorCode::AccessDenied => "ACCESS_DENIED",
-            ErrorCode::NoSuchProfile => "NO_SUCH_PROFILE",
-            ErrorCode::ActionDenied => "ACTION_DENIED",
-            ErrorCode::DisabledProfile => "DISABLED_PROFILE",
-            ErrorCode::ParamDeserializationError => "PARAM_DESERIALIZATION_ERROR",
-            ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
-            ErrorCode::MessageIdConflict => "MESSAGE_ID_CONFLICT",
-            ErrorCode::TooManyRequests => "TOO_MANY_REQUESTS",
-        }
+        self.into()
     }
 }
 
@@ -79,17 +82,8 @@ mod tests {
 
     #[test]
     fn serialized_code_matches_as_str() {
-        for code in [
-            ErrorCode::NoSuchAccessTokenId,
-            ErrorCode::AccessDenied,
-            ErrorCode::NoSuchProfile,
-            ErrorCode::ActionDenied,
-            ErrorCode::DisabledProfile,
-            ErrorCode::ParamDeserializationError,
-            ErrorCode::UnknownCommand,
-            ErrorCode::MessageIdConflict,
-            ErrorCode::TooManyRequests,
-        ] {
+        // Every code: a new one is covered without touching this test.
+        for code in <ErrorCode as strum::IntoEnumIterator>::iter() {
             assert_eq!(
                 serde_json::to_value(code).unwrap(),
                 serde_json::Value::String(code.as_str().into())

@@ -1,186 +1,65 @@
-//! One batch of deliveries, left to right: decode → load → plan (pure) → commit →
-//! publish (confirmed) → ack. Also the failure policy: transient failures are
-//! retried with backoff while the deliveries stay unacked; a batch that fails for
-//! another reason is split so one poison command cannot block the others; a
-//! command that keeps failing gets a 500 reply and a dead letter on its last
-//! allowed delivery.
-//!
-//! What the broker refuses (a nack) is handled by whose it is, so that no caller
-//! can hold the worker: a reply is the caller's, retried briefly in the
-//! background and then dropped and counted; an event stays in the outbox for the
-//! relay; a dead letter is handed to the queue's own dead-lettering.
+//! One batch of deliveries, left to right: decode (`item`) → load → `plan`
+//! (pure) → commit → `publish` (confirmed) → ack, with the failure `policy`
+//! around it and the answers told by `report`. A batch that fails for a reason
+//! other than an outage is split, so one poison command cannot block the others.
 
+mod item;
 pub mod plan;
+pub mod policy;
+mod publish;
+mod report;
 
 use crate::broker::{properties, Channel, Delivery, Outgoing, Publisher};
 use crate::config::Settings;
-use crate::contract::{self, Command, CommandName, Incoming, InternalErrorReply, Rejection};
-use crate::store::{OutboxEvent, Store, StoreError};
-use crate::telemetry::{self, token_prefix};
-use crate::trace::{self, TraceContext};
+use crate::contract::{self, InternalErrorReply};
+use crate::outbox;
+use crate::store::{Store, StoreError};
+use crate::telemetry::{self, Report};
+use item::Item;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use plan::{Input, Plan, Step};
+use policy::{Failure, Verdict};
+use publish::{Dispatcher, Publications, Settled};
+use report::{Answer, Outcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Dead-letter code for a command that failed on every allowed delivery.
 pub const POISON_CODE: &str = "INTERNAL_SERVER_ERROR";
 /// Dead-letter code for a command whose `reply_to` names no reply queue (CONTRACT §2).
 pub const REPLY_TO_NOT_ALLOWED: &str = "REPLY_TO_NOT_ALLOWED";
-/// Pauses between the attempts at a refused reply: about a second in all.
-const REPLY_RETRIES: [Duration; 3] = [
-    Duration::from_millis(100),
-    Duration::from_millis(250),
-    Duration::from_millis(500),
-];
-/// Refused replies being retried at once; past that a refused reply is dropped
-/// at once, so a caller whose queue refuses everything costs bounded memory.
-const REPLY_RETRY_TASKS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// The broker connection or a channel is gone: rebuild the session. Unacked
     /// deliveries return to the queue by themselves.
-    #[error("{0}")]
-    Broker(String),
+    #[error("broker session lost")]
+    Broker(#[from] lapin::Error),
     /// Shutting down and the grace period ran out while the database was
     /// unavailable: the deliveries are left unacked for redelivery.
     #[error("gave up on held commands at shutdown; they will be redelivered")]
     Abandoned,
 }
 
-enum Failure {
-    Store(StoreError),
-    Broker(String),
-    Abandoned,
-}
-
-impl From<lapin::Error> for Failure {
-    fn from(e: lapin::Error) -> Self {
-        Failure::Broker(crate::broker::describe(&e))
-    }
-}
-
-/// A delivery and what its properties say.
-struct Item {
-    delivery: Delivery,
-    decoded: Result<Command, Rejection>,
-    message_id: Option<String>,
-    /// Where the reply goes: only a reply queue (CONTRACT §2).
-    reply_to: Option<String>,
-    /// A `reply_to` that names no reply queue: the command is dead-lettered unprocessed.
-    refused_reply_to: Option<String>,
-    /// correlation_id, else message_id (CONTRACT §2).
-    correlation: Option<String>,
-    /// The worker's span for this command: its reply and events carry it.
-    trace: TraceContext,
-    traceparent: String,
-}
-
-impl Item {
-    fn new(delivery: Delivery, reply_prefixes: &[String]) -> Self {
-        let p = &delivery.properties;
-        let (reply_to, refused_reply_to) = match properties::short(p.reply_to()) {
-            Some(r) if contract::reply_to_allowed(r, reply_prefixes) => (Some(r.to_string()), None),
-            Some(r) => (None, Some(r.to_string())),
-            None => (None, None),
-        };
-        let decoded = contract::decode(Incoming {
-            kind: properties::short(p.kind()),
-            routing_key: delivery.routing_key.as_str(),
-            content_type: properties::short(p.content_type()),
-            body: &delivery.data,
-        });
-        let message_id = properties::short(p.message_id()).map(str::to_string);
-        let correlation = properties::short(p.correlation_id())
-            .map(str::to_string)
-            .or_else(|| message_id.clone());
-        let parent = properties::header_text(p, trace::TRACEPARENT).and_then(TraceContext::parse);
-        let trace = TraceContext::continue_or_start(parent, trace::random_ids);
-        Item {
-            traceparent: trace.to_string(),
-            trace,
-            decoded,
-            reply_to,
-            refused_reply_to,
-            message_id,
-            correlation,
-            delivery,
+impl From<Failure> for Result<(), BatchError> {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Broker(e) => Err(BatchError::Broker(e)),
+            Failure::Abandoned => Err(BatchError::Abandoned),
+            Failure::Store(e) => unreachable!("store failures are the caller's: {e}"),
         }
     }
-
-    fn tag(&self) -> u64 {
-        self.delivery.delivery_tag
-    }
-
-    fn command_name(&self) -> Option<CommandName> {
-        let kind = properties::short(self.delivery.properties.kind())
-            .unwrap_or(self.delivery.routing_key.as_str());
-        CommandName::parse(kind)
-    }
-
-    /// The reply's `type`: `<command>.reply`, or `error.reply` when the command is unknown.
-    fn reply_type(&self) -> &'static str {
-        self.command_name()
-            .map(CommandName::reply_type)
-            .unwrap_or("error.reply")
-    }
-
-    /// The command's name for logs and metrics (`unknown` when it has none we know).
-    fn command_label(&self) -> &'static str {
-        self.command_name()
-            .map(CommandName::as_str)
-            .unwrap_or("unknown")
-    }
-
-    fn message_id_label(&self) -> &str {
-        self.message_id.as_deref().unwrap_or("-")
-    }
-}
-
-/// How one command was answered, for its log line and metrics.
-#[derive(Debug, Clone, Copy)]
-struct Answer {
-    /// The reply's status; 0 when nothing is replied (reply_to refused).
-    status: u16,
-    /// `created`, `rejected` (answered, acked), `malformed` (also
-    /// dead-lettered), `repeated` (a stored reply sent again for a message_id
-    /// seen before), `refused` (reply_to not allowed: dead-lettered, no reply),
-    /// `failed`.
-    outcome: &'static str,
-    code: Option<&'static str>,
-}
-
-/// What one batch publishes, grouped by what a nack means for it.
-#[derive(Default)]
-struct Publications {
-    replies: Vec<Outgoing>,
-    /// With the outbox row each settles.
-    events: Vec<(Outgoing, Uuid)>,
-    /// With the delivery each is for.
-    dead_letters: Vec<(Outgoing, u64)>,
-}
-
-/// What the broker's confirms left to do.
-#[derive(Default)]
-struct Settled {
-    /// Deliveries whose dead letter was refused: rejected without requeue, so
-    /// the queue's own (at-least-once) dead-lettering keeps them.
-    reject: Vec<u64>,
 }
 
 pub struct Pipeline {
     store: Store,
-    publisher: Publisher,
+    dispatcher: Dispatcher,
     acks: Channel,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
-    reply_retries: Arc<Semaphore>,
 }
 
 impl Pipeline {
@@ -192,18 +71,22 @@ impl Pipeline {
         shutdown: CancellationToken,
     ) -> Self {
         Pipeline {
+            dispatcher: Dispatcher::new(publisher, store.clone()),
             store,
-            publisher,
             acks,
             settings,
             shutdown,
-            reply_retries: Arc::new(Semaphore::new(REPLY_RETRY_TASKS)),
         }
     }
 
     /// Handles a batch; every delivery ends acked, rejected for redelivery, or
     /// (on error) unacked for the broker to redeliver.
     pub async fn handle(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
+        let span = tracing::info_span!("batch", commands = deliveries.len());
+        self.handle_batch(deliveries).instrument(span).await
+    }
+
+    async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
         let prefixes = &self.settings.broker.reply_to_prefixes;
         let items: Vec<Item> = deliveries
             .into_iter()
@@ -215,7 +98,7 @@ impl Pipeline {
                 self.finish(settled, &tags).await
             }
             Err(Failure::Store(e)) if items.len() > 1 => {
-                tracing::warn!(error = %e, batch = items.len(), "batch failed; retrying its commands one by one");
+                tracing::warn!(error = %Report(&e), batch = items.len(), "batch failed; retrying its commands one by one");
                 for item in items {
                     self.handle_alone(item).await?;
                 }
@@ -225,18 +108,15 @@ impl Pipeline {
                 self.poison(items.into_iter().next().expect("one item"), e)
                     .await
             }
-            Err(Failure::Broker(m)) => Err(BatchError::Broker(m)),
-            Err(Failure::Abandoned) => Err(BatchError::Abandoned),
+            Err(other) => other.into(),
         }
     }
 
     async fn handle_alone(&self, item: Item) -> Result<(), BatchError> {
-        let one = std::slice::from_ref(&item);
-        match self.process(one).await {
+        match self.process(std::slice::from_ref(&item)).await {
             Ok(settled) => self.finish(settled, &[item.tag()]).await,
             Err(Failure::Store(e)) => self.poison(item, e).await,
-            Err(Failure::Broker(m)) => Err(BatchError::Broker(m)),
-            Err(Failure::Abandoned) => Err(BatchError::Abandoned),
+            Err(other) => other.into(),
         }
     }
 
@@ -249,85 +129,67 @@ impl Pipeline {
         for &t in &settled.reject {
             self.acks
                 .basic_reject(t, BasicRejectOptions { requeue: false })
-                .await
-                .map_err(|e| BatchError::Broker(e.to_string()))?;
+                .await?;
         }
-        match tags.iter().filter(|t| !settled.reject.contains(t)).max() {
-            Some(&last) => self.ack(last, tags.len() > 1).await,
-            None => Ok(()),
+        if let Some(&last) = tags.iter().filter(|t| !settled.reject.contains(t)).max() {
+            let multiple = tags.len() > 1;
+            self.acks
+                .basic_ack(last, BasicAckOptions { multiple })
+                .await?;
         }
+        Ok(())
     }
 
-    /// A command that fails for a reason other than its input or an outage.
-    /// Rejected with requeue so the quorum queue counts the attempt; on the last
-    /// allowed delivery it is answered 500 and dead-lettered with the reason.
+    /// A command that fails for a reason other than its input or an outage
+    /// (see `policy`).
     async fn poison(&self, item: Item, error: StoreError) -> Result<(), BatchError> {
-        let attempts = properties::delivery_count(&item.delivery.properties) + 1;
         let limit = u64::from(self.settings.broker.delivery_limit);
-        let last = attempts >= limit;
+        let (attempt, verdict) =
+            policy::after_failure(properties::delivery_count(&item.delivery.properties), limit);
         tracing::error!(
-            message_id = item.message_id_label(),
-            command = item.command_label(),
-            outcome = if last { "failed" } else { "retry" },
-            trace_id = %item.trace.trace_id_hex(),
-            attempt = attempts,
+            parent: &item.span,
+            outcome = if verdict == Verdict::GiveUp { "failed" } else { "retry" },
+            attempt,
             limit,
-            error = %error,
+            error = %Report(&error),
             "command failed"
         );
-        if !last {
-            return self
-                .acks
+        if verdict == Verdict::Redeliver {
+            self.acks
                 .basic_reject(item.tag(), BasicRejectOptions { requeue: true })
-                .await
-                .map_err(|e| BatchError::Broker(e.to_string()));
+                .await?;
+            return Ok(());
         }
         let mut out = Publications::default();
         let body = serde_json::to_string(&InternalErrorReply::default()).unwrap_or_default();
         self.push_reply(&mut out, &item, 500, body);
-        out.dead_letters.push((
-            self.dead_letter(
-                &item,
-                POISON_CODE,
-                &format!("failed on {attempts} deliveries: {error}"),
-            ),
-            item.tag(),
-        ));
-        let settled = self.publish(out).await.map_err(|f| match f {
-            Failure::Abandoned => BatchError::Abandoned,
-            Failure::Broker(m) | Failure::Store(StoreError { message: m, .. }) => {
-                BatchError::Broker(m)
-            }
-        })?;
-        record_answer(
+        let reason = format!("failed on {attempt} deliveries: {}", Report(&error));
+        out.dead_letters
+            .push((self.dead_letter(&item, POISON_CODE, &reason), item.tag()));
+        let settled = self.dispatcher.publish(out).await?;
+        report::record(
             &item,
             Answer {
                 status: 500,
-                outcome: "failed",
+                outcome: Outcome::Failed,
                 code: Some(POISON_CODE),
             },
         );
         self.finish(settled, &[item.tag()]).await
     }
 
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<(), BatchError> {
-        self.acks
-            .basic_ack(tag, BasicAckOptions { multiple })
-            .await
-            .map_err(|e| BatchError::Broker(format!("ack failed: {e}")))
-    }
-
     /// Load, plan and commit, retrying transient database failures with backoff;
     /// then publish and await every confirm. Nothing is acked here.
     async fn process(&self, items: &[Item]) -> Result<Settled, Failure> {
         let started = Instant::now();
-        let (out, answers) = self.with_retry(|| self.commit_batch(items)).await?;
+        let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
+        let (out, answers) =
+            policy::retry_transient(&self.shutdown, grace, || self.commit_batch(items)).await?;
         let committed = Instant::now();
-        let publications = out.replies.len() + out.events.len() + out.dead_letters.len();
-        let settled = self.publish(out).await?;
+        let publications = out.len();
+        let settled = self.dispatcher.publish(out).await?;
         let (db, publish) = (committed - started, committed.elapsed());
         tracing::debug!(
-            commands = items.len(),
             publications,
             db_ms = db.as_secs_f64() * 1e3,
             publish_ms = publish.as_secs_f64() * 1e3,
@@ -338,159 +200,9 @@ impl Pipeline {
         metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "publish").record(publish);
         metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "total").record(db + publish);
         for (item, answer) in items.iter().zip(answers) {
-            record_answer(item, answer);
+            report::record(item, answer);
         }
         Ok(settled)
-    }
-
-    async fn with_retry<T, F, Fut>(&self, mut attempt: F) -> Result<T, Failure>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        let mut backoff = BACKOFF_START;
-        let mut since: Option<Instant> = None;
-        let mut shutdown_at: Option<Instant> = None;
-        loop {
-            match attempt().await {
-                Ok(v) => {
-                    if let Some(t) = since {
-                        tracing::info!(
-                            after_secs = t.elapsed().as_secs_f32(),
-                            "database available again; ready"
-                        );
-                    }
-                    return Ok(v);
-                }
-                Err(e) if e.is_transient() => {
-                    metrics::counter!(telemetry::DATABASE_ERRORS, "kind" => "transient")
-                        .increment(1);
-                    if since.is_none() {
-                        tracing::warn!(error = %e, "not ready: database unavailable; holding commands and retrying");
-                        since = Some(Instant::now());
-                    } else {
-                        tracing::debug!(error = %e, "database still unavailable");
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!(telemetry::DATABASE_ERRORS, "kind" => "permanent")
-                        .increment(1);
-                    return Err(Failure::Store(e));
-                }
-            }
-            if self.shutdown.is_cancelled() {
-                let t = *shutdown_at.get_or_insert_with(Instant::now);
-                if t.elapsed() >= Duration::from_secs(self.settings.worker.shutdown_grace_secs) {
-                    return Err(Failure::Abandoned);
-                }
-            }
-            // Sleep, but wake at once for shutdown so the grace period is measured.
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = self.shutdown.cancelled(), if shutdown_at.is_none() => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    /// Publishes replies, events and dead letters together and waits for every
-    /// confirm; then settles each refusal by whose message it was (module docs).
-    async fn publish(&self, out: Publications) -> Result<Settled, Failure> {
-        let Publications {
-            replies,
-            events,
-            dead_letters,
-        } = out;
-        let (event_ids, dead_tags): (Vec<Uuid>, Vec<u64>) = (
-            events.iter().map(|(_, id)| *id).collect(),
-            dead_letters.iter().map(|(_, t)| *t).collect(),
-        );
-        let (n_replies, n_events) = (replies.len(), events.len());
-        let all: Vec<Outgoing> = replies
-            .into_iter()
-            .chain(events.into_iter().map(|(o, _)| o))
-            .chain(dead_letters.into_iter().map(|(o, _)| o))
-            .collect();
-        let acked = self.publisher.publish_each(&all).await?;
-        let mut all = all.into_iter();
-        let refused_replies: Vec<Outgoing> = all
-            .by_ref()
-            .take(n_replies)
-            .zip(&acked[..n_replies])
-            .filter(|(_, ok)| !**ok)
-            .map(|(o, _)| o)
-            .collect();
-        let event_acks = &acked[n_replies..n_replies + n_events];
-        let mut confirmed = Vec::with_capacity(n_events);
-        let mut refused_events = 0;
-        for (id, ok) in event_ids.into_iter().zip(event_acks) {
-            if *ok {
-                confirmed.push(id);
-            } else {
-                refused_events += 1;
-            }
-        }
-        // The events are confirmed: their outbox rows go with the next commit.
-        self.store.forget_outbox(confirmed);
-        if refused_events > 0 {
-            metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(refused_events);
-            tracing::warn!(
-                events = refused_events,
-                "broker refused events; they stay in the outbox for the relay"
-            );
-        }
-        let mut settled = Settled::default();
-        for (tag, ok) in dead_tags.into_iter().zip(&acked[n_replies + n_events..]) {
-            if !*ok {
-                metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(1);
-                tracing::warn!(
-                    delivery_tag = tag,
-                    "broker refused a dead letter; rejecting the command to the queue's own dead-lettering"
-                );
-                settled.reject.push(tag);
-            }
-        }
-        if !refused_replies.is_empty() {
-            self.retry_replies(refused_replies);
-        }
-        Ok(settled)
-    }
-
-    /// A refused reply (its queue is full, say) is its caller's problem: a few
-    /// more attempts within about a second, off the batch's path, then it is
-    /// dropped and counted. It never holds the batch or re-sends events.
-    fn retry_replies(&self, mut pending: Vec<Outgoing>) {
-        let refused = pending.len() as u64;
-        metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(refused);
-        let Ok(permit) = self.reply_retries.clone().try_acquire_owned() else {
-            drop_replies(refused, "too many refused replies already being retried");
-            return;
-        };
-        let publisher = self.publisher.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            for pause in REPLY_RETRIES {
-                tokio::time::sleep(pause).await;
-                match publisher.publish_each(&pending).await {
-                    Ok(acked) => {
-                        pending = pending
-                            .into_iter()
-                            .zip(acked)
-                            .filter(|(_, ok)| !ok)
-                            .map(|(o, _)| o)
-                            .collect();
-                    }
-                    Err(e) => {
-                        drop_replies(pending.len() as u64, &crate::broker::describe(&e));
-                        return;
-                    }
-                }
-                if pending.is_empty() {
-                    return;
-                }
-            }
-            drop_replies(pending.len() as u64, "the broker kept refusing them");
-        });
     }
 
     /// One attempt at the database part. Returns what to publish and how each
@@ -511,20 +223,11 @@ impl Pipeline {
                 message_id: i.message_id.as_deref(),
             })
             .collect();
-        let commands = inputs.iter().filter_map(|i| i.decoded.as_ref().ok());
-        let mut token_ids: Vec<&str> = commands.clone().map(|c| c.access_token_id()).collect();
-        let mut profile_ids: Vec<&str> = commands.map(|c| c.profile_id()).collect();
-        let mut message_ids: Vec<&str> = inputs
-            .iter()
-            .filter(|i| i.decoded.is_ok())
-            .filter_map(|i| i.message_id)
-            .collect();
-        for v in [&mut token_ids, &mut profile_ids, &mut message_ids] {
-            v.sort_unstable();
-            v.dedup();
-        }
+        let keys = plan::keys(&inputs);
         let mut db = self.store.batch().await?;
-        let loaded = db.load(&token_ids, &profile_ids, &message_ids).await?;
+        let loaded = db
+            .load(&keys.access_token_ids, &keys.profile_ids, &keys.message_ids)
+            .await?;
 
         let w = &self.settings.worker;
         let mut plan = plan::plan(
@@ -577,11 +280,9 @@ impl Pipeline {
                     self.settings.broker.reply_to_prefixes
                 );
                 tracing::warn!(
-                    message_id = item.message_id_label(),
-                    command = item.command_label(),
+                    parent: &item.span,
                     outcome = "refused",
                     code = REPLY_TO_NOT_ALLOWED,
-                    trace_id = %item.trace.trace_id_hex(),
                     reason = %reason,
                     "command with a reply_to that is no reply queue dead-lettered unprocessed"
                 );
@@ -591,7 +292,7 @@ impl Pipeline {
                 ));
                 answers.push(Answer {
                     status: 0,
-                    outcome: "refused",
+                    outcome: Outcome::Refused,
                     code: Some(REPLY_TO_NOT_ALLOWED),
                 });
                 continue;
@@ -602,12 +303,10 @@ impl Pipeline {
             answers.push(match step {
                 Step::Malformed(r) => {
                     tracing::warn!(
-                        message_id = item.message_id_label(),
-                        command = item.command_label(),
+                        parent: &item.span,
                         outcome = "malformed",
                         code = r.code.as_str(),
-                        trace_id = %item.trace.trace_id_hex(),
-                        reason = %r.message,
+                            reason = %r.message,
                         "malformed command answered 400 and dead-lettered"
                     );
                     out.dead_letters.push((
@@ -616,13 +315,13 @@ impl Pipeline {
                     ));
                     Answer {
                         status,
-                        outcome: "malformed",
+                        outcome: Outcome::Malformed,
                         code: Some(r.code.as_str()),
                     }
                 }
                 Step::Refused(r) => Answer {
                     status,
-                    outcome: "rejected",
+                    outcome: Outcome::Rejected,
                     code: Some(r.code.as_str()),
                 },
                 Step::Stored(s) => {
@@ -631,7 +330,7 @@ impl Pipeline {
                     }
                     Answer {
                         status,
-                        outcome: "repeated",
+                        outcome: Outcome::Repeated,
                         code: None,
                     }
                 }
@@ -642,16 +341,16 @@ impl Pipeline {
                     Answer {
                         status,
                         outcome: if rejected.is_some() {
-                            "rejected"
+                            Outcome::Rejected
                         } else {
-                            "created"
+                            Outcome::Created
                         },
                         code: rejected.map(|c| c.as_str()),
                     }
                 }
                 Step::SameAs(_) => Answer {
                     status,
-                    outcome: "repeated",
+                    outcome: Outcome::Repeated,
                     code: None,
                 },
             });
@@ -675,8 +374,8 @@ impl Pipeline {
         }
     }
 
-    fn event(&self, e: &OutboxEvent) -> Outgoing {
-        event_outgoing(&self.settings.broker.events_exchange, e)
+    fn event(&self, e: &crate::store::OutboxEvent) -> Outgoing {
+        outbox::event_message(&self.settings.broker.events_exchange, e)
     }
 
     /// The command as it came, with why it is here. An oversized body is cut to
@@ -698,124 +397,4 @@ impl Pipeline {
             body: data[..keep].to_vec(),
         }
     }
-}
-
-fn drop_replies(n: u64, why: &str) {
-    if n == 0 {
-        return;
-    }
-    metrics::counter!(telemetry::REPLIES_DROPPED).increment(n);
-    tracing::warn!(
-        replies = n,
-        reason = why,
-        "replies refused by the broker dropped"
-    );
-}
-
-/// The command's log line (debug: one per command is too many for info at
-/// thousands per second; refusals and failures are logged at warn and error
-/// where they happen) and its metrics.
-fn record_answer(item: &Item, a: Answer) {
-    let command = item.command_label();
-    tracing::debug!(
-        message_id = item.message_id_label(),
-        command,
-        outcome = a.outcome,
-        status = a.status,
-        code = a.code.unwrap_or("-"),
-        token = item
-            .decoded
-            .as_ref()
-            .map(|c| token_prefix(c.access_token_id()))
-            .unwrap_or_default(),
-        trace_id = %item.trace.trace_id_hex(),
-        span_id = %item.trace.span_id_hex(),
-        "answered"
-    );
-    metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
-        .increment(1);
-    // Counted here, once the dead letter is confirmed, like the answer itself.
-    if let ("malformed" | "failed" | "refused", Some(code)) = (a.outcome, a.code) {
-        metrics::counter!(telemetry::DEAD_LETTERS, "code" => code).increment(1);
-    }
-    if let Some(sent) = properties::sent_at_ms(&item.delivery.properties) {
-        let age = properties::now_ms().saturating_sub(sent);
-        metrics::histogram!(telemetry::COMMAND_AGE_SECONDS).record(age as f64 / 1000.0);
-    }
-}
-
-/// Status codes as static labels (no allocation per command).
-fn status_label(status: u16) -> &'static str {
-    match status {
-        0 => "none",
-        200 => "200",
-        400 => "400",
-        403 => "403",
-        404 => "404",
-        409 => "409",
-        429 => "429",
-        500 => "500",
-        _ => "other",
-    }
-}
-
-pub fn event_outgoing(exchange: &str, e: &OutboxEvent) -> Outgoing {
-    Outgoing {
-        exchange: exchange.to_string(),
-        routing_key: e.routing_key.clone(),
-        properties: properties::event(
-            &e.routing_key,
-            &e.event_id.to_string(),
-            e.traceparent.as_deref(),
-        ),
-        body: e.body.as_bytes().to_vec(),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("publishing failed: {}", crate::broker::describe(.0))]
-    Broker(#[source] lapin::Error),
-    #[error("the broker refused {refused} of {of} events; they stay in the outbox")]
-    Refused { refused: usize, of: usize },
-}
-
-/// Re-publishes outbox events whose confirm never arrived (the worker died between
-/// commit and publish, or the delivery was dead-lettered before its redelivery).
-pub async fn relay_outbox(
-    store: &Store,
-    publisher: &Publisher,
-    settings: &Settings,
-) -> Result<usize, RelayError> {
-    let grace = Duration::from_secs(settings.worker.outbox_grace_secs);
-    let events = store.lease_stale_outbox(grace, 500).await?;
-    if events.is_empty() {
-        return Ok(0);
-    }
-    let out: Vec<Outgoing> = events
-        .iter()
-        .map(|e| event_outgoing(&settings.broker.events_exchange, e))
-        .collect();
-    let acked = publisher
-        .publish_each(&out)
-        .await
-        .map_err(RelayError::Broker)?;
-    // A refused event keeps its row (its lease ran forward) and is tried again
-    // after another grace period.
-    let ids: Vec<Uuid> = events
-        .iter()
-        .zip(&acked)
-        .filter(|(_, ok)| **ok)
-        .map(|(e, _)| e.event_id)
-        .collect();
-    store.delete_outbox(&ids).await?;
-    if ids.len() < events.len() {
-        return Err(RelayError::Refused {
-            refused: events.len() - ids.len(),
-            of: events.len(),
-        });
-    }
-    Ok(ids.len())
 }

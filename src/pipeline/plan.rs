@@ -52,6 +52,37 @@ pub struct Settings<'a> {
     pub email_cooldown_secs: u64,
 }
 
+/// What a batch must load: each key once.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Keys<'a> {
+    pub access_token_ids: Vec<&'a str>,
+    pub profile_ids: Vec<&'a str>,
+    /// Of well-formed commands only: a malformed one is never remembered.
+    pub message_ids: Vec<&'a str>,
+}
+
+pub fn keys<'a>(inputs: &[Input<'a>]) -> Keys<'a> {
+    let commands = inputs.iter().filter_map(|i| i.decoded.as_ref().ok());
+    let mut k = Keys {
+        access_token_ids: commands.clone().map(|c| c.access_token_id()).collect(),
+        profile_ids: commands.map(|c| c.profile_id()).collect(),
+        message_ids: inputs
+            .iter()
+            .filter(|i| i.decoded.is_ok())
+            .filter_map(|i| i.message_id)
+            .collect(),
+    };
+    for v in [
+        &mut k.access_token_ids,
+        &mut k.profile_ids,
+        &mut k.message_ids,
+    ] {
+        v.sort_unstable();
+        v.dedup();
+    }
+    k
+}
+
 /// The 409 of CONTRACT §4.
 pub fn message_id_conflict(message_id: &str) -> Rejection {
     Rejection::new(
@@ -325,6 +356,29 @@ mod tests {
             Step::Malformed(r) | Step::Refused(r) => Some(r.code),
             _ => None,
         }
+    }
+
+    #[test]
+    fn keys_are_loaded_once_and_never_for_a_malformed_command() {
+        let malformed = Err(Rejection::malformed("bad"));
+        let commands = [
+            (ticket("b"), Some("m2")),
+            (ticket("a"), Some("m1")),
+            (ticket("b"), Some("m2")),
+            (malformed, Some("m3")),
+            (email("a", None), None),
+        ];
+        let inputs: Vec<Input> = commands
+            .iter()
+            .map(|(d, m)| Input {
+                decoded: d,
+                message_id: *m,
+            })
+            .collect();
+        let k = keys(&inputs);
+        assert_eq!(k.access_token_ids, ["a", "b"]);
+        assert_eq!(k.message_ids, ["m1", "m2"]);
+        assert_eq!(k.profile_ids.len(), 1, "{:?}", k.profile_ids);
     }
 
     #[test]

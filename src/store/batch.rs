@@ -1,23 +1,11 @@
 //! The two round trips of a batch: one load of everything the batch needs, and one
 //! transaction that writes every row, idempotency record and outbox event.
 
-use super::{access_token_hash, to_system_time, Store, StoreError};
+use super::{access_token_hash, to_system_time, OutboxEvent, Store, StoreError};
 use crate::domain::{AccessToken, Profile, Tenant, TenantPermission, Ticket, VerificationToken};
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 use uuid::Uuid;
-
-/// An event waiting in the outbox for its broker confirm.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxEvent {
-    pub event_id: Uuid,
-    /// The command's message_id, when it had one.
-    pub message_id: Option<String>,
-    pub routing_key: String,
-    pub body: String,
-    /// W3C traceparent of the worker's span for the command that caused it.
-    pub traceparent: Option<String>,
-}
 
 /// The reply stored for a message_id that was already processed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,52 +447,6 @@ impl Batch<'_> {
         message_ids: &[&str],
     ) -> Result<HashMap<String, StoredReply>, StoreError> {
         Ok(self.load(&[], &[], message_ids).await?.processed)
-    }
-}
-
-impl Store {
-    /// Forgets outbox events the broker confirmed. The rows go with the next
-    /// commit, or [`Store::flush_forgotten`]; until then the redelivery path
-    /// ignores them. Lost in a crash, they are only re-published once by the relay.
-    pub fn forget_outbox(&self, event_ids: impl IntoIterator<Item = Uuid>) {
-        self.forgotten().extend(event_ids);
-    }
-
-    /// Deletes what [`Store::forget_outbox`] queued, when no commit came to do it.
-    pub async fn flush_forgotten(&self) -> Result<u64, StoreError> {
-        let ids = std::mem::take(&mut *self.forgotten());
-        let result = self.delete_outbox(&ids).await;
-        if result.is_err() {
-            self.forget_outbox(ids);
-        }
-        result
-    }
-
-    fn forgotten(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
-        // A panic while holding the lock leaves a plain Vec, still usable.
-        self.forgotten.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Outbox rows, confirmed or not yet deleted included: a gauge of how far
-    /// event publication is behind.
-    pub async fn outbox_pending(&self) -> Result<u64, StoreError> {
-        let client = self.client("outbox").await?;
-        let row = client
-            .query_one("SELECT count(*) FROM outbox", &[])
-            .await
-            .map_err(|e| StoreError::pg("outbox", e))?;
-        Ok(row.get::<_, i64>(0) as u64)
-    }
-
-    pub async fn delete_outbox(&self, event_ids: &[Uuid]) -> Result<u64, StoreError> {
-        if event_ids.is_empty() {
-            return Ok(0);
-        }
-        let client = self.client("outbox").await?;
-        client
-            .execute("DELETE FROM outbox WHERE event_id = ANY($1)", &[&event_ids])
-            .await
-            .map_err(|e| StoreError::pg("outbox", e))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Periodic work: deleting expired tickets and tokens and old idempotency records
 //! (CONTRACT §7), and leasing outbox events whose confirm never arrived.
 
-use super::{to_system_time, OutboxEvent, Store, StoreError};
+use super::{to_system_time, Store, StoreError};
 use std::time::Duration;
 
 /// Rows per DELETE, so a sweep never holds long locks or a huge transaction.
@@ -71,39 +71,5 @@ impl Store {
             }
         }
         Ok(report)
-    }
-
-    /// Claims up to `limit` outbox events older than `grace` for re-publication.
-    /// Claiming moves their `created_at` to now, so another worker's relay skips them
-    /// for the next `grace`; if this worker dies before deleting them they become
-    /// stale again and someone re-publishes them. No transaction is held meanwhile.
-    pub async fn lease_stale_outbox(
-        &self,
-        grace: Duration,
-        limit: i64,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        let client = self.client("outbox").await?;
-        let grace_secs = grace.as_secs_f64();
-        let rows = client
-            .query(
-                "UPDATE outbox SET created_at = now() WHERE event_id IN ( \
-                     SELECT event_id FROM outbox \
-                     WHERE created_at < now() - make_interval(secs => $1) \
-                     ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING event_id, message_id, routing_key, body, traceparent",
-                &[&grace_secs, &limit],
-            )
-            .await
-            .map_err(|e| StoreError::pg("outbox", e))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| OutboxEvent {
-                event_id: r.get(0),
-                message_id: r.get(1),
-                routing_key: r.get(2),
-                body: r.get(3),
-                traceparent: r.get(4),
-            })
-            .collect())
     }
 }

@@ -4,11 +4,13 @@
 mod batch;
 mod maintenance;
 mod migrate;
+mod outbox;
 mod seed;
 pub mod tls;
 
-pub use batch::{Batch, EmailClaim, Loaded, NewRecord, OutboxEvent, StoredReply};
+pub use batch::{Batch, EmailClaim, Loaded, NewRecord, StoredReply};
 pub use maintenance::{Retention, SweepReport};
+pub use outbox::OutboxEvent;
 pub use seed::{SeedFile, SeedReport};
 
 use crate::config::DatabaseSettings;
@@ -31,14 +33,28 @@ pub enum ErrorKind {
     Permanent,
 }
 
+/// A failed database step: what the worker was doing (`context`), whether
+/// retrying can help, and the cause as its source.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {message}")]
+#[error("{context}")]
 pub struct StoreError {
     pub kind: ErrorKind,
     pub context: &'static str,
-    pub message: String,
     /// The server's SQLSTATE, when it answered with an error.
     pub sqlstate: Option<String>,
+    #[source]
+    source: Cause,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Cause {
+    #[error(transparent)]
+    Postgres(tokio_postgres::Error),
+    #[error(transparent)]
+    Pool(deadpool_postgres::PoolError),
+    /// Rows the worker could not read, or a condition it found itself.
+    #[error("{0}")]
+    Found(String),
 }
 
 impl StoreError {
@@ -55,48 +71,38 @@ impl StoreError {
         StoreError {
             kind: ErrorKind::Transient,
             context,
-            message: message.into(),
             sqlstate: None,
+            source: Cause::Found(message.into()),
+        }
+    }
+
+    pub fn permanent(context: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            kind: ErrorKind::Permanent,
+            context,
+            sqlstate: None,
+            source: Cause::Found(message.into()),
         }
     }
 
     fn pg(context: &'static str, e: tokio_postgres::Error) -> Self {
-        let kind = classify(&e);
-        let message = match e.as_db_error() {
-            Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => {
-                // tokio_postgres hides the io::Error cause behind Display's source chain.
-                let mut m = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    m.push_str(": ");
-                    m.push_str(&s.to_string());
-                    src = s.source();
-                }
-                m
-            }
-        };
         StoreError {
-            kind,
+            kind: classify(&e),
             context,
-            message,
             sqlstate: e.as_db_error().map(|db| db.code().code().to_string()),
+            source: Cause::Postgres(e),
         }
     }
 
     fn pool(context: &'static str, e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => StoreError::pg(context, e),
-            other => StoreError::transient(context, other.to_string()),
-        }
-    }
-
-    fn permanent(context: &'static str, message: impl Into<String>) -> Self {
-        StoreError {
-            kind: ErrorKind::Permanent,
-            context,
-            message: message.into(),
-            sqlstate: None,
+            other => StoreError {
+                kind: ErrorKind::Transient,
+                context,
+                sqlstate: None,
+                source: Cause::Pool(other),
+            },
         }
     }
 }
@@ -137,8 +143,17 @@ pub struct Store {
 impl Store {
     /// Builds the pool. Connections are made lazily; call [`Store::check`] to fail fast.
     pub fn connect(settings: &DatabaseSettings) -> Result<Self, crate::config::ConfigError> {
-        let (mut pg, tls) = settings.validate()?;
-        let tls = tls::client_config(&tls)
+        let (pg, tls) = settings.validate()?;
+        Store::connect_checked(pg, &tls, settings)
+    }
+
+    /// As [`Store::connect`], with `DATABASE_URL` already checked ([`crate::config::Settings::check`]).
+    pub fn connect_checked(
+        mut pg: tokio_postgres::Config,
+        tls: &crate::config::TlsSettings,
+        settings: &DatabaseSettings,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let tls = tls::client_config(tls)
             .map_err(|e| crate::config::ConfigError::new("DATABASE_URL", e.to_string()))?;
         pg.connect_timeout(settings.db_timeout());
         if pg.get_application_name().is_none() {

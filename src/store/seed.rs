@@ -87,6 +87,14 @@ pub enum SeedError {
     /// Well-formed, but breaks a rule of CONTRACT §8 (the message says which).
     #[error("{0}")]
     Invalid(String),
+    #[error("profile \"{id}\"")]
+    Profile {
+        id: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl SeedFile {
@@ -153,7 +161,7 @@ fn check_link_host(h: &str) -> Result<(), &'static str> {
 }
 
 impl Store {
-    pub async fn seed(&self, file: &SeedFile) -> Result<SeedReport, StoreError> {
+    pub async fn seed(&self, file: &SeedFile) -> Result<SeedReport, SeedError> {
         let mut client = self.client("seed").await?;
         let err = |e| StoreError::pg("seed", e);
         let tx = client.transaction().await.map_err(err)?;
@@ -221,10 +229,10 @@ impl Store {
                 ],
             )
             .await
-            .map_err(|e| {
-                let mut se = StoreError::pg("seed", e);
-                se.message = format!("profile \"{}\": {}", p.id, se.message);
-                se
+            .map_err(|e| StoreError::pg("seed a profile", e))
+            .map_err(|e| SeedError::Profile {
+                id: p.id.clone(),
+                source: e,
             })?;
         }
         tx.commit().await.map_err(err)?;

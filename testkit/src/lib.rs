@@ -13,6 +13,7 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use profile_worker::config::Settings;
+pub use profile_worker::telemetry::Report;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -248,6 +249,8 @@ pub struct Env {
     events: Mutex<mpsc::UnboundedReceiver<Received>>,
     shutdown: CancellationToken,
     worker: Option<tokio::task::JoinHandle<Result<(), profile_worker::worker::RunError>>>,
+    /// The operations endpoint of the worker running in this process.
+    http: Option<String>,
 }
 
 impl Env {
@@ -361,6 +364,7 @@ impl Env {
             events: Mutex::new(ev_rx),
             shutdown: CancellationToken::new(),
             worker: None,
+            http: None,
         }
     }
 
@@ -371,25 +375,31 @@ impl Env {
         env
     }
 
+    /// Builds the worker with this test's settings and runs it in this
+    /// process; returns once all its consumers are consuming.
     pub async fn start_worker(&mut self) {
+        let worker = profile_worker::worker::Worker::build(self.settings.clone())
+            .await
+            .unwrap_or_else(|e| panic!("worker starts: {}", Report(&e)));
+        self.http = worker.http_addr().map(|a| a.to_string());
+        let ready = worker.ready();
         self.shutdown = CancellationToken::new();
-        let handle = tokio::spawn(profile_worker::worker::run(
-            self.settings.clone(),
-            self.shutdown.clone(),
+        self.worker = Some(tokio::spawn(
+            worker.run_until_stopped(self.shutdown.clone()),
         ));
-        self.worker = Some(handle);
-        self.wait_for_consumers(1).await;
+        let became_ready = tokio::time::timeout(Duration::from_secs(30), ready.wait()).await;
+        assert_eq!(
+            became_ready,
+            Ok(true),
+            "the worker is consuming within 30 s"
+        );
     }
 
-    pub async fn wait_for_consumers(&self, n: u32) {
-        for _ in 0..200 {
-            let q = self.command_queue().await;
-            if q.consumer_count() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("worker did not start consuming");
+    /// Where the worker started by [`Env::start_worker`] serves `/metrics` and `/readyz`.
+    pub fn http(&self) -> &str {
+        self.http
+            .as_deref()
+            .expect("a worker started in this process, with HTTP_ADDR on")
     }
 
     pub async fn stop_worker(&mut self) {
@@ -685,20 +695,14 @@ pub fn verification(token: &str, profile: &str) -> Value {
     json!({ "accessTokenId": token, "id": profile })
 }
 
-/// Sends `sig` to a child process (SIGTERM = 15, SIGKILL = 9).
-pub fn signal(child: &tokio::process::Child, sig: i32) {
-    let pid = child.id().expect("running") as i32;
-    // SAFETY: plain kill(2) on our own child.
-    let rc = unsafe { libc_kill(pid, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig})");
-}
+pub use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+/// Sends `sig` to a child process.
+pub fn signal(child: &tokio::process::Child, sig: nix::sys::signal::Signal) {
+    let pid = child.id().expect("running") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .unwrap_or_else(|e| panic!("kill({pid}, {sig}): {e}"));
 }
-pub const SIGTERM: i32 = 15;
-pub const SIGKILL: i32 = 9;
 
 /// `profile-worker ARGS…` against this test's broker names and database, as an
 /// operator runs it: the owner's database role, the admin broker user.
@@ -751,18 +755,6 @@ pub fn worker_process(env: &Env) -> tokio::process::Command {
     c
 }
 
-/// Gives the worker a port nothing listens on right now as its HTTP_ADDR (so a
-/// test can reach it; the default `:0` picks one the test cannot know) and
-/// returns that address.
-pub fn http_on_free_port(settings: &mut Settings) -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port();
-    settings.worker.http_addr = format!("127.0.0.1:{port}");
-    settings.worker.http_addr.clone()
-}
-
 /// `name{a="x",b="y"} value` lines of a Prometheus text page, keyed by the name
 /// and its labels in sorted order, so a test need not know the exporter's order.
 pub fn samples(page: &str) -> std::collections::BTreeMap<String, f64> {
@@ -792,19 +784,20 @@ pub fn samples(page: &str) -> std::collections::BTreeMap<String, f64> {
 /// `GET path` on a worker's operations endpoint: status and body, or `None`
 /// when nothing answers.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+    // One client per request: each test has its own runtime, and a pooled
+    // connection must not outlive the runtime that made it.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("an HTTP client");
+    let response = client
+        .get(format!("http://{addr}{path}"))
+        .send()
         .await
-        .ok()?
         .ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
 }
 
 /// Polls `path` until `want(status, body)` holds or `within` passes; returns the last answer.
@@ -826,5 +819,130 @@ pub async fn http_until(
             return answer;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `profile-worker run` as its own process, started and watched through its
+/// JSON log lines on stderr: it is ready when it logs `ready` (every consumer
+/// consuming) and says where it serves `/metrics` when it binds. The lines are
+/// kept (and written to a file, if one is given); with `TEST_LOG` they are
+/// also shown in the test's output.
+pub struct WorkerProcess {
+    child: tokio::process::Child,
+    http: Option<String>,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl WorkerProcess {
+    /// Spawns `cmd` (from [`worker_process`]) and waits until it is ready;
+    /// panics with its log if it exits or is not ready within 60 s.
+    pub async fn start(
+        mut cmd: tokio::process::Command,
+        log_file: Option<&std::path::Path>,
+    ) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        // Whatever else the test filters, the two lines this waits for are kept.
+        let filter = cmd
+            .as_std()
+            .get_envs()
+            .find(|(k, _)| *k == "RUST_LOG")
+            .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".into());
+        cmd.env(
+            "RUST_LOG",
+            format!("{filter},profile_worker::ops=info,profile_worker::worker=info"),
+        );
+        cmd.env("LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn the worker");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut file = log_file.map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .expect("open the worker's log file")
+        });
+        let (http_tx, mut http_rx) = mpsc::unbounded_channel::<String>();
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+        let kept = log.clone();
+        let echo = test_log();
+        let reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("{line}");
+                }
+                if let Some(f) = file.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    match (v["message"].as_str(), v["addr"].as_str()) {
+                        (Some("serving /metrics, /healthz and /readyz"), Some(addr)) => {
+                            let _ = http_tx.send(addr.to_string());
+                        }
+                        (Some("ready"), _) => {
+                            let _ = ready_tx.send(());
+                        }
+                        _ => {}
+                    }
+                }
+                let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
+                k.push_str(&line);
+                k.push('\n');
+            }
+        });
+        let ready = tokio::time::timeout(Duration::from_secs(60), ready_rx.recv()).await;
+        let log_text = || log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert!(
+            matches!(ready, Ok(Some(()))),
+            "the worker process was not ready within 60 s: {}",
+            log_text()
+        );
+        // Bound before it connected, so logged before `ready`.
+        let http = http_rx.try_recv().ok();
+        WorkerProcess {
+            child,
+            http,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits for the process to exit and for the last of its log to be read.
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let status = self.child.wait().await?;
+        if let Some(r) = self.reader.take() {
+            let _ = r.await;
+        }
+        Ok(status)
+    }
+
+    /// Where it serves `/metrics`, `/healthz` and `/readyz`.
+    pub fn http(&self) -> &str {
+        self.http.as_deref().expect("a worker with HTTP_ADDR on")
+    }
+
+    /// Everything it logged so far (JSON lines).
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl std::ops::Deref for WorkerProcess {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for WorkerProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.child
     }
 }

@@ -15,13 +15,9 @@ fn sample(page: &BTreeMap<String, f64>, key: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_count_what_was_processed_and_health_answers() {
-    let mut env = Env::prepare().await;
-    let http = http_on_free_port(&mut env.settings);
-    let mut worker = worker_process(&env)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn worker");
-    env.wait_for_consumers(1).await;
+    let env = Env::prepare().await;
+    let mut worker = WorkerProcess::start(worker_process(&env), None).await;
+    let http = worker.http().to_string();
 
     assert_eq!(
         http_get(&http, "/healthz").await,
@@ -236,15 +232,9 @@ async fn a_trace_is_started_when_a_command_has_none_or_a_broken_one() {
 #[tokio::test]
 async fn json_logs_name_each_commands_id_type_and_outcome_and_never_a_whole_token() {
     let env = Env::prepare().await;
-    let log = std::env::temp_dir().join(format!("{}-json.log", env.db_name));
-    let file = std::fs::File::create(&log).unwrap();
-    let mut worker = worker_process(&env)
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info,profile_worker::pipeline=debug")
-        .stderr(file)
-        .spawn()
-        .expect("spawn worker");
-    env.wait_for_consumers(1).await;
+    let mut cmd = worker_process(&env);
+    cmd.env("RUST_LOG", "info,profile_worker::pipeline=debug");
+    let mut worker = WorkerProcess::start(cmd, None).await;
     let ok = env
         .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
         .await;
@@ -265,8 +255,7 @@ async fn json_logs_name_each_commands_id_type_and_outcome_and_never_a_whole_toke
     signal(&worker, SIGTERM);
     assert!(worker.wait().await.unwrap().success());
 
-    let text = std::fs::read_to_string(&log).unwrap();
-    let _ = std::fs::remove_file(&log);
+    let text = worker.log_text();
     assert!(
         !text.contains(ADMIN_TOKEN) && !text.contains(OTHER_TENANT_TOKEN),
         "a whole access token ID was logged"
@@ -275,13 +264,18 @@ async fn json_logs_name_each_commands_id_type_and_outcome_and_never_a_whole_toke
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
+    // A line about a command is in the command's span, which names it.
     let about_commands: Vec<&Value> = lines
         .iter()
-        .filter(|l| l.get("message_id").is_some())
+        .filter(|l| l["span"]["name"] == "command")
         .collect();
     for l in &about_commands {
+        let span = &l["span"];
         assert!(
-            l["command"].is_string() && l["outcome"].is_string() && l["trace_id"].is_string(),
+            span["message_id"].is_string()
+                && span["command"].is_string()
+                && span["trace_id"].is_string()
+                && l["outcome"].is_string(),
             "{l}"
         );
     }
@@ -291,7 +285,7 @@ async fn json_logs_name_each_commands_id_type_and_outcome_and_never_a_whole_toke
         .map(|l| {
             (
                 l["outcome"].as_str().unwrap(),
-                l["command"].as_str().unwrap(),
+                l["span"]["command"].as_str().unwrap(),
             )
         })
         .collect();
@@ -308,7 +302,7 @@ async fn json_logs_name_each_commands_id_type_and_outcome_and_never_a_whole_toke
     assert!(
         about_commands
             .iter()
-            .any(|l| l["level"] == "WARN" && l["message_id"] == malformed_id.as_str()),
+            .any(|l| l["level"] == "WARN" && l["span"]["message_id"] == malformed_id.as_str()),
         "the malformed command is logged at warn"
     );
     env.teardown().await;

@@ -8,7 +8,7 @@ use profile_worker_testkit::*;
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use uuid::Uuid;
 
 fn worker_command(env: &Env) -> Command {
@@ -20,20 +20,12 @@ fn worker_command(env: &Env) -> Command {
             (true, Err(_)) => "info".into(),
             (false, _) => "warn".into(),
         },
-    )
-    .stdout(Stdio::null())
-    .stderr(if test_log() {
-        Stdio::inherit()
-    } else {
-        Stdio::piped()
-    });
+    );
     c
 }
 
-async fn spawn_worker(env: &Env) -> Child {
-    let child = worker_command(env).spawn().expect("spawn worker");
-    env.wait_for_consumers(1).await;
-    child
+async fn spawn_worker(env: &Env) -> WorkerProcess {
+    WorkerProcess::start(worker_command(env), None).await
 }
 
 /// Publishes `n` commands (a mix of both, valid and rejected) and returns

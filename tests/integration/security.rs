@@ -263,9 +263,8 @@ async fn replies_go_only_to_reply_queues() {
 
 #[tokio::test]
 async fn a_reply_queue_that_refuses_everything_holds_nobody_up() {
-    let mut env = Env::prepare().await;
-    let http = http_on_free_port(&mut env.settings);
-    env.start_worker().await;
+    let env = Env::start().await;
+    let http = env.http().to_string();
     // A server-named queue (an allowed reply_to) that refuses every message.
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(0));
@@ -671,15 +670,9 @@ fn nested_headers(depth: usize) -> FieldTable {
 async fn headers_nested_thousands_deep_do_not_bring_the_worker_down() {
     // The worker as its own process, so a crash (a stack overflow aborts) shows.
     let env = Env::prepare().await;
-    let log = std::env::temp_dir().join(format!("{}-worker.log", env.db_name));
-    let mut worker = worker_process(&env)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    eprintln!("worker log: {}", log.display());
-    env.wait_for_consumers(1).await;
+    let mut cmd = worker_process(&env);
+    cmd.env("RUST_LOG", "info");
+    let mut worker = WorkerProcess::start(cmd, None).await;
     // 5,000 levels, and about as deep as one 128 KiB header frame allows.
     for (depth, body) in [
         (5_000, ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string()),
@@ -704,7 +697,8 @@ async fn headers_nested_thousands_deep_do_not_bring_the_worker_down() {
         assert!(matches!(r.status, 200 | 400), "{depth}: {}", r.raw);
         assert!(
             worker.try_wait().unwrap().is_none(),
-            "the worker died on headers {depth} deep"
+            "the worker died on headers {depth} deep: {}",
+            worker.log_text()
         );
     }
     // Still serving, and the malformed one is in the dead-letter queue.
@@ -799,9 +793,8 @@ async fn bounded_queues_refuse_rather_than_drop_and_a_full_dead_letter_queue_hol
 
 #[tokio::test]
 async fn a_bogus_direct_reply_to_name_costs_the_worker_nothing() {
-    let mut env = Env::prepare().await;
-    let http = http_on_free_port(&mut env.settings);
-    env.start_worker().await;
+    let env = Env::start().await;
+    let http = env.http().to_string();
     // Allowed by its prefix, but no consumer's. (A bare `amq.rabbitmq.reply-to`
     // is refused by the broker itself unless the publisher consumes from it.)
     for (i, name) in [

@@ -5,10 +5,9 @@
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use profile_worker::worker;
+use profile_worker::worker::Worker;
 use profile_worker_testkit::*;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Whether the worker's connections to this test's database are encrypted
 /// (asked as the worker's own role: others' sessions' details are hidden).
@@ -30,13 +29,11 @@ async fn worker_connections_use_tls(env: &Env) -> Vec<bool> {
     .collect()
 }
 
-/// Runs the worker with `settings` until it fails (or 20 s pass); its error.
+/// Builds the worker with `settings`, expecting it to fail within 20 s; its error.
 async fn start_error(settings: profile_worker::config::Settings) -> String {
-    let stop = CancellationToken::new();
-    let run = tokio::time::timeout(Duration::from_secs(20), worker::run(settings, stop.clone()));
-    match run.await {
-        Ok(Err(e)) => e.to_string(),
-        Ok(Ok(())) => panic!("the worker ran and stopped"),
+    match tokio::time::timeout(Duration::from_secs(20), Worker::build(settings)).await {
+        Ok(Err(e)) => Report(&e).to_string(),
+        Ok(Ok(_)) => panic!("the worker started"),
         Err(_) => panic!("the worker did not fail within 20 s"),
     }
 }

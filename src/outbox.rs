@@ -1,0 +1,127 @@
+//! The transactional outbox: how an event reaches the broker at least once.
+//!
+//! 1. The batch's commit writes each event's row in the same transaction as the
+//!    ticket or token it announces (`store::Batch::commit`).
+//! 2. The pipeline publishes the event right after the commit; once the broker
+//!    confirms it, its row is *forgotten* ([`Store::forget_outbox`]) and deleted
+//!    by the next commit, saving a transaction per batch.
+//! 3. The relay here deletes forgotten rows when no commit comes along, and
+//!    re-publishes rows whose confirm never came (the worker died in between,
+//!    the broker refused the event) once they are `OUTBOX_GRACE_SECS` old.
+//!
+//! A row is deleted only after its event was confirmed, so an event is lost
+//! only with the database; it may be published twice (a crash between confirm
+//! and delete), which is why events carry their `event_id` as `message_id`.
+
+use crate::broker::{properties, Outgoing, Publisher};
+use crate::config::Settings;
+use crate::store::{OutboxEvent, Store, StoreError};
+use crate::telemetry::{self, Report};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How soon confirmed outbox rows are deleted when no commit takes them along.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Events re-published per relay pass.
+const RELAY_BATCH: i64 = 500;
+
+/// The message that announces `e` on the events exchange.
+pub fn event_message(exchange: &str, e: &OutboxEvent) -> Outgoing {
+    Outgoing {
+        exchange: exchange.to_string(),
+        routing_key: e.routing_key.clone(),
+        properties: properties::event(
+            &e.routing_key,
+            &e.event_id.to_string(),
+            e.traceparent.as_deref(),
+        ),
+        body: e.body.as_bytes().to_vec(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("publishing failed")]
+    Broker(#[source] lapin::Error),
+    #[error("the broker refused {refused} of {of} events; they stay in the outbox")]
+    Refused { refused: usize, of: usize },
+}
+
+/// Re-publishes outbox events older than the grace period whose confirm never
+/// arrived; returns how many were confirmed and deleted.
+pub async fn relay(
+    store: &Store,
+    publisher: &Publisher,
+    settings: &Settings,
+) -> Result<usize, RelayError> {
+    let grace = Duration::from_secs(settings.worker.outbox_grace_secs);
+    let events = store.lease_stale_outbox(grace, RELAY_BATCH).await?;
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let out: Vec<Outgoing> = events
+        .iter()
+        .map(|e| event_message(&settings.broker.events_exchange, e))
+        .collect();
+    let acked = publisher
+        .publish_each(&out)
+        .await
+        .map_err(RelayError::Broker)?;
+    // A refused event keeps its row (its lease ran forward) and is tried again
+    // after another grace period.
+    let ids: Vec<Uuid> = events
+        .iter()
+        .zip(&acked)
+        .filter(|(_, ok)| **ok)
+        .map(|(e, _)| e.event_id)
+        .collect();
+    store.delete_outbox(&ids).await?;
+    if ids.len() < events.len() {
+        return Err(RelayError::Refused {
+            refused: events.len() - ids.len(),
+            of: events.len(),
+        });
+    }
+    Ok(ids.len())
+}
+
+/// Runs for one broker session: flushes forgotten rows every second, and every
+/// grace period reports the outbox's depth and relays what is stale.
+pub async fn relay_loop(
+    store: Store,
+    publisher: Publisher,
+    settings: Arc<Settings>,
+    stop: CancellationToken,
+) {
+    let every = Duration::from_secs(settings.worker.outbox_grace_secs.clamp(1, 60));
+    let mut last_relay = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FLUSH_EVERY) => {}
+            _ = stop.cancelled() => break,
+        }
+        // Before leasing, so the relay never re-publishes what was confirmed.
+        if let Err(e) = store.flush_forgotten().await {
+            tracing::warn!(error = %Report(&e), "could not clear confirmed events from the outbox; will retry");
+            continue;
+        }
+        if last_relay.elapsed() < every {
+            continue;
+        }
+        last_relay = tokio::time::Instant::now();
+        match store.outbox_pending().await {
+            Ok(n) => metrics::gauge!(telemetry::OUTBOX_PENDING).set(n as f64),
+            Err(e) => tracing::debug!(error = %Report(&e), "could not count the outbox"),
+        }
+        match relay(&store, &publisher, &settings).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "re-published events left unconfirmed"),
+            Err(e) => tracing::warn!(error = %Report(&e), "outbox relay failed; will retry"),
+        }
+    }
+    publisher.close().await;
+}

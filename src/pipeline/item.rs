@@ -1,0 +1,94 @@
+//! One delivery as the pipeline carries it: what its properties say, decoded
+//! once when it arrives.
+
+use crate::broker::{properties, Delivery};
+use crate::contract::{self, Command, CommandName, Incoming, Rejection};
+use crate::trace::{self, TraceContext};
+
+/// A delivery and what its properties say.
+pub(super) struct Item {
+    pub delivery: Delivery,
+    pub decoded: Result<Command, Rejection>,
+    pub message_id: Option<String>,
+    /// Where the reply goes: only a reply queue (CONTRACT §2).
+    pub reply_to: Option<String>,
+    /// A `reply_to` that names no reply queue: the command is dead-lettered unprocessed.
+    pub refused_reply_to: Option<String>,
+    /// correlation_id, else message_id (CONTRACT §2).
+    pub correlation: Option<String>,
+    /// The worker's span for this command: its reply and events carry it.
+    pub trace: TraceContext,
+    pub traceparent: String,
+    /// Every log line about this command is in it: `message_id`, `command`, `trace_id`.
+    pub span: tracing::Span,
+}
+
+impl Item {
+    pub fn new(delivery: Delivery, reply_prefixes: &[String]) -> Self {
+        let p = &delivery.properties;
+        let (reply_to, refused_reply_to) = match properties::short(p.reply_to()) {
+            Some(r) if contract::reply_to_allowed(r, reply_prefixes) => (Some(r.to_string()), None),
+            Some(r) => (None, Some(r.to_string())),
+            None => (None, None),
+        };
+        let decoded = contract::decode(Incoming {
+            kind: properties::short(p.kind()),
+            routing_key: delivery.routing_key.as_str(),
+            content_type: properties::short(p.content_type()),
+            body: &delivery.data,
+        });
+        let message_id = properties::short(p.message_id()).map(str::to_string);
+        let correlation = properties::short(p.correlation_id())
+            .map(str::to_string)
+            .or_else(|| message_id.clone());
+        let parent = properties::header_text(p, trace::TRACEPARENT).and_then(TraceContext::parse);
+        let trace = TraceContext::continue_or_start(parent, trace::random_ids);
+        let span = tracing::info_span!(
+            "command",
+            message_id = message_id.as_deref().unwrap_or("-"),
+            command = command_label(&delivery),
+            trace_id = %trace.trace_id_hex(),
+        );
+        Item {
+            span,
+            traceparent: trace.to_string(),
+            trace,
+            decoded,
+            reply_to,
+            refused_reply_to,
+            message_id,
+            correlation,
+            delivery,
+        }
+    }
+
+    pub fn tag(&self) -> u64 {
+        self.delivery.delivery_tag
+    }
+
+    pub fn command_name(&self) -> Option<CommandName> {
+        command_name(&self.delivery)
+    }
+
+    /// The reply's `type`: `<command>.reply`, or `error.reply` when the command is unknown.
+    pub fn reply_type(&self) -> &'static str {
+        self.command_name()
+            .map(CommandName::reply_type)
+            .unwrap_or("error.reply")
+    }
+
+    /// The command's name for logs and metrics (`unknown` when it has none we know).
+    pub fn command_label(&self) -> &'static str {
+        command_label(&self.delivery)
+    }
+}
+
+fn command_name(d: &Delivery) -> Option<CommandName> {
+    CommandName::parse(properties::short(d.properties.kind()).unwrap_or(d.routing_key.as_str()))
+}
+
+fn command_label(d: &Delivery) -> &'static str {
+    command_name(d)
+        .map(CommandName::as_str)
+        .unwrap_or("unknown")
+}

@@ -1,0 +1,190 @@
+//! What a failed attempt at a batch leads to. A transient database failure is
+//! retried with jittered exponential backoff while the deliveries stay unacked;
+//! once shutdown is requested, only for the shutdown grace. Any other failure
+//! is the command's own: it goes back to the queue, which counts deliveries,
+//! until its last allowed delivery, where it is given up (500 and a dead letter).
+
+use crate::store::StoreError;
+use crate::telemetry;
+use backon::BackoffBuilder;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Why a batch was not processed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A database failure retrying will not cure: the commands' own problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker connection or a channel is gone.
+    #[error("broker session lost")]
+    Broker(#[from] lapin::Error),
+    /// Shutting down, and the grace period ran out while the database was away.
+    #[error("gave up on held commands at shutdown")]
+    Abandoned,
+}
+
+/// Exponential delays from `start` to `max`, each with up to as much again of
+/// random jitter, so workers that lost the same server do not return in step.
+pub fn backoff(start: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::new()
+        .with_min_delay(start)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// What becomes of a command whose attempt failed for a reason of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Back to the queue (which counts the delivery) for another attempt.
+    Redeliver,
+    /// This was its last allowed delivery: answer 500 and dead-letter it.
+    GiveUp,
+}
+
+/// `delivery_count`: the broker's count of earlier deliveries (`x-delivery-count`).
+/// Returns this attempt's number and the verdict.
+pub fn after_failure(delivery_count: u64, delivery_limit: u64) -> (u64, Verdict) {
+    let attempt = delivery_count + 1;
+    let verdict = if attempt >= delivery_limit {
+        Verdict::GiveUp
+    } else {
+        Verdict::Redeliver
+    };
+    (attempt, verdict)
+}
+
+/// Runs `attempt` until it succeeds or fails for good. Transient failures are
+/// retried; after shutdown is requested, only until `grace` has passed.
+pub async fn retry_transient<T, F, Fut>(
+    shutdown: &CancellationToken,
+    grace: Duration,
+    mut attempt: F,
+) -> Result<T, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delays = backoff(BACKOFF_START, BACKOFF_MAX);
+    let mut since: Option<Instant> = None;
+    let mut shutdown_at: Option<Instant> = None;
+    loop {
+        match attempt().await {
+            Ok(v) => {
+                if let Some(t) = since {
+                    tracing::info!(
+                        after_secs = t.elapsed().as_secs_f32(),
+                        "database available again; ready"
+                    );
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_transient() => {
+                metrics::counter!(telemetry::DATABASE_ERRORS, "kind" => "transient").increment(1);
+                if since.is_none() {
+                    tracing::warn!(error = %telemetry::Report(&e), "not ready: database unavailable; holding commands and retrying");
+                    since = Some(Instant::now());
+                } else {
+                    tracing::debug!(error = %telemetry::Report(&e), "database still unavailable");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(telemetry::DATABASE_ERRORS, "kind" => "permanent").increment(1);
+                return Err(Failure::Store(e));
+            }
+        }
+        if shutdown.is_cancelled() {
+            let t = *shutdown_at.get_or_insert_with(Instant::now);
+            if t.elapsed() >= grace {
+                return Err(Failure::Abandoned);
+            }
+        }
+        let delay = delays.next().unwrap_or(BACKOFF_MAX);
+        // Sleep, but wake at once for shutdown so the grace period is measured.
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled(), if shutdown_at.is_none() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_allowed_delivery_gives_up() {
+        assert_eq!(after_failure(0, 5), (1, Verdict::Redeliver));
+        assert_eq!(after_failure(3, 5), (4, Verdict::Redeliver));
+        assert_eq!(after_failure(4, 5), (5, Verdict::GiveUp));
+        // A limit of one: the first failure is the last.
+        assert_eq!(after_failure(0, 1), (1, Verdict::GiveUp));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_jitter_on_top() {
+        let start = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        let delays: Vec<Duration> = backoff(start, max).take(12).collect();
+        let mut base = start;
+        for d in &delays {
+            assert!(*d >= base && *d <= base * 2, "{d:?} for base {base:?}");
+            base = (base * 2).min(max);
+        }
+        // Jitter: two runs of the schedule do not agree everywhere.
+        let again: Vec<Duration> = backoff(start, max).take(12).collect();
+        assert_ne!(delays, again);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_and_permanent_ones_are_not() {
+        let stop = CancellationToken::new();
+        let mut calls = 0;
+        let got = retry_transient(&stop, Duration::from_secs(1), || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Err(StoreError::transient("test", "down"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(got.unwrap(), 3);
+
+        let mut calls = 0;
+        let got: Result<(), _> = retry_transient(&stop, Duration::from_secs(1), || {
+            calls += 1;
+            async { Err(StoreError::permanent("test", "broken")) }
+        })
+        .await;
+        assert!(matches!(got, Err(Failure::Store(_))));
+        assert_eq!(calls, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_shutdown_retries_stop_when_the_grace_runs_out() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let started = tokio::time::Instant::now();
+        let got: Result<(), _> = retry_transient(&stop, Duration::from_secs(3), || async {
+            Err(StoreError::transient("test", "down"))
+        })
+        .await;
+        assert!(matches!(got, Err(Failure::Abandoned)));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(9),
+            "{waited:?}"
+        );
+    }
+}

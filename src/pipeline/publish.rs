@@ -1,0 +1,175 @@
+//! Publishing a batch's replies, events and dead letters together, and settling
+//! each refusal (a nack) by whose message it was, so that no caller can hold
+//! the worker: a reply is the caller's, retried briefly in the background and
+//! then dropped and counted; an event stays in the outbox for the relay; a dead
+//! letter is handed to the queue's own dead-lettering.
+
+use crate::broker::{Outgoing, Publisher};
+use crate::store::Store;
+use crate::telemetry;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+/// Pauses between the attempts at a refused reply: about a second in all.
+const REPLY_RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+];
+/// Refused replies being retried at once; past that a refused reply is dropped
+/// at once, so a caller whose queue refuses everything costs bounded memory.
+const REPLY_RETRY_TASKS: usize = 64;
+
+/// What one batch publishes, grouped by what a nack means for it.
+#[derive(Default)]
+pub(super) struct Publications {
+    pub replies: Vec<Outgoing>,
+    /// With the outbox row each settles.
+    pub events: Vec<(Outgoing, Uuid)>,
+    /// With the delivery each is for.
+    pub dead_letters: Vec<(Outgoing, u64)>,
+}
+
+impl Publications {
+    pub fn len(&self) -> usize {
+        self.replies.len() + self.events.len() + self.dead_letters.len()
+    }
+}
+
+/// What the broker's confirms left to do.
+#[derive(Default)]
+pub(super) struct Settled {
+    /// Deliveries whose dead letter was refused: rejected without requeue, so
+    /// the queue's own (at-least-once) dead-lettering keeps them.
+    pub reject: Vec<u64>,
+}
+
+/// Publishes on one confirm channel and settles what the broker refused.
+pub(super) struct Dispatcher {
+    publisher: Publisher,
+    store: Store,
+    reply_retries: Arc<Semaphore>,
+}
+
+impl Dispatcher {
+    pub fn new(publisher: Publisher, store: Store) -> Self {
+        Dispatcher {
+            publisher,
+            store,
+            reply_retries: Arc::new(Semaphore::new(REPLY_RETRY_TASKS)),
+        }
+    }
+
+    /// Publishes everything and waits for every confirm.
+    pub async fn publish(&self, out: Publications) -> Result<Settled, lapin::Error> {
+        let Publications {
+            replies,
+            events,
+            dead_letters,
+        } = out;
+        let (event_ids, dead_tags): (Vec<Uuid>, Vec<u64>) = (
+            events.iter().map(|(_, id)| *id).collect(),
+            dead_letters.iter().map(|(_, t)| *t).collect(),
+        );
+        let (n_replies, n_events) = (replies.len(), events.len());
+        let all: Vec<Outgoing> = replies
+            .into_iter()
+            .chain(events.into_iter().map(|(o, _)| o))
+            .chain(dead_letters.into_iter().map(|(o, _)| o))
+            .collect();
+        let acked = self.publisher.publish_each(&all).await?;
+        let mut all = all.into_iter();
+        let refused_replies: Vec<Outgoing> = all
+            .by_ref()
+            .take(n_replies)
+            .zip(&acked[..n_replies])
+            .filter(|(_, ok)| !**ok)
+            .map(|(o, _)| o)
+            .collect();
+        let event_acks = &acked[n_replies..n_replies + n_events];
+        let mut confirmed = Vec::with_capacity(n_events);
+        let mut refused_events = 0;
+        for (id, ok) in event_ids.into_iter().zip(event_acks) {
+            if *ok {
+                confirmed.push(id);
+            } else {
+                refused_events += 1;
+            }
+        }
+        // The events are confirmed: their outbox rows go with the next commit.
+        self.store.forget_outbox(confirmed);
+        if refused_events > 0 {
+            metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(refused_events);
+            tracing::warn!(
+                events = refused_events,
+                "broker refused events; they stay in the outbox for the relay"
+            );
+        }
+        let mut settled = Settled::default();
+        for (tag, ok) in dead_tags.into_iter().zip(&acked[n_replies + n_events..]) {
+            if !*ok {
+                metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(1);
+                tracing::warn!(
+                    delivery_tag = tag,
+                    "broker refused a dead letter; rejecting the command to the queue's own dead-lettering"
+                );
+                settled.reject.push(tag);
+            }
+        }
+        if !refused_replies.is_empty() {
+            self.retry_replies(refused_replies);
+        }
+        Ok(settled)
+    }
+
+    /// A refused reply (its queue is full, say) is its caller's problem: a few
+    /// more attempts within about a second, off the batch's path, then it is
+    /// dropped and counted. It never holds the batch or re-sends events.
+    fn retry_replies(&self, mut pending: Vec<Outgoing>) {
+        let refused = pending.len() as u64;
+        metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(refused);
+        let Ok(permit) = self.reply_retries.clone().try_acquire_owned() else {
+            drop_replies(refused, "too many refused replies already being retried");
+            return;
+        };
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            for pause in REPLY_RETRIES {
+                tokio::time::sleep(pause).await;
+                match publisher.publish_each(&pending).await {
+                    Ok(acked) => {
+                        pending = pending
+                            .into_iter()
+                            .zip(acked)
+                            .filter(|(_, ok)| !ok)
+                            .map(|(o, _)| o)
+                            .collect();
+                    }
+                    Err(e) => {
+                        drop_replies(pending.len() as u64, &crate::broker::describe(&e));
+                        return;
+                    }
+                }
+                if pending.is_empty() {
+                    return;
+                }
+            }
+            drop_replies(pending.len() as u64, "the broker kept refusing them");
+        });
+    }
+}
+
+fn drop_replies(n: u64, why: &str) {
+    if n == 0 {
+        return;
+    }
+    metrics::counter!(telemetry::REPLIES_DROPPED).increment(n);
+    tracing::warn!(
+        replies = n,
+        reason = why,
+        "replies refused by the broker dropped"
+    );
+}

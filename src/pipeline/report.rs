@@ -1,0 +1,96 @@
+//! How each command was answered, told once it is settled: one log line in the
+//! command's span, and the metrics.
+
+use super::item::Item;
+use crate::broker::properties;
+use crate::telemetry::{self, token_prefix};
+
+/// How one command was answered.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Answer {
+    /// The reply's status; 0 when nothing is replied (reply_to refused).
+    pub status: u16,
+    pub outcome: Outcome,
+    pub code: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Created and stored.
+    Created,
+    /// Answered with a refusal, acked.
+    Rejected,
+    /// Answered 400 and dead-lettered.
+    Malformed,
+    /// A stored reply sent again for a message_id seen before.
+    Repeated,
+    /// reply_to not allowed: dead-lettered, no reply.
+    Refused,
+    /// Failed on every allowed delivery: 500 and dead-lettered.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Rejected => "rejected",
+            Outcome::Malformed => "malformed",
+            Outcome::Repeated => "repeated",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        }
+    }
+
+    fn dead_lettered(self) -> bool {
+        matches!(
+            self,
+            Outcome::Malformed | Outcome::Refused | Outcome::Failed
+        )
+    }
+}
+
+/// The command's log line (debug: one per command is too many for info at
+/// thousands per second; refusals and failures are logged at warn and error
+/// where they happen) and its metrics.
+pub(super) fn record(item: &Item, a: Answer) {
+    let command = item.command_label();
+    tracing::debug!(
+        parent: &item.span,
+        outcome = a.outcome.as_str(),
+        status = a.status,
+        code = a.code.unwrap_or("-"),
+        token = item
+            .decoded
+            .as_ref()
+            .map(|c| token_prefix(c.access_token_id()))
+            .unwrap_or_default(),
+        span_id = %item.trace.span_id_hex(),
+        "answered"
+    );
+    metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
+        .increment(1);
+    // Counted here, once the dead letter is confirmed, like the answer itself.
+    if let (true, Some(code)) = (a.outcome.dead_lettered(), a.code) {
+        metrics::counter!(telemetry::DEAD_LETTERS, "code" => code).increment(1);
+    }
+    if let Some(sent) = properties::sent_at_ms(&item.delivery.properties) {
+        let age = properties::now_ms().saturating_sub(sent);
+        metrics::histogram!(telemetry::COMMAND_AGE_SECONDS).record(age as f64 / 1000.0);
+    }
+}
+
+/// Status codes as static labels (no allocation per command).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        0 => "none",
+        200 => "200",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        429 => "429",
+        500 => "500",
+        _ => "other",
+    }
+}

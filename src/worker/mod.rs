@@ -1,0 +1,203 @@
+//! `profile-worker run`, the zero2prod way: [`Worker::build`] checks the
+//! settings once, reaches the database and the broker, applies migrations and
+//! binds the operations endpoint, so every mistake an operator can make shows
+//! before a command is taken; [`Worker::run_until_stopped`] then consumes until
+//! shutdown, rebuilding the broker session after any failure (`session`), with
+//! the expiry sweep beside it (`sweep`).
+
+mod session;
+mod sweep;
+
+use crate::broker::{self, Connection};
+use crate::config::{ConfigError, Settings};
+use crate::ops::{Endpoint, EndpointError, Health, Ready};
+use crate::store::{Store, StoreError};
+use crate::telemetry::Report;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::AMQPUri;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("DATABASE_URL: cannot connect")]
+    DatabaseUnreachable(#[source] StoreError),
+    #[error("DATABASE_URL: migration failed")]
+    Migration(#[source] StoreError),
+    #[error(
+        "DATABASE_URL: migrations {pending:?} are pending and this role may not apply them; \
+         run `profile-worker migrate` as the schema's owner, then start again"
+    )]
+    MigrationsPending {
+        pending: Vec<i32>,
+        #[source]
+        source: StoreError,
+    },
+    #[error("AMQP_URL: cannot connect to {at}")]
+    BrokerUnreachable {
+        at: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("HTTP_ADDR")]
+    Http(#[source] EndpointError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Only an operator can fix it (a conflicting or forbidden declaration).
+    #[error(transparent)]
+    Topology(#[from] broker::TopologyError),
+}
+
+/// A worker that is connected and has its listener bound, not yet consuming.
+pub struct Worker {
+    settings: Arc<Settings>,
+    store: Store,
+    amqp: AMQPUri,
+    amqp_tls: OwnedTLSConfig,
+    broker_at: String,
+    first: Connection,
+    endpoint: Option<Endpoint>,
+    health: Arc<Health>,
+}
+
+impl Worker {
+    pub async fn build(settings: Settings) -> Result<Worker, BuildError> {
+        let checked = settings.check()?;
+        let endpoint = match checked.http_addr {
+            Some(addr) => Some(Endpoint::bind(addr).await.map_err(BuildError::Http)?),
+            None => None,
+        };
+        let (pg, pg_tls) = checked.database;
+        let store = Store::connect_checked(pg, &pg_tls, &settings.database)?;
+        store
+            .check()
+            .await
+            .map_err(BuildError::DatabaseUnreachable)?;
+        apply_migrations(&store, &settings.database.runtime_role).await?;
+
+        let broker_at = format!(
+            "{}:{}",
+            checked.amqp.authority.host, checked.amqp.authority.port
+        );
+        let first = broker::connect(&checked.amqp, &checked.amqp_tls)
+            .await
+            .map_err(|source| BuildError::BrokerUnreachable {
+                at: broker_at.clone(),
+                source,
+            })?;
+        tracing::info!(broker = %broker_at, queue = %settings.broker.command_queue, "connected");
+        if let Some(addr) = endpoint.as_ref().and_then(Endpoint::local_addr) {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        Ok(Worker {
+            health: Arc::new(Health::new(usize::from(settings.worker.consumers))),
+            settings: Arc::new(settings),
+            store,
+            amqp: checked.amqp,
+            amqp_tls: checked.amqp_tls,
+            broker_at,
+            first,
+            endpoint,
+        })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (the port the
+    /// system chose, for `HTTP_ADDR=…:0`); `None` when `HTTP_ADDR=off`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_ref().and_then(Endpoint::local_addr)
+    }
+
+    /// Resolves once every consumer is consuming.
+    pub fn ready(&self) -> Ready {
+        self.health.ready()
+    }
+
+    /// Consumes until `shutdown` is cancelled and held commands are finished.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let Worker {
+            settings,
+            store,
+            amqp,
+            amqp_tls,
+            broker_at,
+            first,
+            endpoint,
+            health,
+        } = self;
+        let ops_stop = CancellationToken::new();
+        let _stop_ops = ops_stop.clone().drop_guard();
+        let ops = endpoint
+            .map(|e| tokio::spawn(e.serve(health.clone(), store.clone(), ops_stop.clone())));
+        let sweeper = tokio::spawn(sweep::sweep_loop(
+            store.clone(),
+            settings.clone(),
+            shutdown.clone(),
+        ));
+        let stopping = tokio::spawn({
+            let (health, shutdown) = (health.clone(), shutdown.clone());
+            async move {
+                shutdown.cancelled().await;
+                health.stop();
+            }
+        });
+        let result = session::supervise(
+            session::Broker {
+                uri: &amqp,
+                tls: &amqp_tls,
+                at: &broker_at,
+            },
+            first,
+            &store,
+            &settings,
+            &health,
+            &shutdown,
+        )
+        .await;
+        shutdown.cancel();
+        let _ = stopping.await;
+        let _ = sweeper.await;
+        if let Err(e) = store.flush_forgotten().await {
+            tracing::warn!(error = %Report(&e), "confirmed events left in the outbox; the relay will re-publish them once");
+        }
+        ops_stop.cancel();
+        if let Some(ops) = ops {
+            // A scraper holding a request open must not keep the process alive.
+            let _ = tokio::time::timeout(Duration::from_secs(2), ops).await;
+        }
+        store.close();
+        result
+    }
+}
+
+/// Migrates when the role may; under a role without DDL rights (as it should
+/// run, CONTRACT §9) starts when nothing is pending and otherwise says which
+/// command to run.
+async fn apply_migrations(store: &Store, runtime_role: &str) -> Result<(), BuildError> {
+    let pending = store
+        .pending_migrations()
+        .await
+        .map_err(BuildError::Migration)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    match store.migrate().await {
+        Ok(_) => {}
+        Err(source) if source.is_permission_denied() => {
+            return Err(BuildError::MigrationsPending { pending, source })
+        }
+        Err(e) => return Err(BuildError::Migration(e)),
+    }
+    if !runtime_role.is_empty() {
+        store
+            .grant_runtime(runtime_role)
+            .await
+            .map_err(BuildError::Migration)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! The broker side of `run`: one session per connection (topology, consumers,
+//! the outbox relay), rebuilt with jittered backoff whenever the connection or
+//! a channel fails, until shutdown.
+
+use crate::broker::{self, Connection, Publisher, TopologyError};
+use crate::config::Settings;
+use crate::ops::Health;
+use crate::outbox;
+use crate::pipeline::{policy, BatchError, Pipeline};
+use crate::store::Store;
+use crate::telemetry::{self, Report};
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// On shutdown, how long a consumer's buffer must stay empty before it is done.
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
+const RECONNECT_START: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("broker session lost")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker cancelled the consumer")]
+    Cancelled,
+}
+
+/// Where the broker is.
+pub(super) struct Broker<'a> {
+    pub uri: &'a AMQPUri,
+    pub tls: &'a OwnedTLSConfig,
+    pub at: &'a str,
+}
+
+/// Runs sessions until shutdown; returns an error only for what no reconnect can fix.
+pub(super) async fn supervise(
+    broker: Broker<'_>,
+    first: Connection,
+    store: &Store,
+    settings: &Arc<Settings>,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+) -> Result<(), super::RunError> {
+    let mut conn = Some(first);
+    loop {
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match reconnect(&broker, shutdown).await {
+                Some(c) => c,
+                None => return Ok(()),
+            },
+        };
+        let outcome = session(&c, store, settings, health, shutdown).await;
+        let _ = c.close(200, "bye".into()).await;
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(SessionError::Topology(e)) if e.is_fatal() => return Err(e.into()),
+            Err(e) if shutdown.is_cancelled() => {
+                tracing::warn!(error = %Report(&e), "broker session ended during shutdown; unacked commands will be redelivered");
+                return Ok(());
+            }
+            Err(e) => {
+                metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "session").increment(1);
+                tracing::warn!(error = %Report(&e), "broker session lost; reconnecting")
+            }
+        }
+    }
+}
+
+async fn reconnect(broker: &Broker<'_>, shutdown: &CancellationToken) -> Option<Connection> {
+    for delay in policy::backoff(RECONNECT_START, RECONNECT_MAX) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        match broker::connect(broker.uri, broker.tls).await {
+            Ok(c) => {
+                metrics::counter!(telemetry::RECONNECTS).increment(1);
+                tracing::info!(broker = %broker.at, "reconnected");
+                return Some(c);
+            }
+            Err(e) => {
+                tracing::warn!(error = %broker::describe(&e), retry_in_ms = delay.as_millis() as u64, "broker unreachable")
+            }
+        }
+    }
+    None
+}
+
+/// One connection's life: topology, consumers, batches, outbox relay. Returns Ok
+/// only after a requested shutdown has drained what this worker held.
+async fn session(
+    conn: &Connection,
+    store: &Store,
+    settings: &Arc<Settings>,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let channel = conn.create_channel().await?;
+    broker::declare(&channel, &settings.broker).await?;
+    let _ = channel.close(200, "declared".into()).await;
+
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(outbox::relay_loop(
+        store.clone(),
+        Publisher::open(conn).await?,
+        settings.clone(),
+        relay_stop.clone(),
+    ));
+    let _stop_relay = relay_stop.clone().drop_guard();
+
+    // Several consumers, each with its own channel, batches and confirms: while
+    // one waits for Postgres another publishes, so neither the database nor the
+    // broker sits idle. Each channel acks only its own deliveries, so their
+    // `ack multiple` cannot overlap. PREFETCH is shared out between them.
+    let consumers = usize::from(settings.worker.consumers);
+    let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
+    let mut lanes = Vec::with_capacity(consumers);
+    for lane in 0..consumers {
+        lanes.push(consume(
+            conn, store, settings, health, shutdown, prefetch, lane,
+        ));
+    }
+    tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
+    // The first consumer to fail ends the session; the others are dropped with the
+    // connection and their unacked deliveries return to the queue.
+    let result = futures_util::future::try_join_all(lanes).await.map(|_| ());
+    relay_stop.cancel();
+    let _ = relay.await;
+    result
+}
+
+/// One consumer on its own channel: take what the prefetch window delivered,
+/// hand it to the pipeline as one batch, repeat.
+async fn consume(
+    conn: &Connection,
+    store: &Store,
+    settings: &Arc<Settings>,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+    prefetch: u16,
+    lane: usize,
+) -> Result<(), SessionError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let publisher = Publisher::open(conn).await?;
+    let mut consumer = channel
+        .basic_consume(
+            settings.broker.command_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer_tag = consumer.tag();
+    let consuming = health.consuming();
+    let pipeline = Pipeline::new(
+        store.clone(),
+        publisher.clone(),
+        channel.clone(),
+        settings.clone(),
+        shutdown.clone(),
+    );
+    let max_batch = settings.worker.batch_size as usize;
+    let mut cancelling = false;
+    let result = loop {
+        let first = if cancelling {
+            // basic_cancel returned, so the broker sends nothing more; what it sent
+            // before is in lapin's buffer or on its way there. Drain until the
+            // stream ends or stays quiet. (Waiting for the end alone is not enough:
+            // lapin does not always wake a consumer that drained its buffer after
+            // the cancel.) Anything left is requeued when the channel closes.
+            match tokio::time::timeout(DRAIN_QUIET, consumer.next()).await {
+                Ok(d) => d,
+                Err(_) => break Ok(()),
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    cancelling = true;
+                    tracing::info!(lane, "shutdown requested: no new commands; finishing the ones held");
+                    if let Err(e) = channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()).await {
+                        break Err(e.into());
+                    }
+                    continue;
+                }
+                d = consumer.next() => d,
+            }
+        };
+        let mut batch = match first {
+            None if cancelling => break Ok(()),
+            None => break Err(SessionError::Cancelled),
+            Some(Err(e)) => break Err(e.into()),
+            Some(Ok(d)) => vec![d],
+        };
+        // Take whatever else the prefetch window already delivered, without waiting.
+        while batch.len() < max_batch {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
+        match pipeline.handle(batch).await {
+            Ok(()) => {}
+            Err(BatchError::Broker(e)) => break Err(e.into()),
+            Err(BatchError::Abandoned) => {
+                tracing::warn!(
+                    lane,
+                    "shutdown grace exceeded; leaving held commands to redelivery"
+                );
+                break Ok(());
+            }
+        }
+    };
+    drop(consuming);
+    publisher.close().await;
+    let _ = channel.close(200, "bye".into()).await;
+    result
+}
