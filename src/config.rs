@@ -2,6 +2,7 @@
 //! Nothing else in the crate reads the environment.
 
 use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,11 +11,12 @@ pub const DEFAULT_DATABASE_URL: &str =
     "postgres://profile_worker:profile_worker@127.0.0.1:5432/profile_worker";
 
 /// Where Postgres is and how many connections to keep.
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 pub struct DatabaseSettings {
-    /// PostgreSQL URL (postgres://user:password@host:port/database).
+    /// PostgreSQL URL (postgres://user:password@host:port/database). A secret:
+    /// its password never reaches a log or a Debug print.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = true)]
-    pub database_url: String,
+    pub database_url: SecretString,
     /// Connections in the pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub db_pool_size: u16,
@@ -32,15 +34,11 @@ impl DatabaseSettings {
     /// here because tokio-postgres knows only part of libpq's modes).
     pub fn validate(&self) -> Result<(tokio_postgres::Config, TlsSettings), ConfigError> {
         let bad = |m: String| ConfigError::new("DATABASE_URL", m);
-        if !(self.database_url.starts_with("postgres://")
-            || self.database_url.starts_with("postgresql://"))
-        {
+        let text = self.database_url.expose_secret();
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
             return Err(bad("must be a postgres:// URL".into()));
         }
-        let (base, query) = self
-            .database_url
-            .split_once('?')
-            .unwrap_or((&self.database_url, ""));
+        let (base, query) = text.split_once('?').unwrap_or((text, ""));
         let mut mode = SslMode::Prefer;
         let mut root = None;
         let mut rest = url::form_urlencoded::Serializer::new(String::new());
@@ -75,17 +73,6 @@ impl DatabaseSettings {
 
     pub fn db_timeout(&self) -> Duration {
         Duration::from_secs(self.db_timeout_secs.max(1))
-    }
-}
-
-impl std::fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("database_url", &redact_url(&self.database_url))
-            .field("db_pool_size", &self.db_pool_size)
-            .field("db_timeout_secs", &self.db_timeout_secs)
-            .field("runtime_role", &self.runtime_role)
-            .finish()
     }
 }
 
@@ -159,11 +146,11 @@ pub struct TlsSettings {
 }
 
 /// Where RabbitMQ is and what the topology is called (CONTRACT §1).
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug)]
 pub struct BrokerSettings {
-    /// AMQP URL of the broker.
+    /// AMQP URL of the broker (a secret, like DATABASE_URL).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
+    pub amqp_url: SecretString,
     /// Direct exchange publishers send commands to.
     #[arg(long, env = "COMMAND_EXCHANGE", default_value = "profile.commands")]
     pub command_exchange: String,
@@ -230,6 +217,7 @@ impl BrokerSettings {
     pub fn validate(&self) -> Result<lapin::uri::AMQPUri, ConfigError> {
         let mut uri: lapin::uri::AMQPUri = self
             .amqp_url
+            .expose_secret()
             .parse()
             .map_err(|e| ConfigError::new("AMQP_URL", format!("invalid URL: {e}")))?;
         if uri.query.heartbeat.is_none() {
@@ -292,34 +280,6 @@ impl BrokerSettings {
             identity: None,
             cert_chain,
         })
-    }
-}
-
-impl std::fmt::Debug for BrokerSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerSettings")
-            .field("amqp_url", &redact_url(&self.amqp_url))
-            .field("command_exchange", &self.command_exchange)
-            .field("command_queue", &self.command_queue)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("dead_letter_queue", &self.dead_letter_queue)
-            .field("events_exchange", &self.events_exchange)
-            .field("delivery_limit", &self.delivery_limit)
-            .field("prefetch", &self.prefetch)
-            .field("heartbeat_secs", &self.heartbeat_secs)
-            .field("reply_to_prefixes", &self.reply_to_prefixes)
-            .field("command_queue_max_length", &self.command_queue_max_length)
-            .field("command_queue_max_bytes", &self.command_queue_max_bytes)
-            .field(
-                "dead_letter_queue_max_length",
-                &self.dead_letter_queue_max_length,
-            )
-            .field(
-                "dead_letter_queue_max_bytes",
-                &self.dead_letter_queue_max_bytes,
-            )
-            .field("amqp_ca_file", &self.amqp_ca_file)
-            .finish()
     }
 }
 
@@ -471,24 +431,6 @@ impl ConfigError {
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`, for logs and Debug.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
-        }
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,15 +450,6 @@ mod tests {
             .unwrap_err()
             .problem
             .contains("not supported"));
-    }
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
     }
 
     #[test]

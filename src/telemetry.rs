@@ -1,6 +1,6 @@
 //! Logging (human-readable by default, JSON lines for log shippers) and the
 //! metrics the worker exports. Metric names live here, so the exporter, the
-//! code that records them and the README agree.
+//! code that records them and docs/OPERATIONS.md agree.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;

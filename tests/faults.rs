@@ -98,7 +98,7 @@ impl Run {
 
     async fn db(&self) -> tokio_postgres::Client {
         let (db, conn) = tokio_postgres::connect(
-            &self.env.settings.database.database_url,
+            self.env.settings.database.database_url.expose_secret(),
             tokio_postgres::NoTls,
         )
         .await
@@ -237,7 +237,7 @@ impl Run {
 
     async fn processed(&self) -> usize {
         match tokio_postgres::connect(
-            &self.env.settings.database.database_url,
+            self.env.settings.database.database_url.expose_secret(),
             tokio_postgres::NoTls,
         )
         .await

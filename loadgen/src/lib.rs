@@ -351,7 +351,7 @@ impl Isolation {
 
 fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
     BrokerSettings {
-        amqp_url: amqp_url.to_string(),
+        amqp_url: amqp_url.into(),
         command_exchange: format!("{prefix}profile.commands"),
         command_queue: format!("{prefix}profile.commands"),
         dead_letter_exchange: format!("{prefix}profile.commands.dlx"),
@@ -448,7 +448,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     let uri = broker_names.validate().map_err(|e| e.to_string())?;
 
     let store = Store::connect(&DatabaseSettings {
-        database_url: db_url.clone(),
+        database_url: db_url.as_str().into(),
         db_pool_size: 2,
         db_timeout_secs: 10,
         runtime_role: String::new(),

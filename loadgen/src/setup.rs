@@ -149,31 +149,22 @@ impl WorkerProcess {
 
 /// CPU seconds (user + system) a process has used so far.
 pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_cpu_secs(&stat)
-}
-
-/// Fields 14 and 15 of /proc/PID/stat, counted after the parenthesised command
-/// name (which may itself contain spaces). USER_HZ is 100 on every Linux ABI
-/// that exports it to user space.
-fn parse_cpu_secs(stat: &str) -> Option<f64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
 }
 
 /// Processes on this machine whose command name is `comm` (e.g. the broker's
 /// `beam.smp`); empty when the server runs elsewhere.
 pub fn pids_named(comm: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    let Ok(all) = procfs::process::all_processes() else {
         return vec![];
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
-        })
+    all.filter_map(Result::ok)
+        .filter(|p| p.stat().is_ok_and(|s| s.comm == comm))
+        .map(|p| p.pid() as u32)
         .collect()
 }
 
@@ -199,18 +190,11 @@ pub fn cpu_secs_of(pids: &[u32]) -> f64 {
 
 /// Peak resident set size in KiB (VmHWM).
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vm_hwm(&status)
-}
-
-fn parse_vm_hwm(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    procfs::process::Process::new(pid as i32)
+        .ok()?
+        .status()
+        .ok()?
+        .vmhwm
 }
 
 #[cfg(test)]
@@ -232,24 +216,12 @@ mod tests {
     }
 
     #[test]
-    fn reads_cpu_time_past_a_command_name_with_spaces() {
-        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
-        assert_eq!(parse_cpu_secs(stat), Some(3.0));
-    }
-
-    #[test]
-    fn reads_peak_rss() {
-        assert_eq!(
-            parse_vm_hwm("Name:\tx\nVmHWM:\t   12345 kB\nVmRSS: 1 kB\n"),
-            Some(12345)
-        );
-        assert_eq!(parse_vm_hwm("Name:\tx\n"), None);
-    }
-
-    #[test]
     fn own_process_is_readable() {
         let pid = std::process::id();
         assert!(cpu_secs(pid).is_some());
         assert!(peak_rss_kib(pid).unwrap() > 0);
+        // This test binary's own name, as /proc/PID/stat spells it (at most 15 bytes).
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert!(pids_named(comm.trim_end()).contains(&pid));
     }
 }

@@ -12,7 +12,7 @@ use lapin::{Channel, ExchangeKind};
 pub enum TopologyError {
     #[error("broker topology conflicts with an existing declaration: {0}. Delete or rename the object (or configure other names) and start again")]
     Conflict(String),
-    #[error("the broker user may not declare the topology: {0}. Give it configure, write and read permissions on the worker's exchanges and queues (README, \"Least privilege\")")]
+    #[error("the broker user may not declare the topology: {0}. Give it configure, write and read permissions on the worker's exchanges and queues (docs/OPERATIONS.md, \"Security\")")]
     Forbidden(String),
     #[error("declaring the broker topology failed")]
     Broker(#[from] lapin::Error),

@@ -23,7 +23,7 @@ pub struct ProvisionArgs {
     /// profile ID per line with --type. `-` reads standard input.
     pub input: PathBuf,
     /// Every line is a profile ID and this is the command to send for it.
-    #[arg(long = "type", value_parser = ["create-ticket", "create-verification-token"])]
+    #[arg(long = "type", value_parser = clap::builder::PossibleValuesParser::new(CommandName::names()))]
     pub kind: Option<String>,
     /// Access token for lines that carry none (never printed).
     #[arg(long, env = "PROVISION_ACCESS_TOKEN", hide_env_values = true)]
@@ -75,12 +75,11 @@ pub fn prepare_line(
         kind.filter(|_| !text.starts_with('{'))
     {
         let command = CommandName::parse(kind).ok_or_else(|| format!("unknown --type {kind}"))?;
-        let id_field = match command {
-            CommandName::CreateTicket => "profileId",
-            CommandName::CreateVerificationToken => "id",
-        };
         let mut m = Map::new();
-        m.insert(id_field.into(), Value::String(text.to_string()));
+        m.insert(
+            command.profile_field().into(),
+            Value::String(text.to_string()),
+        );
         (command, m, derived)
     } else {
         let value: Value =
@@ -96,7 +95,10 @@ pub fn prepare_line(
             (None, None) => return Err("no \"type\" (or give --type)".into()),
         };
         let command = CommandName::parse(&kind).ok_or_else(|| {
-            format!("unknown type \"{kind}\": expected create-ticket or create-verification-token")
+            format!(
+                "unknown type \"{kind}\": expected one of {}",
+                CommandName::names().collect::<Vec<_>>().join(", ")
+            )
         })?;
         let message_id = match m.remove("messageId") {
             None => derived,

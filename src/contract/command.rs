@@ -37,6 +37,19 @@ impl CommandName {
         Self::ALL.into_iter().find(|c| c.as_str() == name)
     }
 
+    /// The body field that names the profile the command is about.
+    pub fn profile_field(self) -> &'static str {
+        match self {
+            CommandName::CreateTicket => "profileId",
+            CommandName::CreateVerificationToken => "id",
+        }
+    }
+
+    /// Every command's name, for messages that list them.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        Self::ALL.into_iter().map(Self::as_str)
+    }
+
     /// The `type` property of the reply to this command.
     pub fn reply_type(self) -> &'static str {
         match self {

@@ -56,9 +56,9 @@ pub struct NewRecord {
 }
 
 // Everything a batch needs to read, as one statement: one Bind/Execute/Sync and
-// one reply to wait for. Pipelined as three statements, the same lookups took
-// 0.33 ms at the client for one command against 0.11 ms of server time: each
-// statement's reply is its own wake-up of the connection task and the caller.
+// one reply to wait for. Pipelined as separate statements, each reply is its own
+// wake-up of the connection task and the caller, which cost more than the
+// lookups themselves (BENCHMARKS.md, "Where the time goes").
 // Rows are told apart by `kind` (see `Kind`); the columns each kind uses:
 //   1 access token:    key hex SHA-256 of the id, a application, n expiry (epoch
 //                      ms), j tenant permissions
@@ -162,8 +162,7 @@ const COMMIT: &str = "WITH won AS ( \
      SELECT NULL WHERE CASE WHEN (SELECT count(*) FROM claimed) <> (SELECT count(*) FROM wanted) \
        THEN profile_worker_cooldown_taken() ELSE false END";
 
-/// One batch's connection: checked out (and, with Verified recycling, checked
-/// with a round trip) once for the load and the commit together.
+/// One batch's connection, checked out once for the load and the commit together.
 pub struct Batch<'a> {
     store: &'a Store,
     client: deadpool_postgres::Object,

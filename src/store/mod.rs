@@ -163,11 +163,10 @@ impl Store {
         // (`= ANY($1)` over a batch), or a time range with a LIMIT (the sweep and
         // the relay). A plan that chose a sequential scan because a table was small
         // (or empty, as every table is on a new database) stays cached on the
-        // connection while the table grows, until autovacuum next analyzes it:
-        // measured, `processed_commands` was scanned whole on most batches, and the
-        // profiles on all of them. With sequential scans off, the index is chosen
-        // whatever the statistics said when the plan was made. Generic plans
-        // spare the planning (≈ 0.8 ms per statement) on every execution.
+        // connection while the table grows, until autovacuum next analyzes it
+        // (BENCHMARKS.md, "Where the time goes"). With sequential scans off, the
+        // index is chosen whatever the statistics said when the plan was made.
+        // Generic plans spare the planning on every execution.
         let options = pg.get_options().unwrap_or_default().to_string();
         pg.options(
             format!("{options} -c plan_cache_mode=force_generic_plan -c enable_seqscan=off").trim(),

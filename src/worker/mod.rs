@@ -153,10 +153,12 @@ impl Worker {
                 at: &broker_at,
             },
             first,
-            &store,
-            &settings,
-            &health,
-            &shutdown,
+            &session::Shared {
+                store: &store,
+                settings: &settings,
+                health: &health,
+                shutdown: &shutdown,
+            },
         )
         .await;
         shutdown.cancel();

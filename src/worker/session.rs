@@ -33,6 +33,14 @@ enum SessionError {
     Cancelled,
 }
 
+/// What every session and consumer of one worker shares.
+pub(super) struct Shared<'a> {
+    pub store: &'a Store,
+    pub settings: &'a Arc<Settings>,
+    pub health: &'a Arc<Health>,
+    pub shutdown: &'a CancellationToken,
+}
+
 /// Where the broker is.
 pub(super) struct Broker<'a> {
     pub uri: &'a AMQPUri,
@@ -44,11 +52,9 @@ pub(super) struct Broker<'a> {
 pub(super) async fn supervise(
     broker: Broker<'_>,
     first: Connection,
-    store: &Store,
-    settings: &Arc<Settings>,
-    health: &Arc<Health>,
-    shutdown: &CancellationToken,
+    shared: &Shared<'_>,
 ) -> Result<(), super::RunError> {
+    let shutdown = shared.shutdown;
     let mut conn = Some(first);
     loop {
         let c = match conn.take() {
@@ -58,7 +64,7 @@ pub(super) async fn supervise(
                 None => return Ok(()),
             },
         };
-        let outcome = session(&c, store, settings, health, shutdown).await;
+        let outcome = session(&c, shared).await;
         let _ = c.close(200, "bye".into()).await;
         match outcome {
             Ok(()) => return Ok(()),
@@ -97,13 +103,8 @@ async fn reconnect(broker: &Broker<'_>, shutdown: &CancellationToken) -> Option<
 
 /// One connection's life: topology, consumers, batches, outbox relay. Returns Ok
 /// only after a requested shutdown has drained what this worker held.
-async fn session(
-    conn: &Connection,
-    store: &Store,
-    settings: &Arc<Settings>,
-    health: &Arc<Health>,
-    shutdown: &CancellationToken,
-) -> Result<(), SessionError> {
+async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionError> {
+    let (store, settings) = (shared.store, shared.settings);
     let channel = conn.create_channel().await?;
     broker::declare(&channel, &settings.broker).await?;
     let _ = channel.close(200, "declared".into()).await;
@@ -125,9 +126,7 @@ async fn session(
     let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
     let mut lanes = Vec::with_capacity(consumers);
     for lane in 0..consumers {
-        lanes.push(consume(
-            conn, store, settings, health, shutdown, prefetch, lane,
-        ));
+        lanes.push(consume(conn, shared, prefetch, lane));
     }
     tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
     // The first consumer to fail ends the session; the others are dropped with the
@@ -142,13 +141,16 @@ async fn session(
 /// hand it to the pipeline as one batch, repeat.
 async fn consume(
     conn: &Connection,
-    store: &Store,
-    settings: &Arc<Settings>,
-    health: &Arc<Health>,
-    shutdown: &CancellationToken,
+    shared: &Shared<'_>,
     prefetch: u16,
     lane: usize,
 ) -> Result<(), SessionError> {
+    let Shared {
+        store,
+        settings,
+        health,
+        shutdown,
+    } = *shared;
     let channel = conn.create_channel().await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())

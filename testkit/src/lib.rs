@@ -14,6 +14,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use profile_worker::config::Settings;
 pub use profile_worker::telemetry::Report;
+/// `expose_secret()` on the settings' URLs.
+pub use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -274,10 +276,10 @@ impl Env {
 
         let mut settings = Settings::from_env();
         let owner_db_url = db_url_for(&db_name);
-        settings.database.database_url = runtime_db_url_for(&db_name);
+        settings.database.database_url = runtime_db_url_for(&db_name).into();
         settings.database.db_pool_size = 4;
         settings.database.runtime_role = String::new();
-        settings.broker.amqp_url = worker_amqp_url();
+        settings.broker.amqp_url = worker_amqp_url().into();
         settings.broker.command_exchange = format!("{prefix}.commands");
         settings.broker.command_queue = format!("{prefix}.commands");
         settings.broker.dead_letter_exchange = format!("{prefix}.commands.dlx");
@@ -293,7 +295,7 @@ impl Env {
         f(&mut settings);
 
         let mut owner = settings.database.clone();
-        owner.database_url = owner_db_url.clone();
+        owner.database_url = owner_db_url.as_str().into();
         let store = profile_worker::store::Store::connect(&owner).unwrap();
         store.migrate().await.expect("migrate");
         store
@@ -731,8 +733,8 @@ pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
 pub fn worker_process(env: &Env) -> tokio::process::Command {
     let s = &env.settings;
     let mut c = cli(env, &["run"]);
-    c.env("DATABASE_URL", &s.database.database_url)
-        .env("AMQP_URL", &s.broker.amqp_url)
+    c.env("DATABASE_URL", s.database.database_url.expose_secret())
+        .env("AMQP_URL", s.broker.amqp_url.expose_secret())
         .env("VERIFICATION_URL", &s.worker.verification_url)
         .env(
             "EMAIL_COOLDOWN_SECS",

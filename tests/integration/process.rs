@@ -122,7 +122,12 @@ async fn run_expecting_error(envs: &[(&str, &str)]) -> String {
 #[tokio::test]
 async fn bad_or_unreachable_urls_are_one_line_errors_naming_the_setting() {
     let env = Env::prepare().await;
-    let good_db = env.settings.database.database_url.clone();
+    let good_db = env
+        .settings
+        .database
+        .database_url
+        .expose_secret()
+        .to_string();
     let e = run_expecting_error(&[("DATABASE_URL", "mysql://nope")]).await;
     assert!(e.starts_with("error: DATABASE_URL:"), "{e}");
     let e = run_expecting_error(&[("DATABASE_URL", "postgres://u:secretpw@127.0.0.1:1/db")]).await;

@@ -41,7 +41,12 @@ async fn start_error(settings: profile_worker::config::Settings) -> String {
 #[tokio::test]
 async fn database_tls_follows_libpq_sslmode() {
     let mut env = Env::prepare().await;
-    let plain = env.settings.database.database_url.clone();
+    let plain = env
+        .settings
+        .database
+        .database_url
+        .expose_secret()
+        .to_string();
     // Without sslmode, libpq's default (prefer): encrypted when the server can.
     for (query, encrypted) in [
         ("?sslmode=require", true),
@@ -49,7 +54,7 @@ async fn database_tls_follows_libpq_sslmode() {
         ("?sslmode=disable", false),
         ("", true),
     ] {
-        env.settings.database.database_url = format!("{plain}{query}");
+        env.settings.database.database_url = format!("{plain}{query}").into();
         env.start_worker().await;
         assert_eq!(
             env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
@@ -66,7 +71,7 @@ async fn database_tls_follows_libpq_sslmode() {
     // verify-ca against the server's own (self-signed) certificate: trusted.
     let snakeoil = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
     env.settings.database.database_url =
-        format!("{plain}?sslmode=verify-ca&sslrootcert={snakeoil}");
+        format!("{plain}?sslmode=verify-ca&sslrootcert={snakeoil}").into();
     env.start_worker().await;
     assert_eq!(
         env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
@@ -86,17 +91,17 @@ async fn database_tls_follows_libpq_sslmode() {
         format!("{plain}?sslmode=verify-full&sslrootcert={snakeoil}"),
     ] {
         let mut s = env.settings.clone();
-        s.database.database_url = url.clone();
+        s.database.database_url = url.as_str().into();
         let e = start_error(s).await;
         assert!(e.starts_with("DATABASE_URL: cannot connect"), "{url}: {e}");
         assert!(!e.contains("profile_worker:"), "no password in {e}");
     }
     let mut s = env.settings.clone();
-    s.database.database_url = format!("{plain}?sslmode=verify-full");
+    s.database.database_url = format!("{plain}?sslmode=verify-full").into();
     let e = start_error(s).await;
     assert!(e.contains("sslrootcert"), "{e}");
     let mut s = env.settings.clone();
-    s.database.database_url = format!("{plain}?sslmode=allow");
+    s.database.database_url = format!("{plain}?sslmode=allow").into();
     assert!(start_error(s).await.contains("sslmode"));
     env.teardown().await;
 }
@@ -109,7 +114,7 @@ async fn the_worker_speaks_amqps_with_a_configured_ca() {
     });
     let ca = std::env::var("TEST_AMQPS_CA")
         .unwrap_or_else(|_| "/etc/rabbitmq/profile-worker-tls/ca.pem".into());
-    env.settings.broker.amqp_url = url.clone();
+    env.settings.broker.amqp_url = url.as_str().into();
     // Without the CA the broker's certificate is not trusted.
     let e = start_error(env.settings.clone()).await;
     assert!(e.starts_with("AMQP_URL: cannot connect"), "{e}");
@@ -137,7 +142,7 @@ async fn run_under_the_runtime_role_says_which_command_to_run_when_migrations_ar
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
-    env.settings.database.database_url = runtime_db_url_for(&name);
+    env.settings.database.database_url = runtime_db_url_for(&name).into();
     let e = start_error(env.settings.clone()).await;
     assert!(
         e.contains("pending") && e.contains("profile-worker migrate"),
@@ -172,10 +177,12 @@ async fn run_under_the_runtime_role_says_which_command_to_run_when_migrations_ar
 #[tokio::test]
 async fn the_runtime_role_has_row_rights_only() {
     let env = Env::prepare().await;
-    let (db, conn) =
-        tokio_postgres::connect(&env.settings.database.database_url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
+    let (db, conn) = tokio_postgres::connect(
+        env.settings.database.database_url.expose_secret(),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     for sql in [
         "CREATE TABLE intruder (x int)",
