@@ -24,7 +24,7 @@ pub(super) struct Item {
 }
 
 impl Item {
-    pub fn new(delivery: Delivery, reply_prefixes: &[String]) -> Self {
+    pub fn new(delivery: Delivery, reply_prefixes: &[String], batch: &tracing::Span) -> Self {
         let p = &delivery.properties;
         let (reply_to, refused_reply_to) = match properties::short(p.reply_to()) {
             Some(r) if contract::reply_to_allowed(r, reply_prefixes) => (Some(r.to_string()), None),
@@ -44,6 +44,7 @@ impl Item {
         let parent = properties::header_text(p, trace::TRACEPARENT).and_then(TraceContext::parse);
         let trace = TraceContext::continue_or_start(parent, trace::random_ids);
         let span = tracing::info_span!(
+            parent: batch,
             "command",
             message_id = message_id.as_deref().unwrap_or("-"),
             command = command_label(&delivery),

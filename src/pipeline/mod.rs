@@ -24,7 +24,6 @@ use report::{Answer, Outcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use uuid::Uuid;
 
 /// Dead-letter code for a command that failed on every allowed delivery.
@@ -81,26 +80,26 @@ impl Pipeline {
 
     /// Handles a batch; every delivery ends acked, rejected for redelivery, or
     /// (on error) unacked for the broker to redeliver.
+    ///
+    /// The batch's span is the parent of its commands' spans, given explicitly
+    /// rather than entered: entering it on every poll of the batch measurably
+    /// slowed single-command batches (BENCHMARKS.md).
     pub async fn handle(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
-        let span = tracing::info_span!("batch", commands = deliveries.len());
-        self.handle_batch(deliveries).instrument(span).await
-    }
-
-    async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
+        let batch = tracing::info_span!("batch", commands = deliveries.len());
         let prefixes = &self.settings.broker.reply_to_prefixes;
         let items: Vec<Item> = deliveries
             .into_iter()
-            .map(|d| Item::new(d, prefixes))
+            .map(|d| Item::new(d, prefixes, &batch))
             .collect();
-        match self.process(&items).await {
+        match self.process(&items, &batch).await {
             Ok(settled) => {
                 let tags: Vec<u64> = items.iter().map(Item::tag).collect();
                 self.finish(settled, &tags).await
             }
             Err(Failure::Store(e)) if items.len() > 1 => {
-                tracing::warn!(error = %Report(&e), batch = items.len(), "batch failed; retrying its commands one by one");
+                tracing::warn!(parent: &batch, error = %Report(&e), "batch failed; retrying its commands one by one");
                 for item in items {
-                    self.handle_alone(item).await?;
+                    self.handle_alone(item, &batch).await?;
                 }
                 Ok(())
             }
@@ -112,8 +111,8 @@ impl Pipeline {
         }
     }
 
-    async fn handle_alone(&self, item: Item) -> Result<(), BatchError> {
-        match self.process(std::slice::from_ref(&item)).await {
+    async fn handle_alone(&self, item: Item, batch: &tracing::Span) -> Result<(), BatchError> {
+        match self.process(std::slice::from_ref(&item), batch).await {
             Ok(settled) => self.finish(settled, &[item.tag()]).await,
             Err(Failure::Store(e)) => self.poison(item, e).await,
             Err(other) => other.into(),
@@ -180,7 +179,7 @@ impl Pipeline {
 
     /// Load, plan and commit, retrying transient database failures with backoff;
     /// then publish and await every confirm. Nothing is acked here.
-    async fn process(&self, items: &[Item]) -> Result<Settled, Failure> {
+    async fn process(&self, items: &[Item], batch: &tracing::Span) -> Result<Settled, Failure> {
         let started = Instant::now();
         let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
         let (out, answers) =
@@ -190,6 +189,7 @@ impl Pipeline {
         let settled = self.dispatcher.publish(out).await?;
         let (db, publish) = (committed - started, committed.elapsed());
         tracing::debug!(
+            parent: batch,
             publications,
             db_ms = db.as_secs_f64() * 1e3,
             publish_ms = publish.as_secs_f64() * 1e3,
