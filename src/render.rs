@@ -3,15 +3,14 @@
 
 use crate::contract::message::{event_message_id, routing};
 use crate::contract::{
-    EmailRequested, ErrorReply, Rejection, TicketCreated, VerificationTokenCreated,
+    EmailRequested, ErrorReply, Rejection, Reply, TicketCreated, VerificationTokenCreated,
 };
 use crate::domain::Outcome;
 use crate::store::OutboxEvent;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
-    pub status: u16,
-    pub reply: String,
+    pub reply: Reply,
     pub events: Vec<OutboxEvent>,
 }
 
@@ -20,11 +19,14 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("reply types always serialize")
 }
 
-pub fn rejection(r: &Rejection) -> String {
-    json(&ErrorReply {
-        error_code: r.code,
-        message: r.message.clone(),
-    })
+pub fn rejection(r: &Rejection) -> Reply {
+    Reply {
+        status: r.status(),
+        body: json(&ErrorReply {
+            error_code: r.code,
+            message: r.message.clone(),
+        }),
+    }
 }
 
 pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
@@ -37,7 +39,6 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
     };
     match outcome {
         Outcome::Rejected(r) => Rendered {
-            status: r.status(),
             reply: rejection(r),
             events: vec![],
         },
@@ -49,8 +50,10 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
                 id: t.id,
             });
             Rendered {
-                status: 200,
-                reply: body.clone(),
+                reply: Reply {
+                    status: 200,
+                    body: body.clone(),
+                },
                 events: vec![event(routing::TICKET_CREATED, t.id, body)],
             }
         }
@@ -73,8 +76,10 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
                 timestamp: t.timestamp,
             });
             Rendered {
-                status: 200,
-                reply: body.clone(),
+                reply: Reply {
+                    status: 200,
+                    body: body.clone(),
+                },
                 events: vec![
                     event(routing::VERIFICATION_TOKEN_CREATED, t.id, body),
                     event(routing::EMAIL_REQUESTED, t.id, email_body),
@@ -107,14 +112,14 @@ mod tests {
             },
         );
         let r = outcome(&o, Some("m1"));
-        assert_eq!(r.status, 200);
+        assert_eq!(r.reply.status, 200);
         assert_eq!(
-            r.reply,
+            r.reply.body,
             r#"{"tenant":"sample-tenant","profileId":"592715d4d4c650e226b03b62","timestamp":1495746285875,"id":"055d58c4-fabb-44da-96eb-261e24e1d0c9"}"#
         );
         assert_eq!(r.events.len(), 2);
         assert_eq!(r.events[0].routing_key, "verification-token.created");
-        assert_eq!(r.events[0].body, r.reply);
+        assert_eq!(r.events[0].body, r.reply.body);
         let email: serde_json::Value = serde_json::from_str(&r.events[1].body).unwrap();
         assert_eq!(
             email["id"],

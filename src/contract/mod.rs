@@ -14,6 +14,13 @@ pub use message::{
     EmailRequested, ErrorReply, InternalErrorReply, TicketCreated, VerificationTokenCreated,
 };
 
+/// A reply as it is stored and sent: its `status` header and its JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+}
+
 /// RabbitMQ's direct reply-to pseudo-queue (and the names it gives replies).
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 

@@ -11,7 +11,7 @@ mod report;
 
 use crate::broker::{properties, Channel, Delivery, Outgoing, Publisher};
 use crate::config::Settings;
-use crate::contract::{self, InternalErrorReply};
+use crate::contract::{self, InternalErrorReply, Reply};
 use crate::outbox;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Report};
@@ -161,7 +161,7 @@ impl Pipeline {
         }
         let mut out = Publications::default();
         let body = serde_json::to_string(&InternalErrorReply::default()).unwrap_or_default();
-        self.push_reply(&mut out, &item, 500, body);
+        self.push_reply(&mut out, &item, Reply { status: 500, body });
         let reason = format!("failed on {attempt} deliveries: {}", Report(&error));
         out.dead_letters
             .push((self.dead_letter(&item, POISON_CODE, &reason), item.tag()));
@@ -298,8 +298,9 @@ impl Pipeline {
                 continue;
             }
             let (_, (i, step)) = steps.next().expect("a step for every planned item");
-            let (status, body) = plan.answer(i);
-            self.push_reply(&mut out, item, status, body);
+            let reply = plan.answer(i);
+            let status = reply.status;
+            self.push_reply(&mut out, item, reply);
             answers.push(match step {
                 Step::Malformed(r) => {
                     tracing::warn!(
@@ -358,7 +359,7 @@ impl Pipeline {
         (out, answers)
     }
 
-    fn push_reply(&self, out: &mut Publications, item: &Item, status: u16, body: String) {
+    fn push_reply(&self, out: &mut Publications, item: &Item, reply: Reply) {
         if let Some(reply_to) = &item.reply_to {
             out.replies.push(Outgoing {
                 exchange: String::new(),
@@ -366,10 +367,10 @@ impl Pipeline {
                 properties: properties::reply(
                     item.reply_type(),
                     item.correlation.as_deref(),
-                    status,
+                    reply.status,
                     Some(&item.traceparent),
                 ),
-                body: body.into_bytes(),
+                body: reply.body.into_bytes(),
             });
         }
     }

@@ -4,7 +4,7 @@
 //! ones write. The caller loads what the batch needs first and commits after.
 
 use crate::contract::command::Fingerprint;
-use crate::contract::{Command, ErrorCode, Rejection};
+use crate::contract::{Command, ErrorCode, Rejection, Reply};
 use crate::domain::{self, Outcome, Tenant};
 use crate::render;
 use crate::store::{EmailClaim, Loaded, NewRecord, StoredReply};
@@ -199,7 +199,6 @@ pub fn plan(
             message_id: input.message_id.map(str::to_string),
             command: command.name().as_str(),
             fingerprint,
-            status: rendered.status,
             reply: rendered.reply,
             ticket,
             token,
@@ -251,15 +250,12 @@ pub fn resolve_lost(
 }
 
 impl Plan {
-    /// The status and reply body of step `i` (following `SameAs`).
-    pub fn answer(&self, i: usize) -> (u16, String) {
+    /// The reply to step `i` (following `SameAs`).
+    pub fn answer(&self, i: usize) -> Reply {
         match &self.steps[i] {
-            Step::Malformed(r) | Step::Refused(r) => (r.status(), render::rejection(r)),
-            Step::Stored(s) => (s.status, s.reply.clone()),
-            Step::New { record, .. } => {
-                let r = &self.records[*record];
-                (r.status, r.reply.clone())
-            }
+            Step::Malformed(r) | Step::Refused(r) => render::rejection(r),
+            Step::Stored(s) => s.reply.clone(),
+            Step::New { record, .. } => self.records[*record].reply.clone(),
             Step::SameAs(j) => self.answer(*j),
         }
     }
@@ -400,7 +396,7 @@ mod tests {
         );
         assert_eq!(p.steps[0], new(0));
         assert_eq!(code(&p.steps[1]), Some(ErrorCode::MessageIdConflict));
-        let (status, body) = p.answer(1);
+        let Reply { status, body } = p.answer(1);
         assert_eq!(status, 409);
         assert_eq!(
             body,
@@ -414,7 +410,6 @@ mod tests {
         let rec = &first.records[0];
         let stored = StoredReply {
             command: rec.command.into(),
-            status: rec.status,
             reply: rec.reply.clone(),
             fingerprint: Some(rec.fingerprint.to_vec()),
             pending_events: vec![],
@@ -450,7 +445,6 @@ mod tests {
         let rec = &p.records[0];
         StoredReply {
             command: rec.command.into(),
-            status: rec.status,
             reply: rec.reply.clone(),
             fingerprint: Some(rec.fingerprint.to_vec()),
             pending_events: vec![],
@@ -550,8 +544,7 @@ mod tests {
             if let Some(Ok(c)) = &stored_fp_of {
                 l.processed.insert("m0".into(), StoredReply {
                     command: c.name().as_str().into(),
-                    status: 200,
-                    reply: "stored".into(),
+                    reply: Reply { status: 200, body: "stored".into() },
                     fingerprint: Some(c.fingerprint().to_vec()),
                     pending_events: vec![],
                 });

@@ -2,6 +2,7 @@
 //! transaction that writes every row, idempotency record and outbox event.
 
 use super::{access_token_hash, to_system_time, OutboxEvent, Store, StoreError};
+use crate::contract::Reply;
 use crate::domain::{AccessToken, Profile, Tenant, TenantPermission, Ticket, VerificationToken};
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
@@ -11,8 +12,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredReply {
     pub command: String,
-    pub status: u16,
-    pub reply: String,
+    pub reply: Reply,
     /// The fingerprint of the command it answered (`None` for records older than
     /// fingerprints, which match no repeat).
     pub fingerprint: Option<Vec<u8>>,
@@ -46,8 +46,7 @@ pub struct NewRecord {
     pub message_id: Option<String>,
     pub command: &'static str,
     pub fingerprint: crate::contract::command::Fingerprint,
-    pub status: u16,
-    pub reply: String,
+    pub reply: Reply,
     pub ticket: Option<Ticket>,
     pub token: Option<VerificationToken>,
     /// Set when the email cooldown is on and this record requests an email.
@@ -254,8 +253,10 @@ impl Batch<'_> {
                         .entry(message_id.clone())
                         .or_insert_with(|| StoredReply {
                             command: row.get(2),
-                            status: row.get::<_, i64>(4) as u16,
-                            reply: row.get(3),
+                            reply: Reply {
+                                status: row.get::<_, i64>(4) as u16,
+                                body: row.get(3),
+                            },
                             fingerprint: row.get(13),
                             pending_events: vec![],
                         });
@@ -344,8 +345,14 @@ impl Batch<'_> {
         let keyed: Vec<usize> = (0..records.len()).filter(|&i| ids[i].is_some()).collect();
         let p_ids: Vec<&str> = keyed.iter().filter_map(|&i| ids[i]).collect();
         let p_commands: Vec<&str> = keyed.iter().map(|&i| records[i].command).collect();
-        let p_statuses: Vec<i16> = keyed.iter().map(|&i| records[i].status as i16).collect();
-        let p_replies: Vec<&str> = keyed.iter().map(|&i| records[i].reply.as_str()).collect();
+        let p_statuses: Vec<i16> = keyed
+            .iter()
+            .map(|&i| records[i].reply.status as i16)
+            .collect();
+        let p_replies: Vec<&str> = keyed
+            .iter()
+            .map(|&i| records[i].reply.body.as_str())
+            .collect();
         let p_fingerprints: Vec<&[u8]> = keyed
             .iter()
             .map(|&i| records[i].fingerprint.as_slice())

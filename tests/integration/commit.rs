@@ -3,6 +3,7 @@
 //! the same message_id first (two workers, or a publisher's retry racing the
 //! original) — a path the end-to-end tests reach only by chance.
 
+use profile_worker::contract::Reply;
 use profile_worker::domain::{Ticket, VerificationToken};
 use profile_worker::store::{NewRecord, OutboxEvent, Store};
 use profile_worker_testkit::*;
@@ -22,8 +23,10 @@ fn record(message_id: Option<&str>, reply: &str, token: bool) -> NewRecord {
             "create-ticket"
         },
         fingerprint: [7; 32],
-        status: 200,
-        reply: reply.to_string(),
+        reply: Reply {
+            status: 200,
+            body: reply.to_string(),
+        },
         email: None,
         ticket: (!token).then(|| Ticket {
             id,
@@ -80,7 +83,10 @@ async fn a_message_id_committed_first_elsewhere_writes_nothing_the_second_time()
     assert_eq!(env.count("processed_commands").await, 2);
     assert_eq!(env.count("outbox").await, 4);
     let stored = second.stored_replies(&["m1"]).await.unwrap();
-    assert_eq!(stored["m1"].reply, "first", "the winner's reply is kept");
+    assert_eq!(
+        stored["m1"].reply.body, "first",
+        "the winner's reply is kept"
+    );
     drop((first, second));
     store.close();
     env.teardown().await;
@@ -189,7 +195,7 @@ async fn one_load_returns_tokens_profiles_and_earlier_replies_with_pending_event
     assert!(loaded.profiles[ENABLED_PROFILE].enabled);
     assert_eq!(loaded.processed.len(), 2, "m3 was never processed");
     let m1 = &loaded.processed["m1"];
-    assert_eq!((m1.status, m1.reply.as_str()), (200, "r1"));
+    assert_eq!((m1.reply.status, m1.reply.body.as_str()), (200, "r1"));
     let order: Vec<&str> = m1
         .pending_events
         .iter()
