@@ -28,8 +28,11 @@ pub fn init(format: LogFormat) {
 pub const COMMANDS: &str = "profile_worker_commands_total";
 /// Commands per batch (one database round trip for all of them).
 pub const BATCH_SIZE: &str = "profile_worker_batch_size";
-/// How long a batch took, by `stage`: `database` (load and commit, retries
-/// included), `publish` (replies and events until confirmed), `total`.
+/// How long a batch spent in each `stage`: `decode` (properties and bodies),
+/// `load` and `commit` (one round trip each, per attempt), `plan` (the pure
+/// decisions), `database` (load to commit, retries and waits included),
+/// `publish` (replies, events and dead letters until confirmed), `ack`, and
+/// `total` (decode to ack).
 pub const BATCH_SECONDS: &str = "profile_worker_batch_seconds";
 /// From a command's send time (its `timestamp_in_ms` header, else its AMQP
 /// `timestamp` in whole seconds) to its reply being confirmed: queueing plus
@@ -63,7 +66,8 @@ pub fn metrics_handle() -> Result<PrometheusHandle, MetricsError> {
     HANDLE
         .get_or_init(|| {
             let latency = [
-                0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
             let age = [
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -91,7 +95,7 @@ fn describe() {
     describe_histogram!(
         BATCH_SECONDS,
         Unit::Seconds,
-        "Batch duration by stage (database, publish, total)"
+        "Time a batch spent by stage (decode, load, plan, commit, database, publish, ack, total)"
     );
     describe_histogram!(
         COMMAND_AGE_SECONDS,

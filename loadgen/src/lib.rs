@@ -40,9 +40,22 @@ pub struct BenchArgs {
     /// Commands per measured round.
     #[arg(long, short = 'n', default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub commands: u64,
-    /// Most commands in flight (published and not yet answered).
+    /// Most commands in flight (published and not yet answered). With --rate or
+    /// --load-percent it only caps what is outstanding.
     #[arg(long, short = 'w', default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     pub in_flight: u64,
+    /// Open loop: send the measured rounds on a fixed schedule of this many
+    /// commands per second, latency counted from when each command was due.
+    #[arg(long, conflicts_with = "load_percent")]
+    pub rate: Option<f64>,
+    /// After the closed-loop rounds, which measure the worker's maximum rate,
+    /// open-loop rounds at these percentages of it (e.g. 10,25,50,75,90), every
+    /// target alternated at each load: a latency-against-load curve.
+    #[arg(long, value_delimiter = ',')]
+    pub load_percent: Vec<f64>,
+    /// How long each open-loop round of --load-percent lasts, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub open_loop_secs: f64,
     /// Which commands to send.
     #[arg(long, value_enum, default_value_t = Mix::Both)]
     pub mix: Mix,
@@ -123,6 +136,7 @@ pub struct Summary {
     pub rate: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub max_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_secs_per_1k: Option<f64>,
@@ -132,6 +146,9 @@ pub struct Summary {
 pub struct RoundRow {
     pub round: u64,
     pub target: &'static str,
+    /// The share of the worker's closed-loop rate offered (`--load-percent`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_percent: Option<f64>,
     #[serde(flatten)]
     pub result: RoundResult,
     /// The worker processes' CPU seconds per 1,000 commands (worker rounds only).
@@ -610,15 +627,17 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     let mut next_index = 0u64;
     if args.warmup > 0 {
         if args.ceiling {
-            loader.round(&ceiling_target, 0, args.warmup).await?;
+            loader.round(&ceiling_target, 0, args.warmup, None).await?;
         }
         if args.ceiling_events {
-            let r = loader.round(&events_ceiling_target, 0, args.warmup).await?;
+            let r = loader
+                .round(&events_ceiling_target, 0, args.warmup, None)
+                .await?;
             counter
                 .take(&ceiling_email_queue, r.expected.verification_tokens)
                 .await?;
         }
-        let r = loader.round(&worker_target, 0, args.warmup).await?;
+        let r = loader.round(&worker_target, 0, args.warmup, None).await?;
         next_index += args.warmup;
         check_round(&r, &counter, &mut checks, "warm-up").await?;
     }
@@ -627,49 +646,71 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         db_url: db_url.clone(),
     };
     let mut rows = Vec::new();
-    for k in 1..=args.rounds {
-        for (wanted, target, name) in [
-            (args.ceiling, &ceiling_target, "ceiling"),
-            (args.ceiling_events, &events_ceiling_target, EVENTS_CEILING),
-        ] {
-            if !wanted {
-                continue;
+    // The closed-loop rounds (open at --rate when given), then, with
+    // --load-percent, open-loop rounds at those shares of the worker's
+    // closed-loop rate, every target alternated at each load.
+    let mut phases: Vec<(Option<f64>, Option<f64>, u64)> = vec![(None, args.rate, args.commands)];
+    let mut phase = 0;
+    while phase < phases.len() {
+        let (load_percent, rate, n) = phases[phase];
+        phase += 1;
+        for k in 1..=args.rounds {
+            for (wanted, target, name) in [
+                (args.ceiling, &ceiling_target, "ceiling"),
+                (args.ceiling_events, &events_ceiling_target, EVENTS_CEILING),
+            ] {
+                if !wanted {
+                    continue;
+                }
+                let before = meters.read(&workers, None).await;
+                let r = loader.round(target, 0, n, rate).await?;
+                let (_, split) = meters.since(before, &workers, n).await;
+                if name == EVENTS_CEILING {
+                    let want = r.expected.verification_tokens;
+                    let emails = counter.take(&ceiling_email_queue, want).await?;
+                    checks.ceiling_email_requested += emails;
+                    if emails < want {
+                        checks.problems.push(format!(
+                            "events ceiling round {k}: {emails} email.requested events for {want} verification tokens"
+                        ));
+                    }
+                }
+                rows.push(RoundRow {
+                    round: k,
+                    target: name,
+                    load_percent,
+                    result: r,
+                    cpu_secs_per_1k: None,
+                    cpu_per_1k: split,
+                });
             }
             let before = meters.read(&workers, None).await;
-            let r = loader.round(target, 0, args.commands).await?;
-            let (_, split) = meters.since(before, &workers, args.commands).await;
-            if name == EVENTS_CEILING {
-                let want = r.expected.verification_tokens;
-                let emails = counter.take(&ceiling_email_queue, want).await?;
-                checks.ceiling_email_requested += emails;
-                if emails < want {
-                    checks.problems.push(format!(
-                        "events ceiling round {k}: {emails} email.requested events for {want} verification tokens"
-                    ));
-                }
-            }
+            let r = loader.round(&worker_target, next_index, n, rate).await?;
+            let (worker_cpu, split) = meters.since(before, &workers, n).await;
+            next_index += n;
+            check_round(&r, &counter, &mut checks, &format!("round {k}")).await?;
             rows.push(RoundRow {
                 round: k,
-                target: name,
-                result: r,
-                cpu_secs_per_1k: None,
+                target: "worker",
+                load_percent,
+                cpu_secs_per_1k: Some(worker_cpu),
                 cpu_per_1k: split,
+                result: r,
             });
         }
-        let before = meters.read(&workers, None).await;
-        let r = loader
-            .round(&worker_target, next_index, args.commands)
-            .await?;
-        let (worker_cpu, split) = meters.since(before, &workers, args.commands).await;
-        next_index += args.commands;
-        check_round(&r, &counter, &mut checks, &format!("round {k}")).await?;
-        rows.push(RoundRow {
-            round: k,
-            target: "worker",
-            cpu_secs_per_1k: Some(worker_cpu),
-            cpu_per_1k: split,
-            result: r,
-        });
+        if phase == 1 && !args.load_percent.is_empty() {
+            let worker_rates: Vec<f64> = rows
+                .iter()
+                .filter(|r| r.target == "worker")
+                .map(|r| r.result.rate)
+                .collect();
+            let max = median(&worker_rates);
+            for &pct in &args.load_percent {
+                let rate = max * pct / 100.0;
+                let n = ((rate * args.open_loop_secs).round() as u64).max(1);
+                phases.push((Some(pct), Some(rate), n));
+            }
+        }
     }
     let peak_rss: Vec<u64> = workers
         .iter()
@@ -698,8 +739,15 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     check_rows(&db_url, &mut checks).await?;
     store.close();
 
+    // Rates and their ratios mean something only for closed-loop rounds; with
+    // --rate every round is open, and the summary is of those.
+    let closed = |r: &&RoundRow| r.load_percent.is_none();
     let summary = |target: &str| -> Option<Summary> {
-        let rs: Vec<&RoundRow> = rows.iter().filter(|r| r.target == target).collect();
+        let rs: Vec<&RoundRow> = rows
+            .iter()
+            .filter(closed)
+            .filter(|r| r.target == target)
+            .collect();
         if rs.is_empty() {
             return None;
         }
@@ -709,6 +757,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
             rate: m(&|r| r.result.rate),
             p50_ms: m(&|r| r.result.latency.p50_ms),
             p99_ms: m(&|r| r.result.latency.p99_ms),
+            p999_ms: m(&|r| r.result.latency.p999_ms),
             max_ms: rs
                 .iter()
                 .map(|r| r.result.latency.max_ms)
@@ -718,18 +767,16 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     };
     let rates = |target: &str| -> Vec<f64> {
         rows.iter()
+            .filter(closed)
             .filter(|r| r.target == target)
             .map(|r| r.result.rate)
             .collect()
     };
-    let ratio = args
-        .ceiling
-        .then(|| paired_ratio(&rates("worker"), &rates("ceiling")));
-    let ratio_to_events_ceiling = args
-        .ceiling_events
+    let open = args.rate.is_some();
+    let ratio = (args.ceiling && !open).then(|| paired_ratio(&rates("worker"), &rates("ceiling")));
+    let ratio_to_events_ceiling = (args.ceiling_events && !open)
         .then(|| paired_ratio(&rates("worker"), &rates(EVENTS_CEILING)));
-    let events_bound = args
-        .ceiling_events
+    let events_bound = (args.ceiling_events && !open)
         .then(|| paired_ratio(&rates(EVENTS_CEILING), &rates("ceiling")));
     Ok(Report {
         commands: args.commands,
@@ -944,12 +991,14 @@ fn print(r: &Report) {
         r.commands, r.in_flight, r.mix, r.invalid_share, r.workers, r.consumers, r.prefetch, r.batch_size, r.isolation
     );
     println!(
-        "{:>5} {:<14} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6}",
+        "{:>5} {:>5} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6}",
+        "load",
         "round",
         "target",
         "rate/s",
         "p50 ms",
         "p99 ms",
+        "p99.9",
         "max ms",
         "worker",
         "broker",
@@ -959,13 +1008,20 @@ fn print(r: &Report) {
     let opt = |c: Option<f64>| c.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into());
     for row in &r.rounds {
         let l = row.result.latency;
+        let load = match (row.load_percent, row.result.offered_rate) {
+            (Some(p), _) => format!("{p:.0}%"),
+            (None, Some(_)) => "open".into(),
+            (None, None) => "max".into(),
+        };
         println!(
-            "{:>5} {:<14} {:>8.0} {:>8.2} {:>8.2} {:>8.1}                 {:>6} {:>6} {:>6} {:>6.3}",
+            "{:>5} {:>5} {:<14} {:>8.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}                 {:>6} {:>6} {:>6} {:>6.3}",
+            load,
             row.round,
             row.target,
             row.result.rate,
             l.p50_ms,
             l.p99_ms,
+            l.p999_ms,
             l.max_ms,
             opt(row.cpu_secs_per_1k),
             opt(row.cpu_per_1k.broker),
@@ -1004,6 +1060,34 @@ fn print(r: &Report) {
             c.rate, c.p50_ms, c.p99_ms, c.max_ms
         );
         println!("worker ÷ {name} (median of paired rounds): {ratio:.3}");
+    }
+    // The latency-against-load curve: medians of each target's rounds at each load.
+    let mut loads: Vec<f64> = r.rounds.iter().filter_map(|x| x.load_percent).collect();
+    loads.dedup();
+    for pct in loads {
+        let at = |target: &str, f: &dyn Fn(&RoundRow) -> f64| {
+            let v: Vec<f64> = r
+                .rounds
+                .iter()
+                .filter(|x| x.load_percent == Some(pct) && x.target == target)
+                .map(f)
+                .collect();
+            median(&v)
+        };
+        let offered = at("worker", &|x| x.result.offered_rate.unwrap_or(f64::NAN));
+        let mut line = format!("load {pct:.0}% ({offered:.0}/s offered):");
+        for target in ["worker", "ceiling", EVENTS_CEILING] {
+            let p50 = at(target, &|x| x.result.latency.p50_ms);
+            if p50.is_nan() {
+                continue;
+            }
+            let p99 = at(target, &|x| x.result.latency.p99_ms);
+            let p999 = at(target, &|x| x.result.latency.p999_ms);
+            line.push_str(&format!(
+                " {target} p50 {p50:.2} / p99 {p99:.2} / p99.9 {p999:.2} ms;"
+            ));
+        }
+        println!("{}", line.trim_end_matches(';'));
     }
     if let Some(bound) = r.events_bound {
         println!(

@@ -1,8 +1,13 @@
 //! One round of load: publish `n` commands through the broker with publisher
-//! confirms, never more than `window` without a reply, and check every reply.
+//! confirms and check every reply. Closed loop (the default): never more than
+//! `window` without a reply, a new command as soon as one is answered. Open loop
+//! (`rate`): command k is due at start + k / rate whatever the replies do, and
+//! its latency counts from when it was due, so a slow reply cannot hide the
+//! commands queued behind it (`window` then only caps what is outstanding; a
+//! command held back by it is late, and that shows in its latency).
 
 use super::plan::{Expected, Plan};
-use super::stats::Latency;
+use super::stats::{Latency, Recorder};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
@@ -24,7 +29,11 @@ const EXAMPLES: usize = 5;
 pub struct RoundResult {
     pub commands: u64,
     pub secs: f64,
+    /// Commands answered per second (in an open-loop round, at most the offered rate).
     pub rate: f64,
+    /// The open-loop schedule's rate; none for a closed-loop round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offered_rate: Option<f64>,
     #[serde(flatten)]
     pub latency: Latency,
     /// Replies whose status was not what the command must get.
@@ -39,6 +48,7 @@ pub struct RoundResult {
 }
 
 struct Slot {
+    /// When it was sent (closed loop) or due (open loop).
     sent: Instant,
     expect: u16,
     answered: bool,
@@ -58,15 +68,17 @@ pub struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    /// Sends commands `first .. first + n` of the plan to `target`.
+    /// Sends commands `first .. first + n` of the plan to `target`; open loop at
+    /// `rate` commands per second when given.
     pub async fn round(
         &mut self,
         target: &Target<'_>,
         first: u64,
         n: u64,
+        rate: Option<f64>,
     ) -> Result<RoundResult, String> {
         self.rounds += 1;
-        round(self, target, first, n).await
+        round(self, target, first, n, rate).await
     }
 }
 
@@ -75,7 +87,7 @@ struct Tally {
     prefix: String,
     first: u64,
     slots: Vec<Slot>,
-    latencies: Vec<f64>,
+    latencies: Recorder,
     answered: u64,
     outstanding: usize,
     wrong: u64,
@@ -106,7 +118,8 @@ impl Tally {
         self.answered += 1;
         self.outstanding -= 1;
         self.last_progress = now;
-        self.latencies.push((now - slot.sent).as_secs_f64() * 1e3);
+        self.latencies
+            .record(now.saturating_duration_since(slot.sent));
         let status = properties::reply_status(&reply.properties);
         if status != i64::from(slot.expect) {
             self.wrong += 1;
@@ -128,6 +141,7 @@ async fn round(
     target: &Target<'_>,
     first: u64,
     n: u64,
+    rate: Option<f64>,
 ) -> Result<RoundResult, String> {
     let Loader {
         channel,
@@ -143,7 +157,7 @@ async fn round(
         prefix: format!("r{round}-"),
         first,
         slots: Vec::with_capacity(n as usize),
-        latencies: Vec::with_capacity(n as usize),
+        latencies: Recorder::default(),
         answered: 0,
         outstanding: 0,
         wrong: 0,
@@ -155,13 +169,20 @@ async fn round(
     let mut confirms = FuturesUnordered::new();
     let mut expected = Expected::default();
     let started = Instant::now();
+    let due = |k: usize| rate.map(|r| started + Duration::from_secs_f64(k as f64 / r));
 
     while t.answered < n {
         // Fill the window. The publishes are started together: lapin resolves each
         // only once its I/O thread wrote it, and one at a time that hand-off would
         // cost the load generator more CPU than the commands themselves.
         let mut batch = Vec::new();
+        let now = Instant::now();
         while t.outstanding < window && (t.slots.len() as u64) < n {
+            let sent = match due(t.slots.len()) {
+                Some(at) if at > now => break,
+                Some(at) => at,
+                None => Instant::now(),
+            };
             let i = first + t.slots.len() as u64;
             let planned = plan.command(i);
             let (exchange, routing_key, expect) = match target {
@@ -180,7 +201,7 @@ async fn round(
                 &format!("{}{}", t.prefix, t.slots.len()),
             );
             t.slots.push(Slot {
-                sent: Instant::now(),
+                sent,
                 expect,
                 answered: false,
             });
@@ -200,7 +221,13 @@ async fn round(
         for s in sent {
             confirms.push(s.map_err(|e| format!("publishing a command failed: {e}"))?);
         }
+        // Open loop: wake for the next command due (unless the cap holds it back).
+        let next_due = (t.outstanding < window)
+            .then(|| due(t.slots.len()))
+            .flatten()
+            .filter(|_| (t.slots.len() as u64) < n);
         tokio::select! {
+            _ = tokio::time::sleep_until(next_due.unwrap_or(started).into()), if next_due.is_some() => {}
             reply = replies.next() => {
                 let reply = reply
                     .ok_or("the reply consumer was closed by the broker")?
@@ -236,7 +263,8 @@ async fn round(
         commands: n,
         secs,
         rate: n as f64 / secs,
-        latency: Latency::of(t.latencies),
+        offered_rate: rate,
+        latency: t.latencies.latency(),
         wrong: t.wrong,
         duplicates: t.duplicates,
         strays: t.strays,

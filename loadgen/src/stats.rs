@@ -1,15 +1,6 @@
 //! Summaries of what a benchmark round measured. Pure, so the arithmetic the
 //! headline numbers rest on is unit-tested.
 
-/// Nearest-rank percentile of an ascending slice; `p` in 0..=100. NaN when empty.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// Median (mean of the middle two for an even count). NaN when empty.
 pub fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
@@ -30,16 +21,47 @@ pub fn median(values: &[f64]) -> f64 {
 pub struct Latency {
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub max_ms: f64,
 }
 
-impl Latency {
-    pub fn of(mut samples_ms: Vec<f64>) -> Self {
-        samples_ms.sort_by(f64::total_cmp);
+/// Latencies recorded in microseconds, from 1 µs to 10 minutes, to three
+/// significant digits (HdrHistogram: constant memory, exact enough for p99.9).
+pub struct Recorder(hdrhistogram::Histogram<u64>);
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder(
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("valid histogram bounds"),
+        )
+    }
+}
+
+impl Recorder {
+    pub fn record(&mut self, d: std::time::Duration) {
+        // Past the top bound (ten minutes) is recorded as the top bound.
+        self.0
+            .saturating_record(d.as_micros().clamp(1, u64::MAX as u128) as u64);
+    }
+
+    pub fn latency(&self) -> Latency {
+        let ms = |q: f64| {
+            if self.0.is_empty() {
+                f64::NAN
+            } else {
+                self.0.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
         Latency {
-            p50_ms: percentile(&samples_ms, 50.0),
-            p99_ms: percentile(&samples_ms, 99.0),
-            max_ms: samples_ms.last().copied().unwrap_or(f64::NAN),
+            p50_ms: ms(0.50),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: if self.0.is_empty() {
+                f64::NAN
+            } else {
+                self.0.max() as f64 / 1000.0
+            },
         }
     }
 }
@@ -62,24 +84,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v, 100.0), 100.0);
-        assert_eq!(percentile(&v, 0.0), 1.0);
-        assert_eq!(percentile(&[7.0], 99.0), 7.0);
-        assert!(percentile(&[], 50.0).is_nan());
-    }
-
-    #[test]
-    fn p99_of_a_small_sample_is_its_largest_but_one_only_when_large_enough() {
-        let v: Vec<f64> = (1..=10).map(f64::from).collect();
-        // ceil(0.99 * 10) = 10: with ten samples p99 is the maximum.
-        assert_eq!(percentile(&v, 99.0), 10.0);
-    }
-
-    #[test]
     fn median_odd_even_and_nan() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
@@ -88,11 +92,19 @@ mod tests {
     }
 
     #[test]
-    fn latency_summary_sorts_its_samples() {
-        let l = Latency::of(vec![5.0, 1.0, 3.0, 2.0, 4.0]);
-        assert_eq!(l.p50_ms, 3.0);
-        assert_eq!(l.max_ms, 5.0);
-        assert_eq!(l.p99_ms, 5.0);
+    fn the_recorder_reports_quantiles_within_its_precision() {
+        let mut r = Recorder::default();
+        assert!(r.latency().p50_ms.is_nan());
+        // 1 ms … 1000 ms, one sample each.
+        for ms in 1..=1000u64 {
+            r.record(std::time::Duration::from_millis(ms));
+        }
+        let l = r.latency();
+        let close = |got: f64, want: f64| (got - want).abs() <= want * 0.002;
+        assert!(close(l.p50_ms, 500.0), "{l:?}");
+        assert!(close(l.p99_ms, 990.0), "{l:?}");
+        assert!(close(l.p999_ms, 999.0), "{l:?}");
+        assert!(close(l.max_ms, 1000.0), "{l:?}");
     }
 
     #[test]

@@ -85,16 +85,22 @@ impl Pipeline {
     /// rather than entered: entering it on every poll of the batch measurably
     /// slowed single-command batches (BENCHMARKS.md).
     pub async fn handle(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
+        let started = Instant::now();
         let batch = tracing::info_span!("batch", commands = deliveries.len());
         let prefixes = &self.settings.broker.reply_to_prefixes;
         let items: Vec<Item> = deliveries
             .into_iter()
             .map(|d| Item::new(d, prefixes, &batch))
             .collect();
+        stage("decode", started.elapsed());
         match self.process(&items, &batch).await {
             Ok(settled) => {
                 let tags: Vec<u64> = items.iter().map(Item::tag).collect();
-                self.finish(settled, &tags).await
+                let acking = Instant::now();
+                let done = self.finish(settled, &tags).await;
+                stage("ack", acking.elapsed());
+                stage("total", started.elapsed());
+                done
             }
             Err(Failure::Store(e)) if items.len() > 1 => {
                 tracing::warn!(parent: &batch, error = %Report(&e), "batch failed; retrying its commands one by one");
@@ -196,9 +202,8 @@ impl Pipeline {
             "batch committed and confirmed"
         );
         metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
-        metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "database").record(db);
-        metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "publish").record(publish);
-        metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => "total").record(db + publish);
+        stage("database", db);
+        stage("publish", publish);
         for (item, answer) in items.iter().zip(answers) {
             report::record(item, answer);
         }
@@ -224,10 +229,13 @@ impl Pipeline {
             })
             .collect();
         let keys = plan::keys(&inputs);
+        let loading = Instant::now();
         let mut db = self.store.batch().await?;
         let loaded = db
             .load(&keys.access_token_ids, &keys.profile_ids, &keys.message_ids)
             .await?;
+        let planning = Instant::now();
+        stage("load", planning - loading);
 
         let w = &self.settings.worker;
         let mut plan = plan::plan(
@@ -249,7 +257,10 @@ impl Pipeline {
             }
         }
         let cooldown = Duration::from_secs(w.email_cooldown_secs);
+        let committing = Instant::now();
+        stage("plan", committing - planning);
         let lost = db.commit(&plan.records, cooldown).await?;
+        stage("commit", committing.elapsed());
         if !lost.is_empty() {
             // Another transaction committed these message_ids first: answer from its record.
             let ids: Vec<&str> = lost
@@ -398,4 +409,9 @@ impl Pipeline {
             body: data[..keep].to_vec(),
         }
     }
+}
+
+/// One stage's time for one batch (`telemetry::BATCH_SECONDS`).
+fn stage(name: &'static str, took: Duration) {
+    metrics::histogram!(telemetry::BATCH_SECONDS, "stage" => name).record(took);
 }

@@ -120,13 +120,19 @@ async fn metrics_count_what_was_processed_and_health_answers() {
     );
     let batches = sample(&m, "profile_worker_batch_size_count");
     assert!(batches >= 1.0);
-    assert_eq!(
-        sample(
-            &m,
-            r#"profile_worker_batch_seconds_count{stage="database"}"#
-        ),
-        batches
-    );
+    // Every stage of every batch is timed (plan and the round trips per attempt).
+    for stage in [
+        "decode", "load", "plan", "commit", "database", "publish", "ack", "total",
+    ] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!(r#"profile_worker_batch_seconds_count{{stage="{stage}"}}"#)
+            ),
+            batches,
+            "{stage}"
+        );
+    }
     assert_eq!(
         sample(&m, "profile_worker_command_age_seconds_count"),
         10.0,
