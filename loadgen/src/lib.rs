@@ -156,6 +156,56 @@ pub struct RoundRow {
     pub cpu_secs_per_1k: Option<f64>,
     /// Where the machine's CPU went, per 1,000 commands.
     pub cpu_per_1k: CpuSplit,
+    /// Worker rounds: where a batch's time went (from the workers' `/metrics`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Stages>,
+}
+
+/// A worker round's batches, from `profile_worker_batch_*` before and after it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stages {
+    pub batches: f64,
+    pub mean_batch_size: f64,
+    /// Mean milliseconds per batch in each stage.
+    pub mean_ms: std::collections::BTreeMap<String, f64>,
+}
+
+const STAGES: [&str; 8] = [
+    "decode", "load", "plan", "commit", "database", "publish", "ack", "total",
+];
+
+async fn batch_samples_of(addrs: &[String]) -> std::collections::HashMap<String, f64> {
+    let mut all = std::collections::HashMap::new();
+    for a in addrs {
+        for (k, v) in setup::batch_samples(a).await {
+            *all.entry(k).or_insert(0.0) += v;
+        }
+    }
+    all
+}
+
+fn stages_between(
+    before: &std::collections::HashMap<String, f64>,
+    after: &std::collections::HashMap<String, f64>,
+) -> Option<Stages> {
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    let batches = delta("profile_worker_batch_size_count");
+    if batches <= 0.0 {
+        return None;
+    }
+    let mut mean_ms = std::collections::BTreeMap::new();
+    for s in STAGES {
+        let n = delta(&format!("profile_worker_batch_seconds_count{{stage=\"{s}\"}}"));
+        if n > 0.0 {
+            let sum = delta(&format!("profile_worker_batch_seconds_sum{{stage=\"{s}\"}}"));
+            mean_ms.insert(s.to_string(), sum / n * 1000.0);
+        }
+    }
+    Some(Stages {
+        batches,
+        mean_batch_size: delta("profile_worker_batch_size_sum") / batches,
+        mean_ms,
+    })
 }
 
 /// CPU seconds per 1,000 commands of each party, when it runs on this machine.
@@ -537,6 +587,8 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         // Metrics are recorded as in production; any free port, so workers of
         // one run (and a worker already running here) do not collide.
         ("HTTP_ADDR".into(), "127.0.0.1:0".into()),
+        // JSON, so the bench can read where that is (and the stage timings there).
+        ("LOG_FORMAT".into(), "json".into()),
     ];
     let mut workers: Vec<WorkerProcess> = Vec::new();
     for k in 0..args.workers {
@@ -547,6 +599,10 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         .await
         .map_err(|e| format!("AMQP_URL: {}", broker::describe(&e)))?;
     wait_for_consumers(&conn, &broker_names, &mut workers).await?;
+    let metrics_addrs: Vec<String> = workers
+        .iter()
+        .filter_map(|w| setup::http_addr_in_log(&w.log))
+        .collect();
 
     // The load channel: direct reply-to and publishes must share a channel.
     let (channel, replies) = profile_worker::client::reply_channel(&conn)
@@ -682,11 +738,14 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
                     result: r,
                     cpu_secs_per_1k: None,
                     cpu_per_1k: split,
+                    stages: None,
                 });
             }
             let before = meters.read(&workers, None).await;
+            let samples = batch_samples_of(&metrics_addrs).await;
             let r = loader.round(&worker_target, next_index, n, rate).await?;
             let (worker_cpu, split) = meters.since(before, &workers, n).await;
+            let stages = stages_between(&samples, &batch_samples_of(&metrics_addrs).await);
             next_index += n;
             check_round(&r, &counter, &mut checks, &format!("round {k}")).await?;
             rows.push(RoundRow {
@@ -696,6 +755,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
                 cpu_secs_per_1k: Some(worker_cpu),
                 cpu_per_1k: split,
                 result: r,
+                stages,
             });
         }
         if phase == 1 && !args.load_percent.is_empty() {
@@ -985,6 +1045,29 @@ async fn check_rows(db_url: &str, checks: &mut Checks) -> Result<(), String> {
     Ok(())
 }
 
+/// The worker's batches at one load (`None`: the closed-loop rounds): mean
+/// commands per batch and milliseconds per stage, medians over the rounds.
+fn print_stages(r: &Report, load: Option<f64>) {
+    let rows: Vec<&Stages> = r
+        .rounds
+        .iter()
+        .filter(|x| x.target == "worker" && x.load_percent == load)
+        .filter_map(|x| x.stages.as_ref())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let size = median(&rows.iter().map(|s| s.mean_batch_size).collect::<Vec<_>>());
+    let mut line = format!("  worker batches: {size:.1} commands each; mean ms per batch:");
+    for stage in STAGES {
+        let v: Vec<f64> = rows.iter().filter_map(|s| s.mean_ms.get(stage).copied()).collect();
+        if !v.is_empty() {
+            line.push_str(&format!(" {stage} {:.2}", median(&v)));
+        }
+    }
+    println!("{line}");
+}
+
 fn print(r: &Report) {
     println!(
         "profile-worker bench: {} commands/round, {} in flight, mix {:?}, invalid share {}, {} worker(s) × {} consumers, prefetch {}, batch {}, {}",
@@ -1088,7 +1171,9 @@ fn print(r: &Report) {
             ));
         }
         println!("{}", line.trim_end_matches(';'));
+        print_stages(r, Some(pct));
     }
+    print_stages(r, None);
     if let Some(bound) = r.events_bound {
         println!(
             "ceiling with events ÷ ceiling (median of paired rounds): {bound:.3}, the most a worker answering with the contract's events could reach here"

@@ -100,6 +100,33 @@ pub async fn delete_vhost(vhost: &str) -> Result<(), String> {
     rabbitmqctl(&["delete_vhost", vhost]).await
 }
 
+/// Where a worker serves `/metrics`, from its JSON log (`LOG_FORMAT=json`).
+pub fn http_addr_in_log(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["message"] == "serving /metrics, /healthz and /readyz")
+            .then(|| v["addr"].as_str().map(str::to_string))
+            .flatten()
+    })
+}
+
+/// The `profile_worker_batch_*` sums and counts of a worker's `/metrics`, keyed
+/// `name{labels}`; empty when it does not answer.
+pub async fn batch_samples(addr: &str) -> std::collections::HashMap<String, f64> {
+    let page = match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    page.lines()
+        .filter(|l| l.starts_with("profile_worker_batch_") && !l.contains("_bucket"))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// A worker process of the run, with its log file.
 pub struct WorkerProcess {
     pub child: Child,
