@@ -230,8 +230,12 @@ impl Run {
 
     /// Starts a worker process (its log appended to this run's) and waits until it is ready.
     async fn spawn_worker(&self) -> WorkerProcess {
+        self.spawn_worker_logging("info").await
+    }
+
+    async fn spawn_worker_logging(&self, filter: &str) -> WorkerProcess {
         let mut cmd = worker_process(&self.env);
-        cmd.env("RUST_LOG", "info");
+        cmd.env("RUST_LOG", filter);
         WorkerProcess::start(cmd, Some(&self.log)).await
     }
 
@@ -529,6 +533,45 @@ async fn kill_9_five_times_during_a_burst_loses_and_duplicates_nothing() {
         (worker, run)
     })
     .await;
+}
+
+/// What a consumer logs (at debug) when it has committed a batch while the one
+/// before it still waits for its confirms: two batches in flight.
+const OVERLAP: &str = "prepared a batch while the previous one awaited its confirms";
+
+#[tokio::test]
+async fn kill_9_while_two_batches_are_in_flight_loses_and_duplicates_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let run = Run::prepare().await;
+    let (sent, commands) = run.plan_burst();
+    run.publish(&commands, 500, Duration::ZERO).await;
+    let filter = "info,profile_worker::worker=debug";
+    let mut worker = run.spawn_worker_logging(filter).await;
+    for k in 0..3 {
+        // Some way into the burst, then the next moment a consumer has committed
+        // one batch while the batch before it waits for its confirms: kill -9.
+        let done = run.processed().await;
+        run.wait_processed(done + 700, Duration::from_secs(60))
+            .await;
+        let seen = worker.log_text().matches(OVERLAP).count();
+        let overlapping = worker
+            .wait_for_log(Duration::from_secs(60), |log| {
+                log.matches(OVERLAP).count() > seen
+            })
+            .await;
+        assert!(overlapping, "the worker overlapped two batches");
+        signal(&worker, SIGKILL);
+        let _ = worker.wait().await;
+        eprintln!(
+            "kill {} with two batches in flight: {} of {BURST} processed",
+            k + 1,
+            run.processed().await
+        );
+        worker = run.spawn_worker_logging(filter).await;
+    }
+    let done = run.processed().await;
+    assert!(done < BURST * 9 / 10, "the kills landed mid-burst ({done})");
+    run.complete(worker, &sent).await;
 }
 
 #[tokio::test]

@@ -188,16 +188,21 @@ fn stages_between(
     before: &std::collections::HashMap<String, f64>,
     after: &std::collections::HashMap<String, f64>,
 ) -> Option<Stages> {
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    let delta =
+        |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
     let batches = delta("profile_worker_batch_size_count");
     if batches <= 0.0 {
         return None;
     }
     let mut mean_ms = std::collections::BTreeMap::new();
     for s in STAGES {
-        let n = delta(&format!("profile_worker_batch_seconds_count{{stage=\"{s}\"}}"));
+        let n = delta(&format!(
+            "profile_worker_batch_seconds_count{{stage=\"{s}\"}}"
+        ));
         if n > 0.0 {
-            let sum = delta(&format!("profile_worker_batch_seconds_sum{{stage=\"{s}\"}}"));
+            let sum = delta(&format!(
+                "profile_worker_batch_seconds_sum{{stage=\"{s}\"}}"
+            ));
             mean_ms.insert(s.to_string(), sum / n * 1000.0);
         }
     }
@@ -1060,7 +1065,10 @@ fn print_stages(r: &Report, load: Option<f64>) {
     let size = median(&rows.iter().map(|s| s.mean_batch_size).collect::<Vec<_>>());
     let mut line = format!("  worker batches: {size:.1} commands each; mean ms per batch:");
     for stage in STAGES {
-        let v: Vec<f64> = rows.iter().filter_map(|s| s.mean_ms.get(stage).copied()).collect();
+        let v: Vec<f64> = rows
+            .iter()
+            .filter_map(|s| s.mean_ms.get(stage).copied())
+            .collect();
         if !v.is_empty() {
             line.push_str(&format!(" {stage} {:.2}", median(&v)));
         }

@@ -43,14 +43,25 @@ pub enum BatchError {
     Abandoned,
 }
 
-impl From<Failure> for Result<(), BatchError> {
-    fn from(f: Failure) -> Self {
-        match f {
-            Failure::Broker(e) => Err(BatchError::Broker(e)),
-            Failure::Abandoned => Err(BatchError::Abandoned),
-            Failure::Store(e) => unreachable!("store failures are the caller's: {e}"),
-        }
-    }
+/// A batch after its commit, before its publications.
+pub struct Committed {
+    items: Vec<Item>,
+    span: tracing::Span,
+    started: Instant,
+    out: Publications,
+    answers: Vec<Answer>,
+}
+
+/// A batch whose commit failed for a reason of its own (not an outage).
+pub struct FailedBatch {
+    items: Vec<Item>,
+    span: tracing::Span,
+    error: StoreError,
+}
+
+pub enum Prepared {
+    Committed(Committed),
+    Failed(FailedBatch),
 }
 
 pub struct Pipeline {
@@ -78,50 +89,118 @@ impl Pipeline {
         }
     }
 
-    /// Handles a batch; every delivery ends acked, rejected for redelivery, or
-    /// (on error) unacked for the broker to redeliver.
+    /// Handles a batch, start to end; every delivery ends acked, rejected for
+    /// redelivery, or (on error) unacked for the broker to redeliver.
+    pub async fn handle(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
+        match self.prepare(deliveries).await? {
+            Prepared::Committed(c) => self.complete(c).await,
+            Prepared::Failed(f) => self.recover(f).await,
+        }
+    }
+
+    /// The first half of a batch: decode, then load, plan and commit (transient
+    /// failures retried). Nothing is published or acked yet, so a consumer may
+    /// prepare its next batch while this one's publications wait for confirms.
     ///
     /// The batch's span is the parent of its commands' spans, given explicitly
     /// rather than entered: entering it on every poll of the batch measurably
     /// slowed single-command batches (BENCHMARKS.md).
-    pub async fn handle(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
+    pub async fn prepare(&self, deliveries: Vec<Delivery>) -> Result<Prepared, BatchError> {
         let started = Instant::now();
-        let batch = tracing::info_span!("batch", commands = deliveries.len());
+        let span = tracing::info_span!("batch", commands = deliveries.len());
         let prefixes = &self.settings.broker.reply_to_prefixes;
         let items: Vec<Item> = deliveries
             .into_iter()
-            .map(|d| Item::new(d, prefixes, &batch))
+            .map(|d| Item::new(d, prefixes, &span))
             .collect();
         stage("decode", started.elapsed());
-        match self.process(&items, &batch).await {
-            Ok(settled) => {
-                let tags: Vec<u64> = items.iter().map(Item::tag).collect();
-                let acking = Instant::now();
-                let done = self.finish(settled, &tags).await;
-                stage("ack", acking.elapsed());
-                stage("total", started.elapsed());
-                done
+        self.commit_items(items, span, started).await
+    }
+
+    async fn commit_items(
+        &self,
+        items: Vec<Item>,
+        span: tracing::Span,
+        started: Instant,
+    ) -> Result<Prepared, BatchError> {
+        let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
+        let committing = Instant::now();
+        match policy::retry_transient(&self.shutdown, grace, || self.commit_batch(&items)).await {
+            Ok((out, answers)) => {
+                stage("database", committing.elapsed());
+                Ok(Prepared::Committed(Committed {
+                    items,
+                    span,
+                    started,
+                    out,
+                    answers,
+                }))
             }
-            Err(Failure::Store(e)) if items.len() > 1 => {
-                tracing::warn!(parent: &batch, error = %Report(&e), "batch failed; retrying its commands one by one");
-                for item in items {
-                    self.handle_alone(item, &batch).await?;
-                }
-                Ok(())
-            }
-            Err(Failure::Store(e)) => {
-                self.poison(items.into_iter().next().expect("one item"), e)
-                    .await
-            }
-            Err(other) => other.into(),
+            Err(Failure::Store(error)) => Ok(Prepared::Failed(FailedBatch { items, span, error })),
+            Err(Failure::Broker(e)) => Err(BatchError::Broker(e)),
+            Err(Failure::Abandoned) => Err(BatchError::Abandoned),
         }
     }
 
+    /// The second half: publish, await every confirm, settle what was refused,
+    /// ack. A consumer completes its batches in the order it prepared them, so a
+    /// `multiple` ack never covers a delivery of a batch that is not done.
+    pub async fn complete(&self, c: Committed) -> Result<(), BatchError> {
+        let Committed {
+            items,
+            span,
+            started,
+            out,
+            answers,
+        } = c;
+        let publishing = Instant::now();
+        let publications = out.len();
+        let settled = self.dispatcher.publish(out).await?;
+        let publish = publishing.elapsed();
+        stage("publish", publish);
+        tracing::debug!(
+            parent: &span,
+            publications,
+            publish_ms = publish.as_secs_f64() * 1e3,
+            "batch committed and confirmed"
+        );
+        metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
+        for (item, answer) in items.iter().zip(answers) {
+            report::record(item, answer);
+        }
+        let tags: Vec<u64> = items.iter().map(Item::tag).collect();
+        let acking = Instant::now();
+        let done = self.finish(settled, &tags).await;
+        stage("ack", acking.elapsed());
+        stage("total", started.elapsed());
+        done
+    }
+
+    /// A batch whose commit failed for a reason other than an outage: its
+    /// commands one by one, so one poison command cannot block the others.
+    pub async fn recover(&self, f: FailedBatch) -> Result<(), BatchError> {
+        let FailedBatch { items, span, error } = f;
+        if items.len() == 1 {
+            let item = items.into_iter().next().expect("one item");
+            return self.poison(item, error).await;
+        }
+        tracing::warn!(parent: &span, error = %Report(&error), "batch failed; retrying its commands one by one");
+        for item in items {
+            self.handle_alone(item, &span).await?;
+        }
+        Ok(())
+    }
+
     async fn handle_alone(&self, item: Item, batch: &tracing::Span) -> Result<(), BatchError> {
-        match self.process(std::slice::from_ref(&item), batch).await {
-            Ok(settled) => self.finish(settled, &[item.tag()]).await,
-            Err(Failure::Store(e)) => self.poison(item, e).await,
-            Err(other) => other.into(),
+        match self
+            .commit_items(vec![item], batch.clone(), Instant::now())
+            .await?
+        {
+            Prepared::Committed(c) => self.complete(c).await,
+            Prepared::Failed(f) => {
+                let item = f.items.into_iter().next().expect("one item");
+                self.poison(item, f.error).await
+            }
         }
     }
 
@@ -181,33 +260,6 @@ impl Pipeline {
             },
         );
         self.finish(settled, &[item.tag()]).await
-    }
-
-    /// Load, plan and commit, retrying transient database failures with backoff;
-    /// then publish and await every confirm. Nothing is acked here.
-    async fn process(&self, items: &[Item], batch: &tracing::Span) -> Result<Settled, Failure> {
-        let started = Instant::now();
-        let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
-        let (out, answers) =
-            policy::retry_transient(&self.shutdown, grace, || self.commit_batch(items)).await?;
-        let committed = Instant::now();
-        let publications = out.len();
-        let settled = self.dispatcher.publish(out).await?;
-        let (db, publish) = (committed - started, committed.elapsed());
-        tracing::debug!(
-            parent: batch,
-            publications,
-            db_ms = db.as_secs_f64() * 1e3,
-            publish_ms = publish.as_secs_f64() * 1e3,
-            "batch committed and confirmed"
-        );
-        metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
-        stage("database", db);
-        stage("publish", publish);
-        for (item, answer) in items.iter().zip(answers) {
-            report::record(item, answer);
-        }
-        Ok(settled)
     }
 
     /// One attempt at the database part. Returns what to publish and how each

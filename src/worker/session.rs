@@ -6,7 +6,7 @@ use crate::broker::{self, Connection, Publisher, TopologyError};
 use crate::config::Settings;
 use crate::ops::Health;
 use crate::outbox;
-use crate::pipeline::{policy, BatchError, Pipeline};
+use crate::pipeline::{policy, BatchError, Pipeline, Prepared};
 use crate::store::Store;
 use crate::telemetry::{self, Report};
 use futures_util::{FutureExt, StreamExt};
@@ -31,6 +31,8 @@ enum SessionError {
     Broker(#[from] lapin::Error),
     #[error("the broker cancelled the consumer")]
     Cancelled,
+    #[error("a batch's completion task failed")]
+    Completion(#[from] tokio::task::JoinError),
 }
 
 /// What every session and consumer of one worker shares.
@@ -166,13 +168,17 @@ async fn consume(
         .await?;
     let consumer_tag = consumer.tag();
     let consuming = health.consuming();
-    let pipeline = Pipeline::new(
+    let pipeline = Arc::new(Pipeline::new(
         store.clone(),
         publisher.clone(),
         channel.clone(),
         settings.clone(),
         shutdown.clone(),
-    );
+    ));
+    // The batch whose publications are waiting for their confirms: it completes
+    // (confirms, then ack) on its own task while the next batch is prepared, so
+    // the database and the broker's fsync overlap instead of taking turns.
+    let mut completing: Option<Completion> = None;
     let max_batch = settings.worker.batch_size as usize;
     let mut cancelling = false;
     let result = loop {
@@ -189,6 +195,13 @@ async fn consume(
         } else {
             tokio::select! {
                 biased;
+                done = completed(&mut completing) => {
+                    completing = None;
+                    match settle(done, lane) {
+                        Some(stop) => break stop,
+                        None => continue,
+                    }
+                }
                 _ = shutdown.cancelled() => {
                     cancelling = true;
                     tracing::info!(lane, "shutdown requested: no new commands; finishing the ones held");
@@ -213,20 +226,84 @@ async fn consume(
                 _ => break,
             }
         }
-        match pipeline.handle(batch).await {
-            Ok(()) => {}
-            Err(BatchError::Broker(e)) => break Err(e.into()),
-            Err(BatchError::Abandoned) => {
-                tracing::warn!(
+        let prepared = match pipeline.prepare(batch).await {
+            Ok(p) => p,
+            Err(e) => break stop(e, lane),
+        };
+        // Batches complete in the order they were prepared: an ack is `multiple`,
+        // so the previous batch must be settled before this one's ack is sent.
+        if let Some(previous) = completing.take() {
+            if !previous.is_finished() {
+                tracing::debug!(
                     lane,
-                    "shutdown grace exceeded; leaving held commands to redelivery"
+                    "prepared a batch while the previous one awaited its confirms"
                 );
-                break Ok(());
+            }
+            if let Some(stop) = settle(previous.await, lane) {
+                break stop;
             }
         }
+        match prepared {
+            Prepared::Committed(c) => {
+                let pipeline = pipeline.clone();
+                completing = Some(tokio::spawn(async move { pipeline.complete(c).await }));
+            }
+            Prepared::Failed(f) => {
+                if let Err(e) = pipeline.recover(f).await {
+                    break stop(e, lane);
+                }
+            }
+        }
+    };
+    // The batch still completing is finished, unless the session failed: then
+    // its deliveries go back to the queue with the channel.
+    let result = match (result, completing.take()) {
+        (Ok(()), Some(last)) => settle(last.await, lane).unwrap_or(Ok(())),
+        (failed, Some(last)) => {
+            last.abort();
+            failed
+        }
+        (r, None) => r,
     };
     drop(consuming);
     publisher.close().await;
     let _ = channel.close(200, "bye".into()).await;
     result
+}
+
+type Completion = tokio::task::JoinHandle<Result<(), BatchError>>;
+
+/// Resolves when the batch completing finishes; never, when there is none.
+async fn completed(
+    c: &mut Option<Completion>,
+) -> Result<Result<(), BatchError>, tokio::task::JoinError> {
+    match c {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a finished batch means for its consumer: go on (`None`), or stop.
+fn settle(
+    done: Result<Result<(), BatchError>, tokio::task::JoinError>,
+    lane: usize,
+) -> Option<Result<(), SessionError>> {
+    match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(stop(e, lane)),
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
+fn stop(e: BatchError, lane: usize) -> Result<(), SessionError> {
+    match e {
+        BatchError::Broker(e) => Err(e.into()),
+        BatchError::Abandoned => {
+            tracing::warn!(
+                lane,
+                "shutdown grace exceeded; leaving held commands to redelivery"
+            );
+            Ok(())
+        }
+    }
 }

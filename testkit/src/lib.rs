@@ -833,6 +833,8 @@ pub struct WorkerProcess {
     child: tokio::process::Child,
     http: Option<String>,
     log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Woken for every line logged.
+    lines: std::sync::Arc<tokio::sync::Notify>,
     reader: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -852,10 +854,13 @@ impl WorkerProcess {
             .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".into());
-        cmd.env(
-            "RUST_LOG",
-            format!("{filter},profile_worker::ops=info,profile_worker::worker=info"),
-        );
+        let mut filter = filter;
+        for target in ["profile_worker::ops", "profile_worker::worker"] {
+            if !filter.contains(target) {
+                filter.push_str(&format!(",{target}=info"));
+            }
+        }
+        cmd.env("RUST_LOG", filter);
         cmd.env("LOG_FORMAT", "json")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
@@ -872,6 +877,8 @@ impl WorkerProcess {
         let (http_tx, mut http_rx) = mpsc::unbounded_channel::<String>();
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
         let kept = log.clone();
+        let lines = std::sync::Arc::new(tokio::sync::Notify::new());
+        let line_logged = lines.clone();
         let echo = test_log();
         let reader = tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stderr).lines();
@@ -894,9 +901,12 @@ impl WorkerProcess {
                         _ => {}
                     }
                 }
-                let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
-                k.push_str(&line);
-                k.push('\n');
+                {
+                    let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
+                    k.push_str(&line);
+                    k.push('\n');
+                }
+                line_logged.notify_waiters();
             }
         });
         let ready = tokio::time::timeout(Duration::from_secs(60), ready_rx.recv()).await;
@@ -912,6 +922,7 @@ impl WorkerProcess {
             child,
             http,
             log,
+            lines,
             reader: Some(reader),
         }
     }
@@ -928,6 +939,22 @@ impl WorkerProcess {
     /// Where it serves `/metrics`, `/healthz` and `/readyz`.
     pub fn http(&self) -> &str {
         self.http.as_deref().expect("a worker with HTTP_ADDR on")
+    }
+
+    /// Waits until what it logged satisfies `want`, at most `within`; whether it did.
+    pub async fn wait_for_log(&self, within: Duration, want: impl Fn(&str) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let next_line = self.lines.notified();
+            tokio::pin!(next_line);
+            next_line.as_mut().enable();
+            if want(&self.log_text()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, next_line).await.is_err() {
+                return want(&self.log_text());
+            }
+        }
     }
 
     /// Everything it logged so far (JSON lines).
