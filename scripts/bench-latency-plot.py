@@ -11,6 +11,8 @@ import math
 import statistics
 import sys
 
+import svg
+
 TARGETS = {
     "worker": ("#c0392b", "worker"),
     "ceiling": ("#2c3e50", "echo ceiling (no database)"),
@@ -72,12 +74,8 @@ def panel(x0, y0, width, height, title, series):
     for p in [0] + loads + [100]:
         out.append(f'<text x="{px(p):.1f}" y="{y0 + height + 16}" text-anchor="middle" font-size="11">{p:g}</text>')
     for name, pts in series.items():
-        colour = TARGETS[name][0]
         coords = [(px(p), py(v)) for p, v in sorted(pts.items()) if v > 0]
-        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for x, y in coords:
-            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>')
+        out += svg.series(coords, TARGETS[name][0])
     return out
 
 
@@ -98,13 +96,7 @@ def main():
         body.append(f'<line x1="{x}" y1="375" x2="{x + 30}" y2="375" stroke="{colour}" stroke-width="2"/>')
         body.append(f'<text x="{x + 36}" y="379">{label}</text>')
         x += 60 + 7 * len(label)
-    svg = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="13">\n' + "\n".join(body) + "\n</svg>\n"
-    )
-    with open(dst, "w") as f:
-        f.write(svg)
-    print(f"wrote {dst}")
+    svg.write(dst, width, height, body)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import json
 import math
 import sys
 
+import svg
+
 
 def load(path):
     points = {"worker": {}, "ceiling": {}}
@@ -61,12 +63,7 @@ def panel(x0, y0, width, height, title, ylabel, series, log_y):
     colours = {"worker": "#c0392b", "ceiling": "#2c3e50"}
     for name, pts in series.items():
         coords = [(px(w), py(v)) for w, v in sorted(pts.items()) if v > 0]
-        if not coords:
-            continue
-        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{colours[name]}" stroke-width="2"/>')
-        for x, y in coords:
-            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colours[name]}"/>')
+        out += svg.series(coords, colours[name])
     return out
 
 
@@ -83,13 +80,7 @@ def main():
     body.append('<text x="336" y="359">worker</text>')
     body.append('<line x1="420" y1="355" x2="450" y2="355" stroke="#2c3e50" stroke-width="2"/>')
     body.append('<text x="456" y="359">echo ceiling (no database)</text>')
-    svg = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="13">\n' + "\n".join(body) + "\n</svg>\n"
-    )
-    with open(dst, "w") as f:
-        f.write(svg)
-    print(f"wrote {dst}")
+    svg.write(dst, width, height, body)
 
 
 if __name__ == "__main__":
