@@ -89,15 +89,6 @@ impl Pipeline {
         }
     }
 
-    /// Handles a batch, start to end; every delivery ends acked, rejected for
-    /// redelivery, or (on error) unacked for the broker to redeliver.
-    pub async fn handle(&self, deliveries: Vec<Delivery>) -> Result<(), BatchError> {
-        match self.prepare(deliveries).await? {
-            Prepared::Committed(c) => self.complete(c).await,
-            Prepared::Failed(f) => self.recover(f).await,
-        }
-    }
-
     /// The first half of a batch: decode, then load, plan and commit (transient
     /// failures retried). Nothing is published or acked yet, so a consumer may
     /// prepare its next batch while this one's publications wait for confirms.
@@ -137,7 +128,6 @@ impl Pipeline {
                 }))
             }
             Err(Failure::Store(error)) => Ok(Prepared::Failed(FailedBatch { items, span, error })),
-            Err(Failure::Broker(e)) => Err(BatchError::Broker(e)),
             Err(Failure::Abandoned) => Err(BatchError::Abandoned),
         }
     }

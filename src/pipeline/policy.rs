@@ -20,9 +20,6 @@ pub enum Failure {
     /// A database failure retrying will not cure: the commands' own problem.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The broker connection or a channel is gone.
-    #[error("broker session lost")]
-    Broker(#[from] lapin::Error),
     /// Shutting down, and the grace period ran out while the database was away.
     #[error("gave up on held commands at shutdown")]
     Abandoned,

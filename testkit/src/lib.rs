@@ -506,18 +506,22 @@ impl Env {
         }
     }
 
+    /// Publishes command `kind` with a fresh `message_id`; returns its correlation id.
+    pub async fn send(&self, kind: &str, body: &Value) -> String {
+        self.publish(
+            body.to_string().as_bytes(),
+            Send {
+                kind: Some(kind.into()),
+                message_id: Some(Uuid::new_v4().to_string()),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     /// Publish and wait for the reply.
     pub async fn call(&self, kind: &str, body: Value) -> Reply {
-        let c = self
-            .publish(
-                body.to_string().as_bytes(),
-                Send {
-                    kind: Some(kind.into()),
-                    message_id: Some(Uuid::new_v4().to_string()),
-                    ..Default::default()
-                },
-            )
-            .await;
+        let c = self.send(kind, &body).await;
         self.reply_for(&c).await
     }
 

@@ -373,16 +373,7 @@ async fn burst_of_a_thousand_is_answered_with_correct_correlation() {
                 404,
             ),
         };
-        let c = env
-            .publish(
-                body.to_string().as_bytes(),
-                Send {
-                    kind: Some(kind.into()),
-                    message_id: Some(Uuid::new_v4().to_string()),
-                    ..Default::default()
-                },
-            )
-            .await;
+        let c = env.send(kind, &body).await;
         expected.insert(c, (status, body));
     }
     let mut ids = HashSet::new();
