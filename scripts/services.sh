@@ -147,11 +147,13 @@ start_rabbitmq() {
 
 # A broker user allowed only names matching the regex NAMES (configure, read)
 # plus the default exchange (write: replies). USER PASSWORD NAMES
+# On the node PW_RABBIT_NODE when set (a cluster's), else the default node.
 rabbit_user() {
   command -v rabbitmqctl >/dev/null 2>&1 || { log "no rabbitmqctl: create broker user $1 yourself"; return; }
-  as_root rabbitmqctl -q add_user "$1" "$2" >/dev/null 2>&1 ||
-    as_root rabbitmqctl -q change_password "$1" "$2" >/dev/null
-  as_root rabbitmqctl -q set_permissions -p / "$1" "^$3\$" "^(amq\.default|$3)\$" "^$3\$" >/dev/null
+  local n=(); [ -z "${PW_RABBIT_NODE:-}" ] || n=(-n "$PW_RABBIT_NODE")
+  as_root rabbitmqctl "${n[@]}" -q add_user "$1" "$2" >/dev/null 2>&1 ||
+    as_root rabbitmqctl "${n[@]}" -q change_password "$1" "$2" >/dev/null
+  as_root rabbitmqctl "${n[@]}" -q set_permissions -p / "$1" "^$3\$" "^(amq\.default|$3)\$" "^$3\$" >/dev/null
 }
 
 pg_version() { ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1; }
@@ -171,10 +173,16 @@ start_postgres() {
     log "PostgreSQL already listening on $PW_PG_PORT"
   fi
   command -v psql >/dev/null 2>&1 || apt_install postgresql-client
-  # Create the roles and database when we can reach the server as its superuser
-  # (local peer auth); with Docker the image's init script creates them.
+  pg_roles "$PW_PG_PORT"
+}
+
+# The owner and runtime roles and the database, on the server at PORT, when we
+# can reach it as its superuser (local peer auth); with Docker the image's init
+# script creates them.
+pg_roles() {
+  local port="$1"
   if id postgres >/dev/null 2>&1; then
-    as_root su postgres -c "psql -q -v ON_ERROR_STOP=1 -p $PW_PG_PORT" <<SQL
+    as_root su postgres -c "psql -q -v ON_ERROR_STOP=1 -p $port" <<SQL
 DO \$\$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PW_DB_OWNER') THEN
     CREATE ROLE "$PW_DB_OWNER" LOGIN CREATEDB PASSWORD '$PW_DB_OWNER_PASSWORD';

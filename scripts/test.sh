@@ -23,9 +23,22 @@ export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
 # Test databases are made by the owner role; the worker runs as the runtime role.
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres}"
 export TEST_RUNTIME_DB_USER="$PW_DB_USER" TEST_RUNTIME_DB_PASSWORD="$PW_DB_PASSWORD"
+# Beyond one box (tests/cluster.rs): a three-node RabbitMQ cluster and a
+# PostgreSQL primary with a synchronous standby, beside the servers above.
+# What this run starts it stops at the end, so they do not hold the machine.
+started_here=()
+port_open "$((${PW_CLUSTER_PORT:-5680} + 1))" || started_here+=(cluster)
+port_open "${PW_PG_PRIMARY_PORT:-5441}" || started_here+=(pg-standby)
+bash scripts/cluster.sh start
+bash scripts/pg-standby.sh start
+PW_RABBIT_NODE=pw1@localhost rabbit_user profile-worker-test profile-worker-test 't[0-9a-f]{12}\.(commands(\.(dlx|dead|unrouted))?|events)'
+export TEST_PG_PAIR_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:${PW_PG_PRIMARY_PORT:-5441},127.0.0.1:${PW_PG_STANDBY_PORT:-5442}/postgres?target_session_attrs=read-write"
+stop_started() {
+  for s in "${started_here[@]}"; do bash "scripts/$s.sh" stop || true; done
+}
 # The whole workspace's tests; the last line totals every binary's result.
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; stop_started' EXIT
 set +e
 cargo test --locked --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

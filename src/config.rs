@@ -148,7 +148,9 @@ pub struct TlsSettings {
 /// Where RabbitMQ is and what the topology is called (CONTRACT §1).
 #[derive(Args, Clone, Debug)]
 pub struct BrokerSettings {
-    /// AMQP URL of the broker (a secret, like DATABASE_URL).
+    /// AMQP URL of the broker, or of each node of a cluster, comma-separated
+    /// (same vhost and user); the worker starts from a random one and moves to
+    /// another when it loses its node. A secret, like DATABASE_URL.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: SecretString,
     /// Direct exchange publishers send commands to.
@@ -214,18 +216,16 @@ pub struct BrokerSettings {
 }
 
 impl BrokerSettings {
-    pub fn validate(&self) -> Result<lapin::uri::AMQPUri, ConfigError> {
-        let mut uri: lapin::uri::AMQPUri = self
-            .amqp_url
-            .expose_secret()
-            .parse()
-            .map_err(|e| ConfigError::new("AMQP_URL", format!("invalid URL: {e}")))?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(self.heartbeat_secs);
-        }
-        if uri.query.connection_timeout.is_none() {
-            uri.query.connection_timeout = Some(10_000);
-        }
+    /// The broker's nodes: one URL, or several comma-separated (one cluster's
+    /// nodes, sharing vhost and user), each with the heartbeat and connection
+    /// timeout it does not set itself.
+    pub fn validate(&self) -> Result<crate::broker::Nodes, ConfigError> {
+        let heartbeat = self.heartbeat_secs;
+        let nodes = crate::broker::Nodes::parse(self.amqp_url.expose_secret(), |uri| {
+            uri.query.heartbeat.get_or_insert(heartbeat);
+            uri.query.connection_timeout.get_or_insert(10_000);
+        })
+        .map_err(|e| ConfigError::new("AMQP_URL", e.to_string()))?;
         for (name, value) in [
             ("COMMAND_EXCHANGE", &self.command_exchange),
             ("COMMAND_QUEUE", &self.command_queue),
@@ -261,7 +261,7 @@ impl BrokerSettings {
             }
         }
         self.tls()?;
-        Ok(uri)
+        Ok(nodes)
     }
 }
 
@@ -367,7 +367,7 @@ pub struct Settings {
 /// Settings checked once, in the forms the worker connects with.
 pub struct Checked {
     pub database: (tokio_postgres::Config, TlsSettings),
-    pub amqp: lapin::uri::AMQPUri,
+    pub amqp: crate::broker::Nodes,
     pub amqp_tls: lapin::tcp::OwnedTLSConfig,
     /// `None` when the operations endpoint is off.
     pub http_addr: Option<std::net::SocketAddr>,
@@ -462,6 +462,37 @@ mod tests {
         assert!(
             !dbg.contains("hunter2") && !dbg.contains("hunter3"),
             "{dbg}"
+        );
+    }
+
+    #[test]
+    fn a_database_url_may_list_a_primary_and_its_standbys() {
+        let mut s = Settings::from_env();
+        s.database.database_url =
+            "postgres://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write&sslmode=disable"
+                .into();
+        let (pg, tls) = s.database.validate().unwrap();
+        assert_eq!(pg.get_hosts().len(), 2);
+        assert_eq!(pg.get_ports(), [5432, 5433]);
+        assert_eq!(
+            pg.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(tls.mode, SslMode::Disable);
+    }
+
+    #[test]
+    fn an_amqp_url_may_list_a_clusters_nodes() {
+        let mut s = Settings::from_env();
+        s.broker.amqp_url = "amqp://u:p@a:5681/%2f,amqp://u:p@b:5682/%2f".into();
+        let nodes = s.broker.validate().unwrap();
+        assert_eq!(nodes.all(), "a:5681,b:5682");
+        s.broker.amqp_url = "amqp://u:p@a:5681/%2f,amqp://v:p@b:5682/%2f".into();
+        let e = s.broker.validate().unwrap_err();
+        assert_eq!(e.setting, "AMQP_URL");
+        assert!(
+            e.problem.contains("same") || e.problem.contains("share"),
+            "{e}"
         );
     }
 

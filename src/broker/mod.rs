@@ -1,12 +1,14 @@
 //! RabbitMQ: connection, topology, the confirming publisher and the properties of
 //! what we publish. Knows nothing about SQL.
 
+mod nodes;
 pub mod properties;
 mod publisher;
 mod topology;
 
 pub use lapin::message::Delivery;
 pub use lapin::{Channel, Connection, Consumer};
+pub use nodes::{split_urls, Nodes, NodesError};
 pub use publisher::{Outgoing, PublishError, Publisher};
 pub use topology::{command_queue_arguments, declare, unrouted_exchange, TopologyError};
 

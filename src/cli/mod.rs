@@ -6,16 +6,17 @@ pub mod dead_letters;
 pub mod provision;
 pub mod send;
 
-use anyhow::Context;
-use profile_worker::broker;
 use profile_worker::config::BrokerSettings;
 
 /// The broker connection every one of these commands starts with.
 pub async fn connect(settings: &BrokerSettings) -> anyhow::Result<lapin::Connection> {
-    let uri = settings.validate()?;
+    let nodes = settings.validate()?;
     let tls = settings.tls()?;
-    let at = format!("{}:{}", uri.authority.host, uri.authority.port);
-    broker::connect(&uri, &tls)
+    let (conn, _) = nodes
+        .connect(&tls, nodes.random_start())
         .await
-        .with_context(|| format!("AMQP_URL: cannot connect to {at}"))
+        .map_err(|(at, e)| {
+            anyhow::Error::new(e).context(format!("AMQP_URL: cannot connect to {at}"))
+        })?;
+    Ok(conn)
 }

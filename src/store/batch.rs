@@ -164,19 +164,52 @@ const COMMIT: &str = "WITH won AS ( \
 /// One batch's connection, checked out once for the load and the commit together.
 pub struct Batch<'a> {
     store: &'a Store,
-    client: deadpool_postgres::Object,
+    /// `None` only once dropped.
+    client: Option<deadpool_postgres::Object>,
+    /// The server answered that it is read-only (a standby, or a primary set
+    /// read-only): the connection leaves the pool instead of being handed out
+    /// again, so the next one is opened afresh (and, with
+    /// `target_session_attrs=read-write`, to whichever server is now primary).
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
     pub async fn batch(&self) -> Result<Batch<'_>, StoreError> {
         Ok(Batch {
             store: self,
-            client: self.client("connect").await?,
+            client: Some(self.client("connect").await?),
+            read_only: Default::default(),
         })
     }
 }
 
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if self.read_only.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(client) = self.client.take() {
+                tracing::info!("the database answered read-only; opening a new connection");
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+    }
+}
+
 impl Batch<'_> {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client
+            .as_ref()
+            .expect("a batch's connection until it is dropped")
+    }
+
+    /// Notes a read-only answer (see [`Batch::read_only`]) and passes the error on.
+    fn failed(&self, e: StoreError) -> StoreError {
+        if e.is_read_only() {
+            self.read_only
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        e
+    }
+
     /// Loads the tokens, profiles and earlier replies a batch refers to, in one
     /// statement.
     pub async fn load(
@@ -189,8 +222,8 @@ impl Batch<'_> {
         if token_ids.is_empty() && profile_ids.is_empty() && message_ids.is_empty() {
             return Ok(loaded);
         }
-        let client = &self.client;
-        let err = |e| StoreError::pg("load", e);
+        let client = self.client();
+        let err = |e| self.failed(StoreError::pg("load", e));
         // The table holds hashes only (CONTRACT §7): look up by the hash, keep
         // the rows under the IDs the commands name.
         let digests: Vec<[u8; 32]> = token_ids.iter().map(|id| access_token_hash(id)).collect();
@@ -307,7 +340,7 @@ impl Batch<'_> {
         let keys: &[&str] = &["k"];
         let hashes: &[&[u8]] = &[&[0u8; 32]];
         let rows = self
-            .client
+            .client()
             .query(&format!("EXPLAIN {LOAD}"), &[&hashes, &keys, &keys])
             .await
             .map_err(|e| StoreError::pg("explain", e))?;
@@ -401,10 +434,10 @@ impl Batch<'_> {
         let e_bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
         let e_traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
 
-        let err = |e| StoreError::pg("commit", e);
-        let stmt = self.client.prepare_cached(COMMIT).await.map_err(err)?;
+        let err = |e| self.failed(StoreError::pg("commit", e));
+        let stmt = self.client().prepare_cached(COMMIT).await.map_err(err)?;
         let won: HashSet<String> = self
-            .client
+            .client()
             .query(
                 &stmt,
                 &[

@@ -62,6 +62,12 @@ impl StoreError {
         self.kind == ErrorKind::Transient
     }
 
+    /// The server refused a write because it is read-only (SQLSTATE 25006): a
+    /// standby, or a primary an operator set read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.sqlstate.as_deref() == Some(READ_ONLY_TRANSACTION)
+    }
+
     /// The role lacks a privilege (SQLSTATE 42501), e.g. DDL as the runtime role.
     pub fn is_permission_denied(&self) -> bool {
         self.sqlstate.as_deref() == Some("42501")
@@ -107,6 +113,8 @@ impl StoreError {
     }
 }
 
+const READ_ONLY_TRANSACTION: &str = "25006";
+
 fn classify(e: &tokio_postgres::Error) -> ErrorKind {
     if e.is_closed() {
         return ErrorKind::Transient;
@@ -117,11 +125,14 @@ fn classify(e: &tokio_postgres::Error) -> ErrorKind {
         Some(db) => {
             let code = db.code().code();
             // 08 connection, 40 serialization/deadlock, 53 resources, 57 operator
-            // intervention (shutdown, cannot connect now), 58 system error.
+            // intervention (shutdown, cannot connect now), 58 system error;
+            // a read-only server (a standby answering while failover promotes
+            // another) is the way to the database too, not the command.
             if ["08", "40", "53", "57", "58"]
                 .iter()
                 .any(|c| code.starts_with(c))
                 || code == "55P03"
+                || code == READ_ONLY_TRANSACTION
             {
                 ErrorKind::Transient
             } else {

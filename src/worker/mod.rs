@@ -8,13 +8,12 @@
 mod session;
 mod sweep;
 
-use crate::broker::{self, Connection};
+use crate::broker::{self, Connection, Nodes};
 use crate::config::{ConfigError, Settings};
 use crate::ops::{Endpoint, EndpointError, Health, Ready};
 use crate::store::{Store, StoreError};
 use crate::telemetry::Report;
 use lapin::tcp::OwnedTLSConfig;
-use lapin::uri::AMQPUri;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,10 +57,10 @@ pub enum RunError {
 pub struct Worker {
     settings: Arc<Settings>,
     store: Store,
-    amqp: AMQPUri,
+    amqp: Nodes,
     amqp_tls: OwnedTLSConfig,
-    broker_at: String,
-    first: Connection,
+    /// The connection `build` made, and to which of the nodes.
+    first: (Connection, usize),
     endpoint: Option<Endpoint>,
     health: Arc<Health>,
 }
@@ -81,17 +80,12 @@ impl Worker {
             .map_err(BuildError::DatabaseUnreachable)?;
         apply_migrations(&store, &settings.database.runtime_role).await?;
 
-        let broker_at = format!(
-            "{}:{}",
-            checked.amqp.authority.host, checked.amqp.authority.port
-        );
-        let first = broker::connect(&checked.amqp, &checked.amqp_tls)
+        let (first, node) = checked
+            .amqp
+            .connect(&checked.amqp_tls, checked.amqp.random_start())
             .await
-            .map_err(|source| BuildError::BrokerUnreachable {
-                at: broker_at.clone(),
-                source,
-            })?;
-        tracing::info!(broker = %broker_at, queue = %settings.broker.command_queue, "connected");
+            .map_err(|(at, source)| BuildError::BrokerUnreachable { at, source })?;
+        tracing::info!(broker = %checked.amqp.at(node), queue = %settings.broker.command_queue, "connected");
         if let Some(addr) = endpoint.as_ref().and_then(Endpoint::local_addr) {
             tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
         }
@@ -101,8 +95,7 @@ impl Worker {
             store,
             amqp: checked.amqp,
             amqp_tls: checked.amqp_tls,
-            broker_at,
-            first,
+            first: (first, node),
             endpoint,
         })
     }
@@ -125,7 +118,6 @@ impl Worker {
             store,
             amqp,
             amqp_tls,
-            broker_at,
             first,
             endpoint,
             health,
@@ -148,9 +140,8 @@ impl Worker {
         });
         let result = session::supervise(
             session::Broker {
-                uri: &amqp,
+                nodes: &amqp,
                 tls: &amqp_tls,
-                at: &broker_at,
             },
             first,
             &session::Shared {

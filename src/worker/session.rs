@@ -2,7 +2,7 @@
 //! the outbox relay), rebuilt with jittered backoff whenever the connection or
 //! a channel fails, until shutdown.
 
-use crate::broker::{self, Connection, Publisher, TopologyError};
+use crate::broker::{self, Connection, Nodes, Publisher, TopologyError};
 use crate::config::Settings;
 use crate::ops::Health;
 use crate::outbox;
@@ -13,7 +13,6 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
-use lapin::uri::AMQPUri;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -43,26 +42,31 @@ pub(super) struct Shared<'a> {
     pub shutdown: &'a CancellationToken,
 }
 
-/// Where the broker is.
+/// Where the broker's nodes are.
 pub(super) struct Broker<'a> {
-    pub uri: &'a AMQPUri,
+    pub nodes: &'a Nodes,
     pub tls: &'a OwnedTLSConfig,
-    pub at: &'a str,
 }
 
 /// Runs sessions until shutdown; returns an error only for what no reconnect can fix.
 pub(super) async fn supervise(
     broker: Broker<'_>,
-    first: Connection,
+    first: (Connection, usize),
     shared: &Shared<'_>,
 ) -> Result<(), super::RunError> {
     let shutdown = shared.shutdown;
-    let mut conn = Some(first);
+    let mut node = first.1;
+    let mut conn = Some(first.0);
     loop {
         let c = match conn.take() {
             Some(c) => c,
-            None => match reconnect(&broker, shutdown).await {
-                Some(c) => c,
+            // The node just lost is tried last: in a cluster another one is
+            // likely up, and the lost one may be coming back half-started.
+            None => match reconnect(&broker, node + 1, shutdown).await {
+                Some((c, n)) => {
+                    node = n;
+                    c
+                }
                 None => return Ok(()),
             },
         };
@@ -83,20 +87,27 @@ pub(super) async fn supervise(
     }
 }
 
-async fn reconnect(broker: &Broker<'_>, shutdown: &CancellationToken) -> Option<Connection> {
+async fn reconnect(
+    broker: &Broker<'_>,
+    start: usize,
+    shutdown: &CancellationToken,
+) -> Option<(Connection, usize)> {
+    let mut start = start;
     for delay in policy::backoff(RECONNECT_START, RECONNECT_MAX) {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return None,
         }
-        match broker::connect(broker.uri, broker.tls).await {
-            Ok(c) => {
+        match broker.nodes.connect(broker.tls, start).await {
+            Ok((c, node)) => {
                 metrics::counter!(telemetry::RECONNECTS).increment(1);
-                tracing::info!(broker = %broker.at, "reconnected");
-                return Some(c);
+                tracing::info!(broker = %broker.nodes.at(node), "reconnected");
+                return Some((c, node));
             }
-            Err(e) => {
-                tracing::warn!(error = %broker::describe(&e), retry_in_ms = delay.as_millis() as u64, "broker unreachable")
+            Err((at, e)) => {
+                tracing::warn!(broker = %at, error = %broker::describe(&e), retry_in_ms = delay.as_millis() as u64, "broker unreachable");
+                // Each round starts one node further, so no node is always tried first.
+                start += 1;
             }
         }
     }

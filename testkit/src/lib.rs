@@ -8,6 +8,8 @@
 //! the test's captured output (so a failing test shows them), those run as a
 //! process on stderr. `RUST_LOG` filters both (default `info`).
 
+pub mod burst;
+
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -101,16 +103,25 @@ pub fn runtime_role() -> String {
     std::env::var("TEST_RUNTIME_DB_USER").unwrap_or_else(|_| "profile_worker".into())
 }
 
-/// The owner's URL for database `name`.
-pub fn db_url_for(name: &str) -> String {
-    let admin = admin_db_url();
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    format!("{base}/{name}")
+/// The owner's URL for database `name`, on the servers of `admin` (a URL of
+/// the owner's, perhaps multi-host, perhaps with a query).
+pub fn db_url_on(admin: &str, name: &str) -> String {
+    let (url, query) = match admin.split_once('?') {
+        Some((u, q)) => (u, format!("?{q}")),
+        None => (admin, String::new()),
+    };
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(url);
+    format!("{base}/{name}{query}")
 }
 
-/// The runtime role's URL for database `name`.
-pub fn runtime_db_url_for(name: &str) -> String {
-    let owner = db_url_for(name);
+/// The owner's URL for database `name`.
+pub fn db_url_for(name: &str) -> String {
+    db_url_on(&admin_db_url(), name)
+}
+
+/// The runtime role's URL for database `name` on the servers of `admin`.
+pub fn runtime_db_url_on(admin: &str, name: &str) -> String {
+    let owner = db_url_on(admin, name);
     let password =
         std::env::var("TEST_RUNTIME_DB_PASSWORD").unwrap_or_else(|_| "profile_worker".into());
     let (scheme, rest) = owner.split_once("://").expect("a URL");
@@ -118,23 +129,63 @@ pub fn runtime_db_url_for(name: &str) -> String {
     format!("{scheme}://{}:{password}{}", runtime_role(), &rest[at..])
 }
 
+/// The runtime role's URL for database `name`.
+pub fn runtime_db_url_for(name: &str) -> String {
+    runtime_db_url_on(&admin_db_url(), name)
+}
+
+/// Where a test's broker and database are: the shared single servers
+/// ([`Servers::from_env`]), or a cluster's.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// The tests' own broker user on the node the test's publishers and checks use.
+    pub admin_amqp: String,
+    /// `AMQP_URL` of the worker (one URL or a comma-separated list).
+    pub worker_amqp: String,
+    /// The owner's URL of a database to create test databases from.
+    pub admin_db: String,
+}
+
+impl Servers {
+    pub fn from_env() -> Self {
+        Servers {
+            admin_amqp: amqp_url(),
+            worker_amqp: worker_amqp_url(),
+            admin_db: admin_db_url(),
+        }
+    }
+
+    pub async fn admin_client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.admin_db, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "admin database reachable (run the README's test command, which starts \
+                     PostgreSQL): {e}"
+                )
+            });
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn broker(&self) -> Connection {
+        Connection::connect(&self.admin_amqp, ConnectionProperties::default())
+            .await
+            .expect("broker reachable")
+    }
+}
+
 pub async fn admin_client() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls)
-        .await
-        .expect(
-            "admin database reachable (run the README's test command, which starts PostgreSQL)",
-        );
-    tokio::spawn(conn);
-    client
+    Servers::from_env().admin_client().await
 }
 
 /// Drops a test's database, retrying for a while: a fault test may end while
 /// PostgreSQL is still coming back from the restart it caused.
-async fn drop_database(name: &str) {
+async fn drop_database(admin: &str, name: &str) {
     let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
     let mut last = String::new();
     for _ in 0..30 {
-        match tokio_postgres::connect(&admin_db_url(), tokio_postgres::NoTls).await {
+        match tokio_postgres::connect(admin, tokio_postgres::NoTls).await {
             Ok((client, conn)) => {
                 tokio::spawn(conn);
                 match client.batch_execute(&sql).await {
@@ -191,7 +242,7 @@ pub struct Received {
 }
 
 impl Received {
-    fn from_delivery(d: &lapin::message::Delivery) -> Self {
+    pub fn from_delivery(d: &lapin::message::Delivery) -> Self {
         let p = &d.properties;
         let text =
             |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_string());
@@ -236,6 +287,7 @@ pub struct Send {
 }
 
 pub struct Env {
+    pub servers: Servers,
     /// The worker's settings: the runtime database role, the worker's broker user.
     pub settings: Settings,
     pub db_name: String,
@@ -264,22 +316,28 @@ impl Env {
     /// As [`Env::prepare`], with the settings changed by `f` before the topology
     /// is declared.
     pub async fn prepare_with(f: impl FnOnce(&mut Settings)) -> Self {
+        Self::prepare_on(Servers::from_env(), f).await
+    }
+
+    /// As [`Env::prepare_with`], on `servers`.
+    pub async fn prepare_on(servers: Servers, f: impl FnOnce(&mut Settings)) -> Self {
         init_test_log();
         let id = Uuid::new_v4().simple().to_string();
         let prefix = format!("t{}", &id[..12]);
         let db_name = format!("pw_test_{}", &id[..16]);
-        admin_client()
+        servers
+            .admin_client()
             .await
             .batch_execute(&format!("CREATE DATABASE {db_name}"))
             .await
             .expect("create test database");
 
         let mut settings = Settings::from_env();
-        let owner_db_url = db_url_for(&db_name);
-        settings.database.database_url = runtime_db_url_for(&db_name).into();
+        let owner_db_url = db_url_on(&servers.admin_db, &db_name);
+        settings.database.database_url = runtime_db_url_on(&servers.admin_db, &db_name).into();
         settings.database.db_pool_size = 4;
         settings.database.runtime_role = String::new();
-        settings.broker.amqp_url = worker_amqp_url().into();
+        settings.broker.amqp_url = servers.worker_amqp.as_str().into();
         settings.broker.command_exchange = format!("{prefix}.commands");
         settings.broker.command_queue = format!("{prefix}.commands");
         settings.broker.dead_letter_exchange = format!("{prefix}.commands.dlx");
@@ -311,9 +369,7 @@ impl Env {
             .unwrap();
         tokio::spawn(db_conn);
 
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("broker reachable");
+        let conn = servers.broker().await;
         let channel = conn.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -355,6 +411,7 @@ impl Env {
             .unwrap();
 
         Env {
+            servers,
             settings,
             db_name,
             owner_db_url,
@@ -628,9 +685,7 @@ impl Env {
     pub async fn teardown(mut self) {
         self.stop_worker().await;
         // A fresh connection: the harness's own may have died with a broker restart.
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("broker reachable");
+        let conn = self.servers.broker().await;
         let channel = conn.create_channel().await.unwrap();
         let b = &self.settings.broker;
         for q in [&b.command_queue, &b.dead_letter_queue] {
@@ -652,7 +707,7 @@ impl Env {
         let _ = conn.close(200, "bye".into()).await;
         let _ = self.conn.close(200, "bye".into()).await;
         drop(self.db);
-        drop_database(&self.db_name).await;
+        drop_database(&self.servers.admin_db, &self.db_name).await;
     }
 }
 
@@ -720,7 +775,7 @@ pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
     c.args(args)
         .env_remove("RUST_MIN_STACK")
         .env("DATABASE_URL", &env.owner_db_url)
-        .env("AMQP_URL", amqp_url())
+        .env("AMQP_URL", &env.servers.admin_amqp)
         .env("COMMAND_EXCHANGE", &s.broker.command_exchange)
         .env("COMMAND_QUEUE", &s.broker.command_queue)
         .env("DEAD_LETTER_EXCHANGE", &s.broker.dead_letter_exchange)

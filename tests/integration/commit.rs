@@ -306,3 +306,50 @@ async fn an_email_claim_another_batch_took_first_fails_the_commit_as_transient()
     store.close();
     env.teardown().await;
 }
+
+/// A server that answers read-only (a standby during failover, or a primary an
+/// operator set read-only) holds commands as a database outage does, never
+/// fails them; and the worker drops such connections itself, so once the
+/// server takes writes again the commands go through on fresh ones.
+#[tokio::test]
+async fn a_read_only_server_holds_commands_and_its_connections_are_replaced() {
+    let env = Env::start().await;
+    let ok = env
+        .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.raw);
+    let db = &env.db_name;
+    env.db
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET default_transaction_read_only = on"
+        ))
+        .await
+        .unwrap();
+    // The worker's sessions end; the ones it opens next are read-only.
+    env.db
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND usename = $2",
+            &[db, &runtime_role()],
+        )
+        .await
+        .unwrap();
+    let held = env
+        .send("create-ticket", &ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.count("processed_commands").await, 1, "nothing written");
+    assert!(env.dead_letters().await.is_empty(), "nothing dead-lettered");
+    // Writable again for new sessions only: the worker's read-only sessions
+    // stay read-only until it replaces them.
+    env.db
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} RESET default_transaction_read_only"
+        ))
+        .await
+        .unwrap();
+    let reply = env.reply_for(&held).await;
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    assert_eq!(env.count("processed_commands").await, 2);
+    env.teardown().await;
+}
