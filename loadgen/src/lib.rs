@@ -220,6 +220,9 @@ pub struct CpuSplit {
     pub postgres: Option<f64>,
     /// This load generator (and the echo consumer when it runs).
     pub bench: f64,
+    /// Not CPU: KiB of write-ahead log PostgreSQL wrote per 1,000 commands (the
+    /// whole server's WAL, so it counts only on an otherwise idle server).
+    pub wal_kib: Option<f64>,
 }
 
 /// Processes whose CPU time a round accounts for.
@@ -234,6 +237,7 @@ struct Reading {
     postgres: f64,
     postgres_pids: Vec<u32>,
     bench: f64,
+    wal: Option<f64>,
 }
 
 impl Meters {
@@ -248,6 +252,7 @@ impl Meters {
             postgres: setup::cpu_secs_of(&postgres_pids),
             postgres_pids,
             bench: setup::cpu_secs(std::process::id()).unwrap_or(f64::NAN),
+            wal: setup::wal_position(&self.db_url).await,
         }
     }
 
@@ -269,6 +274,10 @@ impl Meters {
                 postgres: (!after.postgres_pids.is_empty())
                     .then(|| per_1k(after.postgres - before.postgres)),
                 bench: per_1k(after.bench - before.bench),
+                wal_kib: after
+                    .wal
+                    .zip(before.wal)
+                    .map(|(a, b)| per_1k(a - b) / 1024.0),
             },
         )
     }
@@ -456,7 +465,7 @@ fn ceiling_events_exchange(prefix: &str) -> String {
 async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
     let n = names(prefix, amqp_url, 1);
     let uri = n.validate().map_err(|e| e.to_string())?;
-    let conn = broker::connect(&uri, &Default::default())
+    let conn = broker::connect(uri.first(), &Default::default())
         .await
         .map_err(|e| broker::describe(&e))?;
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
@@ -600,7 +609,7 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
         let log = std::env::temp_dir().join(format!("{db}-worker{k}.log"));
         workers.push(setup::spawn_worker(&bin, &env, log)?);
     }
-    let conn = broker::connect(&uri, &Default::default())
+    let conn = broker::connect(uri.first(), &Default::default())
         .await
         .map_err(|e| format!("AMQP_URL: {}", broker::describe(&e)))?;
     wait_for_consumers(&conn, &broker_names, &mut workers).await?;
@@ -661,7 +670,9 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
             events_exchange,
         };
         let arguments = command_queue_arguments(&broker_names);
-        echoes.push(ceiling::start(&uri, queue, arguments, shape, stop_ceiling.clone()).await?);
+        echoes.push(
+            ceiling::start(uri.first(), queue, arguments, shape, stop_ceiling.clone()).await?,
+        );
     }
     let worker_target = Target::Worker {
         exchange: &broker_names.command_exchange,
@@ -1082,7 +1093,7 @@ fn print(r: &Report) {
         r.commands, r.in_flight, r.mix, r.invalid_share, r.workers, r.consumers, r.prefetch, r.batch_size, r.isolation
     );
     println!(
-        "{:>5} {:>5} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6}",
+        "{:>5} {:>5} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6} {:>7}",
         "load",
         "round",
         "target",
@@ -1094,7 +1105,8 @@ fn print(r: &Report) {
         "worker",
         "broker",
         "pg",
-        "bench"
+        "bench",
+        "WAL KiB"
     );
     let opt = |c: Option<f64>| c.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into());
     for row in &r.rounds {
@@ -1105,7 +1117,7 @@ fn print(r: &Report) {
             (None, None) => "max".into(),
         };
         println!(
-            "{:>5} {:>5} {:<14} {:>8.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}                 {:>6} {:>6} {:>6} {:>6.3}",
+            "{:>5} {:>5} {:<14} {:>8.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}                 {:>6} {:>6} {:>6} {:>6.3} {:>7}",
             load,
             row.round,
             row.target,
@@ -1118,6 +1130,10 @@ fn print(r: &Report) {
             opt(row.cpu_per_1k.broker),
             opt(row.cpu_per_1k.postgres),
             row.cpu_per_1k.bench,
+            row.cpu_per_1k
+                .wal_kib
+                .map(|k| format!("{k:.0}"))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     let w = &r.worker;

@@ -210,6 +210,17 @@ pub async fn database_backends(db_url: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// How far the server's write-ahead log has come, in bytes (the whole server's,
+/// so other load on it counts too).
+pub async fn wal_position(db_url: &str) -> Option<f64> {
+    let client = admin(db_url).await.ok()?;
+    client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
+        .await
+        .ok()
+        .map(|r| r.get::<_, f64>(0))
+}
+
 /// CPU seconds of a set of processes (those that exited count as 0 from then on).
 pub fn cpu_secs_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| cpu_secs(p)).sum()
