@@ -5,6 +5,8 @@
 //! are (every reply, every row, every token's email.requested, exactly the
 //! malformed commands dead-lettered), and reports its failover time: from the
 //! kill until the first reply arrives, and the longest silence between replies.
+//! Besides: the worker over amqps to the TLS node, and direct reply-to across
+//! nodes.
 //!
 //! They kill servers, so they run one at a time. The README's test command
 //! starts the cluster and the pair; run alone, `scripts/cluster.sh start` and
@@ -292,4 +294,34 @@ async fn the_worker_connected_over_amqps_to_the_tls_node_loses_nothing() {
     );
     run.publish(&commands, WINDOW * 4, PAUSE).await;
     run.complete(worker, &sent).await;
+}
+
+#[tokio::test]
+async fn direct_reply_to_reaches_a_client_on_another_node() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    cluster_up().await;
+    // The worker on node 2 only; `profile-worker send` (direct reply-to) on 1 and on 3.
+    let servers = Servers {
+        admin_amqp: admin(1),
+        worker_amqp: worker_urls(&[2]),
+        admin_db: admin_db_url(),
+    };
+    let mut env = Env::prepare_on(servers, |_| {}).await;
+    env.start_worker().await;
+    for client in [1, 3] {
+        let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+        let out = cli(&env, &["send", "create-ticket", &body])
+            .env("AMQP_URL", admin(client))
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.starts_with("200 "),
+            "client on node {client}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(env.count("tickets").await, 2);
+    env.teardown().await;
 }
