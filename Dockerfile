@@ -17,6 +17,6 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/profile-worker /usr/local/bin/profile-worker
 COPY seeds /seeds
 USER worker
-EXPOSE 9090
+EXPOSE 8742
 ENTRYPOINT ["profile-worker"]
 CMD ["run"]

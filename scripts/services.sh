@@ -27,6 +27,8 @@ PW_PG_PORT="${PW_PG_PORT:-5432}"
 PW_AMQP_PORT="${PW_AMQP_PORT:-5672}"
 PW_RABBIT_USER="${PW_RABBIT_USER:-profile-worker}"
 PW_RABBIT_PASSWORD="${PW_RABBIT_PASSWORD:-profile-worker}"
+# The vhost the worker's URLs point at (made when it is not "/").
+PW_RABBIT_VHOST="${PW_RABBIT_VHOST:-/}"
 # When set (the test command sets 5671), RabbitMQ also gets an amqps listener
 # with certificates made here by openssl, in PW_TLS_DIR.
 PW_AMQPS_PORT="${PW_AMQPS_PORT:-}"
@@ -50,7 +52,15 @@ wait_port() { # port seconds name
   return 1
 }
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# Never prompts: sudo -n fails at once where it would ask for a password.
+as_root() {
+  if [ "$(id -u)" = 0 ]; then
+    "$@"
+  elif ! sudo -n "$@"; then
+    log "needs root for: $* (sudo -n refused or failed; run as root, or allow this user passwordless sudo)"
+    return 1
+  fi
+}
 
 apt_updated=0
 apt_install() {
@@ -153,10 +163,20 @@ rabbit_user() {
   local n=(); [ -z "${PW_RABBIT_NODE:-}" ] || n=(-n "$PW_RABBIT_NODE")
   as_root rabbitmqctl "${n[@]}" -q add_user "$1" "$2" >/dev/null 2>&1 ||
     as_root rabbitmqctl "${n[@]}" -q change_password "$1" "$2" >/dev/null
-  as_root rabbitmqctl "${n[@]}" -q set_permissions -p / "$1" "^$3\$" "^(amq\.default|$3)\$" "^$3\$" >/dev/null
+  as_root rabbitmqctl "${n[@]}" -q set_permissions -p "$PW_RABBIT_VHOST" "$1" "^$3\$" "^(amq\.default|$3)\$" "^$3\$" >/dev/null
 }
 
-pg_version() { ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1; }
+# The vhost's path in an AMQP URL.
+vhost_path() { if [ "$PW_RABBIT_VHOST" = / ]; then echo %2f; else echo "$PW_RABBIT_VHOST"; fi; }
+
+# The newest PostgreSQL *server* installed: postgresql-client alone also makes
+# /usr/lib/postgresql/N (with psql), so look for the server binary.
+pg_version() {
+  local d
+  for d in $(ls /usr/lib/postgresql 2>/dev/null | sort -n); do
+    [ -x "/usr/lib/postgresql/$d/bin/postgres" ] && echo "$d"
+  done | tail -1
+}
 
 start_postgres() {
   if ! port_open "$PW_PG_PORT"; then
@@ -215,14 +235,18 @@ ensure_services() {
   fi
   start_rabbitmq
   start_postgres
+  if [ "$PW_RABBIT_VHOST" != / ] && command -v rabbitmqctl >/dev/null 2>&1; then
+    as_root rabbitmqctl -q add_vhost "$PW_RABBIT_VHOST" >/dev/null 2>&1 || true
+    as_root rabbitmqctl -q set_permissions -p "$PW_RABBIT_VHOST" guest '.*' '.*' '.*' >/dev/null
+  fi
   rabbit_user "$PW_RABBIT_USER" "$PW_RABBIT_PASSWORD" "$PW_RABBIT_NAMES"
   # The worker's own connections (least privilege) ...
-  export AMQP_URL="${AMQP_URL:-amqp://$PW_RABBIT_USER:$PW_RABBIT_PASSWORD@127.0.0.1:$PW_AMQP_PORT/%2f}"
+  export AMQP_URL="${AMQP_URL:-amqp://$PW_RABBIT_USER:$PW_RABBIT_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   export DATABASE_URL="${DATABASE_URL:-postgres://$PW_DB_USER:$PW_DB_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
   export DATABASE_RUNTIME_ROLE="${DATABASE_RUNTIME_ROLE:-$PW_DB_USER}"
   # ... and the owner's, for migrate and seed; a publisher's, for send.
   export OWNER_DATABASE_URL="${OWNER_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
-  export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://guest:guest@127.0.0.1:$PW_AMQP_PORT/%2f}"
+  export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://guest:guest@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   log "ready: worker as broker user $PW_RABBIT_USER and database role $PW_DB_USER; migrations as $PW_DB_OWNER"
 }
 

@@ -324,7 +324,7 @@ pub struct WorkerSettings {
     pub shutdown_grace_secs: u64,
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz
     /// (`off` disables it; port 0 picks a free port and logs it).
-    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8742")]
     pub http_addr: String,
 }
 
@@ -345,7 +345,7 @@ impl WorkerSettings {
             ConfigError::new(
                 "HTTP_ADDR",
                 format!(
-                    "{:?} is not an address like 127.0.0.1:9090 or [::]:9090 (or off)",
+                    "{:?} is not an address like 127.0.0.1:8742 or [::]:8742 (or off)",
                     self.http_addr
                 ),
             )

@@ -99,7 +99,7 @@ async fn sigterm_finishes_held_commands_and_exits_zero() {
 
 async fn run_expecting_error(envs: &[(&str, &str)]) -> String {
     let mut c = Command::new(env!("CARGO_BIN_EXE_profile-worker"));
-    // Any free port, unless the case sets one: a worker already serving 9090
+    // Any free port, unless the case sets one: a worker already serving 8742
     // on this machine must not turn a DATABASE_URL case into an HTTP_ADDR one.
     c.arg("run")
         .env("RUST_LOG", "off")
