@@ -206,6 +206,14 @@ pub struct BrokerSettings {
     /// letters wait in the command queue's dead-lettering instead.
     #[arg(long, env = "DEAD_LETTER_QUEUE_MAX_LENGTH", default_value_t = 100_000)]
     pub dead_letter_queue_max_length: u64,
+    /// Deliveries the dead-letter queue allows a message (x-delivery-limit)
+    /// before the broker drops it. Declared explicitly so it does not depend on
+    /// the broker version (RabbitMQ 4.x defaults to 20; 3.x has none). The
+    /// dead-letters tools never return what they read, so only a foreign
+    /// consumer that keeps rejecting counts. 0: declare none (a queue declared
+    /// by an earlier version of the worker, without the argument).
+    #[arg(long, env = "DEAD_LETTER_DELIVERY_LIMIT", default_value_t = 1_000)]
+    pub dead_letter_delivery_limit: u32,
     /// Most bytes the dead-letter queue holds (0: no limit).
     #[arg(long, env = "DEAD_LETTER_QUEUE_MAX_BYTES", default_value_t = 256 << 20)]
     pub dead_letter_queue_max_bytes: u64,
@@ -322,6 +330,10 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long to keep trying to finish held commands before leaving them to redelivery.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// Seconds between reads of the command and dead-letter queues' depths
+    /// (the profile_worker_queue_messages gauge).
+    #[arg(long, env = "QUEUE_DEPTH_POLL_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_depth_poll_secs: u64,
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz
     /// (`off` disables it; port 0 picks a free port and logs it).
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8742")]

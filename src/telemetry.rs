@@ -51,6 +51,9 @@ pub const RECONNECTS: &str = "profile_worker_reconnects_total";
 pub const DEAD_LETTERS: &str = "profile_worker_dead_letters_total";
 /// Events committed but not yet confirmed by the broker (outbox rows).
 pub const OUTBOX_PENDING: &str = "profile_worker_outbox_pending";
+/// Messages ready in the worker's queues, by `queue` (`commands`,
+/// `dead_letters`), as the broker reported them at the last poll.
+pub const QUEUE_MESSAGES: &str = "profile_worker_queue_messages";
 /// Consumers currently taking commands in this process.
 pub const CONSUMING: &str = "profile_worker_consumers";
 
@@ -118,6 +121,11 @@ fn describe() {
         "Events committed and not yet confirmed by the broker"
     );
     describe_gauge!(CONSUMING, "Consumers taking commands in this process");
+    describe_gauge!(
+        QUEUE_MESSAGES,
+        Unit::Count,
+        "Messages ready in the command and dead-letter queues, polled from the broker"
+    );
     // Present from the start, so a dashboard's rate() sees the first failure.
     metrics::counter!(RECONNECTS).absolute(0);
     metrics::counter!(REPLIES_DROPPED).absolute(0);

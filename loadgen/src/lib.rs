@@ -446,6 +446,7 @@ fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
         command_queue_max_bytes: 1 << 30,
         dead_letter_queue_max_length: 100_000,
         dead_letter_queue_max_bytes: 256 << 20,
+        dead_letter_delivery_limit: 1_000,
         amqp_ca_file: None,
     }
 }

@@ -74,6 +74,12 @@ pub fn dead_letter_queue_arguments(s: &BrokerSettings) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("quorum"));
     args.insert("x-overflow".into(), text("reject-publish"));
+    if s.dead_letter_delivery_limit > 0 {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(s.dead_letter_delivery_limit)),
+        );
+    }
     limits(
         &mut args,
         s.dead_letter_queue_max_length,
@@ -194,4 +200,28 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
         }
         _ => TopologyError::Broker(e),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BrokerSettings {
+        crate::config::Settings::from_env().broker
+    }
+
+    #[test]
+    fn the_dead_letter_queue_declares_its_delivery_limit_unless_told_not_to() {
+        let mut s = settings();
+        let args = dead_letter_queue_arguments(&s);
+        assert_eq!(
+            args.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongLongInt(1_000))
+        );
+        s.dead_letter_delivery_limit = 0;
+        assert!(dead_letter_queue_arguments(&s)
+            .inner()
+            .get("x-delivery-limit")
+            .is_none());
+    }
 }

@@ -1,11 +1,11 @@
-//! `profile-worker dead-letters list|replay`: look at what was dead-lettered and
-//! why, and, after a fix, send chosen ones back to the command exchange.
+//! `profile-worker dead-letters list|replay|purge`: look at what was
+//! dead-lettered and why; after a fix, send chosen ones back to the command
+//! exchange; delete chosen ones for good.
 //!
-//! Both read the dead-letter queue with `basic.get` and no auto-ack. Listing
-//! acks nothing, so every message returns to the queue when the channel closes;
-//! replay acks a dead letter only after the broker confirmed its re-publication,
-//! so an interrupted replay loses nothing (at worst a command is sent twice, and
-//! its message_id makes the second one answer with the stored reply).
+//! All three make one pass over the queue ([`pass`]): every dead letter read is
+//! settled by the tool, never returned to the queue, because a quorum queue
+//! counts a returned message as a delivery, and a delivery limit (RabbitMQ 4.x:
+//! 20 by default) would in the end drop dead letters that were only looked at.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -39,6 +39,19 @@ pub enum DeadLetterCmd {
         /// Show what would be replayed, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Delete chosen dead letters for good (after a look with --dry-run).
+    Purge {
+        #[command(flatten)]
+        scan: Scan,
+        #[command(flatten)]
+        select: Selection,
+        /// Show what would be purged, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Really delete (required unless --dry-run).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -172,6 +185,40 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
     p.clone().with_headers(kept)
 }
 
+/// The same message, to put back at the tail of the dead-letter queue: the
+/// broker's running delivery count is dropped, so the copy starts afresh.
+pub fn kept_properties(p: &BasicProperties) -> BasicProperties {
+    let mut kept = FieldTable::default();
+    if let Some(h) = p.headers() {
+        for (k, v) in h.inner() {
+            if k.as_str() != "x-delivery-count" {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    p.clone().with_headers(kept)
+}
+
+/// What becomes of one dead letter in a pass over the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Stays: put back as a fresh copy.
+    Keep,
+    /// Back to the command exchange.
+    Replay,
+    /// Gone.
+    Remove,
+}
+
+/// How many dead letters a pass looked at and what it did with them.
+#[derive(Debug, Default)]
+struct Tally {
+    looked_at: u64,
+    kept: u64,
+    replayed: u64,
+    removed: u64,
+}
+
 pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
     match cmd {
         DeadLetterCmd::List {
@@ -179,11 +226,7 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             json,
             show_secrets,
         } => {
-            let conn = super::connect(&scan.broker).await?;
-            let channel = conn.create_channel().await?;
-            let mut shown = 0;
-            for_each(&channel, &scan, |d, _| {
-                shown += 1;
+            let tally = pass(&scan, |d| {
                 if json {
                     let mut d = d.clone();
                     if !show_secrets {
@@ -200,15 +243,13 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
                         d.reason
                     );
                 }
+                Action::Keep
             })
             .await?;
-            // Nothing was acked: closing the channel returns every message.
-            let _ = channel.close(200, "listed".into()).await;
-            let _ = conn.close(200, "bye".into()).await;
             if !json {
                 eprintln!(
-                    "{shown} dead letter(s) in {}",
-                    scan.broker.dead_letter_queue
+                    "{} dead letter(s) in {}",
+                    tally.looked_at, scan.broker.dead_letter_queue
                 );
             }
             Ok(())
@@ -218,73 +259,109 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             select,
             dry_run,
         } => {
-            let conn = super::connect(&scan.broker).await?;
-            let channel = conn.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
             let exchange = scan.broker.command_exchange.clone();
-            let mut chosen = Vec::new();
-            for_each(&channel, &scan, |d, m| {
-                if select.matches(d) {
-                    chosen.push((d.clone(), m));
+            let mut chosen = 0u64;
+            let tally = pass(&scan, |d| {
+                if !select.matches(d) {
+                    return Action::Keep;
+                }
+                chosen += 1;
+                let what = describe(d);
+                if dry_run {
+                    println!("would replay {what}");
+                    Action::Keep
+                } else {
+                    println!("replaying {what}");
+                    Action::Replay
                 }
             })
             .await?;
-            let mut replayed = 0;
-            for (d, m) in &chosen {
-                let what = format!(
-                    "{} {} ({})",
-                    d.message_id.as_deref().unwrap_or("-"),
-                    d.command,
-                    d.code
-                );
-                if dry_run {
-                    println!("would replay {what}");
-                    continue;
-                }
-                let confirm = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        m.delivery.routing_key.clone(),
-                        BasicPublishOptions::default(),
-                        &m.delivery.data,
-                        replay_properties(&m.delivery.properties),
-                    )
-                    .await?
-                    .await?;
-                if !confirm.is_ack() {
-                    anyhow::bail!(
-                        "the broker refused to take {what} back; it stays dead-lettered ({replayed} replayed before it)"
-                    );
-                }
-                channel
-                    .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
-                    .await?;
-                replayed += 1;
-                println!("replayed {what}");
-            }
-            let _ = channel.close(200, "replayed".into()).await;
-            let _ = conn.close(200, "bye".into()).await;
             eprintln!(
-                "{} {} of the dead letters looked at to {exchange}",
+                "{} {} of the {} dead letters looked at to {exchange}",
                 if dry_run { "would replay" } else { "replayed" },
-                if dry_run { chosen.len() } else { replayed },
+                if dry_run { chosen } else { tally.replayed },
+                tally.looked_at,
+            );
+            Ok(())
+        }
+        DeadLetterCmd::Purge {
+            scan,
+            select,
+            dry_run,
+            yes,
+        } => {
+            if !dry_run && !yes {
+                anyhow::bail!(
+                    "purge deletes dead letters for good: look first with --dry-run, then add --yes"
+                );
+            }
+            let mut chosen = 0u64;
+            let tally = pass(&scan, |d| {
+                if !select.matches(d) {
+                    return Action::Keep;
+                }
+                chosen += 1;
+                if dry_run {
+                    println!("would purge {}", describe(d));
+                    Action::Keep
+                } else {
+                    println!("purging {}", describe(d));
+                    Action::Remove
+                }
+            })
+            .await?;
+            eprintln!(
+                "{} {} of the {} dead letters looked at",
+                if dry_run { "would purge" } else { "purged" },
+                if dry_run { chosen } else { tally.removed },
+                tally.looked_at,
             );
             Ok(())
         }
     }
 }
 
-/// Gets dead letters one by one (each stays unacked on `channel`) up to the
-/// limit or the end of the queue, and shows each to `f`.
-async fn for_each(
-    channel: &lapin::Channel,
-    scan: &Scan,
-    mut f: impl FnMut(&DeadLetter, lapin::message::BasicGetMessage),
-) -> anyhow::Result<()> {
+fn describe(d: &DeadLetter) -> String {
+    format!(
+        "{} {} ({})",
+        d.message_id.as_deref().unwrap_or("-"),
+        d.command,
+        d.code
+    )
+}
+
+/// One pass over the head of the dead-letter queue: at most `--limit` dead
+/// letters, and never more than the queue held when the pass began (so the
+/// copies it puts back are not read again). Each is read with `basic.get`,
+/// shown to `decide`, and settled only after its outcome is safe: a kept one
+/// is re-published to the tail of the queue (confirmed) before the original
+/// is acked, a replayed one to the command exchange (confirmed) before the
+/// original is acked. A read dead letter is never returned to the queue, which
+/// would count a delivery against it (and RabbitMQ 4.x drops a quorum queue's
+/// message at 20 by default). An interrupted pass loses nothing; at worst a
+/// dead letter is there twice, or a command is replayed twice, which its
+/// message_id makes harmless.
+async fn pass(scan: &Scan, mut decide: impl FnMut(&DeadLetter) -> Action) -> anyhow::Result<Tally> {
+    let conn = super::connect(&scan.broker).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let queue = scan.broker.dead_letter_queue.as_str();
-    for position in 1..=scan.limit {
+    let depth = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("{queue}: no such queue (has the worker run?)"))?
+        .message_count();
+    let mut tally = Tally::default();
+    for position in 1..=scan.limit.min(u64::from(depth)) {
         let got = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await
@@ -296,9 +373,59 @@ async fn for_each(
             &m.delivery.properties,
             &m.delivery.data,
         );
-        f(&d, m);
+        tally.looked_at += 1;
+        let action = decide(&d);
+        let (exchange, routing_key, props) = match action {
+            Action::Keep => ("", queue.into(), kept_properties(&m.delivery.properties)),
+            Action::Replay => (
+                scan.broker.command_exchange.as_str(),
+                m.delivery.routing_key.clone(),
+                replay_properties(&m.delivery.properties),
+            ),
+            Action::Remove => {
+                channel
+                    .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
+                    .await?;
+                tally.removed += 1;
+                continue;
+            }
+        };
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.delivery.data,
+                props,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() || confirm.take_message().is_some() {
+            anyhow::bail!(
+                "the broker did not take {} {}; it stays dead-lettered ({} looked at before it)",
+                describe(&d),
+                if action == Action::Keep {
+                    "back (is the dead-letter queue full?)"
+                } else {
+                    "to the command exchange"
+                },
+                tally.looked_at - 1
+            );
+        }
+        channel
+            .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
+            .await?;
+        match action {
+            Action::Keep => tally.kept += 1,
+            _ => tally.replayed += 1,
+        }
     }
-    Ok(())
+    let _ = channel.close(200, "done".into()).await;
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(tally)
 }
 
 #[cfg(test)]

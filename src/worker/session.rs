@@ -130,6 +130,11 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
         relay_stop.clone(),
     ));
     let _stop_relay = relay_stop.clone().drop_guard();
+    let depths = tokio::spawn(poll_depths(
+        conn.create_channel().await?,
+        settings.clone(),
+        relay_stop.clone(),
+    ));
 
     // Several consumers, each with its own channel, batches and confirms: while
     // one waits for Postgres another publishes, so neither the database nor the
@@ -147,7 +152,39 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     let result = futures_util::future::try_join_all(lanes).await.map(|_| ());
     relay_stop.cancel();
     let _ = relay.await;
+    let _ = depths.await;
     result
+}
+
+/// Reads the command and dead-letter queues' depths (a passive declare each)
+/// every `QUEUE_DEPTH_POLL_SECS` until `stop`, so "dead letters are piling up" and "the
+/// backlog grows" can be alerted on without the broker's own exporter. A failed
+/// read ends the poll quietly: the session's loss is reported elsewhere.
+async fn poll_depths(channel: lapin::Channel, settings: Arc<Settings>, stop: CancellationToken) {
+    let queues = [
+        ("commands", settings.broker.command_queue.clone()),
+        ("dead_letters", settings.broker.dead_letter_queue.clone()),
+    ];
+    loop {
+        for (label, name) in &queues {
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                .await
+            {
+                Ok(q) => metrics::gauge!(telemetry::QUEUE_MESSAGES, "queue" => *label)
+                    .set(f64::from(q.message_count())),
+                Err(_) => return,
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(settings.worker.queue_depth_poll_secs)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// One consumer on its own channel: take what the prefetch window delivered,

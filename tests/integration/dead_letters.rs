@@ -152,3 +152,119 @@ async fn replay_needs_a_selection() {
     );
     env.teardown().await;
 }
+
+/// Reading a quorum queue returns what was read, and RabbitMQ counts a
+/// returned message as a delivery (x-delivery-count); where the queue has a
+/// delivery limit (RabbitMQ 4.x: 20 by default) enough listings would drop
+/// dead letters. Listing, replaying and purging must leave the ones they do
+/// not take as they were: there, and not one delivery older.
+#[tokio::test]
+async fn listing_fifty_times_loses_nothing_and_counts_no_delivery() {
+    let env = Env::start().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = Uuid::new_v4().to_string();
+        let bad = Send {
+            kind: Some("create-ticket".into()),
+            message_id: Some(id.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            env.call_raw(format!("{{\"accessTokenId\":{i}}}").as_bytes(), bad)
+                .await
+                .status,
+            400
+        );
+        ids.push(id);
+    }
+    assert_eq!(wait_depth(&env, 3).await, 3);
+    for _ in 0..50 {
+        run_cli(&env, &["dead-letters", "list", "--json"]).await;
+    }
+    // A dry run and a replay and a purge of nothing in particular count no
+    // delivery against the rest either.
+    run_cli(&env, &["dead-letters", "replay", "--all", "--dry-run"]).await;
+    run_cli(
+        &env,
+        &["dead-letters", "purge", "--message-id", "none", "--yes"],
+    )
+    .await;
+    assert_eq!(dead_letter_depth(&env).await, 3, "nothing lost");
+    let dead = env.dead_letters().await;
+    let mut seen: Vec<String> = dead.iter().filter_map(|d| d.message_id.clone()).collect();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
+    for d in &dead {
+        let count = d.header("x-delivery-count").unwrap_or_else(|| "0".into());
+        assert_eq!(
+            count, "0",
+            "a listing counted as a delivery: {:?}",
+            d.headers
+        );
+    }
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn purge_removes_only_the_chosen_after_a_dry_run_and_asks_for_yes() {
+    let env = Env::start().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = Uuid::new_v4().to_string();
+        let bad = Send {
+            kind: Some("create-ticket".into()),
+            message_id: Some(id.clone()),
+            ..Default::default()
+        };
+        assert_eq!(env.call_raw(b"{not json", bad).await.status, 400);
+        ids.push(id);
+    }
+    assert_eq!(wait_depth(&env, 3).await, 3);
+    let (dry, _) = run_cli(
+        &env,
+        &[
+            "dead-letters",
+            "purge",
+            "--message-id",
+            &ids[0],
+            "--dry-run",
+        ],
+    )
+    .await;
+    assert!(dry.contains(&format!("would purge {}", ids[0])), "{dry}");
+    assert_eq!(
+        dead_letter_depth(&env).await,
+        3,
+        "a dry run changes nothing"
+    );
+    let refused = cli(&env, &["dead-letters", "purge", "--all"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(dead_letter_depth(&env).await, 3, "refused without --yes");
+    let (_, summary) = run_cli(
+        &env,
+        &[
+            "dead-letters",
+            "purge",
+            "--message-id",
+            &ids[0],
+            "--message-id",
+            &ids[1],
+            "--yes",
+        ],
+    )
+    .await;
+    assert!(summary.contains("purged 2 of the 3"), "{summary}");
+    let left: Vec<String> = env
+        .dead_letters()
+        .await
+        .iter()
+        .filter_map(|d| d.message_id.clone())
+        .collect();
+    assert_eq!(left, [ids[2].clone()]);
+    env.teardown().await;
+}

@@ -16,7 +16,9 @@ fn sample(page: &BTreeMap<String, f64>, key: &str) -> f64 {
 #[tokio::test]
 async fn metrics_count_what_was_processed_and_health_answers() {
     let env = Env::prepare().await;
-    let mut worker = WorkerProcess::start(worker_process(&env), None).await;
+    let mut cmd = worker_process(&env);
+    cmd.env("QUEUE_DEPTH_POLL_SECS", "1");
+    let mut worker = WorkerProcess::start(cmd, None).await;
     let http = worker.http().to_string();
 
     assert_eq!(
@@ -155,6 +157,19 @@ async fn metrics_count_what_was_processed_and_health_answers() {
         Some(&0.0),
         "every event was confirmed and its outbox row removed"
     );
+    // Queue depths, polled from the broker: the one dead letter, no backlog.
+    let depth = |b: &str, q: &str| {
+        samples(b)
+            .get(&format!(r#"profile_worker_queue_messages{{queue="{q}"}}"#))
+            .copied()
+    };
+    let polled = http_until(&http, "/metrics", Duration::from_secs(10), |_, b| {
+        depth(b, "dead_letters") == Some(1.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(depth(&polled.1, "dead_letters"), Some(1.0), "{}", polled.1);
+    assert_eq!(depth(&polled.1, "commands"), Some(0.0));
 
     signal(&worker, SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(40), worker.wait())
