@@ -250,6 +250,13 @@ ensure_services() {
   log "ready: worker as broker user $PW_RABBIT_USER and database role $PW_DB_USER; migrations as $PW_DB_OWNER"
 }
 
+# Debian's Prometheus and promtool, for the tests of deploy/prometheus (the
+# package's service is not started: no systemd here, and the test runs its own).
+ensure_prometheus() {
+  command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && return
+  apt_install prometheus
+}
+
 ensure_rust() {
   if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

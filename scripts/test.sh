@@ -12,6 +12,7 @@ ensure_rust
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 ensure_services
+ensure_prometheus
 # The tests' worker runs as a broker user limited to the tests' names
 # (t<12 hex>.commands…), as the real one is to profile.commands…; the tests'
 # own publishers and checks use the admin user.

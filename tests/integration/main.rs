@@ -11,6 +11,7 @@ mod maintenance;
 mod ops;
 mod packaging;
 mod process;
+mod prometheus;
 mod provision;
 mod schemas;
 mod security;
