@@ -330,6 +330,20 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long to keep trying to finish held commands before leaving them to redelivery.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// First pause, in ms, before reconnecting to a lost broker; it doubles
+    /// (with up to as much again of random jitter) up to BROKER_RETRY_MAX_MS.
+    #[arg(long, env = "BROKER_RETRY_MIN_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub broker_retry_min_ms: u64,
+    /// Longest pause, in ms, between reconnection attempts.
+    #[arg(long, env = "BROKER_RETRY_MAX_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub broker_retry_max_ms: u64,
+    /// First pause, in ms, before retrying a batch the database failed
+    /// transiently; doubles, jittered, up to DB_RETRY_MAX_MS.
+    #[arg(long, env = "DB_RETRY_MIN_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub db_retry_min_ms: u64,
+    /// Longest pause, in ms, between attempts at a batch while the database is away.
+    #[arg(long, env = "DB_RETRY_MAX_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub db_retry_max_ms: u64,
     /// Seconds between reads of the command and dead-letter queues' depths
     /// (the profile_worker_queue_messages gauge).
     #[arg(long, env = "QUEUE_DEPTH_POLL_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -341,7 +355,36 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// The broker reconnect's backoff.
+    pub fn broker_retry(&self) -> crate::pipeline::policy::Backoff {
+        crate::pipeline::policy::Backoff::millis(self.broker_retry_min_ms, self.broker_retry_max_ms)
+    }
+
+    /// The database retry's backoff.
+    pub fn db_retry(&self) -> crate::pipeline::policy::Backoff {
+        crate::pipeline::policy::Backoff::millis(self.db_retry_min_ms, self.db_retry_max_ms)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, min, max) in [
+            (
+                "BROKER_RETRY_MAX_MS",
+                self.broker_retry_min_ms,
+                self.broker_retry_max_ms,
+            ),
+            (
+                "DB_RETRY_MAX_MS",
+                self.db_retry_min_ms,
+                self.db_retry_max_ms,
+            ),
+        ] {
+            if max < min {
+                return Err(ConfigError::new(
+                    name,
+                    format!("{max} is below its _MIN_MS setting ({min})"),
+                ));
+            }
+        }
         crate::contract::command::check_verification_url(&self.verification_url).map_err(|_| {
             ConfigError::new("VERIFICATION_URL", "must be an absolute http or https URL")
         })?;
@@ -524,5 +567,8 @@ mod tests {
         assert_eq!(s.check().err().unwrap().setting, "HTTP_ADDR");
         s.worker.http_addr = "OFF".into();
         assert_eq!(s.worker.http_addr().unwrap(), None);
+        let mut s = Settings::from_env();
+        s.worker.db_retry_max_ms = 50;
+        assert_eq!(s.check().err().unwrap().setting, "DB_RETRY_MAX_MS");
     }
 }

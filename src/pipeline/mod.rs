@@ -116,7 +116,10 @@ impl Pipeline {
     ) -> Result<Prepared, BatchError> {
         let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
         let committing = Instant::now();
-        match policy::retry_transient(&self.shutdown, grace, || self.commit_batch(&items)).await {
+        let pace = self.settings.worker.db_retry();
+        match policy::retry_transient(&self.shutdown, grace, pace, || self.commit_batch(&items))
+            .await
+        {
             Ok((out, answers)) => {
                 stage("database", committing.elapsed());
                 Ok(Prepared::Committed(Committed {

@@ -11,8 +11,25 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Exponential backoff bounds (the delays: [`backoff`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    pub fn millis(min: u64, max: u64) -> Self {
+        Backoff {
+            min: Duration::from_millis(min),
+            max: Duration::from_millis(max.max(min)),
+        }
+    }
+
+    pub fn delays(&self) -> impl Iterator<Item = Duration> {
+        backoff(self.min, self.max)
+    }
+}
 
 /// Why a batch was not processed.
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +80,14 @@ pub fn after_failure(delivery_count: u64, delivery_limit: u64) -> (u64, Verdict)
 pub async fn retry_transient<T, F, Fut>(
     shutdown: &CancellationToken,
     grace: Duration,
+    pace: Backoff,
     mut attempt: F,
 ) -> Result<T, Failure>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let mut delays = backoff(BACKOFF_START, BACKOFF_MAX);
+    let mut delays = pace.delays();
     let mut since: Option<Instant> = None;
     let mut shutdown_at: Option<Instant> = None;
     loop {
@@ -103,7 +121,7 @@ where
                 return Err(Failure::Abandoned);
             }
         }
-        let delay = delays.next().unwrap_or(BACKOFF_MAX);
+        let delay = delays.next().unwrap_or(pace.max);
         // Sleep, but wake at once for shutdown so the grace period is measured.
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -141,28 +159,69 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_configured_pace_is_the_one_waited() {
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        let mut calls = 0;
+        let got = retry_transient(
+            &stop,
+            Duration::from_secs(1),
+            Backoff::millis(1_000, 1_000),
+            || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n <= 3 {
+                        Err(StoreError::transient("load", "away"))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(got.unwrap(), 4);
+        let waited = started.elapsed();
+        // Three pauses of 1 s, each with up to 1 s of jitter.
+        assert!(
+            waited >= Duration::from_secs(3) && waited <= Duration::from_secs(6),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_and_permanent_ones_are_not() {
         let stop = CancellationToken::new();
         let mut calls = 0;
-        let got = retry_transient(&stop, Duration::from_secs(1), || {
-            calls += 1;
-            let n = calls;
-            async move {
-                if n < 3 {
-                    Err(StoreError::transient("test", "down"))
-                } else {
-                    Ok(n)
+        let got = retry_transient(
+            &stop,
+            Duration::from_secs(1),
+            Backoff::millis(100, 5_000),
+            || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        Err(StoreError::transient("test", "down"))
+                    } else {
+                        Ok(n)
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         assert_eq!(got.unwrap(), 3);
 
         let mut calls = 0;
-        let got: Result<(), _> = retry_transient(&stop, Duration::from_secs(1), || {
-            calls += 1;
-            async { Err(StoreError::permanent("test", "broken")) }
-        })
+        let got: Result<(), _> = retry_transient(
+            &stop,
+            Duration::from_secs(1),
+            Backoff::millis(100, 5_000),
+            || {
+                calls += 1;
+                async { Err(StoreError::permanent("test", "broken")) }
+            },
+        )
         .await;
         assert!(matches!(got, Err(Failure::Store(_))));
         assert_eq!(calls, 1);
@@ -173,9 +232,12 @@ mod tests {
         let stop = CancellationToken::new();
         stop.cancel();
         let started = tokio::time::Instant::now();
-        let got: Result<(), _> = retry_transient(&stop, Duration::from_secs(3), || async {
-            Err(StoreError::transient("test", "down"))
-        })
+        let got: Result<(), _> = retry_transient(
+            &stop,
+            Duration::from_secs(3),
+            Backoff::millis(100, 5_000),
+            || async { Err(StoreError::transient("test", "down")) },
+        )
         .await;
         assert!(matches!(got, Err(Failure::Abandoned)));
         let waited = started.elapsed();

@@ -12,12 +12,9 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-/// Pauses between the attempts at a refused reply: about a second in all.
-const REPLY_RETRIES: [Duration; 3] = [
-    Duration::from_millis(100),
-    Duration::from_millis(250),
-    Duration::from_millis(500),
-];
+/// Attempts at a refused reply after the first, paused 100 ms, 200 ms, 400 ms
+/// (each with up to as much again of jitter): about a second in all.
+const REPLY_RETRIES: usize = 3;
 /// Refused replies being retried at once; past that a refused reply is dropped
 /// at once, so a caller whose queue refuses everything costs bounded memory.
 const REPLY_RETRY_TASKS: usize = 64;
@@ -137,7 +134,9 @@ impl Dispatcher {
         let publisher = self.publisher.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            for pause in REPLY_RETRIES {
+            let pauses =
+                super::policy::backoff(Duration::from_millis(100), Duration::from_millis(400));
+            for pause in pauses.take(REPLY_RETRIES) {
                 tokio::time::sleep(pause).await;
                 match publisher.publish_each(&pending).await {
                     Ok(acked) => {

@@ -142,6 +142,7 @@ impl Worker {
             session::Broker {
                 nodes: &amqp,
                 tls: &amqp_tls,
+                pace: settings.worker.broker_retry(),
             },
             first,
             &session::Shared {

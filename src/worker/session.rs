@@ -19,8 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 /// On shutdown, how long a consumer's buffer must stay empty before it is done.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
-const RECONNECT_START: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -42,10 +40,11 @@ pub(super) struct Shared<'a> {
     pub shutdown: &'a CancellationToken,
 }
 
-/// Where the broker's nodes are.
+/// Where the broker's nodes are, and how fast to come back to them.
 pub(super) struct Broker<'a> {
     pub nodes: &'a Nodes,
     pub tls: &'a OwnedTLSConfig,
+    pub pace: policy::Backoff,
 }
 
 /// Runs sessions until shutdown; returns an error only for what no reconnect can fix.
@@ -93,7 +92,7 @@ async fn reconnect(
     shutdown: &CancellationToken,
 ) -> Option<(Connection, usize)> {
     let mut start = start;
-    for delay in policy::backoff(RECONNECT_START, RECONNECT_MAX) {
+    for delay in broker.pace.delays() {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return None,
