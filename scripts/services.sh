@@ -257,6 +257,24 @@ ensure_prometheus() {
   apt_install prometheus
 }
 
+# What the publisher examples need (tests/integration/examples.rs): pika in a
+# virtual environment of the project's own (target/examples-venv, exported as
+# EXAMPLES_PYTHON; the system's Python is left alone), amqplib by `npm ci`.
+ensure_examples() {
+  local root; root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  local venv="$root/target/examples-venv"
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+  fi
+  "$venv/bin/python" -c 'import pika' 2>/dev/null ||
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/examples/python/requirements.txt"
+  export EXAMPLES_PYTHON="$venv/bin/python"
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+  [ -d "$root/examples/node/node_modules/amqplib" ] ||
+    (cd "$root/examples/node" && npm ci --no-audit --no-fund --silent)
+}
+
 ensure_rust() {
   if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

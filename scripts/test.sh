@@ -13,6 +13,7 @@ cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 ensure_services
 ensure_prometheus
+ensure_examples
 # The tests' worker runs as a broker user limited to the tests' names
 # (t<12 hex>.commands…), as the real one is to profile.commands…; the tests'
 # own publishers and checks use the admin user.

@@ -7,6 +7,7 @@ mod bad_input;
 mod commands;
 mod commit;
 mod dead_letters;
+mod examples;
 mod maintenance;
 mod ops;
 mod packaging;
