@@ -119,7 +119,7 @@ cmd_start() {
 cmd_stop() {
   local ver; ver="$(pg_version)"
   for c in "$STANDBY" "$PRIMARY"; do
-    exists "$c" && as_root pg_ctlcluster "$ver" "$c" stop -m fast 2>/dev/null || true
+    exists "$c" && as_root pg_ctlcluster "$ver" "$c" stop -m fast >/dev/null 2>&1 || true
   done
 }
 

@@ -444,7 +444,8 @@ impl Settings {
     }
 
     /// Every environment variable `run` reads: its settings', plus the logging
-    /// ones every subcommand reads (`LOG_FORMAT`, `RUST_LOG`).
+    /// and tracing ones every subcommand reads (`LOG_FORMAT`, `RUST_LOG`,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`).
     pub fn env_names() -> Vec<String> {
         use clap::Args;
         let cmd = Settings::augment_args(clap::Command::new("run"));
@@ -453,7 +454,15 @@ impl Settings {
             .filter_map(|a| a.get_env())
             .map(|e| e.to_string_lossy().into_owned())
             .collect();
-        names.extend(["LOG_FORMAT".to_string(), "RUST_LOG".to_string()]);
+        names.extend(
+            [
+                "LOG_FORMAT",
+                "RUST_LOG",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_SERVICE_NAME",
+            ]
+            .map(String::from),
+        );
         names
     }
 

@@ -16,6 +16,18 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// OTLP/HTTP endpoint to export spans to (e.g. http://127.0.0.1:4318);
+    /// unset: nothing is exported.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The service name exported spans carry.
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_SERVICE_NAME",
+        default_value = "profile-worker"
+    )]
+    otel_service_name: String,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -90,7 +102,18 @@ fn main() -> ExitCode {
 
 async fn run_cli() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    // Held until the process exits, so buffered spans are sent then.
+    let _export = match telemetry::init(
+        cli.log_format,
+        cli.otlp_endpoint.as_deref(),
+        &cli.otel_service_name,
+    ) {
+        Ok(export) => export,
+        Err(e) => {
+            eprintln!("error: {}", telemetry::Report(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Cmd::Run(settings) => run(*settings).await,
         Cmd::Migrate(db) => migrate(db).await,

@@ -36,6 +36,7 @@ pub fn event_message(exchange: &str, e: &OutboxEvent) -> Outgoing {
             &e.routing_key,
             &e.event_id.to_string(),
             e.traceparent.as_deref(),
+            e.tracestate.as_deref(),
         ),
         body: e.body.as_bytes().to_vec(),
     }

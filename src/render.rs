@@ -36,6 +36,7 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
         routing_key: routing_key.to_string(),
         body,
         traceparent: None,
+        tracestate: None,
     };
     match outcome {
         Outcome::Rejected(r) => Rendered {

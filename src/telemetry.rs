@@ -3,8 +3,11 @@
 //! code that records them and docs/OPERATIONS.md agree.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum LogFormat {
@@ -13,15 +16,108 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; `RUST_LOG` filters (default `info`).
-pub fn init(format: LogFormat) {
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported (an OTLP endpoint was set at [`init`]).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// `make()` when spans are exported, else a disabled span: the spans that
+/// exist only for the trace cost nothing when there is none.
+pub fn exported_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if exporting() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
+/// The OTLP exporter could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("OTEL_EXPORTER_OTLP_ENDPOINT: cannot export spans to {endpoint}")]
+pub struct OtlpError {
+    endpoint: String,
+    #[source]
+    source: opentelemetry_otlp::ExporterBuildError,
+}
+
+/// Keeps the span exporter running; dropped at exit, it sends what is buffered.
+pub struct TraceExport(opentelemetry_sdk::trace::SdkTracerProvider);
+
+impl Drop for TraceExport {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.shutdown() {
+            tracing::warn!(error = %e, "spans not exported at exit");
+        }
+    }
+}
+
+/// Where OTLP/HTTP wants the spans: the base endpoint (as
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is specified) plus `/v1/traces`.
+pub fn traces_url(endpoint: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_string()
+    } else {
+        format!("{base}/v1/traces")
+    }
+}
+
+/// Installs the global subscriber; `RUST_LOG` filters (default `info`). With
+/// an OTLP endpoint, spans are also exported there (OTLP/HTTP, protobuf, in
+/// batches from a thread of the exporter's own), as `service_name`.
+pub fn init(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    service_name: &str,
+) -> Result<Option<TraceExport>, OtlpError> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let logs = match format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let (spans, export) = match otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+        None => (None, None),
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(traces_url(endpoint))
+                .build()
+                .map_err(|source| OtlpError {
+                    endpoint: endpoint.to_string(),
+                    source,
+                })?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service_name.to_string())
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer("profile-worker");
+            EXPORTING.store(true, Ordering::Relaxed);
+            (
+                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(TraceExport(provider)),
+            )
+        }
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .try_init();
+    Ok(export)
 }
 
 /// Commands answered, by `command` (or `unknown`) and reply `status`.

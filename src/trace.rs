@@ -1,103 +1,111 @@
-//! W3C Trace Context (`traceparent`): a command's trace is continued on its reply
-//! and events, so a publisher can follow one request through the worker to the
-//! email dispatcher. Pure: parsing, and building the worker's own span's header.
+//! W3C Trace Context on commands, replies and events, read and written by
+//! OpenTelemetry's propagator (`traceparent` and `tracestate`): a command's
+//! trace is continued on its reply and events, so a publisher can follow one
+//! request through the worker to the email dispatcher. With an OTLP endpoint
+//! set the worker's spans are exported in that trace (`telemetry`); without
+//! one the IDs are made here, and nothing else is done with them.
 
-use std::fmt;
+use lapin::types::FieldTable;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::Context;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use std::collections::HashMap;
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
-const SAMPLED: u8 = 0x01;
 
-/// One position in a trace: the trace and the span that is current there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceContext {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub flags: u8,
+/// The trace headers of a message the worker publishes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
 }
 
-impl TraceContext {
-    /// Parses a `traceparent` header. Anything invalid is `None`, and the
-    /// worker then starts a new trace (the spec says to ignore such headers).
-    pub fn parse(header: &str) -> Option<Self> {
-        let h = header.trim();
-        let version = hex_bytes::<1>(h.get(0..2)?)?[0];
-        // Version 255 is forbidden; a later version may append fields after a dash.
-        if version == 0xff
-            || (version == 0 && h.len() != 55)
-            || (h.len() > 55 && h.as_bytes()[55] != b'-')
-        {
-            return None;
+/// A command's headers as the propagator reads them.
+struct Headers<'a>(Option<&'a FieldTable>);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.0?.inner().get(key)? {
+            lapin::types::AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            lapin::types::AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
         }
-        let b = h.as_bytes();
-        if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
-            return None;
-        }
-        // `get`, not indexing: a header is untrusted bytes and may not split on
-        // character boundaries.
-        let trace_id = hex_bytes::<16>(h.get(3..35)?)?;
-        let span_id = hex_bytes::<8>(h.get(36..52)?)?;
-        let flags = hex_bytes::<1>(h.get(53..55)?)?[0];
-        if trace_id == [0; 16] || span_id == [0; 8] {
-            return None;
-        }
-        Some(TraceContext {
-            trace_id,
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .map(|h| h.inner().keys().map(|k| k.as_str()).collect())
+            .unwrap_or_default()
+    }
+}
+
+struct Written(HashMap<String, String>);
+
+impl Injector for Written {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_string(), value);
+    }
+}
+
+/// The publisher's span, from a command's `traceparent` and `tracestate`;
+/// `None` when absent or invalid (the spec says to ignore such headers, and the
+/// worker then starts a new trace).
+pub fn extract(headers: Option<&FieldTable>) -> Option<SpanContext> {
+    let cx = TraceContextPropagator::new().extract(&Headers(headers));
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+/// The publisher's context, for an exported span's parent.
+pub fn remote_parent(sc: &SpanContext) -> Context {
+    Context::new().with_remote_span_context(sc.clone())
+}
+
+/// The worker's span under `parent` (its trace, flags and tracestate, a new
+/// span ID), or the root of a new, sampled trace when the command had none.
+pub fn continue_or_start(
+    parent: Option<&SpanContext>,
+    random: impl FnOnce() -> [u8; 24],
+) -> SpanContext {
+    let r = random();
+    let mut span_id: [u8; 8] = r[16..].try_into().expect("8 bytes");
+    if span_id == [0; 8] {
+        span_id[7] = 1;
+    }
+    let span_id = SpanId::from_bytes(span_id);
+    match parent {
+        Some(p) => SpanContext::new(
+            p.trace_id(),
             span_id,
-            flags,
-        })
-    }
-
-    /// The worker's span under `parent`, or the root of a new trace when the
-    /// command came without one (sampled, so a collector keeps it).
-    pub fn continue_or_start(
-        parent: Option<TraceContext>,
-        random: impl FnOnce() -> [u8; 24],
-    ) -> Self {
-        let r = random();
-        let mut span_id: [u8; 8] = r[16..].try_into().expect("8 bytes");
-        if span_id == [0; 8] {
-            span_id[7] = 1;
-        }
-        match parent {
-            Some(p) => TraceContext {
-                trace_id: p.trace_id,
-                span_id,
-                flags: p.flags,
-            },
-            None => {
-                let mut trace_id: [u8; 16] = r[..16].try_into().expect("16 bytes");
-                if trace_id == [0; 16] {
-                    trace_id[15] = 1;
-                }
-                TraceContext {
-                    trace_id,
-                    span_id,
-                    flags: SAMPLED,
-                }
+            p.trace_flags(),
+            false,
+            p.trace_state().clone(),
+        ),
+        None => {
+            let mut trace_id: [u8; 16] = r[..16].try_into().expect("16 bytes");
+            if trace_id == [0; 16] {
+                trace_id[15] = 1;
             }
+            SpanContext::new(
+                TraceId::from_bytes(trace_id),
+                span_id,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            )
         }
-    }
-
-    pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
-    }
-
-    pub fn span_id_hex(&self) -> String {
-        hex(&self.span_id)
     }
 }
 
-/// The header value, always version 00.
-impl fmt::Display for TraceContext {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+/// The headers that put a message in span `sc`'s trace, as its child.
+pub fn headers(sc: &SpanContext) -> TraceHeaders {
+    let mut out = Written(HashMap::new());
+    TraceContextPropagator::new().inject_context(&remote_parent(sc), &mut out);
+    TraceHeaders {
+        traceparent: out.0.remove(TRACEPARENT).unwrap_or_default(),
+        tracestate: out.0.remove(TRACESTATE).filter(|s| !s.is_empty()),
     }
 }
 
@@ -110,124 +118,82 @@ pub fn random_ids() -> [u8; 24] {
     b
 }
 
-/// Lower-case hex; by table, since every command formats two IDs at least twice.
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
-/// Lower-case hex only, as the spec requires.
-fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != N * 2 {
-        return None;
-    }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; N];
-    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
-        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::{AMQPValue, LongString};
 
     const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-    #[test]
-    fn parses_the_spec_example_and_prints_it_back() {
-        let t = TraceContext::parse(EXAMPLE).unwrap();
-        assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(t.span_id_hex(), "00f067aa0ba902b7");
-        assert_eq!(t.flags, 1);
-        assert_eq!(t.to_string(), EXAMPLE);
+    fn table(pairs: &[(&str, &str)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), AMQPValue::LongString(LongString::from(*v)));
+        }
+        t
     }
 
     #[test]
-    fn rejects_what_the_spec_says_to_ignore() {
+    fn reads_the_spec_example_with_its_tracestate() {
+        let h = table(&[
+            (TRACEPARENT, EXAMPLE),
+            (TRACESTATE, "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+        ]);
+        let sc = extract(Some(&h)).unwrap();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_sampled());
+        assert_eq!(sc.trace_state().get("congo"), Some("t61rcWkgMzE"));
+    }
+
+    #[test]
+    fn invalid_or_missing_headers_are_ignored() {
         for bad in [
             "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e47é-00f067aa0ba902b7-01",
-            "00-ééééééééééééééééé-00f067aa0ba902b7-01",
-            "0é-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-é4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
         ] {
-            assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+            assert_eq!(
+                extract(Some(&table(&[(TRACEPARENT, bad)]))),
+                None,
+                "{bad:?}"
+            );
         }
+        assert_eq!(extract(None), None);
+        assert_eq!(extract(Some(&FieldTable::default())), None);
     }
 
     #[test]
-    fn no_header_makes_it_panic() {
-        // Every position replaced by a multi-byte character, and every truncation.
-        for i in 0..EXAMPLE.len() {
-            let mut h = EXAMPLE.to_string();
-            h.replace_range(i..i + 1, "é");
-            assert_eq!(TraceContext::parse(&h), None, "{h}");
-            let _ = TraceContext::parse(&EXAMPLE[..i]);
-            let _ = TraceContext::parse(&format!("01{}é", &EXAMPLE[2..]));
-        }
-    }
-
-    #[test]
-    fn later_versions_are_read_by_their_first_fields() {
-        let t = TraceContext::parse(
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-what-comes-next",
-        )
-        .unwrap();
-        assert_eq!(t.flags, 0);
-        assert!(
-            TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00x")
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn continuing_keeps_trace_and_flags_with_a_new_span() {
-        let parent = TraceContext::parse(EXAMPLE).unwrap();
-        let child = TraceContext::continue_or_start(Some(parent), || [7; 24]);
-        assert_eq!(child.trace_id, parent.trace_id);
-        assert_eq!(child.flags, parent.flags);
-        assert_eq!(child.span_id, [7; 8]);
-        let unsampled = TraceContext { flags: 0, ..parent };
+    fn the_workers_span_continues_the_trace_and_its_state() {
+        let h = table(&[(TRACEPARENT, EXAMPLE), (TRACESTATE, "congo=t61rcWkgMzE")]);
+        let parent = extract(Some(&h)).unwrap();
+        let mine = continue_or_start(Some(&parent), || [7; 24]);
+        assert_eq!(mine.trace_id(), parent.trace_id());
+        assert_ne!(mine.span_id(), parent.span_id());
+        let out = headers(&mine);
         assert_eq!(
-            TraceContext::continue_or_start(Some(unsampled), || [7; 24]).flags,
-            0
+            out.traceparent,
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", mine.span_id())
         );
+        assert_eq!(out.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
     }
 
     #[test]
-    fn starting_makes_a_valid_sampled_root() {
-        let mut r = [0u8; 24];
-        r[0] = 0xab;
-        r[16] = 0xcd;
-        let t = TraceContext::continue_or_start(None, || r);
-        assert_eq!(t.trace_id[0], 0xab);
-        assert_eq!(t.span_id[0], 0xcd);
-        assert_eq!(t.flags, 1);
-        // Even all-zero randomness gives IDs the spec accepts.
-        let z = TraceContext::continue_or_start(None, || [0; 24]);
-        assert_eq!(TraceContext::parse(&z.to_string()), Some(z));
-    }
-
-    #[test]
-    fn random_ids_differ() {
-        assert_ne!(random_ids(), random_ids());
+    fn without_a_parent_a_sampled_trace_starts() {
+        let mine = continue_or_start(None, || [0; 24]);
+        assert!(mine.is_valid() && mine.is_sampled());
+        let out = headers(&mine);
+        assert_eq!(
+            out.traceparent,
+            "00-00000000000000000000000000000001-0000000000000001-01"
+        );
+        assert_eq!(out.tracestate, None);
     }
 }

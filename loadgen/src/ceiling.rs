@@ -148,6 +148,7 @@ async fn echo(
                             correlation,
                             200,
                             traceparent,
+                            None,
                         ),
                         body: BODY.to_vec(),
                     })
@@ -185,6 +186,7 @@ fn contract_events(exchange: &str, command: &lapin::BasicProperties) -> Vec<Outg
             routing_key,
             &format!("{id}/{routing_key}"),
             Some(TRACEPARENT),
+            None,
         ),
         body: body.to_vec(),
     };

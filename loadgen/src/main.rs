@@ -6,7 +6,11 @@ use std::process::ExitCode;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = profile_worker_bench::BenchArgs::parse();
-    profile_worker::telemetry::init(profile_worker::telemetry::LogFormat::Text);
+    let _ = profile_worker::telemetry::init(
+        profile_worker::telemetry::LogFormat::Text,
+        None,
+        "profile-worker-bench",
+    );
     match profile_worker_bench::run(args).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(message) => {

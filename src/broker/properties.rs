@@ -49,10 +49,11 @@ pub fn reply(
     correlation_id: Option<&str>,
     status: u16,
     traceparent: Option<&str>,
+    tracestate: Option<&str>,
 ) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(STATUS_HEADER.into(), AMQPValue::LongInt(status as i32));
-    insert_traceparent(&mut headers, traceparent);
+    insert_trace(&mut headers, traceparent, tracestate);
     let p = BasicProperties::default()
         .with_content_type(JSON.into())
         .with_type(reply_type.into())
@@ -65,7 +66,12 @@ pub fn reply(
     }
 }
 
-pub fn event(routing_key: &str, message_id: &str, traceparent: Option<&str>) -> BasicProperties {
+pub fn event(
+    routing_key: &str,
+    message_id: &str,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> BasicProperties {
     let p = BasicProperties::default()
         .with_content_type(JSON.into())
         .with_type(routing_key.into())
@@ -76,16 +82,23 @@ pub fn event(routing_key: &str, message_id: &str, traceparent: Option<&str>) -> 
         return p;
     }
     let mut headers = FieldTable::default();
-    insert_traceparent(&mut headers, traceparent);
+    insert_trace(&mut headers, traceparent, tracestate);
     p.with_headers(headers)
 }
 
-fn insert_traceparent(headers: &mut FieldTable, traceparent: Option<&str>) {
+/// W3C `traceparent`, and `tracestate` only with a traceparent (alone it means nothing).
+fn insert_trace(headers: &mut FieldTable, traceparent: Option<&str>, tracestate: Option<&str>) {
     if let Some(t) = traceparent {
         headers.insert(
             crate::trace::TRACEPARENT.into(),
             AMQPValue::LongString(LongString::from(t)),
         );
+        if let Some(s) = tracestate {
+            headers.insert(
+                crate::trace::TRACESTATE.into(),
+                AMQPValue::LongString(LongString::from(s)),
+            );
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 
 use crate::broker::{properties, Delivery};
 use crate::contract::{self, Command, CommandName, Incoming, Rejection};
-use crate::trace::{self, TraceContext};
+use crate::trace::{self, TraceHeaders};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// A delivery and what its properties say.
 pub(super) struct Item {
@@ -17,8 +19,8 @@ pub(super) struct Item {
     /// correlation_id, else message_id (CONTRACT §2).
     pub correlation: Option<String>,
     /// The worker's span for this command: its reply and events carry it.
-    pub trace: TraceContext,
-    pub traceparent: String,
+    pub trace: SpanContext,
+    pub trace_headers: TraceHeaders,
     /// Every log line about this command is in it: `message_id`, `command`, `trace_id`.
     pub span: tracing::Span,
 }
@@ -41,18 +43,36 @@ impl Item {
         let correlation = properties::short(p.correlation_id())
             .map(str::to_string)
             .or_else(|| message_id.clone());
-        let parent = properties::header_text(p, trace::TRACEPARENT).and_then(TraceContext::parse);
-        let trace = TraceContext::continue_or_start(parent, trace::random_ids);
+        let parent = trace::extract(p.headers().as_ref());
+        let command = command_label(&delivery);
         let span = tracing::info_span!(
             parent: batch,
             "command",
             message_id = message_id.as_deref().unwrap_or("-"),
-            command = command_label(&delivery),
-            trace_id = %trace.trace_id_hex(),
+            command,
+            trace_id = tracing::field::Empty,
+            otel.name = process_span_name(&delivery),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
         );
+        let trace = if crate::telemetry::exporting() {
+            // The exported span is the publisher's child; the IDs are its own.
+            if let Some(p) = &parent {
+                let _ = span.set_parent(trace::remote_parent(p));
+            }
+            let own = span.context().span().span_context().clone();
+            if own.is_valid() {
+                own
+            } else {
+                trace::continue_or_start(parent.as_ref(), trace::random_ids)
+            }
+        } else {
+            trace::continue_or_start(parent.as_ref(), trace::random_ids)
+        };
+        span.record("trace_id", tracing::field::display(trace.trace_id()));
         Item {
             span,
-            traceparent: trace.to_string(),
+            trace_headers: trace::headers(&trace),
             trace,
             decoded,
             reply_to,
@@ -86,6 +106,16 @@ impl Item {
 
 fn command_name(d: &Delivery) -> Option<CommandName> {
     CommandName::parse(properties::short(d.properties.kind()).unwrap_or(d.routing_key.as_str()))
+}
+
+/// The exported span's name (OpenTelemetry's messaging convention: the
+/// destination, then the operation), without a format per command.
+fn process_span_name(d: &Delivery) -> &'static str {
+    match command_name(d) {
+        Some(CommandName::CreateTicket) => "create-ticket process",
+        Some(CommandName::CreateVerificationToken) => "create-verification-token process",
+        None => "unknown process",
+    }
 }
 
 fn command_label(d: &Delivery) -> &'static str {

@@ -24,6 +24,7 @@ use report::{Answer, Outcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Dead-letter code for a command that failed on every allowed delivery.
@@ -117,7 +118,11 @@ impl Pipeline {
         let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
         let committing = Instant::now();
         let pace = self.settings.worker.db_retry();
+        let commit = telemetry::exported_span(
+            || tracing::info_span!(parent: &span, "commit", otel.name = "commit", db.system = "postgresql"),
+        );
         match policy::retry_transient(&self.shutdown, grace, pace, || self.commit_batch(&items))
+            .instrument(commit)
             .await
         {
             Ok((out, answers)) => {
@@ -148,7 +153,14 @@ impl Pipeline {
         } = c;
         let publishing = Instant::now();
         let publications = out.len();
-        let settled = self.dispatcher.publish(out).await?;
+        let publish_span = telemetry::exported_span(
+            || tracing::info_span!(parent: &span, "publish", otel.name = "publish", otel.kind = "producer", messaging.system = "rabbitmq", publications),
+        );
+        let settled = self
+            .dispatcher
+            .publish(out)
+            .instrument(publish_span)
+            .await?;
         let publish = publishing.elapsed();
         stage("publish", publish);
         tracing::debug!(
@@ -297,7 +309,8 @@ impl Pipeline {
         for (item, step) in planned.iter().zip(&plan.steps) {
             if let Step::New { record: r, .. } = *step {
                 for e in &mut plan.records[r].events {
-                    e.traceparent = Some(item.traceparent.clone());
+                    e.traceparent = Some(item.trace_headers.traceparent.clone());
+                    e.tracestate = item.trace_headers.tracestate.clone();
                 }
             }
         }
@@ -424,7 +437,8 @@ impl Pipeline {
                     item.reply_type(),
                     item.correlation.as_deref(),
                     reply.status,
-                    Some(&item.traceparent),
+                    Some(&item.trace_headers.traceparent),
+                    item.trace_headers.tracestate.as_deref(),
                 ),
                 body: reply.body.into_bytes(),
             });

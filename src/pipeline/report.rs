@@ -65,7 +65,7 @@ pub(super) fn record(item: &Item, a: Answer) {
             .as_ref()
             .map(|c| token_prefix(c.access_token_id()))
             .unwrap_or_default(),
-        span_id = %item.trace.span_id_hex(),
+        span_id = %item.trace.span_id(),
         "answered"
     );
     metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))

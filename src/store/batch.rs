@@ -78,23 +78,24 @@ const LOAD: &str = "SELECT 1::int2 AS kind, encode(t.id_sha256, 'hex') AS key, t
        NULL::text AS b, (extract(epoch FROM t.expires_on) * 1000)::bigint AS n, NULL::bool AS flag, \
        t.tenant_permissions AS j, NULL::uuid AS event_id, NULL::text AS routing_key, \
        NULL::text AS body, NULL::text AS traceparent, NULL::timestamptz AS created_at, \
-       NULL::text[] AS hosts, NULL::bytea AS fp \
+       NULL::text[] AS hosts, NULL::bytea AS fp, NULL::text AS tracestate \
      FROM access_tokens t WHERE t.id_sha256 = ANY($1) \
      UNION ALL \
      SELECT 2::int2, p.id, p.tenant, p.email, NULL, p.enabled, NULL, NULL, NULL, NULL, NULL, NULL, \
-       tn.link_hosts, NULL \
+       tn.link_hosts, NULL, NULL \
      FROM profiles p LEFT JOIN tenants tn ON tn.name = p.tenant WHERE p.id = ANY($2) \
      UNION ALL \
      SELECT 3::int2, p.message_id, p.command, p.reply, p.status::bigint, NULL, NULL, \
-       o.event_id, o.routing_key, o.body, o.traceparent, o.created_at, NULL, p.fingerprint \
+       o.event_id, o.routing_key, o.body, o.traceparent, o.created_at, NULL, p.fingerprint, \
+       o.tracestate \
      FROM processed_commands p LEFT JOIN LATERAL ( \
-       SELECT event_id, routing_key, body, traceparent, created_at FROM outbox \
+       SELECT event_id, routing_key, body, traceparent, tracestate, created_at FROM outbox \
        WHERE outbox.message_id = p.message_id OFFSET 0) o ON true \
      WHERE p.message_id = ANY($3) \
      UNION ALL \
      SELECT 4::int2, c.profile_id, c.purpose, NULL, \
        (extract(epoch FROM c.requested_at) * 1000)::bigint, NULL, NULL, NULL, NULL, NULL, NULL, \
-       NULL, NULL, NULL \
+       NULL, NULL, NULL, NULL \
      FROM email_cooldowns c WHERE c.profile_id = ANY($2)";
 
 /// What a row of [`LOAD`] is.
@@ -142,10 +143,10 @@ const COMMIT: &str = "WITH won AS ( \
        FROM unnest($11::uuid[], $12::text[], $13::text[], $14::timestamptz[], $15::text[]) \
          AS x(id, tenant, profile_id, at, mid) \
        WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)), \
-     o AS (INSERT INTO outbox (event_id, message_id, routing_key, body, traceparent) \
-       SELECT x.id, x.mid, x.key, x.body, x.trace \
-       FROM unnest($16::uuid[], $17::text[], $18::text[], $19::text[], $20::text[]) \
-         AS x(id, mid, key, body, trace) \
+     o AS (INSERT INTO outbox (event_id, message_id, routing_key, body, traceparent, tracestate) \
+       SELECT x.id, x.mid, x.key, x.body, x.trace, x.state \
+       FROM unnest($16::uuid[], $17::text[], $18::text[], $19::text[], $20::text[], $27::text[]) \
+         AS x(id, mid, key, body, trace, state) \
        WHERE x.mid IS NULL OR x.mid IN (SELECT message_id FROM won)), \
      wanted AS (SELECT x.profile_id, x.purpose, x.at \
        FROM unnest($22::text[], $23::text[], $24::timestamptz[], $25::text[]) \
@@ -300,6 +301,7 @@ impl Batch<'_> {
                             routing_key: row.get(8),
                             body: row.get(9),
                             traceparent: row.get(10),
+                            tracestate: row.get(14),
                         };
                         pending.push((row.get(11), event));
                     }
@@ -433,6 +435,7 @@ impl Batch<'_> {
         let e_keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
         let e_bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
         let e_traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
+        let e_states: Vec<Option<&str>> = events.iter().map(|e| e.tracestate.as_deref()).collect();
 
         let err = |e| self.failed(StoreError::pg("commit", e));
         let stmt = self.client().prepare_cached(COMMIT).await.map_err(err)?;
@@ -467,6 +470,7 @@ impl Batch<'_> {
                     &c_times,
                     &c_mids,
                     &email_cooldown.as_secs_f64(),
+                    &e_states,
                 ],
             )
             .await

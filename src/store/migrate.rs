@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "hardening",
         sql: include_str!("../../migrations/0003_hardening.sql"),
     },
+    Migration {
+        version: 4,
+        name: "outbox_tracestate",
+        sql: include_str!("../../migrations/0004_outbox_tracestate.sql"),
+    },
 ];
 
 /// Arbitrary, fixed: "profile-worker migrations".

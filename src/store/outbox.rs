@@ -16,6 +16,8 @@ pub struct OutboxEvent {
     pub body: String,
     /// W3C traceparent of the worker's span for the command that caused it.
     pub traceparent: Option<String>,
+    /// The W3C tracestate that goes with it, when the command had one.
+    pub tracestate: Option<String>,
 }
 
 impl Store {
@@ -80,7 +82,7 @@ impl Store {
                      SELECT event_id FROM outbox \
                      WHERE created_at < now() - make_interval(secs => $1) \
                      ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING event_id, message_id, routing_key, body, traceparent",
+                 RETURNING event_id, message_id, routing_key, body, traceparent, tracestate",
                 &[&grace_secs, &limit],
             )
             .await
@@ -93,6 +95,7 @@ impl Store {
                 routing_key: r.get(2),
                 body: r.get(3),
                 traceparent: r.get(4),
+                tracestate: r.get(5),
             })
             .collect())
     }

@@ -227,6 +227,7 @@ pub struct Reply {
     pub kind: String,
     pub correlation_id: Option<String>,
     pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     pub body: Value,
     pub raw: String,
 }
@@ -284,6 +285,8 @@ pub struct Send {
     pub reply_to: Option<String>,
     /// A W3C traceparent header.
     pub traceparent: Option<String>,
+    /// A W3C tracestate header.
+    pub tracestate: Option<String>,
 }
 
 pub struct Env {
@@ -390,6 +393,7 @@ impl Env {
                     profile_worker::broker::properties::status(&d.headers).map_or(-1, |v| v as i64);
                 let _ = reply_tx.send(Reply {
                     traceparent: d.header("traceparent"),
+                    tracestate: d.header("tracestate"),
                     status,
                     kind: d.kind,
                     correlation_id: d.correlation_id,
@@ -485,12 +489,19 @@ impl Env {
             .with_type(kind.as_str().into())
             .with_delivery_mode(2)
             .with_timestamp(profile_worker::broker::properties::now_secs());
-        if let Some(t) = &opts.traceparent {
-            let mut headers = FieldTable::default();
-            headers.insert(
-                "traceparent".into(),
-                lapin::types::AMQPValue::LongString(t.as_str().into()),
-            );
+        let mut headers = FieldTable::default();
+        for (name, value) in [
+            ("traceparent", &opts.traceparent),
+            ("tracestate", &opts.tracestate),
+        ] {
+            if let Some(v) = value {
+                headers.insert(
+                    name.into(),
+                    lapin::types::AMQPValue::LongString(v.as_str().into()),
+                );
+            }
+        }
+        if !headers.inner().is_empty() {
             props = props.with_headers(headers);
         }
         if let Some(ct) = opts

@@ -46,6 +46,7 @@ fn record(message_id: Option<&str>, reply: &str, token: bool) -> NewRecord {
             routing_key: "ticket.created".into(),
             body: "{}".into(),
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: Some("congo=t61rcWkgMzE".into()),
         }],
     }
 }
@@ -211,6 +212,13 @@ async fn one_load_returns_tokens_profiles_and_earlier_replies_with_pending_event
         "re-published in the order they were written"
     );
     assert_eq!(loaded.processed["m2"].pending_events.len(), 1);
+    // An event re-published from the outbox keeps its whole trace context.
+    let e = &loaded.processed["m2"].pending_events[0];
+    assert_eq!(
+        e.traceparent.as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(e.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
     store.close();
     env.teardown().await;
 }

@@ -10,6 +10,7 @@ mod dead_letters;
 mod examples;
 mod maintenance;
 mod ops;
+mod otlp;
 mod packaging;
 mod process;
 mod prometheus;
