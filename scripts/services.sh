@@ -77,6 +77,10 @@ docker_usable() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>
 
 start_with_docker() {
   log "Docker engine found: docker compose up -d rabbitmq postgres"
+  # The compose stack is a development one of its own: its database and vhost
+  # (made by its init scripts) are used, not run.sh's names for a shared server.
+  PW_DB_NAME=profile_worker
+  PW_RABBIT_VHOST=/
   (cd "$(dirname "${BASH_SOURCE[0]}")/.." && docker compose up -d --wait rabbitmq postgres &&
     docker compose run --rm rabbitmq-users)
 }
