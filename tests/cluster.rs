@@ -12,8 +12,9 @@
 //! starts the cluster and the pair; run alone, `scripts/cluster.sh start` and
 //! `scripts/pg-standby.sh start` first.
 
-use profile_worker_testkit::burst::Run;
+use profile_worker_testkit::burst::{Run, Sent};
 use profile_worker_testkit::*;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,26 @@ fn worker_node(worker: &WorkerProcess) -> Option<u8> {
         .map(|p| (p - port(0)) as u8)
 }
 
+/// A test's servers: the topology and the test's own connections on node
+/// `admin_node`, the worker told about `worker_nodes`, the shared database.
+fn on_cluster(admin_node: u8, worker_nodes: &[u8]) -> Servers {
+    Servers {
+        admin_amqp: admin(admin_node),
+        worker_amqp: worker_urls(worker_nodes),
+        admin_db: admin_db_url(),
+    }
+}
+
+/// Waits until every command but the malformed ones is processed.
+async fn all_processed(run: &Run, sent: &HashMap<String, Sent>) {
+    let expected = sent.values().filter(|s| !s.malformed).count();
+    assert_eq!(
+        run.wait_processed(expected, Duration::from_secs(120)).await,
+        expected,
+        "every command processed after the fault"
+    );
+}
+
 fn report(what: &str, run: &Run, killed_at: Instant) {
     let (first, gap) = run.failover(killed_at);
     let first = first.expect("a reply after the kill");
@@ -112,11 +133,7 @@ async fn kill_9_of_the_node_the_worker_is_connected_to_loses_and_duplicates_noth
     cluster_up().await;
     // The topology (and so the command queue's leader) and the test's own
     // connections on node 1; the worker may start on any of the three.
-    let servers = Servers {
-        admin_amqp: admin(1),
-        worker_amqp: worker_urls(&[1, 2, 3]),
-        admin_db: admin_db_url(),
-    };
+    let servers = on_cluster(1, &[1, 2, 3]);
     let run = Run::prepare_on(servers, None).await;
     let (sent, commands) = run.plan(COMMANDS);
     run.watch_replies().await;
@@ -157,11 +174,7 @@ async fn kill_9_of_the_node_the_worker_is_connected_to_loses_and_duplicates_noth
         "the kill landed mid-load ({done})"
     );
     control("cluster.sh", &["start", &node.to_string()]).await;
-    let expected = sent.values().filter(|s| !s.malformed).count();
-    assert_eq!(
-        run.wait_processed(expected, Duration::from_secs(120)).await,
-        expected
-    );
+    all_processed(&run, &sent).await;
     report("worker's node", &run, at);
     run.complete(worker, &sent).await;
 }
@@ -172,11 +185,7 @@ async fn kill_9_of_the_command_queues_leader_loses_and_duplicates_nothing() {
     cluster_up().await;
     // Declared through node 1, the queue's leader is there; the worker (on 2
     // or 3) and the test's publisher and checks (on 3) are elsewhere.
-    let servers = Servers {
-        admin_amqp: admin(1),
-        worker_amqp: worker_urls(&[2, 3]),
-        admin_db: admin_db_url(),
-    };
+    let servers = on_cluster(1, &[2, 3]);
     let run = Run::prepare_on(servers, Some(admin(3))).await;
     let queue = run.env.settings.broker.command_queue.clone();
     let leader = control("cluster.sh", &["leader", &queue]).await;
@@ -200,11 +209,7 @@ async fn kill_9_of_the_command_queues_leader_loses_and_duplicates_nothing() {
         done < COMMANDS * 9 / 10,
         "the kill landed mid-load ({done})"
     );
-    let expected = sent.values().filter(|s| !s.malformed).count();
-    assert_eq!(
-        run.wait_processed(expected, Duration::from_secs(120)).await,
-        expected
-    );
+    all_processed(&run, &sent).await;
     report("queue leader", &run, at);
     // Node 1 back before the clean-up, which goes through it.
     control("cluster.sh", &["start", "1"]).await;
@@ -252,11 +257,7 @@ async fn primary_crash_and_standby_promotion_lose_and_duplicate_nothing() {
         done < COMMANDS * 9 / 10,
         "the crash landed mid-load ({done})"
     );
-    let expected = sent.values().filter(|s| !s.malformed).count();
-    assert_eq!(
-        run.wait_processed(expected, Duration::from_secs(120)).await,
-        expected
-    );
+    all_processed(&run, &sent).await;
     assert_eq!(
         control("pg-standby.sh", &["status"]).await,
         "5441 down\n5442 primary",
@@ -275,9 +276,8 @@ async fn the_worker_connected_over_amqps_to_the_tls_node_loses_nothing() {
         env_or("PW_CLUSTER_AMQPS_PORT", "5691")
     );
     let servers = Servers {
-        admin_amqp: admin(1),
         worker_amqp: tls,
-        admin_db: admin_db_url(),
+        ..on_cluster(1, &[])
     };
     let run = Run::prepare_on(servers, None).await;
     let ca = env_or("TEST_AMQPS_CA", "/etc/rabbitmq/profile-worker-tls/ca.pem");
@@ -301,11 +301,7 @@ async fn direct_reply_to_reaches_a_client_on_another_node() {
     let _one = ONE_AT_A_TIME.lock().await;
     cluster_up().await;
     // The worker on node 2 only; `profile-worker send` (direct reply-to) on 1 and on 3.
-    let servers = Servers {
-        admin_amqp: admin(1),
-        worker_amqp: worker_urls(&[2]),
-        admin_db: admin_db_url(),
-    };
+    let servers = on_cluster(1, &[2]);
     let mut env = Env::prepare_on(servers, |_| {}).await;
     env.start_worker().await;
     for client in [1, 3] {
