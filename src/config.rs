@@ -356,13 +356,13 @@ pub struct WorkerSettings {
 
 impl WorkerSettings {
     /// The broker reconnect's backoff.
-    pub fn broker_retry(&self) -> crate::pipeline::policy::Backoff {
-        crate::pipeline::policy::Backoff::millis(self.broker_retry_min_ms, self.broker_retry_max_ms)
+    pub fn broker_retry(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::millis(self.broker_retry_min_ms, self.broker_retry_max_ms)
     }
 
     /// The database retry's backoff.
-    pub fn db_retry(&self) -> crate::pipeline::policy::Backoff {
-        crate::pipeline::policy::Backoff::millis(self.db_retry_min_ms, self.db_retry_max_ms)
+    pub fn db_retry(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::millis(self.db_retry_min_ms, self.db_retry_max_ms)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -6,6 +6,7 @@
 //! `domain::decide` (pure) → `store::commit` (one transaction) → `broker` (publish,
 //! confirmed) → ack. `pipeline` runs it; `worker` supervises it.
 
+pub mod backoff;
 pub mod broker;
 pub mod client;
 pub mod config;

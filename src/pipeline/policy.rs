@@ -4,32 +4,12 @@
 //! is the command's own: it goes back to the queue, which counts deliveries,
 //! until its last allowed delivery, where it is given up (500 and a dead letter).
 
+pub use crate::backoff::{backoff, Backoff};
 use crate::store::StoreError;
 use crate::telemetry;
-use backon::BackoffBuilder;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// Exponential backoff bounds (the delays: [`backoff`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub min: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    pub fn millis(min: u64, max: u64) -> Self {
-        Backoff {
-            min: Duration::from_millis(min),
-            max: Duration::from_millis(max.max(min)),
-        }
-    }
-
-    pub fn delays(&self) -> impl Iterator<Item = Duration> {
-        backoff(self.min, self.max)
-    }
-}
 
 /// Why a batch was not processed.
 #[derive(Debug, thiserror::Error)]
@@ -40,18 +20,6 @@ pub enum Failure {
     /// Shutting down, and the grace period ran out while the database was away.
     #[error("gave up on held commands at shutdown")]
     Abandoned,
-}
-
-/// Exponential delays from `start` to `max`, each with up to as much again of
-/// random jitter, so workers that lost the same server do not return in step.
-pub fn backoff(start: Duration, max: Duration) -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::new()
-        .with_min_delay(start)
-        .with_max_delay(max)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// What becomes of a command whose attempt failed for a reason of its own.
