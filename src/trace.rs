@@ -53,9 +53,68 @@ impl Injector for Written {
 /// `None` when absent or invalid (the spec says to ignore such headers, and the
 /// worker then starts a new trace).
 pub fn extract(headers: Option<&FieldTable>) -> Option<SpanContext> {
-    let cx = TraceContextPropagator::new().extract(&Headers(headers));
+    let carrier = Headers(headers);
+    let cx = TraceContextPropagator::new().extract(&carrier);
     let sc = cx.span().span_context().clone();
-    sc.is_valid().then_some(sc)
+    if !sc.is_valid() {
+        return None;
+    }
+    // The propagator takes a tracestate with empty keys or control characters
+    // as it is; the worker would copy it onto every reply and event. One that
+    // breaks the W3C grammar is dropped whole, as the spec allows.
+    if carrier
+        .get(TRACESTATE)
+        .is_some_and(|t| !valid_tracestate(t))
+    {
+        return Some(SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags(),
+            sc.is_remote(),
+            TraceState::NONE,
+        ));
+    }
+    Some(sc)
+}
+
+/// W3C tracestate: at most 32 `key=value` members, 512 bytes in all; a key of
+/// lower-case letters, digits and `_-*/` (with one `@` for multi-tenant keys),
+/// starting with a letter or digit, at most 256 bytes; a value of printable
+/// ASCII but `,` and `=`, at most 256 bytes, not ending in a space.
+pub fn valid_tracestate(s: &str) -> bool {
+    let members: Vec<&str> = s
+        .split(',')
+        .map(|m| m.trim_matches([' ', '\t']))
+        .filter(|m| !m.is_empty())
+        .collect();
+    let key_char = |c: char| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-' | '*' | '/');
+    let key_ok = |k: &str| {
+        let (tenant, system) = match k.split_once('@') {
+            Some((t, sys)) => (t, Some(sys)),
+            None => (k, None),
+        };
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 256
+                && p.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && p.chars().all(key_char)
+        };
+        part_ok(tenant) && system.is_none_or(part_ok)
+    };
+    let value_ok = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 256
+            && !v.ends_with(' ')
+            && v.chars()
+                .all(|c| (' '..='~').contains(&c) && c != ',' && c != '=')
+    };
+    s.len() <= 512
+        && !members.is_empty()
+        && members.len() <= 32
+        && members.iter().all(|m| match m.split_once('=') {
+            Some((k, v)) => key_ok(k) && value_ok(v),
+            None => false,
+        })
 }
 
 /// The publisher's context, for an exported span's parent.
@@ -183,6 +242,32 @@ mod tests {
             format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", mine.span_id())
         );
         assert_eq!(out.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+    }
+
+    /// A publisher's tracestate is passed on to replies, events and the outbox
+    /// only as the propagator accepts it: a malformed one (or one past the
+    /// spec's 32 entries) is dropped, not copied.
+    #[test]
+    fn a_malformed_or_oversized_tracestate_is_not_passed_on() {
+        let too_many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        for state in [
+            "not a tracestate",
+            "k=v\u{1}",
+            too_many.join(",").as_str(),
+            "=v",
+        ] {
+            let h = table(&[(TRACEPARENT, EXAMPLE), (TRACESTATE, state)]);
+            let parent = extract(Some(&h)).expect("the traceparent itself is valid");
+            let mine = continue_or_start(Some(&parent), || [7; 24]);
+            assert_eq!(headers(&mine).tracestate, None, "{state:?}");
+        }
+        for good in [
+            "congo=t61rcWkgMzE",
+            "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+            "tenant@vendor=v v",
+        ] {
+            assert!(valid_tracestate(good), "{good}");
+        }
     }
 
     #[test]

@@ -346,3 +346,28 @@ async fn json_logs_name_each_commands_id_type_and_outcome_and_never_a_whole_toke
     );
     env.teardown().await;
 }
+
+/// A publisher's tracestate is copied onto replies and events only when it
+/// keeps to the W3C grammar: one with a control character is dropped, the
+/// trace itself continued.
+#[tokio::test]
+async fn a_malformed_tracestate_is_not_copied_onto_replies_and_events() {
+    let env = Env::start().await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let send = Send {
+        kind: Some("create-ticket".into()),
+        message_id: Some(Uuid::new_v4().to_string()),
+        traceparent: Some(parent.into()),
+        tracestate: Some("k=v\u{1}\r\nx-evil: 1".into()),
+        ..Default::default()
+    };
+    let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+    let reply = env.call_raw(body.as_bytes(), send).await;
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    assert_eq!(reply.tracestate, None);
+    let header = reply.traceparent.expect("the trace continues");
+    assert_eq!(traceparent(&header).0, traceparent(parent).0);
+    let event = env.events(1).await;
+    assert_eq!(event[0].header("tracestate"), None);
+    env.teardown().await;
+}
