@@ -344,6 +344,15 @@ pub struct WorkerSettings {
     /// Longest pause, in ms, between attempts at a batch while the database is away.
     #[arg(long, env = "DB_RETRY_MAX_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub db_retry_max_ms: u64,
+    /// First pause, in ms, before a command that failed for a reason of its own
+    /// (neither its input nor an outage) goes back to the queue; doubles,
+    /// jittered, per failed delivery up to POISON_RETRY_MAX_MS. DELIVERY_LIMIT
+    /// bounds the attempts.
+    #[arg(long, env = "POISON_RETRY_MIN_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub poison_retry_min_ms: u64,
+    /// Longest pause, in ms, before such a command goes back to the queue.
+    #[arg(long, env = "POISON_RETRY_MAX_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub poison_retry_max_ms: u64,
     /// Seconds between reads of the command and dead-letter queues' depths
     /// (the profile_worker_queue_messages gauge).
     #[arg(long, env = "QUEUE_DEPTH_POLL_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -365,6 +374,11 @@ impl WorkerSettings {
         crate::backoff::Backoff::millis(self.db_retry_min_ms, self.db_retry_max_ms)
     }
 
+    /// The pause before a poison command's redelivery.
+    pub fn poison_retry(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::millis(self.poison_retry_min_ms, self.poison_retry_max_ms)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, min, max) in [
             (
@@ -376,6 +390,11 @@ impl WorkerSettings {
                 "DB_RETRY_MAX_MS",
                 self.db_retry_min_ms,
                 self.db_retry_max_ms,
+            ),
+            (
+                "POISON_RETRY_MAX_MS",
+                self.poison_retry_min_ms,
+                self.poison_retry_max_ms,
             ),
         ] {
             if max < min {
@@ -579,5 +598,8 @@ mod tests {
         let mut s = Settings::from_env();
         s.worker.db_retry_max_ms = 50;
         assert_eq!(s.check().err().unwrap().setting, "DB_RETRY_MAX_MS");
+        let mut s = Settings::from_env();
+        s.worker.poison_retry_max_ms = 100;
+        assert_eq!(s.check().err().unwrap().setting, "POISON_RETRY_MAX_MS");
     }
 }

@@ -3,6 +3,7 @@
 //! around it and the answers told by `report`. A batch that fails for a reason
 //! other than an outage is split, so one poison command cannot block the others.
 
+mod acks;
 mod item;
 pub mod plan;
 pub mod policy;
@@ -69,6 +70,8 @@ pub struct Pipeline {
     store: Store,
     dispatcher: Dispatcher,
     acks: Channel,
+    /// This channel's poison deliveries waiting out their pause (`acks`).
+    held: acks::Held,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
 }
@@ -85,6 +88,7 @@ impl Pipeline {
             dispatcher: Dispatcher::new(publisher, store.clone()),
             store,
             acks,
+            held: acks::Held::default(),
             settings,
             shutdown,
         }
@@ -210,23 +214,47 @@ impl Pipeline {
     }
 
     /// Rejects what must go to the queue's dead-lettering, then acks the rest of
-    /// `tags` (this channel's unsettled deliveries, all of them from this batch)
-    /// with one `multiple` ack on the highest tag not rejected: the broker
-    /// refuses an ack naming a tag that is already settled, and a `multiple` ack
-    /// skips the rejected ones below it.
+    /// `tags` (this channel's unsettled deliveries from this batch), with one
+    /// `multiple` ack where no held delivery is in its way (`acks::plan`): the
+    /// broker refuses an ack naming a tag that is already settled, and a
+    /// `multiple` ack skips the rejected ones below it.
     async fn finish(&self, settled: Settled, tags: &[u64]) -> Result<(), BatchError> {
         for &t in &settled.reject {
             self.acks
                 .basic_reject(t, BasicRejectOptions { requeue: false })
                 .await?;
         }
-        if let Some(&last) = tags.iter().filter(|t| !settled.reject.contains(t)).max() {
-            let multiple = tags.len() > 1;
+        for a in acks::plan(tags, &settled.reject, self.held.lowest()) {
             self.acks
-                .basic_ack(last, BasicAckOptions { multiple })
+                .basic_ack(
+                    a.tag,
+                    BasicAckOptions {
+                        multiple: a.multiple,
+                    },
+                )
                 .await?;
         }
         Ok(())
+    }
+
+    /// Holds a poison delivery for `pause`, then rejects it with requeue (the
+    /// queue counts the attempt). At shutdown it goes back at once, for another
+    /// worker. If the channel is gone the reject fails, and the delivery has
+    /// gone back to the queue with it.
+    fn redeliver_after(&self, tag: u64, pause: Duration) {
+        self.held.hold(tag);
+        let (channel, held, shutdown) =
+            (self.acks.clone(), self.held.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            let _ = channel
+                .basic_reject(tag, BasicRejectOptions { requeue: true })
+                .await;
+            held.release(tag);
+        });
     }
 
     /// A command that fails for a reason other than its input or an outage
@@ -235,18 +263,19 @@ impl Pipeline {
         let limit = u64::from(self.settings.broker.delivery_limit);
         let (attempt, verdict) =
             policy::after_failure(properties::delivery_count(&item.delivery.properties), limit);
+        let pause = (verdict == Verdict::Redeliver)
+            .then(|| policy::redelivery_pause(attempt, self.settings.worker.poison_retry()));
         tracing::error!(
             parent: &item.span,
             outcome = if verdict == Verdict::GiveUp { "failed" } else { "retry" },
             attempt,
             limit,
+            retry_in_ms = pause.map(|p| p.as_millis() as u64),
             error = %Report(&error),
             "command failed"
         );
-        if verdict == Verdict::Redeliver {
-            self.acks
-                .basic_reject(item.tag(), BasicRejectOptions { requeue: true })
-                .await?;
+        if let Some(pause) = pause {
+            self.redeliver_after(item.tag(), pause);
             return Ok(());
         }
         let mut out = Publications::default();

@@ -1,8 +1,9 @@
 //! What a failed attempt at a batch leads to. A transient database failure is
 //! retried with jittered exponential backoff while the deliveries stay unacked;
 //! once shutdown is requested, only for the shutdown grace. Any other failure
-//! is the command's own: it goes back to the queue, which counts deliveries,
-//! until its last allowed delivery, where it is given up (500 and a dead letter).
+//! is the command's own: after a pause that grows with its attempts it goes back
+//! to the queue, which counts deliveries, until its last allowed delivery, where
+//! it is given up (500 and a dead letter).
 
 pub use crate::backoff::{backoff, Backoff};
 use crate::store::StoreError;
@@ -41,6 +42,17 @@ pub fn after_failure(delivery_count: u64, delivery_limit: u64) -> (u64, Verdict)
         Verdict::Redeliver
     };
     (attempt, verdict)
+}
+
+/// How long a command that failed its `attempt` (1 for the first) for a reason
+/// of its own is held before it goes back to the queue: `pace.min` doubled per
+/// earlier attempt up to `pace.max`, with up to as much again of jitter, so
+/// that a poison command does not spin between workers and the workers that
+/// failed it do not retry in step.
+pub fn redelivery_pause(attempt: u64, pace: Backoff) -> Duration {
+    // Past 63 doublings every base is capped; this keeps a huge limit cheap.
+    let n = attempt.saturating_sub(1).min(63) as usize;
+    pace.delays().nth(n).unwrap_or(pace.max)
 }
 
 /// Runs `attempt` until it succeeds or fails for good. Transient failures are
@@ -109,6 +121,19 @@ mod tests {
         assert_eq!(after_failure(4, 5), (5, Verdict::GiveUp));
         // A limit of one: the first failure is the last.
         assert_eq!(after_failure(0, 1), (1, Verdict::GiveUp));
+    }
+
+    #[test]
+    fn a_poison_command_waits_longer_after_each_failed_attempt() {
+        let pace = Backoff::millis(200, 1_000);
+        for (attempt, base) in [(1, 200), (2, 400), (3, 800), (4, 1_000), (50, 1_000)] {
+            let base = Duration::from_millis(base);
+            let p = redelivery_pause(attempt, pace);
+            assert!(p >= base && p <= base * 2, "attempt {attempt}: {p:?}");
+        }
+        // An absurd attempt number costs nothing and stays capped.
+        let p = redelivery_pause(u64::MAX, pace);
+        assert!(p <= Duration::from_millis(2_000), "{p:?}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The real binary as an operator runs it: graceful SIGTERM mid-burst (kill -9 and
 //! server restarts are in faults.rs), clear one-line errors for bad settings, refusal of a conflicting topology, and
-//! a poison command dead-lettered after the delivery limit.
+//! a poison command paused between attempts and dead-lettered after the delivery limit.
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -206,8 +206,16 @@ async fn refuses_to_start_on_conflicting_topology() {
 }
 
 #[tokio::test]
-async fn poison_command_is_dead_lettered_after_the_delivery_limit() {
-    let mut env = Env::start().await;
+async fn poison_command_is_paused_between_attempts_and_dead_lettered_after_the_delivery_limit() {
+    // One consumer, so the commands below share the poison command's channel,
+    // and a fixed pause (300-600 ms with jitter) before each redelivery.
+    let mut env = Env::prepare_with(|s| {
+        s.worker.consumers = 1;
+        s.worker.poison_retry_min_ms = 300;
+        s.worker.poison_retry_max_ms = 300;
+    })
+    .await;
+    env.start_worker().await;
     // A profile row that breaks every attempt for a non-input reason: its tenant
     // permissions JSON is not what the worker can read.
     env.db
@@ -218,6 +226,7 @@ async fn poison_command_is_dead_lettered_after_the_delivery_limit() {
         )
         .await
         .unwrap();
+    let sent_at = std::time::Instant::now();
     let poison = env
         .publish(
             ticket(PROFILES_ONLY_TOKEN, ENABLED_PROFILE)
@@ -229,13 +238,33 @@ async fn poison_command_is_dead_lettered_after_the_delivery_limit() {
             },
         )
         .await;
-    let fine = env
-        .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
-        .await;
-    assert_eq!(fine.status, 200, "the poison command does not block others");
+    // While the poison delivery is held, batches of other commands on its
+    // channel are acked: no `multiple` ack may settle the held delivery too
+    // (the command would be lost, and its reject would close the channel).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fine = Vec::new();
+    for _ in 0..40 {
+        fine.push(
+            env.send("create-ticket", &ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+                .await,
+        );
+    }
+    for c in &fine {
+        assert_eq!(
+            env.reply_for(c).await.status,
+            200,
+            "the poison command does not block others"
+        );
+    }
     let r = env.reply_for(&poison).await;
     assert_eq!(r.status, 500);
     assert_eq!(r.raw, r#"{"message":"Internal server error"}"#);
+    // Five deliveries, four pauses of at least 300 ms between them.
+    let took = sent_at.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_200),
+        "given up after {took:?}: the attempts were not paused"
+    );
     let dead = env.wait_dead_letters(1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message_id.as_deref(), Some("poison-1"));
@@ -247,6 +276,11 @@ async fn poison_command_is_dead_lettered_after_the_delivery_limit() {
         .header("x-error-reason")
         .unwrap()
         .contains("tenant_permissions"));
+    assert!(dead[0]
+        .header("x-error-reason")
+        .unwrap()
+        .contains("on 5 deliveries"));
+    assert_eq!(env.count("tickets").await, 40);
     env.stop_worker().await;
     assert_eq!(env.queue_depth().await, 0);
     env.teardown().await;
