@@ -9,7 +9,7 @@ mod topology;
 pub use lapin::message::Delivery;
 pub use lapin::{Channel, Connection, Consumer};
 pub use nodes::{split_urls, Nodes, NodesError};
-pub use publisher::{Outgoing, PublishError, Publisher};
+pub use publisher::{confirmed, Outgoing, PublishError, Publisher};
 pub use topology::{command_queue_arguments, declare, unrouted_exchange, TopologyError};
 
 use lapin::uri::AMQPUri;

@@ -3,6 +3,7 @@
 //! nothing about a particular publish). A nack is a failure.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::PublisherConfirm;
 use lapin::{BasicProperties, Channel, Connection};
 
 #[derive(Debug, Clone)]
@@ -53,12 +54,21 @@ impl Publisher {
     /// Publishes every message and says, for each, whether the broker took it
     /// (ack) or refused it (nack), so a caller can retry just the refused ones.
     pub async fn publish_each(&self, messages: &[Outgoing]) -> Result<Vec<bool>, lapin::Error> {
+        confirmed(self.send_each(messages).await?).await
+    }
+
+    /// Publishes every message without waiting for the broker's confirms; each
+    /// one's confirm is returned, in the messages' order ([`confirmed`]).
+    pub async fn send_each<'a>(
+        &self,
+        messages: impl IntoIterator<Item = &'a Outgoing>,
+    ) -> Result<Vec<PublisherConfirm>, lapin::Error> {
         // lapin's `basic_publish` resolves only once its I/O thread has written the
         // frames; awaiting them one by one costs two thread hand-offs per message.
         // Started together, the I/O thread writes the whole batch in a few syscalls.
         // Each publish takes its delivery tag and queues its frames in the same
         // poll, so tags and wire order agree whatever order they are polled in.
-        let sent = futures_util::future::join_all(messages.iter().map(|m| {
+        let sent = futures_util::future::join_all(messages.into_iter().map(|m| {
             self.channel.basic_publish(
                 m.exchange.as_str().into(),
                 m.routing_key.as_str().into(),
@@ -68,18 +78,19 @@ impl Publisher {
             )
         }))
         .await;
-        let mut confirms = Vec::with_capacity(sent.len());
-        for s in sent {
-            confirms.push(s?);
-        }
-        let mut acked = Vec::with_capacity(confirms.len());
-        for c in confirms {
-            acked.push(c.await?.is_ack());
-        }
-        Ok(acked)
+        sent.into_iter().collect()
     }
 
     pub async fn close(&self) {
         let _ = self.channel.close(200, "OK".into()).await;
     }
+}
+
+/// Waits for each confirm: `true` for an ack, `false` for a nack.
+pub async fn confirmed(confirms: Vec<PublisherConfirm>) -> Result<Vec<bool>, lapin::Error> {
+    let mut acked = Vec::with_capacity(confirms.len());
+    for c in confirms {
+        acked.push(c.await?.is_ack());
+    }
+    Ok(acked)
 }

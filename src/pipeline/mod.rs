@@ -20,7 +20,7 @@ use item::Item;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use plan::{Input, Plan, Step};
 use policy::{Failure, Verdict};
-use publish::{Dispatcher, Publications, Settled};
+use publish::{Dispatcher, Publications, Sent, Settled};
 use report::{Answer, Outcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -45,12 +45,15 @@ pub enum BatchError {
     Abandoned,
 }
 
-/// A batch after its commit, before its publications.
+/// A batch after its commit, its publications sent, their confirms not yet in.
 pub struct Committed {
     items: Vec<Item>,
     span: tracing::Span,
     started: Instant,
-    out: Publications,
+    sent: Sent,
+    publications: usize,
+    publishing: Instant,
+    publish_span: tracing::Span,
     answers: Vec<Answer>,
 }
 
@@ -95,8 +98,10 @@ impl Pipeline {
     }
 
     /// The first half of a batch: decode, then load, plan and commit (transient
-    /// failures retried). Nothing is published or acked yet, so a consumer may
-    /// prepare its next batch while this one's publications wait for confirms.
+    /// failures retried), then send its replies and events. Nothing is confirmed
+    /// or acked yet, so a consumer may prepare its next batch while this one's
+    /// publications wait for confirms, and this batch's replies need not wait
+    /// for the previous batch's confirms.
     ///
     /// The batch's span is the parent of its commands' spans, given explicitly
     /// rather than entered: entering it on every poll of the batch measurably
@@ -131,11 +136,24 @@ impl Pipeline {
         {
             Ok((out, answers)) => {
                 stage("database", committing.elapsed());
+                let publishing = Instant::now();
+                let publications = out.len();
+                let publish_span = telemetry::exported_span(
+                    || tracing::info_span!(parent: &span, "publish", otel.name = "publish", otel.kind = "producer", messaging.system = "rabbitmq", publications),
+                );
+                let sent = self
+                    .dispatcher
+                    .send(out)
+                    .instrument(publish_span.clone())
+                    .await?;
                 Ok(Prepared::Committed(Committed {
                     items,
                     span,
                     started,
-                    out,
+                    sent,
+                    publications,
+                    publishing,
+                    publish_span,
                     answers,
                 }))
             }
@@ -144,25 +162,23 @@ impl Pipeline {
         }
     }
 
-    /// The second half: publish, await every confirm, settle what was refused,
-    /// ack. A consumer completes its batches in the order it prepared them, so a
+    /// The second half: await every confirm, settle what was refused, ack. A
+    /// consumer completes its batches in the order it prepared them, so a
     /// `multiple` ack never covers a delivery of a batch that is not done.
     pub async fn complete(&self, c: Committed) -> Result<(), BatchError> {
         let Committed {
             items,
             span,
             started,
-            out,
+            sent,
+            publications,
+            publishing,
+            publish_span,
             answers,
         } = c;
-        let publishing = Instant::now();
-        let publications = out.len();
-        let publish_span = telemetry::exported_span(
-            || tracing::info_span!(parent: &span, "publish", otel.name = "publish", otel.kind = "producer", messaging.system = "rabbitmq", publications),
-        );
         let settled = self
             .dispatcher
-            .publish(out)
+            .settle(sent)
             .instrument(publish_span)
             .await?;
         let publish = publishing.elapsed();

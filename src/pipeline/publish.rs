@@ -35,6 +35,16 @@ impl Publications {
     }
 }
 
+/// A batch's publications, sent; their confirms not yet awaited.
+pub(super) struct Sent {
+    /// Kept to retry the ones the broker refuses.
+    replies: Vec<Outgoing>,
+    event_ids: Vec<Uuid>,
+    dead_tags: Vec<u64>,
+    /// Replies', then events', then dead letters' confirms.
+    confirms: Vec<lapin::PublisherConfirm>,
+}
+
 /// What the broker's confirms left to do.
 #[derive(Default)]
 pub(super) struct Settled {
@@ -61,26 +71,49 @@ impl Dispatcher {
 
     /// Publishes everything and waits for every confirm.
     pub async fn publish(&self, out: Publications) -> Result<Settled, lapin::Error> {
+        let sent = self.send(out).await?;
+        self.settle(sent).await
+    }
+
+    /// Publishes everything without waiting for the confirms, so a batch's
+    /// replies leave as soon as it is committed, even while the batch before it
+    /// on the same consumer still waits for its own confirms.
+    pub async fn send(&self, out: Publications) -> Result<Sent, lapin::Error> {
         let Publications {
             replies,
             events,
             dead_letters,
         } = out;
-        let (event_ids, dead_tags): (Vec<Uuid>, Vec<u64>) = (
-            events.iter().map(|(_, id)| *id).collect(),
-            dead_letters.iter().map(|(_, t)| *t).collect(),
-        );
-        let (n_replies, n_events) = (replies.len(), events.len());
-        let all: Vec<Outgoing> = replies
+        let confirms = self
+            .publisher
+            .send_each(
+                replies
+                    .iter()
+                    .chain(events.iter().map(|(o, _)| o))
+                    .chain(dead_letters.iter().map(|(o, _)| o)),
+            )
+            .await?;
+        Ok(Sent {
+            event_ids: events.into_iter().map(|(_, id)| id).collect(),
+            dead_tags: dead_letters.into_iter().map(|(_, t)| t).collect(),
+            replies,
+            confirms,
+        })
+    }
+
+    /// Waits for every confirm of what [`Dispatcher::send`] published and
+    /// settles what the broker refused.
+    pub async fn settle(&self, sent: Sent) -> Result<Settled, lapin::Error> {
+        let Sent {
+            replies,
+            event_ids,
+            dead_tags,
+            confirms,
+        } = sent;
+        let acked = crate::broker::confirmed(confirms).await?;
+        let (n_replies, n_events) = (replies.len(), event_ids.len());
+        let refused_replies: Vec<Outgoing> = replies
             .into_iter()
-            .chain(events.into_iter().map(|(o, _)| o))
-            .chain(dead_letters.into_iter().map(|(o, _)| o))
-            .collect();
-        let acked = self.publisher.publish_each(&all).await?;
-        let mut all = all.into_iter();
-        let refused_replies: Vec<Outgoing> = all
-            .by_ref()
-            .take(n_replies)
             .zip(&acked[..n_replies])
             .filter(|(_, ok)| !**ok)
             .map(|(o, _)| o)

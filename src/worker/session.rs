@@ -224,7 +224,9 @@ async fn consume(
     ));
     // The batch whose publications are waiting for their confirms: it completes
     // (confirms, then ack) on its own task while the next batch is prepared, so
-    // the database and the broker's fsync overlap instead of taking turns.
+    // the database and the broker's fsync overlap instead of taking turns. The
+    // next batch sends its replies as soon as it is committed; only its ack
+    // waits for this one.
     let mut completing: Option<Completion> = None;
     let max_batch = settings.worker.batch_size as usize;
     let mut cancelling = false;
