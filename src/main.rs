@@ -86,16 +86,10 @@ fn main() -> ExitCode {
         // Before any thread exists (the runtime is built below), so no race.
         std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string());
     }
+    // A thread per core unless TOKIO_WORKER_THREADS says otherwise (tokio reads
+    // it). One thread measured within noise of two here (BENCHMARKS.md).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        // One runtime thread unless the operator says otherwise (tokio reads
-        // TOKIO_WORKER_THREADS itself). The worker's tasks mostly hand work to
-        // each other, Postgres and lapin's own I/O thread; a second runtime
-        // thread only adds wake-ups between them, and it measurably cost CPU
-        // per command and throughput (BENCHMARKS.md, "One runtime thread").
-        builder.worker_threads(1);
-    }
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
