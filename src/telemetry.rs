@@ -127,7 +127,9 @@ pub const BATCH_SIZE: &str = "profile_worker_batch_size";
 /// How long a batch spent in each `stage`: `decode` (properties and bodies),
 /// `load` and `commit` (one round trip each, per attempt), `plan` (the pure
 /// decisions), `database` (load to commit, retries and waits included),
-/// `publish` (replies, events and dead letters until confirmed), `ack`, and
+/// `publish` (from sending the replies, events and dead letters right after
+/// the commit until every confirm is settled, which follows the batch before it
+/// on its consumer), `ack`, and
 /// `total` (decode to ack).
 pub const BATCH_SECONDS: &str = "profile_worker_batch_seconds";
 /// From a command's send time (its `timestamp_in_ms` header, else its AMQP
