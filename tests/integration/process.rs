@@ -285,3 +285,62 @@ async fn poison_command_is_paused_between_attempts_and_dead_lettered_after_the_d
     assert_eq!(env.queue_depth().await, 0);
     env.teardown().await;
 }
+
+#[tokio::test]
+async fn a_poison_command_held_at_shutdown_goes_back_to_the_queue_at_once() {
+    // A minute's pause: the worker must neither wait it out on SIGTERM nor
+    // settle the held delivery on the way out.
+    let mut env = Env::prepare_with(|s| {
+        s.worker.consumers = 1;
+        s.worker.poison_retry_min_ms = 60_000;
+        s.worker.poison_retry_max_ms = 60_000;
+    })
+    .await;
+    env.start_worker().await;
+    env.db
+        .execute(
+            "UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' \
+             WHERE id_sha256 = sha256(convert_to($1, 'UTF8'))",
+            &[&PROFILES_ONLY_TOKEN],
+        )
+        .await
+        .unwrap();
+    let poison = env
+        .publish(
+            ticket(PROFILES_ONLY_TOKEN, ENABLED_PROFILE)
+                .to_string()
+                .as_bytes(),
+            Send {
+                message_id: Some("poison-2".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    // Its first attempt fails within milliseconds; then it is held.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = std::time::Instant::now();
+    env.stop_worker().await;
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "shutdown waited {took:?} for a held delivery"
+    );
+    assert_eq!(
+        env.queue_depth().await,
+        1,
+        "the held command is back in the queue"
+    );
+    assert!(env.dead_letters().await.is_empty());
+
+    // Nothing was lost: a worker with short pauses takes it up and gives up on it.
+    env.settings.worker.poison_retry_min_ms = 50;
+    env.settings.worker.poison_retry_max_ms = 50;
+    env.start_worker().await;
+    let r = env.reply_for(&poison).await;
+    assert_eq!(r.status, 500);
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].message_id.as_deref(), Some("poison-2"));
+    env.stop_worker().await;
+    assert_eq!(env.queue_depth().await, 0);
+    env.teardown().await;
+}
