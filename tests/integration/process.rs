@@ -205,6 +205,30 @@ async fn refuses_to_start_on_conflicting_topology() {
     env.teardown().await;
 }
 
+/// Publishes a command that fails every attempt for a reason of its own,
+/// neither its input nor an outage: its access token's tenant permissions are
+/// made JSON the worker cannot read. Returns its correlation id.
+async fn publish_poison(env: &Env, message_id: &str) -> String {
+    env.db
+        .execute(
+            "UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' \
+             WHERE id_sha256 = sha256(convert_to($1, 'UTF8'))",
+            &[&PROFILES_ONLY_TOKEN],
+        )
+        .await
+        .unwrap();
+    env.publish(
+        ticket(PROFILES_ONLY_TOKEN, ENABLED_PROFILE)
+            .to_string()
+            .as_bytes(),
+        Send {
+            message_id: Some(message_id.into()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn poison_command_is_paused_between_attempts_and_dead_lettered_after_the_delivery_limit() {
     // One consumer, so the commands below share the poison command's channel,
@@ -216,28 +240,8 @@ async fn poison_command_is_paused_between_attempts_and_dead_lettered_after_the_d
     })
     .await;
     env.start_worker().await;
-    // A profile row that breaks every attempt for a non-input reason: its tenant
-    // permissions JSON is not what the worker can read.
-    env.db
-        .execute(
-            "UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' \
-             WHERE id_sha256 = sha256(convert_to($1, 'UTF8'))",
-            &[&PROFILES_ONLY_TOKEN],
-        )
-        .await
-        .unwrap();
     let sent_at = std::time::Instant::now();
-    let poison = env
-        .publish(
-            ticket(PROFILES_ONLY_TOKEN, ENABLED_PROFILE)
-                .to_string()
-                .as_bytes(),
-            Send {
-                message_id: Some("poison-1".into()),
-                ..Default::default()
-            },
-        )
-        .await;
+    let poison = publish_poison(&env, "poison-1").await;
     // While the poison delivery is held, batches of other commands on its
     // channel are acked: no `multiple` ack may settle the held delivery too
     // (the command would be lost, and its reject would close the channel).
@@ -297,25 +301,7 @@ async fn a_poison_command_held_at_shutdown_goes_back_to_the_queue_at_once() {
     })
     .await;
     env.start_worker().await;
-    env.db
-        .execute(
-            "UPDATE access_tokens SET tenant_permissions = '{\"broken\": true}' \
-             WHERE id_sha256 = sha256(convert_to($1, 'UTF8'))",
-            &[&PROFILES_ONLY_TOKEN],
-        )
-        .await
-        .unwrap();
-    let poison = env
-        .publish(
-            ticket(PROFILES_ONLY_TOKEN, ENABLED_PROFILE)
-                .to_string()
-                .as_bytes(),
-            Send {
-                message_id: Some("poison-2".into()),
-                ..Default::default()
-            },
-        )
-        .await;
+    let poison = publish_poison(&env, "poison-2").await;
     // Its first attempt fails within milliseconds; then it is held.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stopping = std::time::Instant::now();
