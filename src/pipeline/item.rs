@@ -18,6 +18,8 @@ pub(super) struct Item {
     pub refused_reply_to: Option<String>,
     /// correlation_id, else message_id (CONTRACT §2).
     pub correlation: Option<String>,
+    /// The command its `type` (else routing key) names, read once.
+    name: Option<CommandName>,
     /// The worker's span for this command: its reply and events carry it.
     pub trace: SpanContext,
     pub trace_headers: TraceHeaders,
@@ -44,14 +46,16 @@ impl Item {
             .map(str::to_string)
             .or_else(|| message_id.clone());
         let parent = trace::extract(p.headers().as_ref());
-        let command = command_label(&delivery);
+        let name = CommandName::parse(
+            properties::short(p.kind()).unwrap_or(delivery.routing_key.as_str()),
+        );
         let span = tracing::info_span!(
             parent: batch,
             "command",
             message_id = message_id.as_deref().unwrap_or("-"),
-            command,
+            command = label(name),
             trace_id = tracing::field::Empty,
-            otel.name = process_span_name(&delivery),
+            otel.name = process_span_name(name),
             otel.kind = "consumer",
             messaging.system = "rabbitmq",
         );
@@ -79,6 +83,7 @@ impl Item {
             refused_reply_to,
             message_id,
             correlation,
+            name,
             delivery,
         }
     }
@@ -87,39 +92,29 @@ impl Item {
         self.delivery.delivery_tag
     }
 
-    pub fn command_name(&self) -> Option<CommandName> {
-        command_name(&self.delivery)
-    }
-
     /// The reply's `type`: `<command>.reply`, or `error.reply` when the command is unknown.
     pub fn reply_type(&self) -> &'static str {
-        self.command_name()
+        self.name
             .map(CommandName::reply_type)
             .unwrap_or("error.reply")
     }
 
     /// The command's name for logs and metrics (`unknown` when it has none we know).
     pub fn command_label(&self) -> &'static str {
-        command_label(&self.delivery)
+        label(self.name)
     }
-}
-
-fn command_name(d: &Delivery) -> Option<CommandName> {
-    CommandName::parse(properties::short(d.properties.kind()).unwrap_or(d.routing_key.as_str()))
 }
 
 /// The exported span's name (OpenTelemetry's messaging convention: the
 /// destination, then the operation), without a format per command.
-fn process_span_name(d: &Delivery) -> &'static str {
-    match command_name(d) {
+fn process_span_name(name: Option<CommandName>) -> &'static str {
+    match name {
         Some(CommandName::CreateTicket) => "create-ticket process",
         Some(CommandName::CreateVerificationToken) => "create-verification-token process",
         None => "unknown process",
     }
 }
 
-fn command_label(d: &Delivery) -> &'static str {
-    command_name(d)
-        .map(CommandName::as_str)
-        .unwrap_or("unknown")
+fn label(name: Option<CommandName>) -> &'static str {
+    name.map(CommandName::as_str).unwrap_or("unknown")
 }
