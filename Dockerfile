@@ -15,7 +15,8 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 worker
 COPY --from=build /src/target/release/profile-worker /usr/local/bin/profile-worker
-COPY seeds /seeds
+# No seed and no access token in the image: tokens are made per deployment with
+# `profile-worker access-tokens create` (CONTRACT §8).
 USER worker
 EXPOSE 8742
 ENTRYPOINT ["profile-worker"]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Quick start: installs/starts RabbitMQ and PostgreSQL if needed, builds the worker,
-# applies migrations, seeds seeds/example.json (with a master access token) and
-# runs the worker in the foreground.
+# applies migrations, seeds seeds/example.json (tenants and profiles), makes a
+# fresh access token (shown once, in the `send` lines printed below; it expires
+# in a day) and runs the worker in the foreground.
 # Extra arguments go to `profile-worker run` (see `profile-worker run --help`).
 #
 # It works in its own development database (profile_worker_dev) and broker vhost
 # (profile-worker-dev), never in whatever DATABASE_URL or AMQP_URL the shell
-# happens to have: seeding a master token into someone's real database is not
-# a quick start. PW_DB_NAME and PW_RABBIT_VHOST choose others; PW_USE_ENV=1
+# happens to have: making tokens in someone's real database is not a quick start. PW_DB_NAME and PW_RABBIT_VHOST choose others; PW_USE_ENV=1
 # uses the shell's DATABASE_URL, OWNER_DATABASE_URL, AMQP_URL and
 # PUBLISHER_AMQP_URL as they are.
 set -euo pipefail
@@ -31,13 +31,24 @@ bin=target/release/profile-worker
 # only, as a broker user limited to its own objects (scripts/services.sh).
 DATABASE_URL="$OWNER_DATABASE_URL" "$bin" migrate
 DATABASE_URL="$OWNER_DATABASE_URL" "$bin" seed seeds/example.json
-token="$(sed -n 's/.*"id": "\([0-9a-f-]\{36\}\)", "application".*/\1/p' seeds/example.json | head -1)"
+# Earlier versions seeded a token whose ID stood in this repository: revoked
+# if a database still has it (read from stdin, so it is in no process list).
+echo af59d9dc-bf78-4018-bbf2-2e4f788524b6 |
+  DATABASE_URL="$OWNER_DATABASE_URL" "$bin" access-tokens revoke >/dev/null 2>&1 || true
+# No token is ever published: this one is made now, at random, and lives in
+# this process and the lines printed below only.
+token="$(DATABASE_URL="$OWNER_DATABASE_URL" "$bin" access-tokens create \
+  --application profile-worker-quickstart --tenant '*=MANAGE_PROFILES,MANAGE_TICKETS' --expires-in 24h 2>/dev/null)"
 cat <<MSG
 
 profile-worker is starting: database ${PW_DB_NAME:-from DATABASE_URL}, vhost ${PW_RABBIT_VHOST:-from AMQP_URL}. In another shell, send a first command:
 
   AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-ticket '{"accessTokenId":"$token","profileId":"5925a68def86951f895cf497"}'
   AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-verification-token '{"accessTokenId":"$token","id":"592715d4d4c650e226b03b62"}'
+
+The token in them was made just now (application profile-worker-quickstart, expires in 24 h);
+make others with: DATABASE_URL='$OWNER_DATABASE_URL' $PWD/$bin access-tokens create --help
+The email dispatcher's broker URL (it may only consume profile.email.dispatch): $DISPATCHER_AMQP_URL
 
 Stop with Ctrl-C (SIGINT) or SIGTERM.
 

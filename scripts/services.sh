@@ -11,9 +11,12 @@
 #     databases, which the test suite needs for its one-database-per-test
 #     isolation), and a runtime role with only row rights (granted by
 #     `profile-worker migrate` with DATABASE_RUNTIME_ROLE), which `run` uses;
-#   RabbitMQ: a user for the worker whose permissions cover only its own
-#     exchanges and queues, and the default exchange for replies. Publishers
-#     and the operator's tools use their own users (here: guest, loopback only).
+#   RabbitMQ (who may read what, CONTRACT §1; docs/OPERATIONS.md has the table):
+#     the worker's user, limited to its own exchanges and queues and the default
+#     exchange for replies; the email dispatcher's, which may only consume the
+#     dispatch queue; an events reader's, which may bind its own queues to
+#     profile.events and nothing to profile.email. Publishers and the
+#     operator's tools use their own users (here: guest, loopback only).
 # Nothing listens on a non-loopback address: RabbitMQ's listeners, epmd and
 # Erlang distribution are bound to 127.0.0.1 (Debian's PostgreSQL already is).
 set -euo pipefail
@@ -35,8 +38,10 @@ PW_AMQPS_PORT="${PW_AMQPS_PORT:-}"
 PW_TLS_DIR="${PW_TLS_DIR:-/etc/rabbitmq/profile-worker-tls}"
 RABBIT_CONF=/etc/rabbitmq/rabbitmq.conf
 RABBIT_MARK="# written by profile-worker scripts/services.sh"
-# The worker's objects (CONTRACT §1 defaults) as a permission regex.
-PW_RABBIT_NAMES='profile\.(commands(\.(dlx|dead|unrouted))?|events)'
+PW_DISPATCHER_USER="${PW_DISPATCHER_USER:-profile-email-dispatcher}"
+PW_DISPATCHER_PASSWORD="${PW_DISPATCHER_PASSWORD:-profile-email-dispatcher}"
+PW_EVENTS_READER_USER="${PW_EVENTS_READER_USER:-profile-events-reader}"
+PW_EVENTS_READER_PASSWORD="${PW_EVENTS_READER_PASSWORD:-profile-events-reader}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -159,15 +164,36 @@ start_rabbitmq() {
   [ -z "$PW_AMQPS_PORT" ] || wait_port "$PW_AMQPS_PORT" 30 "RabbitMQ (amqps)"
 }
 
-# A broker user allowed only names matching the regex NAMES (configure, read)
-# plus the default exchange (write: replies). USER PASSWORD NAMES
+# A broker user with exactly these permissions on the vhost (anchored regexes).
+# USER PASSWORD CONFIGURE WRITE READ
 # On the node PW_RABBIT_NODE when set (a cluster's), else the default node.
 rabbit_user() {
   command -v rabbitmqctl >/dev/null 2>&1 || { log "no rabbitmqctl: create broker user $1 yourself"; return; }
   local n=(); [ -z "${PW_RABBIT_NODE:-}" ] || n=(-n "$PW_RABBIT_NODE")
   as_root rabbitmqctl "${n[@]}" -q add_user "$1" "$2" >/dev/null 2>&1 ||
     as_root rabbitmqctl "${n[@]}" -q change_password "$1" "$2" >/dev/null
-  as_root rabbitmqctl "${n[@]}" -q set_permissions -p "$PW_RABBIT_VHOST" "$1" "^$3\$" "^(amq\.default|$3)\$" "^$3\$" >/dev/null
+  as_root rabbitmqctl "${n[@]}" -q set_permissions -p "$PW_RABBIT_VHOST" "$1" "$3" "$4" "$5" >/dev/null
+}
+
+# The three users of CONTRACT §1 for the names starting with PREFIX (a regex:
+# 'profile' for the defaults, the tests' 't[0-9a-f]{12}'), with these
+# passwords: WORKER_USER WORKER_PASSWORD DISPATCHER_USER DISPATCHER_PASSWORD
+# READER_USER READER_PASSWORD PREFIX
+#   worker: declares all its objects (configure), publishes to its exchanges
+#     and binds its queues (write), consumes the command queue and binds from
+#     its exchanges (read; RabbitMQ also wants read on a queue declared with a
+#     dead-letter exchange, hence the dispatch queue);
+#   dispatcher: consumes the dispatch queue, and nothing else at all;
+#   events reader: its own queues (amq.gen-… or <user>.…) bound to the events
+#     exchange; binding to the email exchange needs read on it, which it lacks.
+rabbit_users() {
+  local p="$7" own="$5"
+  local names="$p\\.(commands(\\.(dlx|dead|unrouted))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)"
+  rabbit_user "$1" "$2" "^$names\$" "^(amq\\.default|$names)\$" \
+    "^$p\\.(commands(\\.(dlx|unrouted))?|email(\\.(dlx|dispatch))?)\$"
+  rabbit_user "$3" "$4" '^$' '^$' "^$p\\.email\\.dispatch\$"
+  local mine="(amq\\.gen-.*|$own\\..*)"
+  rabbit_user "$5" "$6" "^$mine\$" "^$mine\$" "^($mine|$p\\.events)\$"
 }
 
 # The vhost's path in an AMQP URL.
@@ -243,7 +269,8 @@ ensure_services() {
     as_root rabbitmqctl -q add_vhost "$PW_RABBIT_VHOST" >/dev/null 2>&1 || true
     as_root rabbitmqctl -q set_permissions -p "$PW_RABBIT_VHOST" guest '.*' '.*' '.*' >/dev/null
   fi
-  rabbit_user "$PW_RABBIT_USER" "$PW_RABBIT_PASSWORD" "$PW_RABBIT_NAMES"
+  rabbit_users "$PW_RABBIT_USER" "$PW_RABBIT_PASSWORD" "$PW_DISPATCHER_USER" "$PW_DISPATCHER_PASSWORD" \
+    "$PW_EVENTS_READER_USER" "$PW_EVENTS_READER_PASSWORD" profile
   # The worker's own connections (least privilege) ...
   export AMQP_URL="${AMQP_URL:-amqp://$PW_RABBIT_USER:$PW_RABBIT_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   export DATABASE_URL="${DATABASE_URL:-postgres://$PW_DB_USER:$PW_DB_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
@@ -251,6 +278,8 @@ ensure_services() {
   # ... and the owner's, for migrate and seed; a publisher's, for send.
   export OWNER_DATABASE_URL="${OWNER_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
   export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://guest:guest@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
+  # The email dispatcher's (it may only consume profile.email.dispatch).
+  export DISPATCHER_AMQP_URL="${DISPATCHER_AMQP_URL:-amqp://$PW_DISPATCHER_USER:$PW_DISPATCHER_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   log "ready: worker as broker user $PW_RABBIT_USER and database role $PW_DB_USER; migrations as $PW_DB_OWNER"
 }
 

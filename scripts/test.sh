@@ -14,12 +14,17 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 ensure_services
 ensure_prometheus
 ensure_examples
-# The tests' worker runs as a broker user limited to the tests' names
-# (t<12 hex>.commands…), as the real one is to profile.commands…; the tests'
-# own publishers and checks use the admin user.
-rabbit_user profile-worker-test profile-worker-test 't[0-9a-f]{12}\.(commands(\.(dlx|dead|unrouted))?|events)'
+# The tests' worker, dispatcher and events reader are broker users limited to
+# the tests' names (t<12 hex>.commands…) as the real ones are to profile.…
+# (scripts/services.sh, rabbit_users); the tests' own publishers and checks
+# use the admin user.
+test_users=(profile-worker-test profile-worker-test profile-dispatcher-test profile-dispatcher-test
+  profile-reader-test profile-reader-test 't[0-9a-f]{12}')
+rabbit_users "${test_users[@]}"
 export AMQP_URL="$PUBLISHER_AMQP_URL"
 export TEST_WORKER_AMQP_URL="amqp://profile-worker-test:profile-worker-test@127.0.0.1:$PW_AMQP_PORT/%2f"
+export TEST_DISPATCHER_AMQP_URL="amqp://profile-dispatcher-test:profile-dispatcher-test@127.0.0.1:$PW_AMQP_PORT/%2f"
+export TEST_READER_AMQP_URL="amqp://profile-reader-test:profile-reader-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_AMQPS_URL="amqps://profile-worker-test:profile-worker-test@localhost:$PW_AMQPS_PORT/%2f"
 export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
 # Test databases are made by the owner role; the worker runs as the runtime role.
@@ -33,7 +38,7 @@ port_open "$((${PW_CLUSTER_PORT:-5680} + 1))" || started_here+=(cluster)
 port_open "${PW_PG_PRIMARY_PORT:-5441}" || started_here+=(pg-standby)
 bash scripts/cluster.sh start
 bash scripts/pg-standby.sh start
-PW_RABBIT_NODE=pw1@localhost rabbit_user profile-worker-test profile-worker-test 't[0-9a-f]{12}\.(commands(\.(dlx|dead|unrouted))?|events)'
+PW_RABBIT_NODE=pw1@localhost rabbit_users "${test_users[@]}"
 export TEST_PG_PAIR_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:${PW_PG_PRIMARY_PORT:-5441},127.0.0.1:${PW_PG_STANDBY_PORT:-5442}/postgres?target_session_attrs=read-write"
 stop_started() {
   for s in "${started_here[@]}"; do bash "scripts/$s.sh" stop || true; done

@@ -173,9 +173,32 @@ pub struct BrokerSettings {
         default_value = "profile.commands.dead"
     )]
     pub dead_letter_queue: String,
-    /// Topic exchange for events.
+    /// Topic exchange for events any subscriber may read (`ticket.created`,
+    /// `verification-token.created`); they carry no secret.
     #[arg(long, env = "EVENTS_EXCHANGE", default_value = "profile.events")]
     pub events_exchange: String,
+    /// Direct exchange for `email.requested`, which carries a verification link:
+    /// only the email dispatcher's queue is bound to it, and no other broker
+    /// user may read it (docs/OPERATIONS.md, "Who may read what").
+    #[arg(long, env = "EMAIL_EXCHANGE", default_value = "profile.email")]
+    pub email_exchange: String,
+    /// Quorum queue the email dispatcher consumes, declared and bound to the
+    /// email exchange by the worker, so no request is published before it exists.
+    #[arg(long, env = "EMAIL_QUEUE", default_value = "profile.email.dispatch")]
+    pub email_queue: String,
+    /// Most email requests the dispatch queue holds (x-max-length; 0: no limit).
+    /// Past it, the worker's publications are refused and the events wait in
+    /// the outbox, not dropped.
+    #[arg(long, env = "EMAIL_QUEUE_MAX_LENGTH", default_value_t = 1_000_000)]
+    pub email_queue_max_length: u64,
+    /// Most bytes the dispatch queue holds (x-max-length-bytes; 0: no limit).
+    #[arg(long, env = "EMAIL_QUEUE_MAX_BYTES", default_value_t = 1 << 30)]
+    pub email_queue_max_bytes: u64,
+    /// Deliveries of one email request before the broker dead-letters it to
+    /// `<EMAIL_QUEUE>.dead` (through `<EMAIL_EXCHANGE>.dlx`): a request its
+    /// dispatcher keeps rejecting or crashing on does not loop for ever.
+    #[arg(long, env = "EMAIL_DELIVERY_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub email_delivery_limit: u32,
     /// Deliveries before a command that keeps failing is dead-lettered (x-delivery-limit).
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub delivery_limit: u32,
@@ -224,6 +247,18 @@ pub struct BrokerSettings {
 }
 
 impl BrokerSettings {
+    /// The email dispatch queue's dead-letter exchange: `<EMAIL_EXCHANGE>.dlx`.
+    pub fn email_dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.email_exchange)
+    }
+
+    /// Where email requests that exhausted their deliveries wait for an
+    /// operator: `<EMAIL_QUEUE>.dead`. They carry links, so only the
+    /// dispatcher's and the operator's users may read it.
+    pub fn email_dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.email_queue)
+    }
+
     /// The broker's nodes: one URL, or several comma-separated (one cluster's
     /// nodes, sharing vhost and user), each with the heartbeat and connection
     /// timeout it does not set itself.
@@ -240,6 +275,8 @@ impl BrokerSettings {
             ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
             ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
             ("EVENTS_EXCHANGE", &self.events_exchange),
+            ("EMAIL_EXCHANGE", &self.email_exchange),
+            ("EMAIL_QUEUE", &self.email_queue),
         ] {
             if value.is_empty() || value.len() > 255 {
                 return Err(ConfigError::new(name, "must be 1 to 255 bytes"));
@@ -251,6 +288,14 @@ impl BrokerSettings {
                 ));
             }
         }
+        // The email exchange is the trust boundary: on the events exchange, every
+        // subscriber would read the verification links.
+        if self.email_exchange == self.events_exchange {
+            return Err(ConfigError::new(
+                "EMAIL_EXCHANGE",
+                "must differ from EVENTS_EXCHANGE: email.requested carries a secret that subscribers to events must not read",
+            ));
+        }
         if self.reply_to_prefixes.iter().any(|p| p.trim().is_empty()) {
             return Err(ConfigError::new(
                 "REPLY_TO_PREFIXES",
@@ -258,9 +303,13 @@ impl BrokerSettings {
             ));
         }
         for p in &self.reply_to_prefixes {
-            if [&self.command_queue, &self.dead_letter_queue]
-                .iter()
-                .any(|q| q.starts_with(p.as_str()))
+            if [
+                &self.command_queue,
+                &self.dead_letter_queue,
+                &self.email_queue,
+            ]
+            .iter()
+            .any(|q| q.starts_with(p.as_str()))
             {
                 return Err(ConfigError::new(
                     "REPLY_TO_PREFIXES",

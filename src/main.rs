@@ -60,6 +60,11 @@ enum Cmd {
     /// Sends a file of commands (one per line) and writes one result line per input
     /// line; re-running the same file creates nothing twice.
     Provision(Box<cli::provision::ProvisionArgs>),
+    /// Make, list, revoke and rotate access tokens (as the schema owner).
+    AccessTokens {
+        #[command(subcommand)]
+        cmd: cli::access_tokens::AccessTokenCmd,
+    },
     /// Lists dead letters with their reasons, or re-publishes chosen ones after a fix.
     DeadLetters {
         #[command(subcommand)]
@@ -133,6 +138,7 @@ async fn run_cli() -> ExitCode {
         .await
         .map(|(status, reply)| println!("{status} {reply}")),
         Cmd::DeadLetters { cmd } => cli::dead_letters::run(cmd).await,
+        Cmd::AccessTokens { cmd } => cli::access_tokens::run(cmd).await,
         Cmd::Provision(args) => match cli::provision::run(*args).await {
             Ok(true) => Ok(()),
             // The summary and the result lines already say what failed.

@@ -14,7 +14,8 @@
 //! and delete), which is why events carry their `event_id` as `message_id`.
 
 use crate::broker::{properties, Outgoing, Publisher};
-use crate::config::Settings;
+use crate::config::{BrokerSettings, Settings};
+use crate::contract::message;
 use crate::store::{OutboxEvent, Store, StoreError};
 use crate::telemetry::{self, Report};
 use std::sync::Arc;
@@ -27,10 +28,28 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Events re-published per relay pass.
 const RELAY_BATCH: i64 = 500;
 
-/// The message that announces `e` on the events exchange.
-pub fn event_message(exchange: &str, e: &OutboxEvent) -> Outgoing {
-    Outgoing {
-        exchange: exchange.to_string(),
+/// The message that announces `e`: `email.requested` on the email exchange,
+/// which only the dispatcher reads, the others on the events exchange, in the
+/// shape that carries no secret (rows an earlier version wrote are re-shaped).
+/// `None`: a row that cannot be made safe for the events exchange; it is
+/// withheld, and stays in the outbox for an operator to look at.
+pub fn event_message(broker: &BrokerSettings, e: &OutboxEvent) -> Option<Outgoing> {
+    let Some(body) = message::publishable_event_body(&e.routing_key, &e.body) else {
+        tracing::error!(
+            event_id = %e.event_id,
+            routing_key = %e.routing_key.escape_default(),
+            "outbox event withheld: its body is no event this version knows, and it could carry a secret"
+        );
+        metrics::counter!(telemetry::EVENTS_WITHHELD).increment(1);
+        return None;
+    };
+    let exchange = if message::is_email(&e.routing_key) {
+        &broker.email_exchange
+    } else {
+        &broker.events_exchange
+    };
+    Some(Outgoing {
+        exchange: exchange.clone(),
         routing_key: e.routing_key.clone(),
         properties: properties::event(
             &e.routing_key,
@@ -38,8 +57,8 @@ pub fn event_message(exchange: &str, e: &OutboxEvent) -> Outgoing {
             e.traceparent.as_deref(),
             e.tracestate.as_deref(),
         ),
-        body: e.body.as_bytes().to_vec(),
-    }
+        body: body.into_owned().into_bytes(),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,21 +83,21 @@ pub async fn relay(
     if events.is_empty() {
         return Ok(0);
     }
-    let out: Vec<Outgoing> = events
+    let (ids, out): (Vec<Uuid>, Vec<Outgoing>) = events
         .iter()
-        .map(|e| event_message(&settings.broker.events_exchange, e))
-        .collect();
+        .filter_map(|e| Some((e.event_id, event_message(&settings.broker, e)?)))
+        .unzip();
     let acked = publisher
         .publish_each(&out)
         .await
         .map_err(RelayError::Broker)?;
-    // A refused event keeps its row (its lease ran forward) and is tried again
-    // after another grace period.
-    let ids: Vec<Uuid> = events
-        .iter()
+    // A refused (or withheld) event keeps its row (its lease ran forward) and
+    // is tried again after another grace period.
+    let ids: Vec<Uuid> = ids
+        .into_iter()
         .zip(&acked)
         .filter(|(_, ok)| **ok)
-        .map(|(e, _)| e.event_id)
+        .map(|(id, _)| id)
         .collect();
     store.delete_outbox(&ids).await?;
     if ids.len() < events.len() {

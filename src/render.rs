@@ -3,7 +3,8 @@
 
 use crate::contract::message::{event_message_id, routing};
 use crate::contract::{
-    EmailRequested, ErrorReply, Rejection, Reply, TicketCreated, VerificationTokenCreated,
+    EmailRequested, ErrorReply, Rejection, Reply, TicketCreated, TicketCreatedEvent,
+    VerificationTokenCreated, VerificationTokenCreatedEvent,
 };
 use crate::domain::Outcome;
 use crate::store::OutboxEvent;
@@ -44,27 +45,30 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
             events: vec![],
         },
         Outcome::TicketCreated(t) => {
-            let body = json(&TicketCreated {
+            let reply = TicketCreated {
                 tenant: t.tenant.clone(),
                 profile_id: t.profile_id.clone(),
                 last_request_time: t.last_request_time,
                 id: t.id,
-            });
+            };
+            // The caller gets the ticket; the events exchange only its hash.
+            let announced = json(&TicketCreatedEvent::from(&reply));
             Rendered {
                 reply: Reply {
                     status: 200,
-                    body: body.clone(),
+                    body: json(&reply),
                 },
-                events: vec![event(routing::TICKET_CREATED, t.id, body)],
+                events: vec![event(routing::TICKET_CREATED, t.id, announced)],
             }
         }
         Outcome::VerificationTokenCreated(t, email) => {
-            let body = json(&VerificationTokenCreated {
+            let reply = VerificationTokenCreated {
                 tenant: t.tenant.clone(),
                 profile_id: t.profile_id.clone(),
                 timestamp: t.timestamp,
                 id: t.id,
-            });
+            };
+            let announced = json(&VerificationTokenCreatedEvent::from(&reply));
             let email_id = event_message_id(routing::EMAIL_REQUESTED, t.id);
             let email_body = json(&EmailRequested {
                 id: email_id,
@@ -79,10 +83,10 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
             Rendered {
                 reply: Reply {
                     status: 200,
-                    body: body.clone(),
+                    body: json(&reply),
                 },
                 events: vec![
-                    event(routing::VERIFICATION_TOKEN_CREATED, t.id, body),
+                    event(routing::VERIFICATION_TOKEN_CREATED, t.id, announced),
                     event(routing::EMAIL_REQUESTED, t.id, email_body),
                 ],
             }
@@ -120,7 +124,15 @@ mod tests {
         );
         assert_eq!(r.events.len(), 2);
         assert_eq!(r.events[0].routing_key, "verification-token.created");
-        assert_eq!(r.events[0].body, r.reply.body);
+        assert_eq!(
+            r.events[0].body,
+            format!(
+                r#"{{"tenant":"sample-tenant","profileId":"592715d4d4c650e226b03b62","timestamp":1495746285875,"idSha256":"{}"}}"#,
+                crate::contract::message::id_sha256(id)
+            ),
+            "the public event carries the token's hash, not the token"
+        );
+        assert!(!r.events[0].body.contains(&id.to_string()));
         let email: serde_json::Value = serde_json::from_str(&r.events[1].body).unwrap();
         assert_eq!(
             email["id"],

@@ -150,8 +150,13 @@ pub const DEAD_LETTERS: &str = "profile_worker_dead_letters_total";
 /// Events committed but not yet confirmed by the broker (outbox rows).
 pub const OUTBOX_PENDING: &str = "profile_worker_outbox_pending";
 /// Messages ready in the worker's queues, by `queue` (`commands`,
-/// `dead_letters`), as the broker reported them at the last poll.
+/// `dead_letters`, `email`: the dispatcher's backlog), as the broker reported
+/// them at the last poll.
 pub const QUEUE_MESSAGES: &str = "profile_worker_queue_messages";
+/// Outbox events not published because their body could carry a secret onto
+/// the events exchange (a row no version of the worker writes); they stay in
+/// the outbox.
+pub const EVENTS_WITHHELD: &str = "profile_worker_events_withheld_total";
 /// Consumers currently taking commands in this process.
 pub const CONSUMING: &str = "profile_worker_consumers";
 
@@ -214,6 +219,10 @@ fn describe() {
         "Replies the broker kept refusing, dropped after about a second of retries"
     );
     describe_counter!(DEAD_LETTERS, "Commands dead-lettered, by error code");
+    describe_counter!(
+        EVENTS_WITHHELD,
+        "Outbox events not published: their body could carry a secret onto the events exchange"
+    );
     describe_gauge!(
         OUTBOX_PENDING,
         "Events committed and not yet confirmed by the broker"
@@ -222,11 +231,12 @@ fn describe() {
     describe_gauge!(
         QUEUE_MESSAGES,
         Unit::Count,
-        "Messages ready in the command and dead-letter queues, polled from the broker"
+        "Messages ready in the command, dead-letter and email dispatch queues, polled from the broker"
     );
     // Present from the start, so a dashboard's rate() sees the first failure.
     metrics::counter!(RECONNECTS).absolute(0);
     metrics::counter!(REPLIES_DROPPED).absolute(0);
+    metrics::counter!(EVENTS_WITHHELD).absolute(0);
     for kind in ["transient", "permanent"] {
         metrics::counter!(DATABASE_ERRORS, "kind" => kind).absolute(0);
     }
@@ -256,9 +266,14 @@ impl std::fmt::Display for Report<'_> {
 /// At most 8 characters and at most a quarter of the ID, so a short token is
 /// never logged whole.
 pub fn token_prefix(id: &str) -> String {
+    format!("{}…", id_prefix(id))
+}
+
+/// The part of an access token ID that may be shown (logs, `access-tokens
+/// list`): at most 8 characters and at most a quarter of the ID.
+pub fn id_prefix(id: &str) -> String {
     let n = (id.chars().count() / 4).min(8);
-    let prefix: String = id.chars().take(n).collect();
-    format!("{prefix}…")
+    id.chars().take(n).collect()
 }
 
 #[cfg(test)]

@@ -1,14 +1,30 @@
 #!/bin/sh
-# One-shot: the worker's broker user, limited to its own exchanges and queues
-# (configure, read) and the default exchange (write: replies), made through the
-# management API of the compose RabbitMQ.
+# One-shot, through the management API of the compose RabbitMQ: the broker users
+# of CONTRACT §1 (docs/OPERATIONS.md, "Who may read what"), the same regexes as
+# scripts/services.sh's rabbit_users.
+#   profile-worker:            its own exchanges and queues, the default exchange (replies)
+#   profile-email-dispatcher:  consumes profile.email.dispatch, nothing else
+#   profile-events-reader:     its own queues, bound to profile.events; no right on profile.email
+#   profile-publisher:         publishes commands (and uses direct reply-to)
 set -eu
 api="http://rabbitmq:15672/api"
 auth="admin:${RABBITMQ_ADMIN_PASSWORD}"
-names='profile\\.(commands(\\.(dlx|dead|unrouted))?|events)'
-curl -fsS -u "$auth" -X PUT -H 'content-type: application/json' \
-  -d "{\"password\":\"${WORKER_AMQP_PASSWORD}\",\"tags\":\"\"}" "$api/users/profile-worker"
-curl -fsS -u "$auth" -X PUT -H 'content-type: application/json' \
-  -d "{\"configure\":\"^${names}\$\",\"write\":\"^(amq\\\\.default|${names})\$\",\"read\":\"^${names}\$\"}" \
-  "$api/permissions/%2F/profile-worker"
-echo "broker user profile-worker ready"
+
+# USER PASSWORD CONFIGURE WRITE READ (regexes as JSON string contents: \\ is one backslash)
+user() {
+  curl -fsS -u "$auth" -X PUT -H 'content-type: application/json' \
+    -d "{\"password\":\"$2\",\"tags\":\"\"}" "$api/users/$1"
+  curl -fsS -u "$auth" -X PUT -H 'content-type: application/json' \
+    -d "{\"configure\":\"$3\",\"write\":\"$4\",\"read\":\"$5\"}" "$api/permissions/%2F/$1"
+  echo "broker user $1 ready"
+}
+
+names='profile\\.(commands(\\.(dlx|dead|unrouted))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)'
+user profile-worker "${WORKER_AMQP_PASSWORD}" "^${names}\$" "^(amq\\\\.default|${names})\$" \
+  '^profile\\.(commands(\\.(dlx|unrouted))?|email(\\.(dlx|dispatch))?)$'
+user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}" '^$' '^$' '^profile\\.email\\.dispatch$'
+mine='(amq\\.gen-.*|profile-events-reader\\..*)'
+user profile-events-reader "${EVENTS_READER_AMQP_PASSWORD}" "^${mine}\$" "^${mine}\$" "^(${mine}|profile\\\\.events)\$"
+# Publishers: write on the command exchange; a server-named reply queue needs
+# configure and read on amq.gen-… (direct reply-to needs neither).
+user profile-publisher "${PUBLISHER_AMQP_PASSWORD}" '^amq\\.gen-.*$' '^profile\\.commands$' '^amq\\.gen-.*$'

@@ -438,6 +438,11 @@ fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
         dead_letter_exchange: format!("{prefix}profile.commands.dlx"),
         dead_letter_queue: format!("{prefix}profile.commands.dead"),
         events_exchange: format!("{prefix}profile.events"),
+        email_exchange: format!("{prefix}profile.email"),
+        email_queue: format!("{prefix}profile.email.dispatch"),
+        email_queue_max_length: 1_000_000,
+        email_queue_max_bytes: 1 << 30,
+        email_delivery_limit: 20,
         delivery_limit: 5,
         prefetch,
         heartbeat_secs: 10,
@@ -463,6 +468,10 @@ fn ceiling_events_exchange(prefix: &str) -> String {
     format!("{prefix}bench.ceiling-events")
 }
 
+fn ceiling_email_queue(prefix: &str) -> String {
+    format!("{prefix}bench.ceiling-email-dispatch")
+}
+
 async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
     let n = names(prefix, amqp_url, 1);
     let uri = n.validate().map_err(|e| e.to_string())?;
@@ -473,8 +482,11 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
     for q in [
         n.command_queue.clone(),
         n.dead_letter_queue.clone(),
+        n.email_queue.clone(),
+        n.email_dead_letter_queue(),
         ceiling_queue(prefix),
         events_ceiling_queue(prefix),
+        ceiling_email_queue(prefix),
     ] {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }
@@ -483,6 +495,8 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<(), String> {
         broker::unrouted_exchange(&n),
         n.dead_letter_exchange.clone(),
         n.events_exchange.clone(),
+        n.email_exchange.clone(),
+        n.email_dead_letter_exchange(),
         ceiling_events_exchange(prefix),
     ] {
         let _ = ch
@@ -576,6 +590,8 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
             "EVENTS_EXCHANGE".into(),
             broker_names.events_exchange.clone(),
         ),
+        ("EMAIL_EXCHANGE".into(), broker_names.email_exchange.clone()),
+        ("EMAIL_QUEUE".into(), broker_names.email_queue.clone()),
         ("PREFETCH".into(), args.prefetch.to_string()),
         ("BATCH_SIZE".into(), args.batch_size.to_string()),
         ("CONSUMERS".into(), args.consumers.to_string()),
@@ -623,13 +639,13 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
     let (channel, replies) = profile_worker::client::reply_channel(&conn)
         .await
         .map_err(|e| e.to_string())?;
-    // What the email dispatcher would see, counted and purged after every round.
-    let email_queue = format!("{prefix}bench.email-requested");
-    declare_email_sink(&channel, &broker_names.events_exchange, &email_queue).await?;
+    // What the email dispatcher sees: the dispatch queue the workers declared
+    // (quorum, durable, as in production), counted and purged after every round.
+    let email_queue = broker_names.email_queue.clone();
 
     // The events ceiling's own exchange and email queue, shaped like the worker's.
     let ceiling_events = ceiling_events_exchange(&prefix);
-    let ceiling_email_queue = format!("{prefix}bench.ceiling-email-requested");
+    let ceiling_email_queue = ceiling_email_queue(&prefix);
     if args.ceiling_events {
         // Durable and topic, as the worker declares its events exchange.
         channel
@@ -644,7 +660,13 @@ async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Rep
             )
             .await
             .map_err(|e| format!("{ceiling_events}: {}", broker::describe(&e)))?;
-        declare_email_sink(&channel, &ceiling_events, &ceiling_email_queue).await?;
+        declare_email_sink(
+            &channel,
+            &ceiling_events,
+            &ceiling_email_queue,
+            broker::email_queue_arguments(&broker_names),
+        )
+        .await?;
     }
 
     let stop_ceiling = CancellationToken::new();
@@ -936,22 +958,24 @@ async fn wait_for_consumers(
     }
 }
 
-/// An exclusive queue bound to `email.requested` on `exchange`, standing in for
-/// the email dispatcher's.
+/// The events echo's stand-in for the dispatch queue: durable and quorum like
+/// the worker's, bound to `email.requested` on `exchange`, so the echo pays the
+/// broker what the worker's email requests cost.
 async fn declare_email_sink(
     channel: &lapin::Channel,
     exchange: &str,
     queue: &str,
+    arguments: FieldTable,
 ) -> Result<(), String> {
     let fail = |e: lapin::Error| format!("{queue}: {}", broker::describe(&e));
     channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
-                exclusive: true,
+                durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            arguments,
         )
         .await
         .map_err(fail)?;

@@ -10,7 +10,9 @@ pub use lapin::message::Delivery;
 pub use lapin::{Channel, Connection, Consumer};
 pub use nodes::{split_urls, Nodes, NodesError};
 pub use publisher::{confirmed, Outgoing, PublishError, Publisher};
-pub use topology::{command_queue_arguments, declare, unrouted_exchange, TopologyError};
+pub use topology::{
+    command_queue_arguments, declare, email_queue_arguments, unrouted_exchange, TopologyError,
+};
 
 use lapin::uri::AMQPUri;
 use lapin::ConnectionProperties;

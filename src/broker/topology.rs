@@ -1,5 +1,9 @@
 //! CONTRACT §1, declared idempotently at every (re)connect. A declaration that
 //! conflicts with an existing object is a fatal, clearly worded error.
+//!
+//! The email exchange and its dispatch queue are declared here, not by the
+//! dispatcher: a request published before its queue existed would be dropped
+//! as unroutable, and the dispatcher's broker user has no right to declare.
 
 use crate::config::BrokerSettings;
 use crate::contract::CommandName;
@@ -88,6 +92,40 @@ pub fn dead_letter_queue_arguments(s: &BrokerSettings) -> FieldTable {
     args
 }
 
+/// The email dispatcher's queue: quorum (an email request survives a node's
+/// loss), bounded like the command queue, refusing past its bounds so the
+/// worker keeps what does not fit in its outbox.
+pub fn email_queue_arguments(s: &BrokerSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(s.email_delivery_limit.min(i32::MAX as u32) as i32),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        text(&s.email_dead_letter_exchange()),
+    );
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    limits(&mut args, s.email_queue_max_length, s.email_queue_max_bytes);
+    args
+}
+
+/// The email requests given up on: quorum and unbounded in time, like the
+/// command dead letters, and refusing past their bounds.
+fn email_dead_letter_queue_arguments(s: &BrokerSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    limits(
+        &mut args,
+        s.dead_letter_queue_max_length,
+        s.dead_letter_queue_max_bytes,
+    );
+    args
+}
+
 /// `x-max-length` / `x-max-length-bytes`, each only when set (0: no limit).
 fn limits(args: &mut FieldTable, max_length: u64, max_bytes: u64) {
     for (name, value) in [
@@ -113,6 +151,7 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
     // exchange; its alternate exchange routes them to the queue instead, so they get
     // an UNKNOWN_COMMAND reply and a dead letter rather than vanishing.
     let unrouted = unrouted_exchange(s);
+    let (email_dlx, email_dead) = (s.email_dead_letter_exchange(), s.email_dead_letter_queue());
     let mut command_exchange_args = FieldTable::default();
     command_exchange_args.insert("alternate-exchange".into(), text(&unrouted));
     let exchanges = [
@@ -136,10 +175,22 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
             ExchangeKind::Topic,
             FieldTable::default(),
         ),
+        (
+            s.email_exchange.as_str(),
+            ExchangeKind::Direct,
+            FieldTable::default(),
+        ),
+        (
+            email_dlx.as_str(),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        ),
     ];
     let queues = [
         (s.dead_letter_queue.as_str(), dead_letter_queue_arguments(s)),
         (s.command_queue.as_str(), command_queue_arguments(s)),
+        (email_dead.as_str(), email_dead_letter_queue_arguments(s)),
+        (s.email_queue.as_str(), email_queue_arguments(s)),
     ];
     let mut bindings = vec![
         (
@@ -148,6 +199,12 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
             "",
         ),
         (s.command_queue.as_str(), unrouted.as_str(), ""),
+        (
+            s.email_queue.as_str(),
+            s.email_exchange.as_str(),
+            crate::contract::message::routing::EMAIL_REQUESTED,
+        ),
+        (email_dead.as_str(), email_dlx.as_str(), ""),
     ];
     for name in CommandName::ALL {
         bindings.push((

@@ -1,7 +1,8 @@
 //! The operator's commands besides `run`, `migrate` and `seed`: tools that
-//! talk to a running worker through the broker. They belong to the binary: the
-//! library is the worker.
+//! talk to a running worker through the broker, and access-token
+//! administration. They belong to the binary: the library is the worker.
 
+pub mod access_tokens;
 pub mod dead_letters;
 pub mod provision;
 pub mod send;

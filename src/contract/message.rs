@@ -6,7 +6,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// 200 reply to `create-ticket`; also the body of `ticket.created`.
+/// 200 reply to `create-ticket`. The ticket ID is a session credential: it goes
+/// to the caller only, never onto an event (see [`TicketCreatedEvent`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TicketCreated {
@@ -17,7 +18,8 @@ pub struct TicketCreated {
     pub id: Uuid,
 }
 
-/// 200 reply to `create-verification-token`; also the body of `verification-token.created`.
+/// 200 reply to `create-verification-token`. The token ID verifies an account or
+/// resets a password: it goes to the caller and the email dispatcher only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VerificationTokenCreated {
@@ -26,6 +28,65 @@ pub struct VerificationTokenCreated {
     /// Epoch milliseconds.
     pub timestamp: i64,
     pub id: Uuid,
+}
+
+/// `ticket.created` on the events exchange: the ticket announced by the SHA-256
+/// of its ID, so a reader of events can match it to a reply it holds but cannot
+/// use it (CONTRACT §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TicketCreatedEvent {
+    pub tenant: String,
+    pub profile_id: String,
+    /// Epoch milliseconds.
+    pub last_request_time: i64,
+    /// Lowercase hex SHA-256 of the ticket ID's canonical (hyphenated, lowercase) text.
+    #[schemars(regex(pattern = "^[0-9a-f]{64}$"))]
+    pub id_sha256: String,
+}
+
+/// `verification-token.created` on the events exchange, without the token ID
+/// (CONTRACT §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VerificationTokenCreatedEvent {
+    pub tenant: String,
+    pub profile_id: String,
+    /// Epoch milliseconds.
+    pub timestamp: i64,
+    /// Lowercase hex SHA-256 of the token ID's canonical (hyphenated, lowercase) text.
+    #[schemars(regex(pattern = "^[0-9a-f]{64}$"))]
+    pub id_sha256: String,
+}
+
+impl From<&TicketCreated> for TicketCreatedEvent {
+    fn from(t: &TicketCreated) -> Self {
+        TicketCreatedEvent {
+            tenant: t.tenant.clone(),
+            profile_id: t.profile_id.clone(),
+            last_request_time: t.last_request_time,
+            id_sha256: id_sha256(t.id),
+        }
+    }
+}
+
+impl From<&VerificationTokenCreated> for VerificationTokenCreatedEvent {
+    fn from(t: &VerificationTokenCreated) -> Self {
+        VerificationTokenCreatedEvent {
+            tenant: t.tenant.clone(),
+            profile_id: t.profile_id.clone(),
+            timestamp: t.timestamp,
+            id_sha256: id_sha256(t.id),
+        }
+    }
+}
+
+/// `idSha256` of an event: the lowercase hex SHA-256 of the ID's canonical text,
+/// the form a holder of the reply has (`7f036af3-1ab9-…`).
+pub fn id_sha256(id: Uuid) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(id.hyphenated().to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Body of every 4xx reply.
@@ -68,11 +129,51 @@ pub struct EmailRequested {
     pub timestamp: i64,
 }
 
-/// Routing keys on the events exchange.
+/// Routing keys of events: `email.requested` on the email exchange, the others
+/// on the events exchange.
 pub mod routing {
     pub const TICKET_CREATED: &str = "ticket.created";
     pub const VERIFICATION_TOKEN_CREATED: &str = "verification-token.created";
     pub const EMAIL_REQUESTED: &str = "email.requested";
+}
+
+/// Whether an event goes to the email exchange, which only the email dispatcher
+/// reads, rather than to the events exchange, which any subscriber may read.
+pub fn is_email(routing_key: &str) -> bool {
+    routing_key == routing::EMAIL_REQUESTED
+}
+
+/// An event's body as it may leave on its exchange. Bodies this version renders
+/// are returned as they are. An earlier version wrote `ticket.created` and
+/// `verification-token.created` with the whole `id` into the outbox; such a
+/// row, whoever wrote it, is re-shaped here to carry `idSha256` instead
+/// (CONTRACT §5, upgrading). `None`: a body on the events exchange that is
+/// neither shape, withheld rather than risk a secret on the bus.
+pub fn publishable_event_body<'a>(
+    routing_key: &str,
+    body: &'a str,
+) -> Option<std::borrow::Cow<'a, str>> {
+    use std::borrow::Cow;
+    fn reshape<Old, New>(body: &str) -> Option<Cow<'_, str>>
+    where
+        Old: serde::de::DeserializeOwned,
+        New: Serialize + serde::de::DeserializeOwned + for<'o> From<&'o Old>,
+    {
+        if serde_json::from_str::<New>(body).is_ok() {
+            return Some(Cow::Borrowed(body));
+        }
+        let old: Old = serde_json::from_str(body).ok()?;
+        serde_json::to_string(&New::from(&old)).ok().map(Cow::Owned)
+    }
+    match routing_key {
+        routing::TICKET_CREATED => reshape::<TicketCreated, TicketCreatedEvent>(body),
+        routing::VERIFICATION_TOKEN_CREATED => {
+            reshape::<VerificationTokenCreated, VerificationTokenCreatedEvent>(body)
+        }
+        routing::EMAIL_REQUESTED => Some(Cow::Borrowed(body)),
+        // No other event exists; an unknown one is not published where anyone reads.
+        _ => None,
+    }
 }
 
 /// Namespace for the deterministic (UUID v5) message ids of events and replies.
@@ -104,6 +205,66 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&t).unwrap(),
             r#"{"tenant":"default","profileId":"5925a68def86951f895cf497","lastRequestTime":1495660441508,"id":"7f036af3-1ab9-4791-b615-ecaece3f0010"}"#
+        );
+    }
+
+    #[test]
+    fn public_events_carry_the_ids_hash_not_the_id() {
+        let id: Uuid = "7f036af3-1ab9-4791-b615-ecaece3f0010".parse().unwrap();
+        let t = TicketCreated {
+            tenant: "default".into(),
+            profile_id: "5925a68def86951f895cf497".into(),
+            last_request_time: 1495660441508,
+            id,
+        };
+        let event = serde_json::to_string(&TicketCreatedEvent::from(&t)).unwrap();
+        // echo -n 7f036af3-1ab9-4791-b615-ecaece3f0010 | sha256sum
+        assert_eq!(
+            event,
+            r#"{"tenant":"default","profileId":"5925a68def86951f895cf497","lastRequestTime":1495660441508,"idSha256":"3198614c36cbeb7f819204b251b466c19b7230547acd8a6c37b9afd358718d07"}"#
+        );
+        assert!(!event.contains("7f036af3"));
+    }
+
+    #[test]
+    fn old_outbox_bodies_are_reshaped_and_new_ones_kept() {
+        let id: Uuid = "055d58c4-fabb-44da-96eb-261e24e1d0c9".parse().unwrap();
+        let old = serde_json::to_string(&VerificationTokenCreated {
+            tenant: "sample-tenant".into(),
+            profile_id: "p".into(),
+            timestamp: 1,
+            id,
+        })
+        .unwrap();
+        let new = publishable_event_body(routing::VERIFICATION_TOKEN_CREATED, &old).unwrap();
+        assert_eq!(
+            new,
+            format!(
+                r#"{{"tenant":"sample-tenant","profileId":"p","timestamp":1,"idSha256":"{}"}}"#,
+                id_sha256(id)
+            )
+        );
+        assert!(matches!(
+            publishable_event_body(routing::VERIFICATION_TOKEN_CREATED, &new),
+            Some(std::borrow::Cow::Borrowed(_))
+        ));
+        let old_ticket =
+            format!(r#"{{"tenant":"t","profileId":"p","lastRequestTime":2,"id":"{id}"}}"#);
+        let reshaped = publishable_event_body(routing::TICKET_CREATED, &old_ticket).unwrap();
+        assert!(!reshaped.contains(&id.to_string()), "{reshaped}");
+        // Neither shape, or an unknown key: withheld, never published as it is.
+        for (key, body) in [
+            (routing::TICKET_CREATED, format!(r#"{{"secret":"{id}"}}"#)),
+            (routing::TICKET_CREATED, "not json".to_string()),
+            ("ticket.deleted", "{}".to_string()),
+        ] {
+            assert_eq!(publishable_event_body(key, &body), None, "{key} {body}");
+        }
+        let email = r#"{"tokenId":"x"}"#;
+        assert_eq!(
+            publishable_event_body(routing::EMAIL_REQUESTED, email).as_deref(),
+            Some(email),
+            "the dispatcher's event is its own business"
         );
     }
 

@@ -11,7 +11,8 @@ pub use command::{
 };
 pub use error::{ErrorCode, Rejection};
 pub use message::{
-    EmailRequested, ErrorReply, InternalErrorReply, TicketCreated, VerificationTokenCreated,
+    EmailRequested, ErrorReply, InternalErrorReply, TicketCreated, TicketCreatedEvent,
+    VerificationTokenCreated, VerificationTokenCreatedEvent,
 };
 
 /// A reply as it is stored and sent: its `status` header and its JSON body.

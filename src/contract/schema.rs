@@ -19,10 +19,10 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ),
         ("error.reply.json", schema_for!(ErrorReply)),
         ("internal-error.reply.json", schema_for!(InternalErrorReply)),
-        ("ticket.created.event.json", schema_for!(TicketCreated)),
+        ("ticket.created.event.json", schema_for!(TicketCreatedEvent)),
         (
             "verification-token.created.event.json",
-            schema_for!(VerificationTokenCreated),
+            schema_for!(VerificationTokenCreatedEvent),
         ),
         ("email.requested.event.json", schema_for!(EmailRequested)),
     ]

@@ -13,7 +13,6 @@ mod report;
 use crate::broker::{properties, Channel, Delivery, Outgoing, Publisher};
 use crate::config::Settings;
 use crate::contract::{self, InternalErrorReply, Reply};
-use crate::outbox;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Report};
 use item::Item;
@@ -441,7 +440,7 @@ impl Pipeline {
                 },
                 Step::Stored(s) => {
                     for e in &s.pending_events {
-                        out.events.push((self.event(e), e.event_id));
+                        out.push_event(&self.settings.broker, e);
                     }
                     Answer {
                         status,
@@ -451,7 +450,7 @@ impl Pipeline {
                 }
                 Step::New { record, rejected } => {
                     for e in &plan.records[*record].events {
-                        out.events.push((self.event(e), e.event_id));
+                        out.push_event(&self.settings.broker, e);
                     }
                     Answer {
                         status,
@@ -488,10 +487,6 @@ impl Pipeline {
                 body: reply.body.into_bytes(),
             });
         }
-    }
-
-    fn event(&self, e: &crate::store::OutboxEvent) -> Outgoing {
-        outbox::event_message(&self.settings.broker.events_exchange, e)
     }
 
     /// The command as it came, with why it is here. An oversized body is cut to

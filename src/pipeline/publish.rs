@@ -5,7 +5,8 @@
 //! letter is handed to the queue's own dead-lettering.
 
 use crate::broker::{Outgoing, Publisher};
-use crate::store::Store;
+use crate::config::BrokerSettings;
+use crate::store::{OutboxEvent, Store};
 use crate::telemetry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,14 @@ pub(super) struct Publications {
 }
 
 impl Publications {
+    /// An outbox event, on its exchange (`outbox::event_message`); one that is
+    /// withheld keeps its row and is not published.
+    pub fn push_event(&mut self, broker: &BrokerSettings, e: &OutboxEvent) {
+        if let Some(m) = crate::outbox::event_message(broker, e) {
+            self.events.push((m, e.event_id));
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.replies.len() + self.events.len() + self.dead_letters.len()
     }

@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "outbox_tracestate",
         sql: include_str!("../../migrations/0004_outbox_tracestate.sql"),
     },
+    Migration {
+        version: 5,
+        name: "access_token_admin",
+        sql: include_str!("../../migrations/0005_access_token_admin.sql"),
+    },
 ];
 
 /// Arbitrary, fixed: "profile-worker migrations".

@@ -1,6 +1,7 @@
 //! Postgres: pool, migrations, seed, the batch load and the one-transaction commit,
 //! the outbox and the expiry sweep. Knows SQL, nothing about AMQP.
 
+mod access_tokens;
 mod batch;
 mod maintenance;
 mod migrate;
@@ -8,10 +9,11 @@ mod outbox;
 mod seed;
 pub mod tls;
 
+pub use access_tokens::{AccessTokenInfo, NewAccessToken};
 pub use batch::{Batch, EmailClaim, Loaded, NewRecord, StoredReply};
 pub use maintenance::{Retention, SweepReport};
 pub use outbox::OutboxEvent;
-pub use seed::{SeedFile, SeedReport};
+pub use seed::{SeedFile, SeedReport, SeedTenantPermission};
 
 use crate::config::DatabaseSettings;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};

@@ -42,7 +42,7 @@ pub struct SeedAccessToken {
     pub tenant_permissions: Vec<SeedTenantPermission>,
 }
 
-#[derive(Debug, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SeedTenantPermission {
     pub tenant: String,
@@ -185,9 +185,9 @@ impl Store {
         }
         let up_token = tx
             .prepare(
-                "INSERT INTO access_tokens (id_sha256, application, master, expires_on, tenant_permissions) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id_sha256) DO UPDATE SET \
-                 application = EXCLUDED.application, master = EXCLUDED.master, \
+                "INSERT INTO access_tokens (id_sha256, application, master, expires_on, tenant_permissions, id_prefix) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id_sha256) DO UPDATE SET \
+                 id_prefix = EXCLUDED.id_prefix, application = EXCLUDED.application, master = EXCLUDED.master, \
                  expires_on = EXCLUDED.expires_on, tenant_permissions = EXCLUDED.tenant_permissions",
             )
             .await
@@ -196,9 +196,10 @@ impl Store {
             let expires = t.expires_on.map(to_system_time);
             let perms = serde_json::to_value(&t.tenant_permissions).unwrap_or_default();
             let hash = access_token_hash(&t.id).to_vec();
+            let prefix = crate::telemetry::id_prefix(&t.id);
             tx.execute(
                 &up_token,
-                &[&hash, &t.application, &t.master, &expires, &perms],
+                &[&hash, &t.application, &t.master, &expires, &perms, &prefix],
             )
             .await
             .map_err(err)?;

@@ -163,6 +163,7 @@ async fn poll_depths(channel: lapin::Channel, settings: Arc<Settings>, stop: Can
     let queues = [
         ("commands", settings.broker.command_queue.clone()),
         ("dead_letters", settings.broker.dead_letter_queue.clone()),
+        ("email", settings.broker.email_queue.clone()),
     ];
     loop {
         for (label, name) in &queues {

@@ -81,15 +81,22 @@ impl Run {
             .await
             .unwrap();
         }
-        ch.queue_bind(
-            run.events.as_str().into(),
-            run.env.settings.broker.events_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        // Every event, and (as the dispatcher's queue gets them) the email requests.
+        let b = &run.env.settings.broker;
+        for (exchange, key) in [
+            (&b.events_exchange, "#"),
+            (&b.email_exchange, "email.requested"),
+        ] {
+            ch.queue_bind(
+                run.events.as_str().into(),
+                exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
         run
     }
 

@@ -91,6 +91,22 @@ pub fn worker_amqp_url() -> String {
     })
 }
 
+/// The email dispatcher's broker user: may consume the tests' dispatch queues
+/// (`t<12 hex>.email.dispatch`) and nothing else (scripts/test.sh).
+pub fn dispatcher_amqp_url() -> String {
+    std::env::var("TEST_DISPATCHER_AMQP_URL").unwrap_or_else(|_| {
+        "amqp://profile-dispatcher-test:profile-dispatcher-test@127.0.0.1:5672/%2f".into()
+    })
+}
+
+/// An events reader's broker user: its own queues bound to the tests' events
+/// exchanges (`t<12 hex>.events`), and no right on the email exchanges.
+pub fn reader_amqp_url() -> String {
+    std::env::var("TEST_READER_AMQP_URL").unwrap_or_else(|_| {
+        "amqp://profile-reader-test:profile-reader-test@127.0.0.1:5672/%2f".into()
+    })
+}
+
 /// A URL to a database we may create databases from, as the schema owner.
 pub fn admin_db_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
@@ -234,6 +250,8 @@ pub struct Reply {
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// The exchange it was published to.
+    pub exchange: String,
     pub routing_key: String,
     pub kind: String,
     pub message_id: Option<String>,
@@ -248,6 +266,7 @@ impl Received {
         let text =
             |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_string());
         Received {
+            exchange: d.exchange.as_str().to_string(),
             routing_key: d.routing_key.as_str().to_string(),
             kind: text(p.kind()).unwrap_or_default(),
             message_id: text(p.message_id()),
@@ -346,6 +365,8 @@ impl Env {
         settings.broker.dead_letter_exchange = format!("{prefix}.commands.dlx");
         settings.broker.dead_letter_queue = format!("{prefix}.commands.dead");
         settings.broker.events_exchange = format!("{prefix}.events");
+        settings.broker.email_exchange = format!("{prefix}.email");
+        settings.broker.email_queue = format!("{prefix}.email.dispatch");
         settings.worker.verification_url = "https://example.com/verify".into();
         settings.worker.sweep_interval_secs = 0;
         // Most tests send many emails to one profile; the cooldown's own tests turn it on.
@@ -402,6 +423,9 @@ impl Env {
                 });
             }
         });
+        // Events as a subscriber sees them (everything on the events
+        // exchange) and email requests as the dispatcher does (its queue), in
+        // one stream: `Received::exchange` tells them apart.
         let (events_queue, ev_rx) = subscribe(&channel).await;
         channel
             .queue_bind(
@@ -413,6 +437,8 @@ impl Env {
             )
             .await
             .unwrap();
+        let (events_tx, ev_rx) = merge(ev_rx);
+        forward(&channel, &settings.broker.email_queue, events_tx).await;
 
         Env {
             servers,
@@ -598,7 +624,18 @@ impl Env {
         self.reply_for(&c).await
     }
 
-    /// Waits until `n` events arrived (or 10 s passed) and returns all that did.
+    /// Stops taking the email dispatch queue's messages (into [`Env::events`]),
+    /// so that a test's own dispatcher gets them.
+    pub async fn release_email_queue(&self) {
+        self.channel
+            .basic_cancel(EMAIL_CONSUMER.into(), BasicCancelOptions::default())
+            .await
+            .expect("cancel the harness's email consumer");
+    }
+
+    /// Waits until `n` events arrived (or 10 s passed) and returns all that did:
+    /// everything on the events exchange, and what reaches the email dispatch
+    /// queue (`Received::exchange` tells which).
     pub async fn events(&self, n: usize) -> Vec<Received> {
         let mut rx = self.events.lock().await;
         let mut out = Vec::new();
@@ -699,7 +736,12 @@ impl Env {
         let conn = self.servers.broker().await;
         let channel = conn.create_channel().await.unwrap();
         let b = &self.settings.broker;
-        for q in [&b.command_queue, &b.dead_letter_queue] {
+        for q in [
+            &b.command_queue,
+            &b.dead_letter_queue,
+            &b.email_queue,
+            &b.email_dead_letter_queue(),
+        ] {
             let _ = channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
@@ -709,6 +751,8 @@ impl Env {
             &b.command_exchange,
             &b.dead_letter_exchange,
             &b.events_exchange,
+            &b.email_exchange,
+            &b.email_dead_letter_exchange(),
             &unrouted,
         ] {
             let _ = channel
@@ -720,6 +764,49 @@ impl Env {
         drop(self.db);
         drop_database(&self.servers.admin_db, &self.db_name).await;
     }
+}
+
+/// The harness's consumer of a test's email dispatch queue.
+const EMAIL_CONSUMER: &str = "testkit-emails";
+
+/// A sender into `rx`'s stream besides its own, and the merged stream.
+fn merge(
+    mut rx: mpsc::UnboundedReceiver<Received>,
+) -> (
+    mpsc::UnboundedSender<Received>,
+    mpsc::UnboundedReceiver<Received>,
+) {
+    let (tx, merged) = mpsc::unbounded_channel();
+    let own = tx.clone();
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if own.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    (tx, merged)
+}
+
+/// Everything that arrives on the existing `queue`, taken and sent to `tx`.
+async fn forward(channel: &Channel, queue: &str, tx: mpsc::UnboundedSender<Received>) {
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            EMAIL_CONSUMER.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("consume {queue}: {e}"));
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let _ = tx.send(Received::from_delivery(&d));
+        }
+    });
 }
 
 /// An exclusive server-named queue and everything that arrives on it.
@@ -792,6 +879,8 @@ pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
         .env("DEAD_LETTER_EXCHANGE", &s.broker.dead_letter_exchange)
         .env("DEAD_LETTER_QUEUE", &s.broker.dead_letter_queue)
         .env("EVENTS_EXCHANGE", &s.broker.events_exchange)
+        .env("EMAIL_EXCHANGE", &s.broker.email_exchange)
+        .env("EMAIL_QUEUE", &s.broker.email_queue)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     c

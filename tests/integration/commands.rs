@@ -61,7 +61,9 @@ async fn create_ticket_replies_persists_and_emits_event() {
     let events = env.events(1).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].routing_key, "ticket.created");
-    assert_eq!(events[0].json(), r.body);
+    assert_eq!(events[0].exchange, env.settings.broker.events_exchange);
+    // The reply's fields, the ticket announced by its hash (CONTRACT §5).
+    assert_eq!(events[0].json(), announced(&r.body));
     assert!(events[0].message_id.is_some());
     assert_eq!(
         env.settled_outbox().await,
@@ -69,6 +71,16 @@ async fn create_ticket_replies_persists_and_emits_event() {
         "confirmed events leave the outbox"
     );
     env.teardown().await;
+}
+
+/// A 200 reply's body as its event announces it: `idSha256` for `id`.
+fn announced(reply: &serde_json::Value) -> serde_json::Value {
+    let mut event = reply.clone();
+    let id = event.as_object_mut().unwrap().remove("id").unwrap();
+    event["idSha256"] = json!(profile_worker::contract::message::id_sha256(
+        id.as_str().unwrap().parse().unwrap()
+    ));
+    event
 }
 
 #[tokio::test]
@@ -94,8 +106,15 @@ async fn create_verification_token_emits_email_requested() {
     assert_eq!(events.len(), 2, "{events:?}");
     let by_key: HashMap<&str, &Received> =
         events.iter().map(|e| (e.routing_key.as_str(), e)).collect();
-    assert_eq!(by_key["verification-token.created"].json(), r.body);
+    assert_eq!(
+        by_key["verification-token.created"].json(),
+        announced(&r.body)
+    );
     let email = by_key["email.requested"];
+    assert_eq!(
+        email.exchange, env.settings.broker.email_exchange,
+        "the link travels on the email exchange only"
+    );
     let body = email.json();
     assert_eq!(body["to"], "john.doe@example.com");
     assert_eq!(body["template"], "reset-password");

@@ -3,6 +3,7 @@
 //! The fault tests, which stop and restart the servers, are a binary of their
 //! own (tests/faults.rs). `TEST_LOG=1` shows the workers' logs.
 
+mod access_tokens;
 mod bad_input;
 mod commands;
 mod commit;
@@ -18,3 +19,4 @@ mod provision;
 mod schemas;
 mod security;
 mod transport;
+mod trust;

@@ -184,3 +184,69 @@ fn the_operations_guide_documents_every_setting() {
         );
     }
 }
+
+#[test]
+fn no_access_token_is_published_and_compose_says_how_to_make_one() {
+    // CONTRACT §8: the repository's seeds and the image hold no token.
+    for entry in std::fs::read_dir(format!("{}/seeds", env!("CARGO_MANIFEST_DIR"))).unwrap() {
+        let path = entry.unwrap().path();
+        let seed: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(
+            seed.get("accessTokens").is_none(),
+            "{} seeds an access token whose ID is public",
+            path.display()
+        );
+    }
+    let dockerfile = file("Dockerfile");
+    assert!(
+        !dockerfile
+            .lines()
+            .any(|l| l.starts_with("COPY") && l.contains("seeds")),
+        "the image copies a seed"
+    );
+    // Compose makes tokens with the binary, as the owner, shown once.
+    let c = compose();
+    let tool = &c["services"]["access-tokens"];
+    assert_eq!(
+        strings(&tool["entrypoint"]),
+        ["profile-worker", "access-tokens"]
+    );
+    let db = tool["environment"]["DATABASE_URL"].as_str().unwrap();
+    assert!(db.contains("profile_worker_owner"), "{db}");
+    assert!(file("compose.yaml").contains("docker compose run --rm access-tokens create"));
+    // run.sh makes a fresh token instead of reading one from a file.
+    let run = file("scripts/run.sh");
+    assert!(run.contains("access-tokens create"));
+    assert!(
+        !run.contains("seeds/example.json | "),
+        "run.sh reads a token from a seed"
+    );
+}
+
+#[test]
+fn compose_makes_the_broker_users_of_the_trust_boundary() {
+    let c = compose();
+    let users = &c["services"]["rabbitmq-users"]["environment"];
+    for password in [
+        "WORKER_AMQP_PASSWORD",
+        "DISPATCHER_AMQP_PASSWORD",
+        "EVENTS_READER_AMQP_PASSWORD",
+        "PUBLISHER_AMQP_PASSWORD",
+    ] {
+        assert!(users[password].as_str().is_some(), "{password}");
+    }
+    let script = file("deploy/compose/rabbitmq-users.sh");
+    for user in [
+        "profile-worker",
+        "profile-email-dispatcher",
+        "profile-events-reader",
+        "profile-publisher",
+    ] {
+        assert!(script.contains(&format!("\nuser {user} ")), "{user}");
+    }
+    // The dispatcher: no configure, no write, read on its queue only.
+    assert!(script.contains(
+        r#"user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}" '^$' '^$' '^profile\\.email\\.dispatch$'"#
+    ));
+}

@@ -68,6 +68,16 @@ fn contract_examples_validate() {
             json!({ "errorCode": "NO_SUCH_ACCESS_TOKEN_ID", "message": "No access token found for ID \"...\"" }),
         ),
         (
+            "ticket.created.event.json",
+            json!({ "tenant": "default", "profileId": "5925a68def86951f895cf497", "lastRequestTime": 1495660441508i64,
+                    "idSha256": "3198614c36cbeb7f819204b251b466c19b7230547acd8a6c37b9afd358718d07" }),
+        ),
+        (
+            "verification-token.created.event.json",
+            json!({ "tenant": "sample-tenant", "profileId": "592715d4d4c650e226b03b62", "timestamp": 1495746285875i64,
+                    "idSha256": "3198614c36cbeb7f819204b251b466c19b7230547acd8a6c37b9afd358718d07" }),
+        ),
+        (
             "internal-error.reply.json",
             json!({ "message": "Internal server error" }),
         ),
@@ -97,6 +107,28 @@ fn contract_examples_validate() {
         json!({ "accessTokenId": "t", "id": "p", "purpose": "other" })
     )
     .is_err());
+    // Events on the events exchange never carry the ID itself (CONTRACT §5).
+    for (file, time) in [
+        ("ticket.created.event.json", "lastRequestTime"),
+        ("verification-token.created.event.json", "timestamp"),
+    ] {
+        assert!(
+            validate(
+                file,
+                json!({ "tenant": "t", "profileId": "p", time: 1, "id": "7f036af3-1ab9-4791-b615-ecaece3f0010" })
+            )
+            .is_err(),
+            "{file} accepts an id"
+        );
+        assert!(
+            validate(
+                file,
+                json!({ "tenant": "t", "profileId": "p", time: 1, "idSha256": "7f036af3-1ab9-4791-b615-ecaece3f0010" })
+            )
+            .is_err(),
+            "{file} accepts an idSha256 that is no SHA-256"
+        );
+    }
     assert!(validate(
         "error.reply.json",
         json!({ "errorCode": "NOPE", "message": "x" })
