@@ -103,14 +103,15 @@ cmd_start() {
   else
     create_primary
   fi
-  # Roles and database first, so the standby's copy has them.
-  pg_roles "$PW_PG_PRIMARY_PORT" >/dev/null
+  # An existing standby first: the primary may already be synchronous, and
+  # then every commit (the roles' below included) waits for it.
   if exists "$STANDBY"; then
     port_open "$PW_PG_STANDBY_PORT" || as_root pg_ctlcluster "$ver" "$STANDBY" start
     wait_port "$PW_PG_STANDBY_PORT" 60 "PostgreSQL standby"
-  else
-    create_standby
   fi
+  # Roles and database before a new standby is copied, so its copy has them.
+  pg_roles "$PW_PG_PRIMARY_PORT" >/dev/null
+  exists "$STANDBY" || create_standby
   make_synchronous
   await_sync
   log "primary 127.0.0.1:$PW_PG_PRIMARY_PORT, synchronous standby 127.0.0.1:$PW_PG_STANDBY_PORT"
