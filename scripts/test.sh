@@ -11,6 +11,8 @@ ensure_rust
 # The gates every commit passes: formatting and lints, before anything runs.
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# The vendored, patched amq-protocol-types (vendor/README.md) with its own tests.
+CARGO_TARGET_DIR=target/vendor cargo test --locked -q --manifest-path vendor/amq-protocol-types/Cargo.toml
 ensure_services
 ensure_prometheus
 ensure_examples

@@ -64,6 +64,25 @@ pub fn traces_url(endpoint: &str) -> String {
     }
 }
 
+/// Libraries whose verbose levels print what crosses the wire: lapin logs whole
+/// frames at trace (command bodies, so access token IDs; replies, so ticket
+/// IDs), amq-protocol likewise, and tokio-postgres every statement's parameters
+/// at debug (stored replies among them). Whatever `RUST_LOG` asks, they log
+/// at most this much (CONTRACT §7: no log line holds a whole access token ID).
+pub const WIRE_LOG_CAPS: [(&str, tracing::Level); 3] = [
+    ("lapin", tracing::Level::DEBUG),
+    ("amq_protocol", tracing::Level::INFO),
+    ("tokio_postgres", tracing::Level::INFO),
+];
+
+fn wire_safe() -> tracing_subscriber::filter::Targets {
+    WIRE_LOG_CAPS.iter().fold(
+        tracing_subscriber::filter::Targets::new()
+            .with_default(tracing_subscriber::filter::LevelFilter::TRACE),
+        |t, &(target, level)| t.with_target(target, level),
+    )
+}
+
 /// Installs the global subscriber; `RUST_LOG` filters (default `info`). With
 /// an OTLP endpoint, spans are also exported there (OTLP/HTTP, protobuf, in
 /// batches from a thread of the exporter's own), as `service_name`.
@@ -77,11 +96,15 @@ pub fn init(
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
     let logs = match format {
-        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(wire_safe())
+            .boxed(),
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_writer(std::io::stderr)
+            .with_filter(wire_safe())
             .boxed(),
     };
     let (spans, export) = match otlp_endpoint.filter(|e| !e.trim().is_empty()) {

@@ -219,6 +219,7 @@ mod tests {
                 routing_key: c.command.as_str(),
                 content_type: Some("application/json"),
                 body: c.body.as_bytes(),
+                ..Default::default()
             });
             assert_eq!(decoded.is_err(), c.dead_letter, "command {i}: {}", c.body);
             if c.expect_status == 403 {

@@ -111,33 +111,103 @@ pub fn header_text<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a str> {
     }
 }
 
-/// The original properties, plus headers saying why the worker dead-lettered it
-/// (and, when its body was cut, how large it was).
+/// On a dead letter whose command's headers would not fit in one frame beside
+/// the worker's reasons: how many bytes of headers were dropped.
+pub const HEADERS_DROPPED_HEADER: &str = "x-original-headers-dropped";
+/// On a dead letter of a command that named a `user_id`: it, as a header (the
+/// broker refuses a `user_id` that is not the publishing connection's user).
+pub const ORIGINAL_USER_ID_HEADER: &str = "x-original-user-id";
+
+/// A content header frame's bytes besides its headers table: frame header and
+/// end (8); class, weight, body size and property flags (14); and at most the
+/// other properties a dead letter keeps (seven short strings of at most 256
+/// bytes, delivery mode and timestamp).
+const CONTENT_HEADER_OVERHEAD: usize = 8 + 14 + 7 * 256 + 1 + 8;
+
+/// A `BasicProperties::with_…` for a short-string property.
+type SetShort = fn(BasicProperties, ShortString) -> BasicProperties;
+
+/// The encoded size of a headers table, with amq-protocol's own encoder.
+pub fn encoded_len(table: &FieldTable) -> usize {
+    cookie_factory::gen_simple(lapin::types::generation::gen_field_table(table), Vec::new())
+        .map_or(usize::MAX, |v| v.len())
+}
+
+/// A dead letter built from the command's properties: why the worker put it
+/// there (`x-error-code`, `x-error-reason`, and the body's size when it was
+/// cut), and nothing that lets the broker drop it, reorder it or refuse it.
+/// `expiration` and `priority` are not copied (a prober could otherwise make
+/// its own traces expire), nor `user_id` (kept as a header). The command's
+/// headers are kept when the whole fits in one frame of `frame_max` bytes;
+/// otherwise they are dropped, the worker's own kept, and a header says so.
 pub fn dead_letter(
     original: &BasicProperties,
     code: &str,
     reason: &str,
     original_size: Option<usize>,
+    frame_max: usize,
 ) -> BasicProperties {
-    let mut headers = original.headers().clone().unwrap_or_default();
+    let mut ours = FieldTable::default();
     if let Some(n) = original_size {
-        headers.insert(
+        ours.insert(
             ORIGINAL_SIZE_HEADER.into(),
             AMQPValue::LongLongInt(n as i64),
         );
     }
-    headers.insert(
+    if let Some(user) = original.user_id() {
+        ours.insert(
+            ORIGINAL_USER_ID_HEADER.into(),
+            AMQPValue::LongString(LongString::from(user.as_str())),
+        );
+    }
+    ours.insert(
         ERROR_CODE_HEADER.into(),
         AMQPValue::LongString(LongString::from(code)),
     );
-    headers.insert(
+    ours.insert(
         ERROR_REASON_HEADER.into(),
         AMQPValue::LongString(LongString::from(reason)),
     );
-    original
-        .clone()
+    let mut headers = original.headers().clone().unwrap_or_default();
+    for (k, v) in ours.inner() {
+        headers.insert(k.clone(), v.clone());
+    }
+    let room = frame_max.saturating_sub(CONTENT_HEADER_OVERHEAD);
+    let size = encoded_len(&headers);
+    if size > room {
+        ours.insert(
+            HEADERS_DROPPED_HEADER.into(),
+            AMQPValue::LongLongInt(original.headers().as_ref().map_or(0, encoded_len) as i64),
+        );
+        headers = ours;
+    }
+    let mut p = BasicProperties::default()
         .with_headers(headers)
-        .with_delivery_mode(PERSISTENT)
+        .with_delivery_mode(PERSISTENT);
+    let keep: [(&Option<ShortString>, SetShort); 7] = [
+        (original.content_type(), BasicProperties::with_content_type),
+        (
+            original.content_encoding(),
+            BasicProperties::with_content_encoding,
+        ),
+        (
+            original.correlation_id(),
+            BasicProperties::with_correlation_id,
+        ),
+        (original.reply_to(), BasicProperties::with_reply_to),
+        (original.message_id(), BasicProperties::with_message_id),
+        (original.kind(), BasicProperties::with_type),
+        (original.app_id(), BasicProperties::with_app_id),
+    ];
+    for (value, set) in keep {
+        if let Some(v) = value {
+            p = set(p, v.clone());
+        }
+    }
+    if let Some(t) = original.timestamp() {
+        p = p.with_timestamp(*t);
+    }
+    p
 }
 
 pub fn short(s: &Option<ShortString>) -> Option<&str> {
@@ -183,6 +253,71 @@ pub fn as_u64(v: &AMQPValue) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_neither_expires_nor_outgrows_a_frame() {
+        let mut big = FieldTable::default();
+        big.insert(
+            "padding".into(),
+            AMQPValue::LongString(LongString::from("x".repeat(120_000))),
+        );
+        let command = BasicProperties::default()
+            .with_expiration("1000".into())
+            .with_priority(9)
+            .with_user_id("caller".into())
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_type("create-ticket".into())
+            .with_headers(big.clone());
+        let d = dead_letter(
+            &command,
+            "PARAM_DESERIALIZATION_ERROR",
+            "why",
+            None,
+            131_072,
+        );
+        assert_eq!(d.expiration(), &None);
+        assert_eq!(d.priority(), &None);
+        assert_eq!(
+            d.user_id(),
+            &None,
+            "the broker checks user_id against the publisher"
+        );
+        assert_eq!(d.message_id().as_ref().map(|m| m.as_str()), Some("m-1"));
+        assert_eq!(d.correlation_id().as_ref().map(|m| m.as_str()), Some("c-1"));
+        assert_eq!(d.delivery_mode(), &Some(PERSISTENT));
+        let h = d.headers().as_ref().unwrap();
+        // The command's headers fit a frame of 128 KiB, and so stay.
+        assert!(h.inner().contains_key("padding"));
+        assert!(!h.inner().contains_key(HEADERS_DROPPED_HEADER));
+        assert_eq!(
+            h.inner().get(ORIGINAL_USER_ID_HEADER),
+            Some(&AMQPValue::LongString(LongString::from("caller")))
+        );
+        assert!(encoded_len(h) + CONTENT_HEADER_OVERHEAD <= 131_072);
+        // With the reasons they would not fit a smaller frame: dropped, and said so.
+        let d = dead_letter(
+            &command,
+            "PARAM_DESERIALIZATION_ERROR",
+            "why",
+            Some(70_000),
+            121_000,
+        );
+        let h = d.headers().as_ref().unwrap();
+        assert!(!h.inner().contains_key("padding"));
+        assert_eq!(
+            h.inner().get(ERROR_CODE_HEADER),
+            Some(&AMQPValue::LongString(LongString::from(
+                "PARAM_DESERIALIZATION_ERROR"
+            )))
+        );
+        assert!(h.inner().contains_key(ERROR_REASON_HEADER));
+        assert!(h.inner().contains_key(ORIGINAL_SIZE_HEADER));
+        assert_eq!(
+            h.inner().get(HEADERS_DROPPED_HEADER),
+            Some(&AMQPValue::LongLongInt(encoded_len(&big) as i64))
+        );
+    }
 
     #[test]
     fn sent_at_prefers_milliseconds_and_falls_back_to_the_timestamp() {

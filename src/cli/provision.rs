@@ -121,6 +121,7 @@ pub fn prepare_line(
         routing_key: command.as_str(),
         content_type: Some("application/json"),
         body: body.as_bytes(),
+        ..Default::default()
     })
     .map_err(|r| r.message)?;
     Ok(Some(Prepared {

@@ -166,10 +166,14 @@ impl Command {
 }
 
 /// The parts of an AMQP message that decoding looks at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Incoming<'a> {
     /// The `type` property.
     pub kind: Option<&'a str>,
+    /// The `message_id` property: stored as the idempotency key.
+    pub message_id: Option<&'a str>,
+    /// The `correlation_id` property: copied onto the reply.
+    pub correlation_id: Option<&'a str>,
     pub routing_key: &'a str,
     pub content_type: Option<&'a str>,
     pub body: &'a [u8],
@@ -187,6 +191,14 @@ impl Incoming<'_> {
 
 /// Decodes a message into a command, or says precisely what is wrong with it.
 pub fn decode(msg: Incoming<'_>) -> Result<Command, Rejection> {
+    for (property, value) in [
+        ("message_id", msg.message_id),
+        ("correlation_id", msg.correlation_id),
+    ] {
+        if let Some(v) = value {
+            check_property(property, v)?;
+        }
+    }
     let kind = msg.kind();
     let Some(name) = CommandName::parse(kind) else {
         return Err(Rejection::new(
@@ -271,6 +283,30 @@ fn check_no_control(field: &str, value: &str) -> Result<(), Rejection> {
             let c = value.chars().nth(at).unwrap_or_default() as u32;
             Err(Rejection::malformed(format!(
                 "Field \"{field}\" contains a control character (U+{c:04X}) at position {at}"
+            )))
+        }
+    }
+}
+
+/// What the AMQP parser makes of bytes that are not UTF-8 in a short string
+/// (the vendored amq-protocol-types decodes them lossily rather than failing
+/// the connection: docs/ARCHITECTURE.md, "Hostile properties").
+pub const NOT_UTF8: char = char::REPLACEMENT_CHARACTER;
+
+/// A property the worker stores or sends back: no control character (NUL
+/// would fail the batch's SQL, not the command) and no byte that was not UTF-8.
+fn check_property(property: &str, value: &str) -> Result<(), Rejection> {
+    if let Some(at) = value.chars().position(|c| c == NOT_UTF8) {
+        return Err(Rejection::malformed(format!(
+            "Property \"{property}\" is not valid UTF-8 (an invalid byte sequence at character {at})"
+        )));
+    }
+    match value.chars().position(is_control) {
+        None => Ok(()),
+        Some(at) => {
+            let c = value.chars().nth(at).unwrap_or_default() as u32;
+            Err(Rejection::malformed(format!(
+                "Property \"{property}\" contains a control character (U+{c:04X}) at position {at}"
             )))
         }
     }
@@ -396,6 +432,7 @@ mod tests {
             routing_key: "",
             content_type: Some("application/json"),
             body: body.as_bytes(),
+            ..Default::default()
         }
     }
 
@@ -438,12 +475,38 @@ mod tests {
     }
 
     #[test]
+    fn properties_that_are_stored_or_sent_back_must_be_clean_text() {
+        let body = r#"{"accessTokenId":"t","profileId":"p"}"#;
+        for (message_id, correlation_id, want) in [
+            (Some("a\0b"), None, "Property \"message_id\" contains a control character (U+0000) at position 1"),
+            (None, Some("x\u{7f}"), "Property \"correlation_id\" contains a control character (U+007F) at position 1"),
+            (Some("ok\u{fffd}"), None, "Property \"message_id\" is not valid UTF-8 (an invalid byte sequence at character 2)"),
+        ] {
+            let m = Incoming {
+                message_id,
+                correlation_id,
+                ..msg("create-ticket", body)
+            };
+            let r = err(m);
+            assert_eq!(r.code, ErrorCode::ParamDeserializationError);
+            assert_eq!(r.message, want);
+        }
+        let fine = Incoming {
+            message_id: Some("7d1c-é-✓"),
+            correlation_id: Some("c-1"),
+            ..msg("create-ticket", body)
+        };
+        assert!(decode(fine).is_ok());
+    }
+
+    #[test]
     fn type_falls_back_to_routing_key() {
         let m = Incoming {
             kind: None,
             routing_key: "create-ticket",
             content_type: None,
             body: br#"{"accessTokenId":"t","profileId":"p"}"#,
+            ..Default::default()
         };
         assert_eq!(decode(m).unwrap().name(), CommandName::CreateTicket);
     }
@@ -540,6 +603,7 @@ mod tests {
             routing_key: "",
             content_type: None,
             body: b"{\"accessTokenId\":\"\xff\"}",
+            ..Default::default()
         };
         assert!(err(m).message.contains("UTF-8"));
     }
@@ -682,7 +746,7 @@ mod tests {
                 kind in prop_oneof![Just("create-ticket".to_string()), Just("create-verification-token".to_string()), nasty()],
                 body in proptest::collection::vec(any::<u8>(), 0..300),
             ) {
-                let _ = decode(Incoming { kind: Some(&kind), routing_key: "", content_type: None, body: &body });
+                let _ = decode(Incoming { kind: Some(&kind), body: &body, ..Default::default() });
             }
 
             /// What decoding accepts obeys every limit, and the body it came

@@ -39,6 +39,8 @@ impl Item {
             kind: properties::short(p.kind()),
             routing_key: delivery.routing_key.as_str(),
             content_type: properties::short(p.content_type()),
+            message_id: properties::short(p.message_id()),
+            correlation_id: properties::short(p.correlation_id()),
             body: &delivery.data,
         });
         let message_id = properties::short(p.message_id()).map(str::to_string);

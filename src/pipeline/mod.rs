@@ -76,6 +76,9 @@ pub struct Pipeline {
     held: acks::Held,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
+    /// The connection's negotiated frame size: a dead letter's properties must
+    /// fit one frame, or the broker closes the connection (FRAME_ERROR).
+    frame_max: usize,
 }
 
 impl Pipeline {
@@ -85,8 +88,10 @@ impl Pipeline {
         acks: Channel,
         settings: Arc<Settings>,
         shutdown: CancellationToken,
+        frame_max: usize,
     ) -> Self {
         Pipeline {
+            frame_max,
             dispatcher: Dispatcher::new(publisher, store.clone()),
             store,
             acks,
@@ -504,6 +509,7 @@ impl Pipeline {
                 code,
                 reason,
                 original_size,
+                self.frame_max,
             ),
             body: data[..keep].to_vec(),
         }

@@ -222,6 +222,7 @@ async fn consume(
         channel.clone(),
         settings.clone(),
         shutdown.clone(),
+        conn.configuration().frame_max() as usize,
     ));
     // The batch whose publications are waiting for their confirms: it completes
     // (confirms, then ack) on its own task while the next batch is prepared, so

@@ -9,6 +9,7 @@ mod commands;
 mod commit;
 mod dead_letters;
 mod examples;
+mod hostile;
 mod maintenance;
 mod ops;
 mod otlp;
