@@ -206,8 +206,15 @@ async fn a_property_that_is_not_utf8_costs_other_callers_nothing() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let bad_props =
-        good(&env, "bad-one").with_message_id(std::str::from_utf8(MARK).unwrap().into());
+    // Not UTF-8 in the message_id, and in a header's name.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        std::str::from_utf8(MARK).unwrap().into(),
+        AMQPValue::LongString(LongString::from("v")),
+    );
+    let bad_props = good(&env, "bad-one")
+        .with_message_id(std::str::from_utf8(MARK).unwrap().into())
+        .with_headers(headers);
     let goods = between_good_ones(
         &env,
         &ch,
