@@ -1,6 +1,6 @@
 //! profile-worker: Crafter Profile's `create-ticket` and `create-verification-token`
 //! as RabbitMQ commands, persisted in PostgreSQL. See README.md, docs/ARCHITECTURE.md
-//! and ../shared/CONTRACT.md.
+//! and docs/CONTRACT.md (cited as `CONTRACT §n` throughout).
 //!
 //! The flow of one batch: `broker` (consume) → `contract::decode` → `store::load` →
 //! `domain::decide` (pure) → `store::commit` (one transaction) → `broker` (publish,

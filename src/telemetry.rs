@@ -98,6 +98,8 @@ pub fn init(
     let logs = match format {
         LogFormat::Text => fmt::layer()
             .with_writer(std::io::stderr)
+            // Colour codes only for a person at a terminal, not in a file or a pipe.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(wire_safe())
             .boxed(),
         LogFormat::Json => fmt::layer()

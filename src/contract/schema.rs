@@ -30,7 +30,12 @@ pub fn all() -> Vec<(&'static str, Schema)> {
 
 /// The schema file's text, as committed.
 pub fn render(schema: &Schema) -> String {
-    let mut s = serde_json::to_string_pretty(schema).expect("schemas serialize");
+    let mut schema = schema.clone();
+    schema.insert(
+        "$comment".into(),
+        "Part of profile-worker's contract: docs/CONTRACT.md, whose rules this body's fields follow".into(),
+    );
+    let mut s = serde_json::to_string_pretty(&schema).expect("schemas serialize");
     s.push('\n');
     s
 }

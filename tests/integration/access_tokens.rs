@@ -186,6 +186,12 @@ async fn an_id_is_shown_once_and_list_never_shows_more_than_eight_characters() {
         let id = out.trim().to_string();
         assert_eq!(out, format!("{id}\n"), "the ID alone on stdout");
         assert!(err.contains("shown this once"), "{err}");
+        // Text logs (at trace here) written to a pipe carry no colour codes.
+        assert!(err.contains("TRACE"), "{err}");
+        assert!(
+            !err.contains('\u{1b}'),
+            "colour codes in a log that is no terminal"
+        );
         assert!(!err.contains(&id[..9]), "no log line holds the ID: {err}");
         ids.push(id);
     }

@@ -7,6 +7,7 @@ mod access_tokens;
 mod bad_input;
 mod commands;
 mod commit;
+mod contract;
 mod dead_letters;
 mod examples;
 mod hostile;
