@@ -327,6 +327,8 @@ pub struct Env {
     worker: Option<tokio::task::JoinHandle<Result<(), profile_worker::worker::RunError>>>,
     /// The operations endpoint of the worker running in this process.
     http: Option<String>,
+    /// Removed by `teardown`, or by its `Drop` when a test panics first.
+    leftovers: Leftovers,
 }
 
 impl Env {
@@ -356,6 +358,13 @@ impl Env {
 
         let mut settings = Settings::from_env();
         let owner_db_url = db_url_on(&servers.admin_db, &db_name);
+        // From here on, whatever happens, the database and (below) the names go.
+        let mut leftovers = Leftovers {
+            servers: servers.clone(),
+            broker: settings.broker.clone(),
+            db_name: db_name.clone(),
+            done: false,
+        };
         settings.database.database_url = runtime_db_url_on(&servers.admin_db, &db_name).into();
         settings.database.db_pool_size = 4;
         settings.database.runtime_role = String::new();
@@ -375,6 +384,7 @@ impl Env {
         // code runs everywhere, and parallel tests do not collide.
         settings.worker.http_addr = "127.0.0.1:0".into();
         f(&mut settings);
+        leftovers.broker = settings.broker.clone();
 
         let mut owner = settings.database.clone();
         owner.database_url = owner_db_url.as_str().into();
@@ -454,6 +464,7 @@ impl Env {
             shutdown: CancellationToken::new(),
             worker: None,
             http: None,
+            leftovers,
         }
     }
 
@@ -732,37 +743,80 @@ impl Env {
     /// Stops the worker and removes the test's queues, exchanges and database.
     pub async fn teardown(mut self) {
         self.stop_worker().await;
-        // A fresh connection: the harness's own may have died with a broker restart.
-        let conn = self.servers.broker().await;
-        let channel = conn.create_channel().await.unwrap();
-        let b = &self.settings.broker;
-        for q in [
-            &b.command_queue,
-            &b.dead_letter_queue,
-            &b.email_queue,
-            &b.email_dead_letter_queue(),
-        ] {
-            let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let unrouted = profile_worker::broker::unrouted_exchange(b);
-        for x in [
-            &b.command_exchange,
-            &b.dead_letter_exchange,
-            &b.events_exchange,
-            &b.email_exchange,
-            &b.email_dead_letter_exchange(),
-            &unrouted,
-        ] {
-            let _ = channel
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = conn.close(200, "bye".into()).await;
         let _ = self.conn.close(200, "bye".into()).await;
         drop(self.db);
+        self.leftovers.remove().await;
+        self.leftovers.done = true;
+    }
+}
+
+/// What a test leaves on the servers: its queues and exchanges and its
+/// database. [`Env::teardown`] removes them; a test that panics before it gets
+/// there has them removed by this guard's `Drop`, on a thread and runtime of
+/// its own (`Drop` cannot await, and the test's runtime may be unwinding).
+struct Leftovers {
+    servers: Servers,
+    broker: profile_worker::config::BrokerSettings,
+    db_name: String,
+    done: bool,
+}
+
+impl Leftovers {
+    async fn remove(&self) {
+        // A fresh connection: the harness's own may have died with a broker restart.
+        if let Ok(conn) =
+            Connection::connect(&self.servers.admin_amqp, ConnectionProperties::default()).await
+        {
+            if let Ok(channel) = conn.create_channel().await {
+                let b = &self.broker;
+                for q in [
+                    &b.command_queue,
+                    &b.dead_letter_queue,
+                    &b.email_queue,
+                    &b.email_dead_letter_queue(),
+                ] {
+                    let _ = channel
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                let unrouted = profile_worker::broker::unrouted_exchange(b);
+                for x in [
+                    &b.command_exchange,
+                    &b.dead_letter_exchange,
+                    &b.events_exchange,
+                    &b.email_exchange,
+                    &b.email_dead_letter_exchange(),
+                    &unrouted,
+                ] {
+                    let _ = channel
+                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        }
         drop_database(&self.servers.admin_db, &self.db_name).await;
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let leftovers = Leftovers {
+            servers: self.servers.clone(),
+            broker: self.broker.clone(),
+            db_name: std::mem::take(&mut self.db_name),
+            done: true,
+        };
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(leftovers.remove()))
+        })
+        .join();
     }
 }
 

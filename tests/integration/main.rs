@@ -10,6 +10,7 @@ mod commit;
 mod contract;
 mod dead_letters;
 mod examples;
+mod harness;
 mod hostile;
 mod maintenance;
 mod ops;

@@ -96,8 +96,15 @@ async fn metrics_count_what_was_processed_and_health_answers() {
     // Metrics are recorded once the replies are confirmed, which can be a moment
     // after the reply reached us.
     let ticket_ok = r#"profile_worker_commands_total{command="create-ticket",status="200"}"#;
+    // The last batch's stages are recorded after its commands are counted:
+    // wait for its `total`, the last of them, too.
+    let settled = |b: &str| {
+        let m = samples(b);
+        m.get(r#"profile_worker_batch_seconds_count{stage="total"}"#)
+            == m.get("profile_worker_batch_size_count")
+    };
     let page = http_until(&http, "/metrics", Duration::from_secs(10), |_, b| {
-        samples(b).get(ticket_ok) == Some(&5.0) && b.contains("status=\"400\"")
+        samples(b).get(ticket_ok) == Some(&5.0) && b.contains("status=\"400\"") && settled(b)
     })
     .await
     .expect("metrics answer");
