@@ -10,8 +10,10 @@ use profile_worker_testkit::*;
 async fn a_panicking_test_leaves_nothing_behind() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let test = tokio::spawn(async move {
-        let mut env = Env::prepare().await;
-        env.start_worker().await;
+        let env = Env::prepare().await;
+        // A worker of its own process: one in this process would count the
+        // broker errors of losing its queues in the metrics other tests read.
+        let _worker = WorkerProcess::start(worker_process(&env), None).await;
         let r = env
             .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
             .await;
