@@ -43,6 +43,24 @@ where
     access_refused(op(ch).await)
 }
 
+/// Whether the broker refuses this user a confirmed publish to `exchange`.
+async fn publish_refused(conn: &Connection, exchange: &str, key: &str) -> bool {
+    let (x, k) = (exchange.to_string(), key.to_string());
+    refused(conn, |c| async move {
+        c.confirm_select(ConfirmSelectOptions::default()).await?;
+        c.basic_publish(
+            x.as_str().into(),
+            k.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default(),
+        )
+        .await?
+        .await
+    })
+    .await
+}
+
 /// A server-named queue of the reader's, and everything that reaches it.
 async fn reader_queue(ch: &Channel) -> (String, mpsc::UnboundedReceiver<lapin::message::Delivery>) {
     let q = ch
@@ -396,22 +414,9 @@ async fn an_events_reader_can_neither_read_emails_nor_forge_events() {
     }
     // Nor publish an event of its own making, on either exchange.
     for x in [b.events_exchange.clone(), b.email_exchange.clone()] {
-        let name = x.clone();
         assert!(
-            refused(&reader, |c| async move {
-                c.confirm_select(ConfirmSelectOptions::default()).await?;
-                c.basic_publish(
-                    x.as_str().into(),
-                    "ticket.created".into(),
-                    BasicPublishOptions::default(),
-                    b"{}",
-                    BasicProperties::default(),
-                )
-                .await?
-                .await
-            })
-            .await,
-            "a reader published to {name}"
+            publish_refused(&reader, &x, "ticket.created").await,
+            "a reader published to {x}"
         );
     }
     let _ = reader.close(200, "bye".into()).await;
@@ -506,22 +511,9 @@ async fn the_dispatcher_may_consume_its_queue_and_nothing_else() {
         (String::new(), b.email_queue.clone()),
         (b.command_exchange.clone(), "create-ticket".to_string()),
     ] {
-        let name = x.clone();
         assert!(
-            refused(&dispatcher, |c| async move {
-                c.confirm_select(ConfirmSelectOptions::default()).await?;
-                c.basic_publish(
-                    x.as_str().into(),
-                    key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    b"{}",
-                    BasicProperties::default(),
-                )
-                .await?
-                .await
-            })
-            .await,
-            "the dispatcher published to {name:?}"
+            publish_refused(&dispatcher, &x, &key).await,
+            "the dispatcher published to {x:?}"
         );
     }
     let _ = dispatcher.close(200, "bye".into()).await;
