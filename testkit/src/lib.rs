@@ -448,7 +448,14 @@ impl Env {
             .await
             .unwrap();
         let (events_tx, ev_rx) = merge(ev_rx);
-        forward(&channel, &settings.broker.email_queue, events_tx).await;
+        consume_into(
+            &channel,
+            &settings.broker.email_queue,
+            EMAIL_CONSUMER,
+            Received::from_delivery,
+            events_tx,
+        )
+        .await;
 
         Env {
             servers,
@@ -842,12 +849,19 @@ fn merge(
     (tx, merged)
 }
 
-/// Everything that arrives on the existing `queue`, taken and sent to `tx`.
-async fn forward(channel: &Channel, queue: &str, tx: mpsc::UnboundedSender<Received>) {
+/// Everything that arrives on the existing `queue` (taken without acks, as
+/// consumer `tag`), made into a `T` by `f` and sent to `tx`.
+pub async fn consume_into<T: std::marker::Send + 'static>(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    f: fn(&lapin::message::Delivery) -> T,
+    tx: mpsc::UnboundedSender<T>,
+) {
     let mut consumer = channel
         .basic_consume(
             queue.into(),
-            EMAIL_CONSUMER.into(),
+            tag.into(),
             BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()
@@ -858,14 +872,14 @@ async fn forward(channel: &Channel, queue: &str, tx: mpsc::UnboundedSender<Recei
         .unwrap_or_else(|e| panic!("consume {queue}: {e}"));
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
-            let _ = tx.send(Received::from_delivery(&d));
+            let _ = tx.send(f(&d));
         }
     });
 }
 
-/// An exclusive server-named queue and everything that arrives on it.
-async fn subscribe(channel: &Channel) -> (String, mpsc::UnboundedReceiver<Received>) {
-    let queue = channel
+/// A new exclusive server-named queue of `channel`'s user.
+pub async fn server_named_queue(channel: &Channel) -> Result<String, lapin::Error> {
+    let q = channel
         .queue_declare(
             "".into(),
             QueueDeclareOptions {
@@ -874,29 +888,15 @@ async fn subscribe(channel: &Channel) -> (String, mpsc::UnboundedReceiver<Receiv
             },
             FieldTable::default(),
         )
-        .await
-        .unwrap()
-        .name()
-        .as_str()
-        .to_string();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        .await?;
+    Ok(q.name().as_str().to_string())
+}
+
+/// An exclusive server-named queue and everything that arrives on it.
+async fn subscribe(channel: &Channel) -> (String, mpsc::UnboundedReceiver<Received>) {
+    let queue = server_named_queue(channel).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let _ = tx.send(Received::from_delivery(&d));
-        }
-    });
+    consume_into(channel, &queue, "", Received::from_delivery, tx).await;
     (queue, rx)
 }
 

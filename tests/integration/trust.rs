@@ -61,44 +61,37 @@ async fn publish_refused(conn: &Connection, exchange: &str, key: &str) -> bool {
     .await
 }
 
+/// A message as a reader gets it, with all its properties (a `Received` keeps
+/// only some).
+struct Seen {
+    routing_key: String,
+    properties: BasicProperties,
+    data: Vec<u8>,
+}
+
+impl Seen {
+    fn from(d: &lapin::message::Delivery) -> Self {
+        Seen {
+            routing_key: d.routing_key.as_str().to_string(),
+            properties: d.properties.clone(),
+            data: d.data.clone(),
+        }
+    }
+}
+
 /// A server-named queue of the reader's, and everything that reaches it.
-async fn reader_queue(ch: &Channel) -> (String, mpsc::UnboundedReceiver<lapin::message::Delivery>) {
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+async fn reader_queue(ch: &Channel) -> (String, mpsc::UnboundedReceiver<Seen>) {
+    let name = server_named_queue(ch)
         .await
         .expect("a reader may declare its own server-named queue");
-    let name = q.name().as_str().to_string();
-    let mut consumer = ch
-        .basic_consume(
-            name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let _ = tx.send(d);
-        }
-    });
+    consume_into(ch, &name, "", Seen::from, tx).await;
     (name, rx)
 }
 
 /// Every byte sequence of a message a reader can see: body, properties, and
 /// every header's name and value (nested tables and arrays included).
-fn visible_parts(d: &lapin::message::Delivery) -> Vec<Vec<u8>> {
+fn visible_parts(d: &Seen) -> Vec<Vec<u8>> {
     fn value(v: &AMQPValue, out: &mut Vec<Vec<u8>>) {
         match v {
             AMQPValue::LongString(s) => out.push(s.as_bytes().to_vec()),
@@ -116,7 +109,7 @@ fn visible_parts(d: &lapin::message::Delivery) -> Vec<Vec<u8>> {
         }
     }
     let p = &d.properties;
-    let mut out = vec![d.data.clone(), d.routing_key.as_str().as_bytes().to_vec()];
+    let mut out = vec![d.data.clone(), d.routing_key.as_bytes().to_vec()];
     for s in [
         p.message_id(),
         p.correlation_id(),
