@@ -15,6 +15,7 @@ pub mod domain;
 pub mod ops;
 pub mod outbox;
 pub mod pipeline;
+pub mod records;
 pub mod render;
 pub mod store;
 pub mod telemetry;

@@ -3,9 +3,9 @@
 //! 1. The batch's commit writes each event's row in the same transaction as the
 //!    ticket or token it announces (`store::Batch::commit`).
 //! 2. The pipeline publishes the event right after the commit; once the broker
-//!    confirms it, its row is *forgotten* ([`Store::forget_outbox`]) and deleted
-//!    by the next commit, saving a transaction per batch.
-//! 3. The relay here deletes forgotten rows when no commit comes along, and
+//!    confirms it, its ID joins the worker's [`ConfirmedEvents`] and its row is
+//!    deleted by the next commit, saving a transaction per batch.
+//! 3. The relay here deletes confirmed rows when no commit comes along, and
 //!    re-publishes rows whose confirm never came (the worker died in between,
 //!    the broker refused the event) once they are `OUTBOX_GRACE_SECS` old.
 //!
@@ -16,7 +16,8 @@
 use crate::broker::{properties, Outgoing, Publisher};
 use crate::config::{BrokerSettings, Settings};
 use crate::contract::message;
-use crate::store::{OutboxEvent, Store, StoreError};
+use crate::records::OutboxEvent;
+use crate::store::{ConfirmedEvents, Store, StoreError};
 use crate::telemetry::{self, Report};
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,10 +110,11 @@ pub async fn relay(
     Ok(ids.len())
 }
 
-/// Runs for one broker session: flushes forgotten rows every second, and every
+/// Runs for one broker session: deletes confirmed rows every second, and every
 /// grace period reports the outbox's depth and relays what is stale.
 pub async fn relay_loop(
     store: Store,
+    confirmed: ConfirmedEvents,
     publisher: Publisher,
     settings: Arc<Settings>,
     stop: CancellationToken,
@@ -125,7 +127,7 @@ pub async fn relay_loop(
             _ = stop.cancelled() => break,
         }
         // Before leasing, so the relay never re-publishes what was confirmed.
-        if let Err(e) = store.flush_forgotten().await {
+        if let Err(e) = store.flush_confirmed(&confirmed).await {
             tracing::warn!(error = %Report(&e), "could not clear confirmed events from the outbox; will retry");
             continue;
         }

@@ -7,7 +7,8 @@ use crate::contract::{
     VerificationTokenCreated, VerificationTokenCreatedEvent,
 };
 use crate::domain::Outcome;
-use crate::store::OutboxEvent;
+use crate::records::OutboxEvent;
+use crate::trace::TraceHeaders;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
@@ -30,14 +31,15 @@ pub fn rejection(r: &Rejection) -> Reply {
     }
 }
 
-pub fn outcome(outcome: &Outcome, message_id: Option<&str>) -> Rendered {
+/// `trace` is the worker's span for the command: its events carry it.
+pub fn outcome(outcome: &Outcome, message_id: Option<&str>, trace: &TraceHeaders) -> Rendered {
     let event = |routing_key: &str, entity: uuid::Uuid, body: String| OutboxEvent {
         event_id: event_message_id(routing_key, entity),
         message_id: message_id.map(str::to_string),
         routing_key: routing_key.to_string(),
         body,
-        traceparent: None,
-        tracestate: None,
+        traceparent: Some(trace.traceparent.clone()),
+        tracestate: trace.tracestate.clone(),
     };
     match outcome {
         Outcome::Rejected(r) => Rendered {
@@ -116,7 +118,11 @@ mod tests {
                 verification_link: format!("https://example.com/verify?tokenId={id}"),
             },
         );
-        let r = outcome(&o, Some("m1"));
+        let trace = TraceHeaders {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: None,
+        };
+        let r = outcome(&o, Some("m1"), &trace);
         assert_eq!(r.reply.status, 200);
         assert_eq!(
             r.reply.body,
@@ -145,6 +151,16 @@ mod tests {
             .events
             .iter()
             .all(|e| e.message_id.as_deref() == Some("m1")));
-        assert_eq!(outcome(&o, Some("m1")), r, "rendering is deterministic");
+        assert!(
+            r.events
+                .iter()
+                .all(|e| e.traceparent.as_deref() == Some(trace.traceparent.as_str())),
+            "events carry the command's trace"
+        );
+        assert_eq!(
+            outcome(&o, Some("m1"), &trace),
+            r,
+            "rendering is deterministic"
+        );
     }
 }

@@ -50,7 +50,7 @@ pub(super) struct Ack {
 /// whose tags the broker no longer knows. Below the lowest held tag one
 /// `multiple` ack on the highest tag covers the batch; above it each tag is
 /// acked alone.
-pub(super) fn plan(tags: &[u64], rejected: &[u64], lowest_held: Option<u64>) -> Vec<Ack> {
+pub(super) fn to_send(tags: &[u64], rejected: &[u64], lowest_held: Option<u64>) -> Vec<Ack> {
     let mut ack: Vec<u64> = tags
         .iter()
         .copied()
@@ -94,31 +94,31 @@ mod tests {
 
     #[test]
     fn a_batch_with_nothing_held_is_one_multiple_ack_on_its_highest_tag() {
-        assert_eq!(plan(&[3, 4, 5], &[], None), vec![multiple(5)]);
-        assert_eq!(plan(&[7], &[], None), vec![single(7)]);
+        assert_eq!(to_send(&[3, 4, 5], &[], None), vec![multiple(5)]);
+        assert_eq!(to_send(&[7], &[], None), vec![single(7)]);
     }
 
     #[test]
     fn rejected_tags_are_never_named() {
-        assert_eq!(plan(&[3, 4, 5], &[5], None), vec![multiple(4)]);
-        assert_eq!(plan(&[3, 4, 5], &[3, 4, 5], None), vec![]);
-        assert_eq!(plan(&[9], &[9], None), vec![]);
+        assert_eq!(to_send(&[3, 4, 5], &[5], None), vec![multiple(4)]);
+        assert_eq!(to_send(&[3, 4, 5], &[3, 4, 5], None), vec![]);
+        assert_eq!(to_send(&[9], &[9], None), vec![]);
     }
 
     #[test]
     fn no_multiple_ack_reaches_a_held_tag() {
         // Held below the whole batch: every tag alone.
         assert_eq!(
-            plan(&[10, 11, 12], &[], Some(4)),
+            to_send(&[10, 11, 12], &[], Some(4)),
             vec![single(10), single(11), single(12)]
         );
         // Held inside the batch's range: multiple below it, alone above.
         assert_eq!(
-            plan(&[3, 4, 6, 7], &[6], Some(5)),
+            to_send(&[3, 4, 6, 7], &[6], Some(5)),
             vec![multiple(4), single(7)]
         );
         // Held above the batch: as if nothing were held.
-        assert_eq!(plan(&[3, 4], &[], Some(9)), vec![multiple(4)]);
+        assert_eq!(to_send(&[3, 4], &[], Some(9)), vec![multiple(4)]);
     }
 
     #[test]
@@ -137,7 +137,7 @@ mod tests {
                     .filter(|t| rejected_bits & (1 << (t - 1)) != 0)
                     .collect();
                 for held in (1..=7).filter(|t| !tags.contains(t)) {
-                    let acks = plan(&tags, &rejected, Some(held));
+                    let acks = to_send(&tags, &rejected, Some(held));
                     let mut settled: BTreeSet<u64> = rejected.iter().copied().collect();
                     for a in &acks {
                         assert!(!settled.contains(&a.tag), "{a:?} names a settled tag");

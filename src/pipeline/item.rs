@@ -1,6 +1,7 @@
 //! One delivery as the pipeline carries it: what its properties say, decoded
 //! once when it arrives.
 
+use super::plan::Input;
 use crate::broker::{properties, Delivery};
 use crate::contract::{self, Command, CommandName, Incoming, Rejection};
 use crate::trace::{self, TraceHeaders};
@@ -87,6 +88,16 @@ impl Item {
             correlation,
             name,
             delivery,
+        }
+    }
+
+    /// This delivery as the plan sees it.
+    pub fn input(&self) -> Input<'_> {
+        Input {
+            decoded: &self.decoded,
+            message_id: self.message_id.as_deref(),
+            trace: &self.trace_headers,
+            reply_to_refused: self.refused_reply_to.is_some(),
         }
     }
 

@@ -1,36 +1,34 @@
 //! One batch of deliveries, left to right: decode (`item`) → load → `plan`
-//! (pure) → commit → `publish` (confirmed) → ack, with the failure `policy`
-//! around it and the answers told by `report`. A batch that fails for a reason
-//! other than an outage is split, so one poison command cannot block the others.
+//! (pure) → commit → `answer` (pure) → `publish` (confirmed) → ack (`acks`),
+//! with the failure `policy` around it and each answer tallied (`tally`). A
+//! batch that fails for a reason other than an outage is split, so one poison
+//! command cannot block the others. This module only orchestrates.
 
 mod acks;
+mod answer;
 mod item;
 pub mod plan;
 pub mod policy;
 mod publish;
-mod report;
+mod tally;
 
-use crate::broker::{properties, Channel, Delivery, Outgoing, Publisher};
+pub use answer::{POISON_CODE, REPLY_TO_NOT_ALLOWED};
+
+use crate::broker::{properties, Channel, Delivery, Publisher};
 use crate::config::Settings;
-use crate::contract::{self, InternalErrorReply, Reply};
-use crate::store::{Store, StoreError};
+use crate::store::{ConfirmedEvents, Store, StoreError};
 use crate::telemetry::{self, Report};
+use answer::{Answer, Routes};
 use item::Item;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use plan::{Input, Plan, Step};
+use plan::Input;
 use policy::{Failure, Verdict};
 use publish::{Dispatcher, Publications, Sent, Settled};
-use report::{Answer, Outcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
-
-/// Dead-letter code for a command that failed on every allowed delivery.
-pub const POISON_CODE: &str = "INTERNAL_SERVER_ERROR";
-/// Dead-letter code for a command whose `reply_to` names no reply queue (CONTRACT §2).
-pub const REPLY_TO_NOT_ALLOWED: &str = "REPLY_TO_NOT_ALLOWED";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
@@ -70,6 +68,9 @@ pub enum Prepared {
 
 pub struct Pipeline {
     store: Store,
+    /// Events confirmed whose outbox rows the next commit deletes; shared with
+    /// the worker's other consumers and its relay.
+    confirmed: ConfirmedEvents,
     dispatcher: Dispatcher,
     acks: Channel,
     /// This channel's poison deliveries waiting out their pause (`acks`).
@@ -83,7 +84,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(
-        store: Store,
+        (store, confirmed): (Store, ConfirmedEvents),
         publisher: Publisher,
         acks: Channel,
         settings: Arc<Settings>,
@@ -92,7 +93,8 @@ impl Pipeline {
     ) -> Self {
         Pipeline {
             frame_max,
-            dispatcher: Dispatcher::new(publisher, store.clone()),
+            dispatcher: Dispatcher::new(publisher, confirmed.clone()),
+            confirmed,
             store,
             acks,
             held: acks::Held::default(),
@@ -182,7 +184,7 @@ impl Pipeline {
         } = c;
         let settled = self
             .dispatcher
-            .settle(sent)
+            .confirm(sent)
             .instrument(publish_span)
             .await?;
         let publish = publishing.elapsed();
@@ -195,7 +197,7 @@ impl Pipeline {
         );
         metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
         for (item, answer) in items.iter().zip(answers) {
-            report::record(item, answer);
+            tally::record(item, answer);
         }
         let tags: Vec<u64> = items.iter().map(Item::tag).collect();
         let acking = Instant::now();
@@ -235,7 +237,7 @@ impl Pipeline {
 
     /// Rejects what must go to the queue's dead-lettering, then acks the rest of
     /// `tags` (this channel's unsettled deliveries from this batch), with one
-    /// `multiple` ack where no held delivery is in its way (`acks::plan`): the
+    /// `multiple` ack where no held delivery is in its way (`acks::to_send`): the
     /// broker refuses an ack naming a tag that is already settled, and a
     /// `multiple` ack skips the rejected ones below it.
     async fn finish(&self, settled: Settled, tags: &[u64]) -> Result<(), BatchError> {
@@ -244,7 +246,7 @@ impl Pipeline {
                 .basic_reject(t, BasicRejectOptions { requeue: false })
                 .await?;
         }
-        for a in acks::plan(tags, &settled.reject, self.held.lowest()) {
+        for a in acks::to_send(tags, &settled.reject, self.held.lowest()) {
             self.acks
                 .basic_ack(
                     a.tag,
@@ -298,22 +300,18 @@ impl Pipeline {
             self.redeliver_after(item.tag(), pause);
             return Ok(());
         }
-        let mut out = Publications::default();
-        let body = serde_json::to_string(&InternalErrorReply::default()).unwrap_or_default();
-        self.push_reply(&mut out, &item, Reply { status: 500, body });
         let reason = format!("failed on {attempt} deliveries: {}", Report(&error));
-        out.dead_letters
-            .push((self.dead_letter(&item, POISON_CODE, &reason), item.tag()));
+        let (out, answer) = answer::failed(&item, &reason, self.routes());
         let settled = self.dispatcher.publish(out).await?;
-        report::record(
-            &item,
-            Answer {
-                status: 500,
-                outcome: Outcome::Failed,
-                code: Some(POISON_CODE),
-            },
-        );
+        tally::record(&item, answer);
         self.finish(settled, &[item.tag()]).await
+    }
+
+    fn routes(&self) -> Routes<'_> {
+        Routes {
+            broker: &self.settings.broker,
+            frame_max: self.frame_max,
+        }
     }
 
     /// One attempt at the database part. Returns what to publish and how each
@@ -322,21 +320,10 @@ impl Pipeline {
         &self,
         items: &[Item],
     ) -> Result<(Publications, Vec<Answer>), StoreError> {
-        // A command whose reply_to names no reply queue is not processed at all.
-        let planned: Vec<&Item> = items
-            .iter()
-            .filter(|i| i.refused_reply_to.is_none())
-            .collect();
-        let inputs: Vec<Input> = planned
-            .iter()
-            .map(|i| Input {
-                decoded: &i.decoded,
-                message_id: i.message_id.as_deref(),
-            })
-            .collect();
+        let inputs: Vec<Input> = items.iter().map(Item::input).collect();
         let keys = plan::keys(&inputs);
         let loading = Instant::now();
-        let mut db = self.store.batch().await?;
+        let mut db = self.store.batch(&self.confirmed).await?;
         let loaded = db
             .load(&keys.access_token_ids, &keys.profile_ids, &keys.message_ids)
             .await?;
@@ -347,22 +334,13 @@ impl Pipeline {
         let mut plan = plan::plan(
             &inputs,
             loaded,
-            plan::Settings {
+            plan::Params {
                 now_ms: crate::store::epoch_millis(SystemTime::now()),
                 default_verification_url: &w.verification_url,
                 email_cooldown_secs: w.email_cooldown_secs,
             },
             Uuid::new_v4,
         );
-        // Events carry the trace of the command that caused them.
-        for (item, step) in planned.iter().zip(&plan.steps) {
-            if let Step::New { record: r, .. } = *step {
-                for e in &mut plan.records[r].events {
-                    e.traceparent = Some(item.trace_headers.traceparent.clone());
-                    e.tracestate = item.trace_headers.tracestate.clone();
-                }
-            }
-        }
         let cooldown = Duration::from_secs(w.email_cooldown_secs);
         let committing = Instant::now();
         stage("plan", committing - planning);
@@ -378,141 +356,7 @@ impl Pipeline {
             plan::resolve_lost(&mut plan, &lost, stored)
                 .map_err(|e| StoreError::transient("commit", e.to_string()))?;
         }
-        Ok(self.outgoing(items, &planned, &plan))
-    }
-
-    fn outgoing(
-        &self,
-        items: &[Item],
-        planned: &[&Item],
-        plan: &Plan,
-    ) -> (Publications, Vec<Answer>) {
-        let mut out = Publications::default();
-        let mut answers = Vec::with_capacity(items.len());
-        let mut steps = planned.iter().zip(plan.steps.iter().enumerate()).peekable();
-        for item in items {
-            if let Some(name) = &item.refused_reply_to {
-                let reason = format!(
-                    "reply_to \"{}\" is not a reply queue: replies go only to amq.rabbitmq.reply-to or a queue named with one of the prefixes {:?}",
-                    name.escape_default(),
-                    self.settings.broker.reply_to_prefixes
-                );
-                tracing::warn!(
-                    parent: &item.span,
-                    outcome = "refused",
-                    code = REPLY_TO_NOT_ALLOWED,
-                    reason = %reason,
-                    "command with a reply_to that is no reply queue dead-lettered unprocessed"
-                );
-                out.dead_letters.push((
-                    self.dead_letter(item, REPLY_TO_NOT_ALLOWED, &reason),
-                    item.tag(),
-                ));
-                answers.push(Answer {
-                    status: 0,
-                    outcome: Outcome::Refused,
-                    code: Some(REPLY_TO_NOT_ALLOWED),
-                });
-                continue;
-            }
-            let (_, (i, step)) = steps.next().expect("a step for every planned item");
-            let reply = plan.answer(i);
-            let status = reply.status;
-            self.push_reply(&mut out, item, reply);
-            answers.push(match step {
-                Step::Malformed(r) => {
-                    tracing::warn!(
-                        parent: &item.span,
-                        outcome = "malformed",
-                        code = r.code.as_str(),
-                            reason = %r.message,
-                        "malformed command answered 400 and dead-lettered"
-                    );
-                    out.dead_letters.push((
-                        self.dead_letter(item, r.code.as_str(), &r.message),
-                        item.tag(),
-                    ));
-                    Answer {
-                        status,
-                        outcome: Outcome::Malformed,
-                        code: Some(r.code.as_str()),
-                    }
-                }
-                Step::Refused(r) => Answer {
-                    status,
-                    outcome: Outcome::Rejected,
-                    code: Some(r.code.as_str()),
-                },
-                Step::Stored(s) => {
-                    for e in &s.pending_events {
-                        out.push_event(&self.settings.broker, e);
-                    }
-                    Answer {
-                        status,
-                        outcome: Outcome::Repeated,
-                        code: None,
-                    }
-                }
-                Step::New { record, rejected } => {
-                    for e in &plan.records[*record].events {
-                        out.push_event(&self.settings.broker, e);
-                    }
-                    Answer {
-                        status,
-                        outcome: if rejected.is_some() {
-                            Outcome::Rejected
-                        } else {
-                            Outcome::Created
-                        },
-                        code: rejected.map(|c| c.as_str()),
-                    }
-                }
-                Step::SameAs(_) => Answer {
-                    status,
-                    outcome: Outcome::Repeated,
-                    code: None,
-                },
-            });
-        }
-        (out, answers)
-    }
-
-    fn push_reply(&self, out: &mut Publications, item: &Item, reply: Reply) {
-        if let Some(reply_to) = &item.reply_to {
-            out.replies.push(Outgoing {
-                exchange: String::new(),
-                routing_key: reply_to.clone(),
-                properties: properties::reply(
-                    item.reply_type(),
-                    item.correlation.as_deref(),
-                    reply.status,
-                    Some(&item.trace_headers.traceparent),
-                    item.trace_headers.tracestate.as_deref(),
-                ),
-                body: reply.body.into_bytes(),
-            });
-        }
-    }
-
-    /// The command as it came, with why it is here. An oversized body is cut to
-    /// the limit (a header gives its size), so a caller cannot make the dead-letter
-    /// queue hold more than the command queue would process.
-    fn dead_letter(&self, item: &Item, code: &str, reason: &str) -> Outgoing {
-        let data = &item.delivery.data;
-        let keep = data.len().min(contract::command::MAX_BODY_BYTES);
-        let original_size = (keep < data.len()).then_some(data.len());
-        Outgoing {
-            exchange: self.settings.broker.dead_letter_exchange.clone(),
-            routing_key: item.delivery.routing_key.as_str().to_string(),
-            properties: properties::dead_letter(
-                &item.delivery.properties,
-                code,
-                reason,
-                original_size,
-                self.frame_max,
-            ),
-            body: data[..keep].to_vec(),
-        }
+        Ok(answer::batch(items, &plan, self.routes()))
     }
 }
 

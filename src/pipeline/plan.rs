@@ -6,8 +6,9 @@
 use crate::contract::command::Fingerprint;
 use crate::contract::{Command, ErrorCode, Rejection, Reply};
 use crate::domain::{self, Outcome, Tenant};
+use crate::records::{EmailClaim, Loaded, NewRecord, StoredReply};
 use crate::render;
-use crate::store::{EmailClaim, Loaded, NewRecord, StoredReply};
+use crate::trace::TraceHeaders;
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
@@ -16,16 +17,22 @@ use uuid::Uuid;
 pub struct Input<'a> {
     pub decoded: &'a Result<Command, Rejection>,
     pub message_id: Option<&'a str>,
+    /// The worker's span for this command: the events it causes carry it.
+    pub trace: &'a TraceHeaders,
+    /// Its `reply_to` names no reply queue (CONTRACT §2): not processed at all.
+    pub reply_to_refused: bool,
 }
 
-/// What happens to one command.
+/// What happens to one command: one step per input, in the inputs' order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
+    /// Dead-lettered unprocessed, without a reply: its `reply_to` names no reply queue.
+    ReplyToRefused,
     /// Answered 400 and dead-lettered.
     Malformed(Rejection),
     /// Answered and acked; nothing stored (unknown or expired token, email
     /// cooldown, a `message_id` already used for a different command).
-    Refused(Rejection),
+    Rejected(Rejection),
     /// A repeat of a remembered command: its stored reply (and unconfirmed events) again.
     Stored(StoredReply),
     /// A record of the plan, written by the commit; with the error code when
@@ -44,9 +51,9 @@ pub struct Plan {
     pub records: Vec<NewRecord>,
 }
 
-/// What the plan needs besides the loaded rows.
+/// What the plan needs besides the inputs and the loaded rows.
 #[derive(Debug, Clone, Copy)]
-pub struct Settings<'a> {
+pub struct Params<'a> {
     pub now_ms: i64,
     pub default_verification_url: &'a str,
     pub email_cooldown_secs: u64,
@@ -62,12 +69,12 @@ pub struct Keys<'a> {
 }
 
 pub fn keys<'a>(inputs: &[Input<'a>]) -> Keys<'a> {
-    let commands = inputs.iter().filter_map(|i| i.decoded.as_ref().ok());
+    let processed = inputs.iter().filter(|i| !i.reply_to_refused);
+    let commands = processed.clone().filter_map(|i| i.decoded.as_ref().ok());
     let mut k = Keys {
         access_token_ids: commands.clone().map(|c| c.access_token_id()).collect(),
         profile_ids: commands.map(|c| c.profile_id()).collect(),
-        message_ids: inputs
-            .iter()
+        message_ids: processed
             .filter(|i| i.decoded.is_ok())
             .filter_map(|i| i.message_id)
             .collect(),
@@ -100,7 +107,7 @@ fn matches(stored: &StoredReply, fingerprint: &Fingerprint) -> bool {
 pub fn plan(
     inputs: &[Input<'_>],
     mut loaded: Loaded,
-    settings: Settings<'_>,
+    settings: Params<'_>,
     mut new_id: impl FnMut() -> Uuid,
 ) -> Plan {
     let mut plan = Plan {
@@ -111,6 +118,10 @@ pub fn plan(
     let mut first_with_id: HashMap<&str, (usize, Fingerprint)> = HashMap::new();
     let no_tenant = Tenant::default();
     for (index, input) in inputs.iter().enumerate() {
+        if input.reply_to_refused {
+            plan.steps.push(Step::ReplyToRefused);
+            continue;
+        }
         let command = match input.decoded {
             Err(r) => {
                 plan.steps.push(Step::Malformed(r.clone()));
@@ -124,16 +135,19 @@ pub fn plan(
                 plan.steps.push(if *fp == fingerprint {
                     Step::SameAs(*earlier)
                 } else {
-                    Step::Refused(message_id_conflict(mid))
+                    Step::Rejected(message_id_conflict(mid))
                 });
                 continue;
             }
             if let Some(stored) = loaded.processed.get(mid) {
-                plan.steps.push(if matches(stored, &fingerprint) {
-                    Step::Stored(stored.clone())
+                if matches(stored, &fingerprint) {
+                    // Copies later in this batch answer like this one, and do
+                    // not publish its pending events again.
+                    first_with_id.insert(mid, (index, fingerprint));
+                    plan.steps.push(Step::Stored(stored.clone()));
                 } else {
-                    Step::Refused(message_id_conflict(mid))
-                });
+                    plan.steps.push(Step::Rejected(message_id_conflict(mid)));
+                }
                 continue;
             }
         }
@@ -162,10 +176,10 @@ pub fn plan(
             let Outcome::Rejected(r) = outcome else {
                 unreachable!("only rejections are not remembered")
             };
-            plan.steps.push(Step::Refused(r));
+            plan.steps.push(Step::Rejected(r));
             continue;
         }
-        let rendered = render::outcome(&outcome, input.message_id);
+        let rendered = render::outcome(&outcome, input.message_id, input.trace);
         let rejected = match &outcome {
             Outcome::Rejected(r) => Some(r.code),
             _ => None,
@@ -243,20 +257,22 @@ pub fn resolve_lost(
         *step = if matches(&s, &record.fingerprint) {
             Step::Stored(s)
         } else {
-            Step::Refused(message_id_conflict(mid))
+            Step::Rejected(message_id_conflict(mid))
         };
     }
     Ok(())
 }
 
 impl Plan {
-    /// The reply to step `i` (following `SameAs`).
-    pub fn answer(&self, i: usize) -> Reply {
+    /// The reply to step `i` (following `SameAs`); `None` for a command that
+    /// is not answered.
+    pub fn reply(&self, i: usize) -> Option<Reply> {
         match &self.steps[i] {
-            Step::Malformed(r) | Step::Refused(r) => render::rejection(r),
-            Step::Stored(s) => s.reply.clone(),
-            Step::New { record, .. } => self.records[*record].reply.clone(),
-            Step::SameAs(j) => self.answer(*j),
+            Step::ReplyToRefused => None,
+            Step::Malformed(r) | Step::Rejected(r) => Some(render::rejection(r)),
+            Step::Stored(s) => Some(s.reply.clone()),
+            Step::New { record, .. } => Some(self.records[*record].reply.clone()),
+            Step::SameAs(j) => self.reply(*j),
         }
     }
 }
@@ -270,8 +286,8 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000_000;
 
-    fn settings() -> Settings<'static> {
-        Settings {
+    fn params() -> Params<'static> {
+        Params {
             now_ms: NOW,
             default_verification_url: "https://example.com/verify",
             email_cooldown_secs: 60,
@@ -329,15 +345,31 @@ mod tests {
         }
     }
 
-    fn run(commands: &[(Result<Command, Rejection>, Option<&str>)], l: Loaded) -> Plan {
-        let inputs: Vec<Input> = commands
+    fn trace() -> TraceHeaders {
+        TraceHeaders {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: Some("congo=t61rcWkgMzE".into()),
+        }
+    }
+
+    fn inputs<'a>(
+        commands: &'a [(Result<Command, Rejection>, Option<&'a str>)],
+        trace: &'a TraceHeaders,
+    ) -> Vec<Input<'a>> {
+        commands
             .iter()
             .map(|(c, m)| Input {
                 decoded: c,
                 message_id: *m,
+                trace,
+                reply_to_refused: false,
             })
-            .collect();
-        plan(&inputs, l, settings(), ids())
+            .collect()
+    }
+
+    fn run(commands: &[(Result<Command, Rejection>, Option<&str>)], l: Loaded) -> Plan {
+        let trace = trace();
+        plan(&inputs(commands, &trace), l, params(), ids())
     }
 
     fn new(record: usize) -> Step {
@@ -349,7 +381,7 @@ mod tests {
 
     fn code(step: &Step) -> Option<ErrorCode> {
         match step {
-            Step::Malformed(r) | Step::Refused(r) => Some(r.code),
+            Step::Malformed(r) | Step::Rejected(r) => Some(r.code),
             _ => None,
         }
     }
@@ -364,17 +396,31 @@ mod tests {
             (malformed, Some("m3")),
             (email("a", None), None),
         ];
-        let inputs: Vec<Input> = commands
-            .iter()
-            .map(|(d, m)| Input {
-                decoded: d,
-                message_id: *m,
-            })
-            .collect();
-        let k = keys(&inputs);
+        let trace = trace();
+        let k = keys(&inputs(&commands, &trace));
         assert_eq!(k.access_token_ids, ["a", "b"]);
         assert_eq!(k.message_ids, ["m1", "m2"]);
         assert_eq!(k.profile_ids.len(), 1, "{:?}", k.profile_ids);
+    }
+
+    #[test]
+    fn a_refused_reply_to_is_neither_loaded_nor_planned_and_events_carry_the_trace() {
+        let commands = [
+            (ticket("admin"), Some("m1")),
+            (email("other", None), Some("m2")),
+        ];
+        let trace = trace();
+        let mut inputs = inputs(&commands, &trace);
+        inputs[1].reply_to_refused = true;
+        let k = keys(&inputs);
+        assert_eq!(k.access_token_ids, ["admin"]);
+        assert_eq!(k.message_ids, ["m1"]);
+        let p = plan(&inputs, loaded(), params(), ids());
+        assert_eq!(p.steps, vec![new(0), Step::ReplyToRefused]);
+        assert_eq!(p.reply(1), None, "no reply at all");
+        let e = &p.records[0].events[0];
+        assert_eq!(e.traceparent.as_deref(), Some(trace.traceparent.as_str()));
+        assert_eq!(e.tracestate, trace.tracestate);
     }
 
     #[test]
@@ -385,7 +431,7 @@ mod tests {
         );
         assert_eq!(p.steps, vec![new(0), Step::SameAs(0)]);
         assert_eq!(p.records.len(), 1);
-        assert_eq!(p.answer(1), p.answer(0));
+        assert_eq!(p.reply(1), p.reply(0));
     }
 
     #[test]
@@ -396,7 +442,7 @@ mod tests {
         );
         assert_eq!(p.steps[0], new(0));
         assert_eq!(code(&p.steps[1]), Some(ErrorCode::MessageIdConflict));
-        let Reply { status, body } = p.answer(1);
+        let Reply { status, body } = p.reply(1).unwrap();
         assert_eq!(status, 409);
         assert_eq!(
             body,
@@ -560,7 +606,7 @@ mod tests {
                         prop_assert_eq!(commands[*j].0.as_ref().unwrap().fingerprint(), fp);
                     }
                     Step::New { record, .. } => prop_assert_eq!(p.records[*record].fingerprint, fp),
-                    Step::Refused(_) | Step::Malformed(_) => {}
+                    Step::Rejected(_) | Step::Malformed(_) | Step::ReplyToRefused => {}
                 }
             }
             // At most one record per message_id.

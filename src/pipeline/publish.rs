@@ -6,7 +6,8 @@
 
 use crate::broker::{Outgoing, Publisher};
 use crate::config::BrokerSettings;
-use crate::store::{OutboxEvent, Store};
+use crate::records::OutboxEvent;
+use crate::store::ConfirmedEvents;
 use crate::telemetry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,15 +66,16 @@ pub(super) struct Settled {
 /// Publishes on one confirm channel and settles what the broker refused.
 pub(super) struct Dispatcher {
     publisher: Publisher,
-    store: Store,
+    /// Where confirmed events go, for the next commit to delete their rows.
+    confirmed: ConfirmedEvents,
     reply_retries: Arc<Semaphore>,
 }
 
 impl Dispatcher {
-    pub fn new(publisher: Publisher, store: Store) -> Self {
+    pub fn new(publisher: Publisher, confirmed: ConfirmedEvents) -> Self {
         Dispatcher {
             publisher,
-            store,
+            confirmed,
             reply_retries: Arc::new(Semaphore::new(REPLY_RETRY_TASKS)),
         }
     }
@@ -81,7 +83,7 @@ impl Dispatcher {
     /// Publishes everything and waits for every confirm.
     pub async fn publish(&self, out: Publications) -> Result<Settled, lapin::Error> {
         let sent = self.send(out).await?;
-        self.settle(sent).await
+        self.confirm(sent).await
     }
 
     /// Publishes everything without waiting for the confirms, so a batch's
@@ -112,7 +114,7 @@ impl Dispatcher {
 
     /// Waits for every confirm of what [`Dispatcher::send`] published and
     /// settles what the broker refused.
-    pub async fn settle(&self, sent: Sent) -> Result<Settled, lapin::Error> {
+    pub async fn confirm(&self, sent: Sent) -> Result<Settled, lapin::Error> {
         let Sent {
             replies,
             event_ids,
@@ -138,7 +140,7 @@ impl Dispatcher {
             }
         }
         // The events are confirmed: their outbox rows go with the next commit.
-        self.store.forget_outbox(confirmed);
+        self.confirmed.add(confirmed);
         if refused_events > 0 {
             metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(refused_events);
             tracing::warn!(

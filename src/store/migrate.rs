@@ -35,6 +35,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "access_token_admin",
         sql: include_str!("../../migrations/0005_access_token_admin.sql"),
     },
+    Migration {
+        version: 6,
+        name: "batch_row_types",
+        sql: include_str!("../../migrations/0006_batch_row_types.sql"),
+    },
 ];
 
 /// Arbitrary, fixed: "profile-worker migrations".

@@ -6,13 +6,14 @@ mod batch;
 mod maintenance;
 mod migrate;
 mod outbox;
+mod rows;
 mod seed;
 pub mod tls;
 
 pub use access_tokens::{AccessTokenInfo, NewAccessToken};
-pub use batch::{Batch, EmailClaim, Loaded, NewRecord, StoredReply};
+pub use batch::Batch;
 pub use maintenance::{Retention, SweepReport};
-pub use outbox::OutboxEvent;
+pub use outbox::ConfirmedEvents;
 pub use seed::{SeedFile, SeedReport, SeedTenantPermission};
 
 use crate::config::DatabaseSettings;
@@ -148,9 +149,6 @@ fn classify(e: &tokio_postgres::Error) -> ErrorKind {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-    /// Outbox events the broker confirmed, deleted by the next commit (or flush)
-    /// rather than in a transaction of their own on the hot path.
-    forgotten: std::sync::Arc<std::sync::Mutex<Vec<uuid::Uuid>>>,
 }
 
 impl Store {
@@ -209,10 +207,7 @@ impl Store {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| crate::config::ConfigError::new("DATABASE_URL", e.to_string()))?;
-        Ok(Store {
-            pool,
-            forgotten: Default::default(),
-        })
+        Ok(Store { pool })
     }
 
     /// One round trip, to report an unreachable database at start-up.

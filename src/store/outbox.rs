@@ -3,44 +3,59 @@
 //! came. What the worker does with them is `crate::outbox`.
 
 use super::{Store, StoreError};
+use crate::records::OutboxEvent;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 
-/// An event waiting in the outbox for its broker confirm.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxEvent {
-    pub event_id: Uuid,
-    /// The command's message_id, when it had one.
-    pub message_id: Option<String>,
-    pub routing_key: String,
-    pub body: String,
-    /// W3C traceparent of the worker's span for the command that caused it.
-    pub traceparent: Option<String>,
-    /// The W3C tracestate that goes with it, when the command had one.
-    pub tracestate: Option<String>,
+/// Outbox events the broker confirmed whose rows are not deleted yet: the
+/// worker makes one and hands it to whatever confirms events (the pipeline's
+/// publisher) and whatever deletes their rows (the next commit, or
+/// [`Store::flush_confirmed`] when no commit comes). Until then a redelivered
+/// command's load ignores them. Lost in a crash, they are only re-published
+/// once by the relay.
+#[derive(Debug, Clone, Default)]
+pub struct ConfirmedEvents(Arc<Mutex<Vec<Uuid>>>);
+
+impl ConfirmedEvents {
+    pub fn add(&self, event_ids: impl IntoIterator<Item = Uuid>) {
+        self.lock().extend(event_ids);
+    }
+
+    /// Takes them all, for a statement that deletes them; give them back with
+    /// [`ConfirmedEvents::add`] if it fails.
+    pub(super) fn take(&self) -> Vec<Uuid> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    pub(super) fn snapshot(&self) -> HashSet<Uuid> {
+        self.lock().iter().copied().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
+        // A panic while holding the lock leaves a plain Vec, still usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Store {
-    /// Forgets outbox events the broker confirmed. The rows go with the next
-    /// commit, or [`Store::flush_forgotten`]; until then the redelivery path
-    /// ignores them. Lost in a crash, they are only re-published once by the relay.
-    pub fn forget_outbox(&self, event_ids: impl IntoIterator<Item = Uuid>) {
-        self.forgotten().extend(event_ids);
-    }
-
-    /// Deletes what [`Store::forget_outbox`] queued, when no commit came to do it.
-    pub async fn flush_forgotten(&self) -> Result<u64, StoreError> {
-        let ids = std::mem::take(&mut *self.forgotten());
+    /// Deletes the confirmed events' rows, when no commit came to do it.
+    pub async fn flush_confirmed(&self, confirmed: &ConfirmedEvents) -> Result<u64, StoreError> {
+        let ids = confirmed.take();
         let result = self.delete_outbox(&ids).await;
         if result.is_err() {
-            self.forget_outbox(ids);
+            confirmed.add(ids);
         }
         result
-    }
-
-    pub(super) fn forgotten(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
-        // A panic while holding the lock leaves a plain Vec, still usable.
-        self.forgotten.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Outbox rows, confirmed or not yet deleted included: a gauge of how far

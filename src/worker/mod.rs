@@ -11,7 +11,7 @@ mod sweep;
 use crate::broker::{self, Connection, Nodes};
 use crate::config::{ConfigError, Settings};
 use crate::ops::{Endpoint, EndpointError, Health, Ready};
-use crate::store::{Store, StoreError};
+use crate::store::{ConfirmedEvents, Store, StoreError};
 use crate::telemetry::Report;
 use lapin::tcp::OwnedTLSConfig;
 use std::net::SocketAddr;
@@ -138,6 +138,9 @@ impl Worker {
                 health.stop();
             }
         });
+        // Confirmed events, from the consumers' publishers to the commits and
+        // the relay that delete their rows.
+        let confirmed = ConfirmedEvents::default();
         let result = session::supervise(
             session::Broker {
                 nodes: &amqp,
@@ -147,6 +150,7 @@ impl Worker {
             first,
             &session::Shared {
                 store: &store,
+                confirmed: &confirmed,
                 settings: &settings,
                 health: &health,
                 shutdown: &shutdown,
@@ -156,7 +160,7 @@ impl Worker {
         shutdown.cancel();
         let _ = stopping.await;
         let _ = sweeper.await;
-        if let Err(e) = store.flush_forgotten().await {
+        if let Err(e) = store.flush_confirmed(&confirmed).await {
             tracing::warn!(error = %Report(&e), "confirmed events left in the outbox; the relay will re-publish them once");
         }
         ops_stop.cancel();

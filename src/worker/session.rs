@@ -7,7 +7,7 @@ use crate::config::Settings;
 use crate::ops::Health;
 use crate::outbox;
 use crate::pipeline::{policy, BatchError, Pipeline, Prepared};
-use crate::store::Store;
+use crate::store::{ConfirmedEvents, Store};
 use crate::telemetry::{self, Report};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -35,6 +35,8 @@ enum SessionError {
 /// What every session and consumer of one worker shares.
 pub(super) struct Shared<'a> {
     pub store: &'a Store,
+    /// Confirmed events whose outbox rows are not deleted yet (`outbox`).
+    pub confirmed: &'a ConfirmedEvents,
     pub settings: &'a Arc<Settings>,
     pub health: &'a Arc<Health>,
     pub shutdown: &'a CancellationToken,
@@ -124,6 +126,7 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     let relay_stop = CancellationToken::new();
     let relay = tokio::spawn(outbox::relay_loop(
         store.clone(),
+        shared.confirmed.clone(),
         Publisher::open(conn).await?,
         settings.clone(),
         relay_stop.clone(),
@@ -197,6 +200,7 @@ async fn consume(
 ) -> Result<(), SessionError> {
     let Shared {
         store,
+        confirmed,
         settings,
         health,
         shutdown,
@@ -217,7 +221,7 @@ async fn consume(
     let consumer_tag = consumer.tag();
     let consuming = health.consuming();
     let pipeline = Arc::new(Pipeline::new(
-        store.clone(),
+        (store.clone(), confirmed.clone()),
         publisher.clone(),
         channel.clone(),
         settings.clone(),
@@ -248,7 +252,7 @@ async fn consume(
                 biased;
                 done = completed(&mut completing) => {
                     completing = None;
-                    match settle(done, lane) {
+                    match after_batch(done, lane) {
                         Some(stop) => break stop,
                         None => continue,
                     }
@@ -290,7 +294,7 @@ async fn consume(
                     "prepared a batch while the previous one awaited its confirms"
                 );
             }
-            if let Some(stop) = settle(previous.await, lane) {
+            if let Some(stop) = after_batch(previous.await, lane) {
                 break stop;
             }
         }
@@ -309,7 +313,7 @@ async fn consume(
     // The batch still completing is finished, unless the session failed: then
     // its deliveries go back to the queue with the channel.
     let result = match (result, completing.take()) {
-        (Ok(()), Some(last)) => settle(last.await, lane).unwrap_or(Ok(())),
+        (Ok(()), Some(last)) => after_batch(last.await, lane).unwrap_or(Ok(())),
         (failed, Some(last)) => {
             last.abort();
             failed
@@ -335,7 +339,7 @@ async fn completed(
 }
 
 /// What a finished batch means for its consumer: go on (`None`), or stop.
-fn settle(
+fn after_batch(
     done: Result<Result<(), BatchError>, tokio::task::JoinError>,
     lane: usize,
 ) -> Option<Result<(), SessionError>> {

@@ -1,54 +1,10 @@
-//! How each command was answered, told once it is settled: one log line in the
-//! command's span, and the metrics.
+//! How each command was answered, tallied once it is settled: one log line in
+//! the command's span, and the metrics.
 
+use super::answer::Answer;
 use super::item::Item;
 use crate::broker::properties;
 use crate::telemetry::{self, token_prefix};
-
-/// How one command was answered.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Answer {
-    /// The reply's status; 0 when nothing is replied (reply_to refused).
-    pub status: u16,
-    pub outcome: Outcome,
-    pub code: Option<&'static str>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Outcome {
-    /// Created and stored.
-    Created,
-    /// Answered with a refusal, acked.
-    Rejected,
-    /// Answered 400 and dead-lettered.
-    Malformed,
-    /// A stored reply sent again for a message_id seen before.
-    Repeated,
-    /// reply_to not allowed: dead-lettered, no reply.
-    Refused,
-    /// Failed on every allowed delivery: 500 and dead-lettered.
-    Failed,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Created => "created",
-            Outcome::Rejected => "rejected",
-            Outcome::Malformed => "malformed",
-            Outcome::Repeated => "repeated",
-            Outcome::Refused => "refused",
-            Outcome::Failed => "failed",
-        }
-    }
-
-    fn dead_lettered(self) -> bool {
-        matches!(
-            self,
-            Outcome::Malformed | Outcome::Refused | Outcome::Failed
-        )
-    }
-}
 
 /// The command's log line (debug: one per command is too many for info at
 /// thousands per second; refusals and failures are logged at warn and error
@@ -57,7 +13,7 @@ pub(super) fn record(item: &Item, a: Answer) {
     let command = item.command_label();
     tracing::debug!(
         parent: &item.span,
-        outcome = a.outcome.as_str(),
+        outcome = a.disposition.as_str(),
         status = a.status,
         code = a.code.unwrap_or("-"),
         token = item
@@ -71,7 +27,7 @@ pub(super) fn record(item: &Item, a: Answer) {
     metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
         .increment(1);
     // Counted here, once the dead letter is confirmed, like the answer itself.
-    if let (true, Some(code)) = (a.outcome.dead_lettered(), a.code) {
+    if let (true, Some(code)) = (a.disposition.dead_lettered(), a.code) {
         metrics::counter!(telemetry::DEAD_LETTERS, "code" => code).increment(1);
     }
     if let Some(sent) = properties::sent_at_ms(&item.delivery.properties) {
