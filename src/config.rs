@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_COMMAND_EXCHANGE: &str = "profile.commands";
+pub const DEFAULT_DEAD_LETTER_QUEUE: &str = "profile.commands.dead";
 pub const DEFAULT_DATABASE_URL: &str =
     "postgres://profile_worker:profile_worker@127.0.0.1:5432/profile_worker";
 
@@ -145,16 +147,59 @@ pub struct TlsSettings {
     pub root_cert: RootCert,
 }
 
+/// How to reach RabbitMQ: all that the operator's tools and the worker share.
+#[derive(Args, Clone, Debug)]
+pub struct BrokerAddress {
+    /// AMQP URL of the broker, or of each node of a cluster, comma-separated
+    /// (same vhost and user); the worker starts from a random one and moves to
+    /// another when it loses its node. A secret: its password never reaches a
+    /// log or a Debug print.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: SecretString,
+    /// PEM file of the certificate authorities an amqps:// broker's certificate
+    /// must chain to (default: the system's).
+    #[arg(long, env = "AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
+}
+
+impl BrokerAddress {
+    /// The broker's nodes: one URL, or several comma-separated (one cluster's
+    /// nodes, sharing vhost and user), each with the heartbeat and connection
+    /// timeout it does not set itself.
+    pub fn nodes(&self, heartbeat_secs: u16) -> Result<crate::broker::Nodes, ConfigError> {
+        let nodes = crate::broker::Nodes::parse(self.amqp_url.expose_secret(), |uri| {
+            uri.query.heartbeat.get_or_insert(heartbeat_secs);
+            uri.query.connection_timeout.get_or_insert(10_000);
+        })
+        .map_err(|e| ConfigError::new("AMQP_URL", e.to_string()))?;
+        self.tls()?;
+        Ok(nodes)
+    }
+
+    /// TLS settings for `amqps://`: the CA file's certificates, trusted besides
+    /// the system's.
+    pub fn tls(&self) -> Result<lapin::tcp::OwnedTLSConfig, ConfigError> {
+        let cert_chain =
+            match &self.amqp_ca_file {
+                None => None,
+                Some(ca) => Some(std::fs::read_to_string(ca).map_err(|e| {
+                    ConfigError::new("AMQP_CA_FILE", format!("{}: {e}", ca.display()))
+                })?),
+            };
+        Ok(lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain,
+        })
+    }
+}
+
 /// Where RabbitMQ is and what the topology is called (CONTRACT §1).
 #[derive(Args, Clone, Debug)]
 pub struct BrokerSettings {
-    /// AMQP URL of the broker, or of each node of a cluster, comma-separated
-    /// (same vhost and user); the worker starts from a random one and moves to
-    /// another when it loses its node. A secret, like DATABASE_URL.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: SecretString,
+    #[command(flatten)]
+    pub address: BrokerAddress,
     /// Direct exchange publishers send commands to.
-    #[arg(long, env = "COMMAND_EXCHANGE", default_value = "profile.commands")]
+    #[arg(long, env = "COMMAND_EXCHANGE", default_value = DEFAULT_COMMAND_EXCHANGE)]
     pub command_exchange: String,
     /// Quorum queue the worker consumes.
     #[arg(long, env = "COMMAND_QUEUE", default_value = "profile.commands")]
@@ -167,11 +212,7 @@ pub struct BrokerSettings {
     )]
     pub dead_letter_exchange: String,
     /// Queue holding dead letters.
-    #[arg(
-        long,
-        env = "DEAD_LETTER_QUEUE",
-        default_value = "profile.commands.dead"
-    )]
+    #[arg(long, env = "DEAD_LETTER_QUEUE", default_value = DEFAULT_DEAD_LETTER_QUEUE)]
     pub dead_letter_queue: String,
     /// Topic exchange for events any subscriber may read (`ticket.created`,
     /// `verification-token.created`); they carry no secret.
@@ -240,10 +281,6 @@ pub struct BrokerSettings {
     /// Most bytes the dead-letter queue holds (0: no limit).
     #[arg(long, env = "DEAD_LETTER_QUEUE_MAX_BYTES", default_value_t = 256 << 20)]
     pub dead_letter_queue_max_bytes: u64,
-    /// PEM file of the certificate authorities an amqps:// broker's certificate
-    /// must chain to (default: the system's).
-    #[arg(long, env = "AMQP_CA_FILE")]
-    pub amqp_ca_file: Option<std::path::PathBuf>,
 }
 
 impl BrokerSettings {
@@ -259,16 +296,10 @@ impl BrokerSettings {
         format!("{}.dead", self.email_queue)
     }
 
-    /// The broker's nodes: one URL, or several comma-separated (one cluster's
-    /// nodes, sharing vhost and user), each with the heartbeat and connection
-    /// timeout it does not set itself.
+    /// The broker's nodes (see [`BrokerAddress::nodes`]), once every name
+    /// and prefix is checked.
     pub fn validate(&self) -> Result<crate::broker::Nodes, ConfigError> {
-        let heartbeat = self.heartbeat_secs;
-        let nodes = crate::broker::Nodes::parse(self.amqp_url.expose_secret(), |uri| {
-            uri.query.heartbeat.get_or_insert(heartbeat);
-            uri.query.connection_timeout.get_or_insert(10_000);
-        })
-        .map_err(|e| ConfigError::new("AMQP_URL", e.to_string()))?;
+        let nodes = self.address.nodes(self.heartbeat_secs)?;
         for (name, value) in [
             ("COMMAND_EXCHANGE", &self.command_exchange),
             ("COMMAND_QUEUE", &self.command_queue),
@@ -317,26 +348,7 @@ impl BrokerSettings {
                 ));
             }
         }
-        self.tls()?;
         Ok(nodes)
-    }
-}
-
-impl BrokerSettings {
-    /// TLS settings for `amqps://`: the CA file's certificates, trusted besides
-    /// the system's.
-    pub fn tls(&self) -> Result<lapin::tcp::OwnedTLSConfig, ConfigError> {
-        let cert_chain =
-            match &self.amqp_ca_file {
-                None => None,
-                Some(ca) => Some(std::fs::read_to_string(ca).map_err(|e| {
-                    ConfigError::new("AMQP_CA_FILE", format!("{}: {e}", ca.display()))
-                })?),
-            };
-        Ok(lapin::tcp::OwnedTLSConfig {
-            identity: None,
-            cert_chain,
-        })
     }
 }
 
@@ -501,7 +513,7 @@ impl Settings {
     pub fn check(&self) -> Result<Checked, ConfigError> {
         let database = self.database.validate()?;
         let amqp = self.broker.validate()?;
-        let amqp_tls = self.broker.tls()?;
+        let amqp_tls = self.broker.address.tls()?;
         self.worker.validate()?;
         Ok(Checked {
             database,
@@ -511,9 +523,9 @@ impl Settings {
         })
     }
 
-    /// Every environment variable `run` reads: its settings', plus the logging
-    /// and tracing ones every subcommand reads (`LOG_FORMAT`, `RUST_LOG`,
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`).
+    /// Every environment variable `run` reads: its settings', the logging ones
+    /// every subcommand reads (`LOG_FORMAT`, `RUST_LOG`) and its span export's
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`).
     pub fn env_names() -> Vec<String> {
         use clap::Args;
         let cmd = Settings::augment_args(clap::Command::new("run"));
@@ -589,7 +601,7 @@ mod tests {
         let s = Settings::from_env();
         let mut s = s;
         s.database.database_url = "postgres://u:hunter2@h/db".into();
-        s.broker.amqp_url = "amqp://u:hunter3@h/%2f".into();
+        s.broker.address.amqp_url = "amqp://u:hunter3@h/%2f".into();
         let dbg = format!("{s:?}");
         assert!(
             !dbg.contains("hunter2") && !dbg.contains("hunter3"),
@@ -616,10 +628,10 @@ mod tests {
     #[test]
     fn an_amqp_url_may_list_a_clusters_nodes() {
         let mut s = Settings::from_env();
-        s.broker.amqp_url = "amqp://u:p@a:5681/%2f,amqp://u:p@b:5682/%2f".into();
+        s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://u:p@b:5682/%2f".into();
         let nodes = s.broker.validate().unwrap();
         assert_eq!(nodes.all(), "a:5681,b:5682");
-        s.broker.amqp_url = "amqp://u:p@a:5681/%2f,amqp://v:p@b:5682/%2f".into();
+        s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://v:p@b:5682/%2f".into();
         let e = s.broker.validate().unwrap_err();
         assert_eq!(e.setting, "AMQP_URL");
         assert!(
@@ -634,7 +646,7 @@ mod tests {
         s.database.database_url = "mysql://x".into();
         assert_eq!(s.check().err().unwrap().setting, "DATABASE_URL");
         let mut s = Settings::from_env();
-        s.broker.amqp_url = "http://nope".into();
+        s.broker.address.amqp_url = "http://nope".into();
         assert_eq!(s.check().err().unwrap().setting, "AMQP_URL");
         let mut s = Settings::from_env();
         s.worker.verification_url = "relative/path".into();

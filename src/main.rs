@@ -1,13 +1,10 @@
 mod cli;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use profile_worker::config::{BrokerSettings, DatabaseSettings, Settings};
-use profile_worker::store::{SeedFile, Store};
+use profile_worker::config::DatabaseSettings;
 use profile_worker::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio_util::sync::CancellationToken;
 
 /// RabbitMQ worker for Crafter Profile's create-ticket and create-verification-token.
 #[derive(Parser)]
@@ -16,18 +13,6 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// OTLP/HTTP endpoint to export spans to (e.g. http://127.0.0.1:4318);
-    /// unset: nothing is exported.
-    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    otlp_endpoint: Option<String>,
-    /// The service name exported spans carry.
-    #[arg(
-        long,
-        global = true,
-        env = "OTEL_SERVICE_NAME",
-        default_value = "profile-worker"
-    )]
-    otel_service_name: String,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -35,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Declare the topology, apply migrations, consume until SIGTERM/SIGINT.
-    Run(Box<Settings>),
+    Run(Box<cli::run::RunArgs>),
     /// Apply pending migrations and exit.
     Migrate(DatabaseSettings),
     /// Upsert tenants, access tokens and profiles from a seed file and exit.
@@ -55,7 +40,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
         #[command(flatten)]
-        broker: BrokerSettings,
+        broker: cli::Commands,
     },
     /// Sends a file of commands (one per line) and writes one result line per input
     /// line; re-running the same file creates nothing twice.
@@ -108,11 +93,15 @@ fn main() -> ExitCode {
 
 async fn run_cli() -> ExitCode {
     let cli = Cli::parse();
+    let export = match &cli.command {
+        Cmd::Run(args) => Some(&args.export),
+        _ => None,
+    };
     // Held until the process exits, so buffered spans are sent then.
     let _export = match telemetry::init(
         cli.log_format,
-        cli.otlp_endpoint.as_deref(),
-        &cli.otel_service_name,
+        export.and_then(|e| e.otlp_endpoint.as_deref()),
+        export.map_or("profile-worker", |e| e.otel_service_name.as_str()),
     ) {
         Ok(export) => export,
         Err(e) => {
@@ -121,9 +110,9 @@ async fn run_cli() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Run(settings) => run(*settings).await,
-        Cmd::Migrate(db) => migrate(db).await,
-        Cmd::Seed { file, db } => seed(file, db).await,
+        Cmd::Run(args) => cli::run::run(args.settings).await,
+        Cmd::Migrate(db) => cli::migrate::migrate(db).await,
+        Cmd::Seed { file, db } => cli::seed::seed(file, db).await,
         Cmd::Send {
             command,
             body,
@@ -154,82 +143,4 @@ async fn run_cli() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn run(settings: Settings) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    tokio::spawn(on_signal(shutdown.clone()));
-    let worker = profile_worker::worker::Worker::build(settings).await?;
-    worker.run_until_stopped(shutdown).await?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-async fn on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
-}
-
-async fn connect(db: &DatabaseSettings) -> anyhow::Result<Store> {
-    let store = Store::connect(db)?;
-    store
-        .check()
-        .await
-        .context("DATABASE_URL: cannot connect")?;
-    Ok(store)
-}
-
-async fn migrate(db: DatabaseSettings) -> anyhow::Result<()> {
-    let store = connect(&db).await?;
-    let applied = store
-        .migrate()
-        .await
-        .context("DATABASE_URL: migration failed")?;
-    if !db.runtime_role.is_empty() {
-        store
-            .grant_runtime(&db.runtime_role)
-            .await
-            .context("DATABASE_RUNTIME_ROLE")?;
-        println!("row rights granted to {}", db.runtime_role);
-    }
-    println!(
-        "migrations applied: {}",
-        if applied.is_empty() {
-            "none pending".to_string()
-        } else {
-            format!("{applied:?}")
-        }
-    );
-    Ok(())
-}
-
-async fn seed(file: PathBuf, db: DatabaseSettings) -> anyhow::Result<()> {
-    let name = file.display().to_string();
-    let text = std::fs::read_to_string(&file).with_context(|| name.clone())?;
-    let seed = SeedFile::parse(&text).with_context(|| name.clone())?;
-    let store = connect(&db).await?;
-    store
-        .migrate()
-        .await
-        .context("DATABASE_URL: migration failed")?;
-    let r = store.seed(&seed).await.with_context(|| name.clone())?;
-    println!(
-        "seeded {} tenants, {} access tokens, {} profiles from {}",
-        r.tenants,
-        r.access_tokens,
-        r.profiles,
-        file.display()
-    );
-    Ok(())
 }

@@ -22,7 +22,7 @@ use load::{RoundResult, Target};
 use plan::{Expected, Plan};
 use profile_worker::broker::{self, command_queue_arguments};
 use profile_worker::config::{
-    BrokerSettings, DatabaseSettings, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL,
+    BrokerAddress, BrokerSettings, DatabaseSettings, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL,
 };
 use profile_worker::store::{SeedFile, Store};
 use serde::Serialize;
@@ -432,7 +432,10 @@ impl Isolation {
 
 fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
     BrokerSettings {
-        amqp_url: amqp_url.into(),
+        address: BrokerAddress {
+            amqp_url: amqp_url.into(),
+            amqp_ca_file: None,
+        },
         command_exchange: format!("{prefix}profile.commands"),
         command_queue: format!("{prefix}profile.commands"),
         dead_letter_exchange: format!("{prefix}profile.commands.dlx"),
@@ -452,7 +455,6 @@ fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
         dead_letter_queue_max_length: 100_000,
         dead_letter_queue_max_bytes: 256 << 20,
         dead_letter_delivery_limit: 1_000,
-        amqp_ca_file: None,
     }
 }
 

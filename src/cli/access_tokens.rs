@@ -150,7 +150,7 @@ fn token_id(arg: Option<String>) -> anyhow::Result<String> {
 }
 
 async fn connect(db: &DatabaseSettings) -> anyhow::Result<Store> {
-    let store = crate::connect(db).await?;
+    let store = super::connect_database(db).await?;
     if !store.pending_migrations().await?.is_empty() {
         bail!("migrations are pending: run `profile-worker migrate` as the schema owner first");
     }

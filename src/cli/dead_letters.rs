@@ -13,7 +13,8 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, Conf
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use profile_worker::broker::properties;
-use profile_worker::config::BrokerSettings;
+use profile_worker::config::DEFAULT_DEAD_LETTER_QUEUE;
+use profile_worker::contract::Incoming;
 use serde::Serialize;
 
 #[derive(Subcommand)]
@@ -61,7 +62,10 @@ pub struct Scan {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: u64,
     #[command(flatten)]
-    pub broker: BrokerSettings,
+    pub broker: super::Commands,
+    /// Queue holding the worker's dead letters.
+    #[arg(long, env = "DEAD_LETTER_QUEUE", default_value = DEFAULT_DEAD_LETTER_QUEUE)]
+    pub dead_letter_queue: String,
 }
 
 /// Which dead letters to replay: by message_id, by error code, or all of them.
@@ -160,9 +164,13 @@ impl DeadLetter {
             position,
             message_id: properties::short(p.message_id()).map(str::to_string),
             correlation_id: properties::short(p.correlation_id()).map(str::to_string),
-            command: properties::short(p.kind())
-                .unwrap_or(routing_key)
-                .to_string(),
+            command: Incoming {
+                kind: properties::short(p.kind()),
+                routing_key,
+                ..Incoming::default()
+            }
+            .kind()
+            .to_string(),
             code,
             reason,
             body: String::from_utf8_lossy(body).into_owned(),
@@ -249,7 +257,7 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             if !json {
                 eprintln!(
                     "{} dead letter(s) in {}",
-                    tally.looked_at, scan.broker.dead_letter_queue
+                    tally.looked_at, scan.dead_letter_queue
                 );
             }
             Ok(())
@@ -342,12 +350,12 @@ fn describe(d: &DeadLetter) -> String {
 /// dead letter is there twice, or a command is replayed twice, which its
 /// message_id makes harmless.
 async fn pass(scan: &Scan, mut decide: impl FnMut(&DeadLetter) -> Action) -> anyhow::Result<Tally> {
-    let conn = super::connect(&scan.broker).await?;
+    let conn = super::connect(&scan.broker.address).await?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let queue = scan.broker.dead_letter_queue.as_str();
+    let queue = scan.dead_letter_queue.as_str();
     let depth = channel
         .queue_declare(
             queue.into(),

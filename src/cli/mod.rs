@@ -1,17 +1,41 @@
-//! The operator's commands besides `run`, `migrate` and `seed`: tools that
-//! talk to a running worker through the broker, and access-token
-//! administration. They belong to the binary: the library is the worker.
+//! The binary's subcommands: `run` (the worker), the schema owner's
+//! `migrate`, `seed` and `access-tokens`, and the tools that talk to a running
+//! worker through the broker (`send`, `provision`, `dead-letters`). They
+//! belong to the binary: the library is the worker.
 
 pub mod access_tokens;
 pub mod dead_letters;
+pub mod migrate;
 pub mod provision;
+pub mod run;
+pub mod seed;
 pub mod send;
 
-use profile_worker::config::BrokerSettings;
+use anyhow::Context;
+use profile_worker::config::DatabaseSettings;
+use profile_worker::store::Store;
+
+use profile_worker::config::{BrokerAddress, DEFAULT_COMMAND_EXCHANGE};
+
+/// Where the broker tools find the worker: the broker, and the exchange the
+/// worker takes commands from. (Only what they use, so `--help` lists nothing
+/// of the worker's own settings.)
+#[derive(clap::Args, Clone, Debug)]
+pub struct Commands {
+    #[command(flatten)]
+    pub address: BrokerAddress,
+    /// Direct exchange the worker takes commands from.
+    #[arg(long, env = "COMMAND_EXCHANGE", default_value = DEFAULT_COMMAND_EXCHANGE)]
+    pub command_exchange: String,
+}
+
+/// Heartbeat of the tools' connections (a tool that waits on a reply should
+/// notice a dead broker within half a minute).
+const HEARTBEAT_SECS: u16 = 10;
 
 /// The broker connection every one of these commands starts with.
-pub async fn connect(settings: &BrokerSettings) -> anyhow::Result<lapin::Connection> {
-    let nodes = settings.validate()?;
+pub async fn connect(settings: &BrokerAddress) -> anyhow::Result<lapin::Connection> {
+    let nodes = settings.nodes(HEARTBEAT_SECS)?;
     let tls = settings.tls()?;
     let (conn, _) = nodes
         .connect(&tls, nodes.random_start())
@@ -20,4 +44,14 @@ pub async fn connect(settings: &BrokerSettings) -> anyhow::Result<lapin::Connect
             anyhow::Error::new(e).context(format!("AMQP_URL: cannot connect to {at}"))
         })?;
     Ok(conn)
+}
+
+/// The database connection of the schema owner's commands, checked at once.
+pub async fn connect_database(db: &DatabaseSettings) -> anyhow::Result<Store> {
+    let store = Store::connect(db)?;
+    store
+        .check()
+        .await
+        .context("DATABASE_URL: cannot connect")?;
+    Ok(store)
 }

@@ -8,7 +8,6 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
 use profile_worker::broker::properties;
-use profile_worker::config::BrokerSettings;
 use profile_worker::contract::CommandName;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -38,7 +37,7 @@ pub struct ProvisionArgs {
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
     #[command(flatten)]
-    pub broker: BrokerSettings,
+    pub broker: super::Commands,
 }
 
 /// One input line made ready to send.
@@ -232,7 +231,7 @@ async fn send_all(
     if commands.is_empty() {
         return Ok(vec![]);
     }
-    let conn = super::connect(&args.broker).await?;
+    let conn = super::connect(&args.broker.address).await?;
     let (channel, mut replies) = profile_worker::client::reply_channel(&conn).await?;
 
     let n = commands.len();

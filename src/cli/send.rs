@@ -6,17 +6,17 @@ use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use profile_worker::broker::properties;
 use profile_worker::client::{command_properties, reply_channel};
-use profile_worker::config::BrokerSettings;
+
 use std::time::Duration;
 
 /// Sends `body` as command `kind` and returns (status, reply body).
 pub async fn run(
-    settings: &BrokerSettings,
+    settings: &super::Commands,
     kind: &str,
     body: &str,
     timeout: Duration,
 ) -> anyhow::Result<(i64, String)> {
-    let conn = super::connect(settings).await?;
+    let conn = super::connect(&settings.address).await?;
     let (channel, mut replies) = reply_channel(&conn).await?;
     let message_id = uuid::Uuid::new_v4().to_string();
     let props = command_properties(kind, &message_id, &message_id);

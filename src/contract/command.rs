@@ -14,47 +14,78 @@ const ID_PATTERN: &str = r"^[^\u0000-\u001F\u007F]*$";
 /// without userinfo, RFC 3986 characters only (the decoder checks the rest).
 const URL_PATTERN: &str = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9\-._~:\[\]!$&()*+,;=%]+([/?#][A-Za-z0-9\-._~:/?#\[\]@!$&()*+,;=%]*)?$";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CommandName {
-    CreateTicket,
-    CreateVerificationToken,
+/// Declares [`CommandName`] and every name derived from a command's: its reply's
+/// `type`, its exported span's name, the body field naming its profile. One
+/// line per command; the compiler then finds every `match` that must learn it.
+macro_rules! command_names {
+    ($($variant:ident => $name:literal, profile in $field:literal;)+) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum CommandName {
+            $($variant),+
+        }
+
+        impl CommandName {
+            pub const ALL: &'static [CommandName] = &[$(CommandName::$variant),+];
+
+            /// The name publishers give as the `type` (or routing key).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(CommandName::$variant => $name),+
+                }
+            }
+
+            /// The `type` property of the reply to this command.
+            pub fn reply_type(self) -> &'static str {
+                match self {
+                    $(CommandName::$variant => concat!($name, ".reply")),+
+                }
+            }
+
+            /// The exported span's name (OpenTelemetry's messaging convention:
+            /// the destination, then the operation).
+            pub fn process_span_name(self) -> &'static str {
+                match self {
+                    $(CommandName::$variant => concat!($name, " process")),+
+                }
+            }
+
+            /// The body field that names the profile the command is about.
+            pub fn profile_field(self) -> &'static str {
+                match self {
+                    $(CommandName::$variant => $field),+
+                }
+            }
+        }
+    };
 }
 
+command_names! {
+    CreateTicket => "create-ticket", profile in "profileId";
+    CreateVerificationToken => "create-verification-token", profile in "id";
+}
+
+/// The reply's `type` when the command is unknown.
+pub const UNKNOWN_REPLY_TYPE: &str = "error.reply";
+/// The command label (logs, metrics, span names) when the command is unknown.
+pub const UNKNOWN_COMMAND: &str = "unknown";
+
 impl CommandName {
-    pub const ALL: [CommandName; 2] = [
-        CommandName::CreateTicket,
-        CommandName::CreateVerificationToken,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CommandName::CreateTicket => "create-ticket",
-            CommandName::CreateVerificationToken => "create-verification-token",
-        }
-    }
-
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.as_str() == name)
-    }
-
-    /// The body field that names the profile the command is about.
-    pub fn profile_field(self) -> &'static str {
-        match self {
-            CommandName::CreateTicket => "profileId",
-            CommandName::CreateVerificationToken => "id",
-        }
+        Self::ALL.iter().copied().find(|c| c.as_str() == name)
     }
 
     /// Every command's name, for messages that list them.
     pub fn names() -> impl Iterator<Item = &'static str> {
-        Self::ALL.into_iter().map(Self::as_str)
+        Self::ALL.iter().map(|c| c.as_str())
     }
 
-    /// The `type` property of the reply to this command.
-    pub fn reply_type(self) -> &'static str {
-        match self {
-            CommandName::CreateTicket => "create-ticket.reply",
-            CommandName::CreateVerificationToken => "create-verification-token.reply",
+    /// The names as a message lists them: `"a", "b" or "c"`.
+    pub fn listed() -> String {
+        let quoted: Vec<String> = Self::names().map(|n| format!("\"{n}\"")).collect();
+        match quoted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
         }
     }
 }
@@ -179,9 +210,10 @@ pub struct Incoming<'a> {
     pub body: &'a [u8],
 }
 
-impl Incoming<'_> {
-    /// The command name the publisher meant: `type`, else the routing key.
-    pub fn kind(&self) -> &str {
+impl<'a> Incoming<'a> {
+    /// The command name the publisher meant: `type`, else the routing key
+    /// (CONTRACT §2). The one place this rule is written.
+    pub fn kind(&self) -> &'a str {
         match self.kind {
             Some(k) if !k.is_empty() => k,
             _ => self.routing_key,
@@ -204,8 +236,9 @@ pub fn decode(msg: Incoming<'_>) -> Result<Command, Rejection> {
         return Err(Rejection::new(
             ErrorCode::UnknownCommand,
             format!(
-                "Unknown command type \"{}\": expected \"create-ticket\" or \"create-verification-token\"",
-                truncate_for_message(kind)
+                "Unknown command type \"{}\": expected {}",
+                truncate_for_message(kind),
+                CommandName::listed()
             ),
         ));
     };
@@ -515,7 +548,10 @@ mod tests {
     fn unknown_command() {
         let r = err(msg("delete-everything", "{}"));
         assert_eq!(r.code, ErrorCode::UnknownCommand);
-        assert!(r.message.contains("delete-everything"));
+        assert_eq!(
+            r.message,
+            r#"Unknown command type "delete-everything": expected "create-ticket" or "create-verification-token""#
+        );
     }
 
     #[test]

@@ -39,3 +39,23 @@ pub fn render(schema: &Schema) -> String {
     s.push('\n');
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Adding a command (docs/ARCHITECTURE.md, "To add a command") is not done
+    /// until its command and reply bodies have schemas, and the reply's `type`
+    /// names its reply schema.
+    #[test]
+    fn every_command_has_its_command_and_reply_schemas() {
+        let files: Vec<&str> = all().iter().map(|(f, _)| *f).collect();
+        for name in CommandName::ALL {
+            let command = format!("{}.command.json", name.as_str());
+            let reply = format!("{}.json", name.reply_type());
+            assert!(files.contains(&command.as_str()), "no {command}");
+            assert!(files.contains(&reply.as_str()), "no {reply}");
+        }
+        assert!(files.contains(&format!("{}.json", command::UNKNOWN_REPLY_TYPE).as_str()));
+    }
+}

@@ -3,7 +3,7 @@
 
 use super::plan::Input;
 use crate::broker::{properties, Delivery};
-use crate::contract::{self, Command, CommandName, Incoming, Rejection};
+use crate::contract::{self, command, Command, CommandName, Incoming, Rejection};
 use crate::trace::{self, TraceHeaders};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -36,29 +36,28 @@ impl Item {
             Some(r) => (None, Some(r.to_string())),
             None => (None, None),
         };
-        let decoded = contract::decode(Incoming {
+        let incoming = Incoming {
             kind: properties::short(p.kind()),
             routing_key: delivery.routing_key.as_str(),
             content_type: properties::short(p.content_type()),
             message_id: properties::short(p.message_id()),
             correlation_id: properties::short(p.correlation_id()),
             body: &delivery.data,
-        });
+        };
+        let name = CommandName::parse(incoming.kind());
+        let decoded = contract::decode(incoming);
         let message_id = properties::short(p.message_id()).map(str::to_string);
         let correlation = properties::short(p.correlation_id())
             .map(str::to_string)
             .or_else(|| message_id.clone());
         let parent = trace::extract(p.headers().as_ref());
-        let name = CommandName::parse(
-            properties::short(p.kind()).unwrap_or(delivery.routing_key.as_str()),
-        );
         let span = tracing::info_span!(
             parent: batch,
             "command",
             message_id = message_id.as_deref().unwrap_or("-"),
             command = label(name),
             trace_id = tracing::field::Empty,
-            otel.name = process_span_name(name),
+            otel.name = name.map_or(UNKNOWN_PROCESS_SPAN, CommandName::process_span_name),
             otel.kind = "consumer",
             messaging.system = "rabbitmq",
         );
@@ -108,8 +107,7 @@ impl Item {
     /// The reply's `type`: `<command>.reply`, or `error.reply` when the command is unknown.
     pub fn reply_type(&self) -> &'static str {
         self.name
-            .map(CommandName::reply_type)
-            .unwrap_or("error.reply")
+            .map_or(command::UNKNOWN_REPLY_TYPE, CommandName::reply_type)
     }
 
     /// The command's name for logs and metrics (`unknown` when it has none we know).
@@ -118,16 +116,9 @@ impl Item {
     }
 }
 
-/// The exported span's name (OpenTelemetry's messaging convention: the
-/// destination, then the operation), without a format per command.
-fn process_span_name(name: Option<CommandName>) -> &'static str {
-    match name {
-        Some(CommandName::CreateTicket) => "create-ticket process",
-        Some(CommandName::CreateVerificationToken) => "create-verification-token process",
-        None => "unknown process",
-    }
-}
+/// The exported span's name for a command of no known name.
+const UNKNOWN_PROCESS_SPAN: &str = "unknown process";
 
 fn label(name: Option<CommandName>) -> &'static str {
-    name.map(CommandName::as_str).unwrap_or("unknown")
+    name.map_or(command::UNKNOWN_COMMAND, CommandName::as_str)
 }

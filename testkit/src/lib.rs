@@ -368,7 +368,7 @@ impl Env {
         settings.database.database_url = runtime_db_url_on(&servers.admin_db, &db_name).into();
         settings.database.db_pool_size = 4;
         settings.database.runtime_role = String::new();
-        settings.broker.amqp_url = servers.worker_amqp.as_str().into();
+        settings.broker.address.amqp_url = servers.worker_amqp.as_str().into();
         settings.broker.command_exchange = format!("{prefix}.commands");
         settings.broker.command_queue = format!("{prefix}.commands");
         settings.broker.dead_letter_exchange = format!("{prefix}.commands.dlx");
@@ -947,7 +947,7 @@ pub fn worker_process(env: &Env) -> tokio::process::Command {
     let s = &env.settings;
     let mut c = cli(env, &["run"]);
     c.env("DATABASE_URL", s.database.database_url.expose_secret())
-        .env("AMQP_URL", s.broker.amqp_url.expose_secret())
+        .env("AMQP_URL", s.broker.address.amqp_url.expose_secret())
         .env("VERIFICATION_URL", &s.worker.verification_url)
         .env(
             "EMAIL_COOLDOWN_SECS",

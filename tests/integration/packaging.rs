@@ -76,7 +76,7 @@ fn compose_worker_environment_names_are_settings() {
             .to_string()
     };
     let mut s = Settings::from_env();
-    s.broker.amqp_url = value("AMQP_URL").into();
+    s.broker.address.amqp_url = value("AMQP_URL").into();
     s.database.database_url = value("DATABASE_URL").into();
     s.worker.http_addr = value("HTTP_ADDR");
     assert!(s.check().is_ok(), "compose's settings are valid");

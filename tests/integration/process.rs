@@ -330,3 +330,57 @@ async fn a_poison_command_held_at_shutdown_goes_back_to_the_queue_at_once() {
     assert_eq!(env.queue_depth().await, 0);
     env.teardown().await;
 }
+
+/// Each subcommand's `--help` shows the options it uses: the operator's tools
+/// do not list the worker's settings, and only `run` exports spans.
+#[test]
+fn each_subcommand_lists_only_its_own_options() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_profile-worker"))
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let worker_only = [
+        "PREFETCH",
+        "AMQP_HEARTBEAT_SECS",
+        "COMMAND_QUEUE_MAX_LENGTH",
+        "DELIVERY_LIMIT=",
+        "BATCH_SIZE",
+        "DATABASE_URL",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ];
+    let run = help(&["run"]);
+    for name in worker_only {
+        assert!(run.contains(name), "run --help lacks {name}");
+    }
+    for tool in [
+        &["send"][..],
+        &["provision"],
+        &["dead-letters", "list"],
+        &["dead-letters", "replay"],
+        &["dead-letters", "purge"],
+    ] {
+        let text = help(tool);
+        assert!(text.contains("AMQP_URL"), "{tool:?} --help:\n{text}");
+        for name in worker_only {
+            assert!(
+                !text.contains(name),
+                "{tool:?} --help lists {name}:\n{text}"
+            );
+        }
+    }
+    for admin in [&["migrate"][..], &["seed"], &["access-tokens", "create"]] {
+        let text = help(admin);
+        assert!(text.contains("DATABASE_URL"), "{admin:?}");
+        for name in ["AMQP_URL", "PREFETCH", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
+            assert!(
+                !text.contains(name),
+                "{admin:?} --help lists {name}:\n{text}"
+            );
+        }
+    }
+}

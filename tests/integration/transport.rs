@@ -114,11 +114,11 @@ async fn the_worker_speaks_amqps_with_a_configured_ca() {
     });
     let ca = std::env::var("TEST_AMQPS_CA")
         .unwrap_or_else(|_| "/etc/rabbitmq/profile-worker-tls/ca.pem".into());
-    env.settings.broker.amqp_url = url.as_str().into();
+    env.settings.broker.address.amqp_url = url.as_str().into();
     // Without the CA the broker's certificate is not trusted.
     let e = start_error(env.settings.clone()).await;
     assert!(e.starts_with("AMQP_URL: cannot connect"), "{e}");
-    env.settings.broker.amqp_ca_file = Some(ca.into());
+    env.settings.broker.address.amqp_ca_file = Some(ca.into());
     env.start_worker().await;
     let r = env
         .call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
@@ -126,7 +126,7 @@ async fn the_worker_speaks_amqps_with_a_configured_ca() {
     assert_eq!(r.status, 200, "{}", r.raw);
     env.stop_worker().await;
     // A missing CA file is a start-up error naming its setting.
-    env.settings.broker.amqp_ca_file = Some("/nonexistent/ca.pem".into());
+    env.settings.broker.address.amqp_ca_file = Some("/nonexistent/ca.pem".into());
     let e = start_error(env.settings.clone()).await;
     assert!(e.starts_with("AMQP_CA_FILE:"), "{e}");
     env.teardown().await;
