@@ -13,11 +13,12 @@
 //! `traceparent` header, as the worker's do, so the broker parses the same
 //! properties.
 
+use crate::error::{BenchError, Result};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use profile_worker::broker::{self, properties, Connection, Outgoing, Publisher};
+use profile_worker::broker::{self, properties, Connection, Outgoing, PublishError, Publisher};
 use profile_worker::contract::message::routing;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +39,8 @@ pub struct Shape {
     pub events_exchange: Option<String>,
 }
 
-fn describe(e: lapin::Error) -> String {
-    format!("ceiling consumer: {}", broker::describe(&e))
+fn describe(e: lapin::Error) -> BenchError {
+    BenchError::broker("ceiling consumer", e)
 }
 
 /// Declares `queue` with `arguments` and starts answering what arrives on it.
@@ -49,7 +50,7 @@ pub async fn start(
     arguments: FieldTable,
     shape: Shape,
     stop: CancellationToken,
-) -> Result<JoinHandle<Result<(), String>>, String> {
+) -> Result<JoinHandle<Result<()>>> {
     let conn = broker::connect(uri, &Default::default())
         .await
         .map_err(describe)?;
@@ -96,7 +97,7 @@ async fn echo(
     max_batch: usize,
     events_exchange: Option<String>,
     stop: CancellationToken,
-) -> Result<impl std::future::Future<Output = Result<(), String>>, String> {
+) -> Result<impl std::future::Future<Output = Result<()>>> {
     let channel = conn.create_channel().await.map_err(describe)?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -125,8 +126,12 @@ async fn echo(
                 d = consumer.next() => d,
             };
             let mut batch = match first {
-                Some(d) => vec![d.map_err(|e| e.to_string())?],
-                None => return Err("the broker cancelled the ceiling consumer".to_string()),
+                Some(d) => vec![d.map_err(describe)?],
+                None => {
+                    return Err(BenchError::Refused(
+                        "the broker cancelled the ceiling consumer".into(),
+                    ))
+                }
             };
             while batch.len() < max_batch {
                 match consumer.next().now_or_never() {
@@ -159,15 +164,15 @@ async fn echo(
                     out.extend(contract_events(exchange, &d.properties));
                 }
             }
-            publisher
-                .publish_all(&out)
-                .await
-                .map_err(|e| e.to_string())?;
+            publisher.publish_all(&out).await.map_err(|e| match e {
+                PublishError::Channel(e) => describe(e),
+                refused => BenchError::Refused(format!("ceiling consumer: {refused}")),
+            })?;
             let last = batch.iter().map(|d| d.delivery_tag).max().unwrap_or(0);
             channel
                 .basic_ack(last, BasicAckOptions { multiple: true })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(describe)?;
         }
     })
 }

@@ -8,6 +8,7 @@
 
 use super::plan::{Expected, Plan};
 use super::stats::{Latency, Recorder};
+use crate::error::{BenchError, Result};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
@@ -76,7 +77,7 @@ impl Loader<'_> {
         first: u64,
         n: u64,
         rate: Option<f64>,
-    ) -> Result<RoundResult, String> {
+    ) -> Result<RoundResult> {
         self.rounds += 1;
         round(self, target, first, n, rate).await
     }
@@ -142,7 +143,7 @@ async fn round(
     first: u64,
     n: u64,
     rate: Option<f64>,
-) -> Result<RoundResult, String> {
+) -> Result<RoundResult> {
     let Loader {
         channel,
         replies,
@@ -175,39 +176,7 @@ async fn round(
         // Fill the window. The publishes are started together: lapin resolves each
         // only once its I/O thread wrote it, and one at a time that hand-off would
         // cost the load generator more CPU than the commands themselves.
-        let mut batch = Vec::new();
-        let now = Instant::now();
-        while t.outstanding < window && (t.slots.len() as u64) < n {
-            let sent = match due(t.slots.len()) {
-                Some(at) if at > now => break,
-                Some(at) => at,
-                None => Instant::now(),
-            };
-            let i = first + t.slots.len() as u64;
-            let planned = plan.command(i);
-            let (exchange, routing_key, expect) = match target {
-                Target::Worker { exchange } => {
-                    (*exchange, planned.command.as_str(), planned.expect_status)
-                }
-                // The echo consumer checks nothing: it answers everything 200.
-                Target::Ceiling { queue } => ("", *queue, 200),
-            };
-            // For the echo, what these commands would ask of the worker (its
-            // events ceiling publishes at least the email events counted here).
-            expected.add(&planned);
-            let props = profile_worker::client::command_properties(
-                planned.command.as_str(),
-                &uuid::Uuid::new_v4().to_string(),
-                &format!("{}{}", t.prefix, t.slots.len()),
-            );
-            t.slots.push(Slot {
-                sent,
-                expect,
-                answered: false,
-            });
-            t.outstanding += 1;
-            batch.push((exchange, routing_key, planned.body, props));
-        }
+        let batch = fill(&mut t, plan, target, n, window, &due, &mut expected);
         let sent = futures_util::future::join_all(batch.iter().map(|(x, rk, body, props)| {
             channel.basic_publish(
                 (*x).into(),
@@ -219,7 +188,7 @@ async fn round(
         }))
         .await;
         for s in sent {
-            confirms.push(s.map_err(|e| format!("publishing a command failed: {e}"))?);
+            confirms.push(s.map_err(|e| BenchError::broker("publishing a command failed", e))?);
         }
         // Open loop: wake for the next command due (unless the cap holds it back).
         let next_due = (t.outstanding < window)
@@ -230,8 +199,8 @@ async fn round(
             _ = tokio::time::sleep_until(next_due.unwrap_or(started).into()), if next_due.is_some() => {}
             reply = replies.next() => {
                 let reply = reply
-                    .ok_or("the reply consumer was closed by the broker")?
-                    .map_err(|e| format!("reading replies failed: {e}"))?;
+                    .ok_or_else(|| BenchError::Refused("the reply consumer was closed by the broker".into()))?
+                    .map_err(|e| BenchError::broker("reading replies failed", e))?;
                 t.on_reply(&reply);
                 // Take every reply already here before refilling the window.
                 while let Some(Some(Ok(reply))) = replies.next().now_or_never() {
@@ -239,23 +208,25 @@ async fn round(
                 }
             }
             Some(confirm) = confirms.next(), if !confirms.is_empty() => {
-                let confirm = confirm.map_err(|e| format!("waiting for a publisher confirm failed: {e}"))?;
+                let confirm = confirm.map_err(|e| BenchError::broker("waiting for a publisher confirm failed", e))?;
                 if confirm.is_nack() {
-                    return Err("the broker nacked a command (is the queue full?)".into());
+                    return Err(BenchError::Refused("the broker nacked a command (is the queue full?)".into()));
                 }
             }
             _ = tokio::time::sleep_until((t.last_progress + stall).into()) => {
-                return Err(format!(
+                return Err(BenchError::Stalled(format!(
                     "no reply for {} s: {} of {n} commands answered, {} in flight",
                     stall.as_secs(), t.answered, t.outstanding
-                ));
+                )));
             }
         }
     }
     // Every reply arrived, so every command was confirmed; settle the futures anyway.
     while let Some(confirm) = confirms.next().await {
-        if confirm.map_err(|e| e.to_string())?.is_nack() {
-            return Err("the broker nacked a command".into());
+        let confirm =
+            confirm.map_err(|e| BenchError::broker("waiting for a publisher confirm failed", e))?;
+        if confirm.is_nack() {
+            return Err(BenchError::Refused("the broker nacked a command".into()));
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -271,4 +242,52 @@ async fn round(
         wrong_examples: t.wrong_examples,
         expected,
     })
+}
+
+/// The commands that fit the window now (open loop: those already due), each
+/// with its slot in the tally.
+fn fill<'t>(
+    t: &mut Tally,
+    plan: &Plan,
+    target: &Target<'t>,
+    n: u64,
+    window: usize,
+    due: &dyn Fn(usize) -> Option<Instant>,
+    expected: &mut Expected,
+) -> Vec<(&'t str, &'t str, String, lapin::BasicProperties)> {
+    let first = t.first;
+    let mut batch = Vec::new();
+    let now = Instant::now();
+    while t.outstanding < window && (t.slots.len() as u64) < n {
+        let sent = match due(t.slots.len()) {
+            Some(at) if at > now => break,
+            Some(at) => at,
+            None => Instant::now(),
+        };
+        let i = first + t.slots.len() as u64;
+        let planned = plan.command(i);
+        let (exchange, routing_key, expect) = match target {
+            Target::Worker { exchange } => {
+                (*exchange, planned.command.as_str(), planned.expect_status)
+            }
+            // The echo consumer checks nothing: it answers everything 200.
+            Target::Ceiling { queue } => ("", *queue, 200),
+        };
+        // For the echo, what these commands would ask of the worker (its
+        // events ceiling publishes at least the email events counted here).
+        expected.add(&planned);
+        let props = profile_worker::client::command_properties(
+            planned.command.as_str(),
+            &uuid::Uuid::new_v4().to_string(),
+            &format!("{}{}", t.prefix, t.slots.len()),
+        );
+        t.slots.push(Slot {
+            sent,
+            expect,
+            answered: false,
+        });
+        t.outstanding += 1;
+        batch.push((exchange, routing_key, planned.body, props));
+    }
+    batch
 }

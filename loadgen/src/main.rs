@@ -13,8 +13,8 @@ async fn main() -> ExitCode {
     );
     match profile_worker_bench::run(args).await {
         Ok(_) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(e) => {
+            eprintln!("error: {}", profile_worker::telemetry::Report(&e));
             ExitCode::FAILURE
         }
     }

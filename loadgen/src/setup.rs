@@ -2,21 +2,22 @@
 //! (or, where `rabbitmqctl` cannot reach the broker, its own name prefix), the
 //! worker processes, and reading their CPU time and peak RSS from /proc.
 
+use crate::error::{BenchError, Result};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::{Child, Command};
 use url::Url;
 
 /// `postgres://…/<db>` with the database replaced.
-pub fn with_database(database_url: &str, db: &str) -> Result<String, String> {
-    let mut u = Url::parse(database_url).map_err(|e| format!("DATABASE_URL: {e}"))?;
+pub fn with_database(database_url: &str, db: &str) -> Result<String> {
+    let mut u = Url::parse(database_url).map_err(|e| BenchError::database("DATABASE_URL", e))?;
     u.set_path(&format!("/{db}"));
     Ok(u.to_string())
 }
 
 /// `amqp://…/<vhost>` with the vhost replaced.
-pub fn with_vhost(amqp_url: &str, vhost: &str) -> Result<String, String> {
-    let mut u = Url::parse(amqp_url).map_err(|e| format!("AMQP_URL: {e}"))?;
+pub fn with_vhost(amqp_url: &str, vhost: &str) -> Result<String> {
+    let mut u = Url::parse(amqp_url).map_err(|e| BenchError::Usage(format!("AMQP_URL: {e}")))?;
     u.set_path(&format!("/{vhost}"));
     Ok(u.to_string())
 }
@@ -29,16 +30,16 @@ fn amqp_user(amqp_url: &str) -> String {
         .unwrap_or_else(|| "guest".into())
 }
 
-async fn admin(database_url: &str) -> Result<tokio_postgres::Client, String> {
+async fn admin(database_url: &str) -> Result<tokio_postgres::Client> {
     let (client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
         .await
-        .map_err(|e| format!("DATABASE_URL: cannot connect: {e}"))?;
+        .map_err(|e| BenchError::database("DATABASE_URL: cannot connect", e))?;
     tokio::spawn(conn);
     Ok(client)
 }
 
 /// (tickets, verification tokens) stored in the run's database.
-pub async fn row_counts(db_url: &str) -> Result<(u64, u64), String> {
+pub async fn row_counts(db_url: &str) -> Result<(u64, u64)> {
     let row = admin(db_url)
         .await?
         .query_one(
@@ -46,57 +47,62 @@ pub async fn row_counts(db_url: &str) -> Result<(u64, u64), String> {
             &[],
         )
         .await
-        .map_err(|e| format!("counting the stored rows: {e}"))?;
+        .map_err(|e| BenchError::database("counting the stored rows", e))?;
     Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
 }
 
-pub async fn create_database(database_url: &str, db: &str) -> Result<(), String> {
+pub async fn create_database(database_url: &str, db: &str) -> Result<()> {
     admin(database_url)
         .await?
         .batch_execute(&format!("CREATE DATABASE \"{db}\""))
         .await
-        .map_err(|e| format!("cannot create database {db} (the role needs CREATEDB): {e}"))
+        .map_err(|e| {
+            BenchError::database(
+                format!("cannot create database {db} (the role needs CREATEDB)"),
+                e,
+            )
+        })
 }
 
-pub async fn drop_database(database_url: &str, db: &str) -> Result<(), String> {
+pub async fn drop_database(database_url: &str, db: &str) -> Result<()> {
     admin(database_url)
         .await?
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
         .await
-        .map_err(|e| format!("cannot drop database {db}: {e}"))
+        .map_err(|e| BenchError::database(format!("cannot drop database {db}"), e))
 }
 
-async fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
+async fn rabbitmqctl(args: &[&str]) -> Result<()> {
     let out = Command::new("rabbitmqctl")
         .arg("-q")
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("rabbitmqctl: {e}"))?;
+        .map_err(|e| BenchError::io("rabbitmqctl", e))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
+        Err(BenchError::Process(format!(
             "rabbitmqctl {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr)
                 .lines()
                 .next()
                 .unwrap_or("failed")
-        ))
+        )))
     }
 }
 
 /// Creates `vhost` and lets the URL's user use it. Needs `rabbitmqctl` on this
 /// machine with rights on the node.
-pub async fn create_vhost(amqp_url: &str, vhost: &str) -> Result<(), String> {
+pub async fn create_vhost(amqp_url: &str, vhost: &str) -> Result<()> {
     rabbitmqctl(&["add_vhost", vhost]).await?;
     let user = amqp_user(amqp_url);
     rabbitmqctl(&["set_permissions", "-p", vhost, &user, ".*", ".*", ".*"]).await
 }
 
-pub async fn delete_vhost(vhost: &str) -> Result<(), String> {
+pub async fn delete_vhost(vhost: &str) -> Result<()> {
     rabbitmqctl(&["delete_vhost", vhost]).await
 }
 
@@ -134,13 +140,12 @@ pub struct WorkerProcess {
     pub log: PathBuf,
 }
 
-pub fn spawn_worker(
-    bin: &Path,
-    env: &[(String, String)],
-    log: PathBuf,
-) -> Result<WorkerProcess, String> {
-    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let err = file.try_clone().map_err(|e| e.to_string())?;
+pub fn spawn_worker(bin: &Path, env: &[(String, String)], log: PathBuf) -> Result<WorkerProcess> {
+    let file =
+        std::fs::File::create(&log).map_err(|e| BenchError::io(log.display().to_string(), e))?;
+    let err = file
+        .try_clone()
+        .map_err(|e| BenchError::io(log.display().to_string(), e))?;
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -150,25 +155,36 @@ pub fn spawn_worker(
         .kill_on_drop(true);
     let child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-    let pid = child.id().ok_or("the worker exited at once")?;
+        .map_err(|e| BenchError::io(format!("cannot start {}", bin.display()), e))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| BenchError::Process("the worker exited at once".into()))?;
     Ok(WorkerProcess { child, pid, log })
 }
 
 impl WorkerProcess {
     /// SIGTERM, then wait (the worker drains what it holds and exits 0).
-    pub async fn stop(mut self) -> Result<(), String> {
+    pub async fn stop(mut self) -> Result<()> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status()
             .await;
         match tokio::time::timeout(std::time::Duration::from_secs(40), self.child.wait()).await {
             Ok(Ok(s)) if s.success() => Ok(()),
-            Ok(Ok(s)) => Err(format!("worker {} exited with {s}", self.pid)),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(s)) => Err(BenchError::Process(format!(
+                "worker {} exited with {s}",
+                self.pid
+            ))),
+            Ok(Err(e)) => Err(BenchError::io(
+                format!("waiting for worker {}", self.pid),
+                e,
+            )),
             Err(_) => {
                 let _ = self.child.kill().await;
-                Err(format!("worker {} did not stop within 40 s", self.pid))
+                Err(BenchError::Process(format!(
+                    "worker {} did not stop within 40 s",
+                    self.pid
+                )))
             }
         }
     }

@@ -1,0 +1,573 @@
+//! One run in its own database and vhost: set up (`Setup::prepare`), start the
+//! workers and the echo consumers, warm up, measure the rounds (`Measure`),
+//! stop everything and check the rows.
+
+use crate::args::BenchArgs;
+use crate::ceiling;
+use crate::checks::{check_round, check_rows, Checks, Counter};
+use crate::error::{BenchError, Result};
+use crate::isolation::{
+    ceiling_email_queue, ceiling_events_exchange, ceiling_queue, events_ceiling_queue, names,
+    Isolation,
+};
+use crate::load::{Loader, Target};
+use crate::meter::{batch_samples_of, stages_between, Meters};
+use crate::plan::Plan;
+use crate::report::{summarize, Report, RoundRow};
+use crate::setup::{self, WorkerProcess};
+use crate::stats::median;
+use crate::{BENCH_TENANT, BENCH_TOKEN, EVENTS_CEILING};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use profile_worker::broker::{self, command_queue_arguments, Nodes};
+use profile_worker::config::{BrokerSettings, DatabaseSettings};
+use profile_worker::store::{SeedFile, Store};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The run's database (migrated and seeded) and broker names.
+struct Setup {
+    db_url: String,
+    amqp_url: String,
+    prefix: String,
+    names: BrokerSettings,
+    nodes: Nodes,
+    store: Store,
+    plan: Plan,
+}
+
+impl Setup {
+    async fn prepare(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Setup> {
+        let db_url = setup::with_database(&args.database_url, db)?;
+        let amqp_url = iso.amqp_url(&args.amqp_url)?;
+        let prefix = iso.prefix().to_string();
+        let mut names = names(&prefix, &amqp_url, args.prefetch);
+        if args.unbounded_queues {
+            names.command_queue_max_length = 0;
+            names.command_queue_max_bytes = 0;
+            names.dead_letter_queue_max_length = 0;
+            names.dead_letter_queue_max_bytes = 0;
+        }
+        let nodes = names
+            .validate()
+            .map_err(|e| BenchError::Usage(e.to_string()))?;
+        let store = Store::connect(&DatabaseSettings {
+            database_url: db_url.as_str().into(),
+            db_pool_size: 2,
+            db_timeout_secs: 10,
+            runtime_role: String::new(),
+        })
+        .map_err(|e| BenchError::Usage(e.to_string()))?;
+        store
+            .migrate()
+            .await
+            .map_err(|e| BenchError::database("migrating the bench database", e))?;
+        store
+            .seed(&seed_file(args.profiles))
+            .await
+            .map_err(|e| BenchError::database("seeding the bench database", e))?;
+        let plan = Plan {
+            mix: args.mix,
+            invalid_share: args.invalid_share,
+            access_token_id: BENCH_TOKEN.into(),
+            profile_ids: (0..args.profiles).map(profile_id).collect(),
+        };
+        Ok(Setup {
+            db_url,
+            amqp_url,
+            prefix,
+            names,
+            nodes,
+            store,
+            plan,
+        })
+    }
+
+    /// The workers' environment: this run's database, vhost and names, and the
+    /// flags' settings.
+    fn worker_env(&self, args: &BenchArgs) -> Vec<(String, String)> {
+        let n = &self.names;
+        [
+            ("DATABASE_URL", self.db_url.clone()),
+            ("AMQP_URL", self.amqp_url.clone()),
+            ("COMMAND_EXCHANGE", n.command_exchange.clone()),
+            ("COMMAND_QUEUE", n.command_queue.clone()),
+            ("DEAD_LETTER_EXCHANGE", n.dead_letter_exchange.clone()),
+            ("DEAD_LETTER_QUEUE", n.dead_letter_queue.clone()),
+            ("EVENTS_EXCHANGE", n.events_exchange.clone()),
+            ("EMAIL_EXCHANGE", n.email_exchange.clone()),
+            ("EMAIL_QUEUE", n.email_queue.clone()),
+            ("PREFETCH", args.prefetch.to_string()),
+            ("BATCH_SIZE", args.batch_size.to_string()),
+            ("CONSUMERS", args.consumers.to_string()),
+            ("EMAIL_COOLDOWN_SECS", args.email_cooldown_secs.to_string()),
+            (
+                "COMMAND_QUEUE_MAX_LENGTH",
+                n.command_queue_max_length.to_string(),
+            ),
+            (
+                "COMMAND_QUEUE_MAX_BYTES",
+                n.command_queue_max_bytes.to_string(),
+            ),
+            (
+                "DEAD_LETTER_QUEUE_MAX_LENGTH",
+                n.dead_letter_queue_max_length.to_string(),
+            ),
+            (
+                "DEAD_LETTER_QUEUE_MAX_BYTES",
+                n.dead_letter_queue_max_bytes.to_string(),
+            ),
+            // Metrics are recorded as in production; any free port, so workers of
+            // one run (and a worker already running here) do not collide.
+            ("HTTP_ADDR", "127.0.0.1:0".into()),
+            // JSON, so the bench can read where that is (and the stage timings there).
+            ("LOG_FORMAT", "json".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Real processes, so their CPU time and memory are their own; returns
+    /// once every one consumes.
+    async fn start_workers(
+        &self,
+        args: &BenchArgs,
+        db: &str,
+        conn: &broker::Connection,
+    ) -> Result<Vec<WorkerProcess>> {
+        let bin = match &args.worker_bin {
+            Some(b) => b.clone(),
+            None => {
+                let me = std::env::current_exe()
+                    .map_err(|e| BenchError::io("finding this program", e))?;
+                me.with_file_name(format!("profile-worker{}", std::env::consts::EXE_SUFFIX))
+            }
+        };
+        let env = self.worker_env(args);
+        let mut workers = Vec::new();
+        for k in 0..args.workers {
+            let log = std::env::temp_dir().join(format!("{db}-worker{k}.log"));
+            workers.push(setup::spawn_worker(&bin, &env, log)?);
+        }
+        wait_for_consumers(conn, &self.names, &mut workers).await?;
+        Ok(workers)
+    }
+
+    /// The echo consumers: plain, and (with --ceiling-events) one publishing
+    /// the contract's events into an exchange and email queue shaped like the
+    /// worker's, each on a command queue shaped like the worker's.
+    async fn start_echoes(
+        &self,
+        args: &BenchArgs,
+        channel: &lapin::Channel,
+        stop: &CancellationToken,
+    ) -> Result<Vec<JoinHandle<Result<()>>>> {
+        let ceiling_events = ceiling_events_exchange(&self.prefix);
+        if args.ceiling_events {
+            // Durable and topic, as the worker declares its events exchange.
+            channel
+                .exchange_declare(
+                    ceiling_events.as_str().into(),
+                    lapin::ExchangeKind::Topic,
+                    lapin::options::ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| BenchError::broker(ceiling_events.clone(), e))?;
+            declare_email_sink(
+                channel,
+                &ceiling_events,
+                &ceiling_email_queue(&self.prefix),
+                broker::email_queue_arguments(&self.names),
+            )
+            .await?;
+        }
+        let mut echoes = Vec::new();
+        for (wanted, queue, events_exchange) in [
+            (args.ceiling, ceiling_queue(&self.prefix), None),
+            (
+                args.ceiling_events,
+                events_ceiling_queue(&self.prefix),
+                Some(ceiling_events.clone()),
+            ),
+        ] {
+            if !wanted {
+                continue;
+            }
+            let shape = ceiling::Shape {
+                consumers: args.consumers,
+                prefetch: args.prefetch,
+                max_batch: args.batch_size as usize,
+                events_exchange,
+            };
+            let arguments = command_queue_arguments(&self.names);
+            echoes.push(
+                ceiling::start(self.nodes.first(), &queue, arguments, shape, stop.clone()).await?,
+            );
+        }
+        Ok(echoes)
+    }
+}
+
+/// Everything a run does in its database and vhost.
+pub async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result<Report> {
+    let s = Setup::prepare(args, db, iso).await?;
+    let conn = broker::connect(s.nodes.first(), &Default::default())
+        .await
+        .map_err(|e| BenchError::broker("AMQP_URL", e))?;
+    let workers = s.start_workers(args, db, &conn).await?;
+    let metrics_addrs: Vec<String> = workers
+        .iter()
+        .filter_map(|w| setup::http_addr_in_log(&w.log))
+        .collect();
+    // The load channel: direct reply-to and publishes must share a channel.
+    let (channel, replies) = profile_worker::client::reply_channel(&conn)
+        .await
+        .map_err(|e| BenchError::broker("opening the reply channel", e))?;
+    let stop_echoes = CancellationToken::new();
+    let echoes = s.start_echoes(args, &channel, &stop_echoes).await?;
+
+    let (ceiling_q, events_ceiling_q) = (ceiling_queue(&s.prefix), events_ceiling_queue(&s.prefix));
+    let mut m = Measure {
+        args,
+        targets: Targets {
+            worker: Target::Worker {
+                exchange: &s.names.command_exchange,
+            },
+            ceiling: Target::Ceiling { queue: &ceiling_q },
+            events_ceiling: Target::Ceiling {
+                queue: &events_ceiling_q,
+            },
+        },
+        loader: Loader {
+            channel: &channel,
+            replies,
+            plan: &s.plan,
+            window: args.in_flight as usize,
+            stall: Duration::from_secs(args.stall_secs.max(1)),
+            rounds: 0,
+        },
+        // What the email dispatcher sees: the dispatch queue the workers
+        // declared (quorum, durable, as in production), counted and purged
+        // after every round.
+        counter: Counter {
+            channel: &channel,
+            email_queue: &s.names.email_queue,
+            dead_queue: &s.names.dead_letter_queue,
+        },
+        ceiling_email_queue: ceiling_email_queue(&s.prefix),
+        meters: Meters {
+            broker: setup::pids_named("beam.smp"),
+            db_url: s.db_url.clone(),
+        },
+        workers,
+        metrics_addrs,
+        checks: Checks::default(),
+        next_index: 0,
+        rows: Vec::new(),
+    };
+    m.warm_up().await?;
+    m.measure().await?;
+    let Measure {
+        workers,
+        mut checks,
+        rows,
+        ..
+    } = m;
+    let peak_rss: Vec<u64> = workers
+        .iter()
+        .map(|w| setup::peak_rss_kib(w.pid).unwrap_or(0))
+        .collect();
+    stop_echoes.cancel();
+    for t in echoes {
+        if let Ok(Err(e)) = t.await {
+            checks.problems.push(format!("ceiling consumer: {e}"));
+        }
+    }
+    stop_workers(workers, args.keep, &mut checks).await;
+    let _ = conn.close(200, "bye".into()).await;
+    check_rows(&s.db_url, &mut checks).await?;
+    s.store.close();
+    Ok(summarize(args, iso, rows, peak_rss, checks))
+}
+
+async fn stop_workers(workers: Vec<WorkerProcess>, keep: bool, checks: &mut Checks) {
+    for w in workers {
+        let log = w.log.clone();
+        match w.stop().await {
+            Ok(()) if !keep => {
+                let _ = std::fs::remove_file(&log);
+            }
+            Ok(()) => {}
+            Err(e) => checks
+                .problems
+                .push(format!("{e} (log: {})", log.display())),
+        }
+    }
+}
+
+struct Targets<'a> {
+    worker: Target<'a>,
+    ceiling: Target<'a>,
+    events_ceiling: Target<'a>,
+}
+
+/// The measuring half of a run: rounds, what they cost, and what they left.
+struct Measure<'a> {
+    args: &'a BenchArgs,
+    targets: Targets<'a>,
+    loader: Loader<'a>,
+    counter: Counter<'a>,
+    ceiling_email_queue: String,
+    meters: Meters,
+    workers: Vec<WorkerProcess>,
+    metrics_addrs: Vec<String>,
+    checks: Checks,
+    /// The worker's commands are numbered across rounds, so no two repeat.
+    next_index: u64,
+    rows: Vec<RoundRow>,
+}
+
+impl Measure<'_> {
+    /// Commands sent to each target before measuring (checked, not reported).
+    async fn warm_up(&mut self) -> Result<()> {
+        let n = self.args.warmup;
+        if n == 0 {
+            return Ok(());
+        }
+        if self.args.ceiling {
+            self.loader.round(&self.targets.ceiling, 0, n, None).await?;
+        }
+        if self.args.ceiling_events {
+            let r = self
+                .loader
+                .round(&self.targets.events_ceiling, 0, n, None)
+                .await?;
+            self.counter
+                .take(&self.ceiling_email_queue, r.expected.verification_tokens)
+                .await?;
+        }
+        let r = self.loader.round(&self.targets.worker, 0, n, None).await?;
+        self.next_index += n;
+        check_round(&r, &self.counter, &mut self.checks, "warm-up").await
+    }
+
+    /// The closed-loop rounds (open at --rate when given), then, with
+    /// --load-percent, open-loop rounds at those shares of the worker's
+    /// closed-loop rate, every target alternated at each load.
+    async fn measure(&mut self) -> Result<()> {
+        let args = self.args;
+        let mut phases: Vec<(Option<f64>, Option<f64>, u64)> =
+            vec![(None, args.rate, args.commands)];
+        let mut phase = 0;
+        while phase < phases.len() {
+            let (load_percent, rate, n) = phases[phase];
+            phase += 1;
+            for k in 1..=args.rounds {
+                if args.ceiling {
+                    self.echo_round(k, "ceiling", load_percent, rate, n).await?;
+                }
+                if args.ceiling_events {
+                    self.echo_round(k, EVENTS_CEILING, load_percent, rate, n)
+                        .await?;
+                }
+                self.worker_round(k, load_percent, rate, n).await?;
+            }
+            if phase == 1 && !args.load_percent.is_empty() {
+                let worker_rates: Vec<f64> = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.target == "worker")
+                    .map(|r| r.result.rate)
+                    .collect();
+                let max = median(&worker_rates);
+                for &pct in &args.load_percent {
+                    let rate = max * pct / 100.0;
+                    let n = ((rate * args.open_loop_secs).round() as u64).max(1);
+                    phases.push((Some(pct), Some(rate), n));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn echo_round(
+        &mut self,
+        k: u64,
+        name: &'static str,
+        load_percent: Option<f64>,
+        rate: Option<f64>,
+        n: u64,
+    ) -> Result<()> {
+        let target = if name == EVENTS_CEILING {
+            &self.targets.events_ceiling
+        } else {
+            &self.targets.ceiling
+        };
+        let before = self.meters.read(&self.workers, None).await;
+        let r = self.loader.round(target, 0, n, rate).await?;
+        let (_, split) = self.meters.since(before, &self.workers, n).await;
+        if name == EVENTS_CEILING {
+            let want = r.expected.verification_tokens;
+            let emails = self.counter.take(&self.ceiling_email_queue, want).await?;
+            self.checks.ceiling_email_requested += emails;
+            if emails < want {
+                self.checks.problems.push(format!(
+                    "events ceiling round {k}: {emails} email.requested events for {want} verification tokens"
+                ));
+            }
+        }
+        self.rows.push(RoundRow {
+            round: k,
+            target: name,
+            load_percent,
+            result: r,
+            cpu_secs_per_1k: None,
+            cpu_per_1k: split,
+            stages: None,
+        });
+        Ok(())
+    }
+
+    async fn worker_round(
+        &mut self,
+        k: u64,
+        load_percent: Option<f64>,
+        rate: Option<f64>,
+        n: u64,
+    ) -> Result<()> {
+        let before = self.meters.read(&self.workers, None).await;
+        let samples = batch_samples_of(&self.metrics_addrs).await;
+        let r = self
+            .loader
+            .round(&self.targets.worker, self.next_index, n, rate)
+            .await?;
+        let (worker_cpu, split) = self.meters.since(before, &self.workers, n).await;
+        let stages = stages_between(&samples, &batch_samples_of(&self.metrics_addrs).await);
+        self.next_index += n;
+        check_round(&r, &self.counter, &mut self.checks, &format!("round {k}")).await?;
+        self.rows.push(RoundRow {
+            round: k,
+            target: "worker",
+            load_percent,
+            cpu_secs_per_1k: Some(worker_cpu),
+            cpu_per_1k: split,
+            result: r,
+            stages,
+        });
+        Ok(())
+    }
+}
+
+async fn wait_for_consumers(
+    conn: &broker::Connection,
+    names: &BrokerSettings,
+    workers: &mut [WorkerProcess],
+) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        for w in workers.iter_mut() {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                let tail = std::fs::read_to_string(&w.log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(BenchError::Process(format!(
+                    "worker {} exited with {status} before consuming:\n  {}",
+                    w.pid,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+                )));
+            }
+        }
+        // Declared exactly as the worker declares it, so there is no error (and no
+        // closed channel) while the worker has not declared it yet.
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| BenchError::broker("AMQP_URL", e))?;
+        let q = ch
+            .queue_declare(
+                names.command_queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                command_queue_arguments(names),
+            )
+            .await
+            .map_err(|e| BenchError::broker(names.command_queue.clone(), e))?;
+        let _ = ch.close(200, "ok".into()).await;
+        if q.consumer_count() as usize >= workers.len() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Process(format!(
+                "the workers were not consuming {} within {} s",
+                names.command_queue,
+                READY_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The events echo's stand-in for the dispatch queue: durable and quorum like
+/// the worker's, bound to `email.requested` on `exchange`, so the echo pays the
+/// broker what the worker's email requests cost.
+async fn declare_email_sink(
+    channel: &lapin::Channel,
+    exchange: &str,
+    queue: &str,
+    arguments: FieldTable,
+) -> Result<()> {
+    let fail = |e: lapin::Error| BenchError::broker(queue, e);
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(fail)?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "email.requested".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)
+}
+
+fn seed_file(profiles: u64) -> SeedFile {
+    let profiles: Vec<serde_json::Value> = (0..profiles)
+        .map(|i| {
+            serde_json::json!({
+                "id": profile_id(i), "tenant": BENCH_TENANT, "username": format!("bench{i}"),
+                "email": format!("bench{i}@example.com"), "enabled": true, "verified": true
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "tenants": [{ "name": BENCH_TENANT }],
+        "accessTokens": [{ "id": BENCH_TOKEN, "application": "bench", "master": true,
+            "tenantPermissions": [{ "tenant": BENCH_TENANT, "allowedActions": ["*"] }] }],
+        "profiles": profiles,
+    });
+    SeedFile::parse(&doc.to_string()).expect("the generated seed file is valid")
+}
+
+/// 24 hex characters, like Crafter Profile's ObjectIds.
+fn profile_id(i: u64) -> String {
+    format!("be0c{i:020x}")
+}
