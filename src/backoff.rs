@@ -35,3 +35,23 @@ pub fn backoff(start: Duration, max: Duration) -> impl Iterator<Item = Duration>
         .without_max_times()
         .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_jitter_on_top() {
+        let start = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        let delays: Vec<Duration> = backoff(start, max).take(12).collect();
+        let mut base = start;
+        for d in &delays {
+            assert!(*d >= base && *d <= base * 2, "{d:?} for base {base:?}");
+            base = (base * 2).min(max);
+        }
+        // Jitter: two runs of the schedule do not agree everywhere.
+        let again: Vec<Duration> = backoff(start, max).take(12).collect();
+        assert_ne!(delays, again);
+    }
+}

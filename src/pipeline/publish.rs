@@ -179,7 +179,7 @@ impl Dispatcher {
         tokio::spawn(async move {
             let _permit = permit;
             let pauses =
-                super::policy::backoff(Duration::from_millis(100), Duration::from_millis(400));
+                crate::backoff::backoff(Duration::from_millis(100), Duration::from_millis(400));
             for pause in pauses.take(REPLY_RETRIES) {
                 tokio::time::sleep(pause).await;
                 match publisher.publish_each(&pending).await {

@@ -6,7 +6,7 @@ use crate::broker::{self, Connection, Nodes, Publisher, TopologyError};
 use crate::config::Settings;
 use crate::ops::Health;
 use crate::outbox;
-use crate::pipeline::{policy, BatchError, Pipeline, Prepared};
+use crate::pipeline::{BatchError, Pipeline, Prepared};
 use crate::store::{ConfirmedEvents, Store};
 use crate::telemetry::{self, Report};
 use futures_util::{FutureExt, StreamExt};
@@ -46,7 +46,7 @@ pub(super) struct Shared<'a> {
 pub(super) struct Broker<'a> {
     pub nodes: &'a Nodes,
     pub tls: &'a OwnedTLSConfig,
-    pub pace: policy::Backoff,
+    pub pace: crate::backoff::Backoff,
 }
 
 /// Runs sessions until shutdown; returns an error only for what no reconnect can fix.

@@ -333,7 +333,27 @@ impl Run {
             "outbox drained"
         );
 
-        // Every message_id answered, every reply for one message_id identical.
+        let (received, distinct) = self.verify_replies(sent).await;
+        // Exactly one row per valid command.
+        let valid = sent.values().filter(|s| s.creates_row).count() as i64;
+        let rows = count(
+            "SELECT (SELECT count(*) FROM tickets) + (SELECT count(*) FROM verification_tokens)",
+        )
+        .await;
+        assert_eq!(rows, valid, "rows = distinct valid message_ids");
+
+        self.verify_emails(&db).await;
+        let (dead, dead_copies) = self.verify_dead_letters(sent).await;
+        eprintln!(
+            "verified: {} commands, {received} replies ({} repeated), {rows} rows, {dead} dead letters ({dead_copies} copies)",
+            sent.len(),
+            received - distinct,
+        );
+    }
+
+    /// Every message_id answered, every reply for one message_id identical;
+    /// returns (replies, distinct message_ids answered).
+    async fn verify_replies(&self, sent: &HashMap<String, Sent>) -> (usize, usize) {
         let mut replies: HashMap<String, HashSet<(i64, String)>> = HashMap::new();
         let mut received: Vec<Received> = self
             .drain(&self.replies)
@@ -375,15 +395,11 @@ impl Run {
             &wrong[..wrong.len().min(5)]
         );
 
-        // Exactly one row per valid command.
-        let valid = sent.values().filter(|s| s.creates_row).count() as i64;
-        let rows = count(
-            "SELECT (SELECT count(*) FROM tickets) + (SELECT count(*) FROM verification_tokens)",
-        )
-        .await;
-        assert_eq!(rows, valid, "rows = distinct valid message_ids");
+        (received.len(), replies.len())
+    }
 
-        // Every token has its email.requested, one message_id per token.
+    /// Every token has its email.requested, one message_id per token.
+    async fn verify_emails(&self, db: &tokio_postgres::Client) {
         let tokens: HashSet<String> = db
             .query("SELECT id::text FROM verification_tokens", &[])
             .await
@@ -409,8 +425,11 @@ impl Run {
             emails.values().all(|ids| ids.len() == 1),
             "every event for one token carries one message_id"
         );
+    }
 
-        // The dead-letter queue holds exactly the malformed commands.
+    /// The dead-letter queue holds exactly the malformed commands; returns
+    /// (commands dead-lettered, copies).
+    async fn verify_dead_letters(&self, sent: &HashMap<String, Sent>) -> (usize, usize) {
         let expected_dead: HashSet<&str> = sent
             .values()
             .filter(|s| s.malformed)
@@ -434,14 +453,7 @@ impl Run {
             dead_set, expected_dead,
             "dead letters are exactly the malformed commands"
         );
-        eprintln!(
-            "verified: {} commands, {} replies ({} repeated), {rows} rows, {} dead letters ({} copies)",
-            sent.len(),
-            received.len(),
-            received.len() - replies.len(),
-            dead_set.len(),
-            dead.len()
-        );
+        (dead_set.len(), dead.len())
     }
 
     pub async fn finish(self, mut worker: WorkerProcess) {
