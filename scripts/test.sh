@@ -3,8 +3,17 @@
 # an amqps listener for the TLS tests), then `cargo test` (unit tests, and
 # integration tests against the real servers; each integration test makes its
 # own database and prefixed broker names).
+#
+# `--fast`: the gates, the unit tests and the integration tests (those that
+# leave the servers running), in a few minutes; no fault or cluster tests, no
+# standby, no cluster. Before a commit; CI runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=false
+if [[ "${1:-}" == "--fast" ]]; then
+  fast=true
+  shift
+fi
 export PW_AMQPS_PORT="${PW_AMQPS_PORT:-5671}"
 source scripts/services.sh
 ensure_rust
@@ -32,6 +41,11 @@ export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
 # Test databases are made by the owner role; the worker runs as the runtime role.
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres}"
 export TEST_RUNTIME_DB_USER="$PW_DB_USER" TEST_RUNTIME_DB_PASSWORD="$PW_DB_PASSWORD"
+if $fast; then
+  # Every unit test, the integration binary and the bench's smoke test: none
+  # of them stops a server.
+  exec cargo test --locked --workspace --lib --bins --test integration --test smoke "$@"
+fi
 # Beyond one box (tests/cluster.rs): a three-node RabbitMQ cluster and a
 # PostgreSQL primary with a synchronous standby, beside the servers above.
 # What this run starts it stops at the end, so they do not hold the machine.
