@@ -526,17 +526,7 @@ async fn declare_email_sink(
     arguments: FieldTable,
 ) -> Result<()> {
     let fail = |e: lapin::Error| BenchError::broker(queue, e);
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await
-        .map_err(fail)?;
+    ceiling::declare_durable(channel, queue, arguments).await?;
     channel
         .queue_bind(
             queue.into(),

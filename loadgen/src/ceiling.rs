@@ -39,6 +39,26 @@ pub struct Shape {
     pub events_exchange: Option<String>,
 }
 
+/// Declares a durable queue with `arguments` (a quorum queue's, say).
+pub async fn declare_durable(
+    channel: &lapin::Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> Result<()> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| BenchError::broker(queue, e))
+}
+
 fn describe(e: lapin::Error) -> BenchError {
     BenchError::broker("ceiling consumer", e)
 }
@@ -55,17 +75,7 @@ pub async fn start(
         .await
         .map_err(describe)?;
     let channel = conn.create_channel().await.map_err(describe)?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await
-        .map_err(describe)?;
+    declare_durable(&channel, queue, arguments).await?;
     let _ = channel.close(200, "declared".into()).await;
     let consumers = shape.consumers.max(1);
     let prefetch = shape.prefetch.div_ceil(consumers);

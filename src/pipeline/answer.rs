@@ -207,7 +207,7 @@ fn dead_letter(item: &Item, code: &str, reason: &str, to: Routes<'_>) -> Outgoin
 mod tests {
     use super::*;
     use crate::broker::Delivery;
-    use crate::domain::{AccessToken, Profile, TenantPermission};
+    use crate::pipeline::plan::tests::loaded;
     use crate::records::{Loaded, OutboxEvent, StoredReply};
     use clap::Parser;
     use lapin::types::AMQPValue;
@@ -249,31 +249,6 @@ mod tests {
         }
         d.properties = p;
         Item::new(d, &broker().reply_to_prefixes, &tracing::Span::none())
-    }
-
-    fn loaded() -> Loaded {
-        let mut l = Loaded::default();
-        l.tokens.insert(
-            "admin".into(),
-            AccessToken {
-                application: "app".into(),
-                expires_on: None,
-                tenant_permissions: vec![TenantPermission {
-                    tenant: "*".into(),
-                    allowed_actions: vec!["*".into()],
-                }],
-            },
-        );
-        l.profiles.insert(
-            "p1".into(),
-            Profile {
-                id: "p1".into(),
-                tenant: "default".into(),
-                email: "a@example.com".into(),
-                enabled: true,
-            },
-        );
-        l
     }
 
     fn plan(items: &[Item], l: Loaded) -> Plan {

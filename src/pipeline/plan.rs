@@ -278,7 +278,7 @@ impl Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::contract::{CreateTicket, CreateVerificationToken, Purpose};
     use crate::domain::{AccessToken, Profile, TenantPermission};
@@ -294,7 +294,9 @@ mod tests {
         }
     }
 
-    fn loaded() -> Loaded {
+    /// Two tokens (`admin` for every tenant, `other` for one) and one enabled
+    /// profile `p1`: what most plan and answer tests load.
+    pub(in crate::pipeline) fn loaded() -> Loaded {
         let mut l = Loaded::default();
         for (id, tenant) in [("admin", "*"), ("other", "other")] {
             l.tokens.insert(
