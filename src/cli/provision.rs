@@ -42,7 +42,7 @@ pub struct ProvisionArgs {
 
 /// One input line made ready to send.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Prepared {
+pub struct ReadyLine {
     pub command: CommandName,
     pub message_id: String,
     pub body: String,
@@ -64,7 +64,7 @@ pub fn prepare_line(
     namespace: &Uuid,
     kind: Option<&str>,
     access_token: Option<&str>,
-) -> Result<Option<Prepared>, LineError> {
+) -> Result<Option<ReadyLine>, LineError> {
     let text = line.trim();
     if text.is_empty() || text.starts_with('#') {
         return Ok(None);
@@ -123,7 +123,7 @@ pub fn prepare_line(
         ..Default::default()
     })
     .map_err(|r| r.message)?;
-    Ok(Some(Prepared {
+    Ok(Some(ReadyLine {
         command,
         message_id,
         body,
@@ -132,7 +132,7 @@ pub fn prepare_line(
 
 /// How a line ended.
 #[derive(Debug, Clone)]
-enum Outcome {
+enum LineEnd {
     Invalid(String),
     Replied { status: i64, body: Value },
 }
@@ -170,8 +170,8 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<bool> {
         std::fs::read_to_string(&args.input).with_context(|| args.input.display().to_string())?
     };
     let namespace = file_namespace(&content);
-    let mut outcomes: Vec<(usize, Option<String>, Outcome)> = Vec::new();
-    let mut to_send: Vec<(usize, Prepared)> = Vec::new();
+    let mut outcomes: Vec<(usize, Option<String>, LineEnd)> = Vec::new();
+    let mut to_send: Vec<(usize, ReadyLine)> = Vec::new();
     for (i, line) in content.lines().enumerate() {
         match prepare_line(
             i + 1,
@@ -182,7 +182,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<bool> {
         ) {
             Ok(Some(p)) => to_send.push((i + 1, p)),
             Ok(None) => {}
-            Err(e) => outcomes.push((i + 1, None, Outcome::Invalid(e))),
+            Err(e) => outcomes.push((i + 1, None, LineEnd::Invalid(e))),
         }
     }
     let replies = send_all(&args, &to_send).await?;
@@ -201,12 +201,12 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<bool> {
     let mut invalid = 0;
     for (line, message_id, outcome) in &outcomes {
         let record = match outcome {
-            Outcome::Invalid(e) => {
+            LineEnd::Invalid(e) => {
                 invalid += 1;
                 eprintln!("line {line}: {e}");
                 json!({ "line": line, "status": "invalid", "error": e })
             }
-            Outcome::Replied { status, body } => {
+            LineEnd::Replied { status, body } => {
                 let code = body
                     .get("errorCode")
                     .and_then(Value::as_str)
@@ -226,8 +226,8 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<bool> {
 /// returns the replies in the order of `commands`.
 async fn send_all(
     args: &ProvisionArgs,
-    commands: &[(usize, Prepared)],
-) -> anyhow::Result<Vec<Outcome>> {
+    commands: &[(usize, ReadyLine)],
+) -> anyhow::Result<Vec<LineEnd>> {
     if commands.is_empty() {
         return Ok(vec![]);
     }
@@ -235,7 +235,7 @@ async fn send_all(
     let (channel, mut replies) = profile_worker::client::reply_channel(&conn).await?;
 
     let n = commands.len();
-    let mut results: Vec<Option<Outcome>> = vec![None; n];
+    let mut results: Vec<Option<LineEnd>> = vec![None; n];
     let (mut next, mut answered, mut outstanding) = (0usize, 0usize, 0usize);
     let mut confirms = FuturesUnordered::new();
     let window = args.in_flight as usize;
@@ -282,7 +282,7 @@ async fn send_all(
                     let body = serde_json::from_slice(&d.data).unwrap_or_else(|_| {
                         Value::String(String::from_utf8_lossy(&d.data).into_owned())
                     });
-                    results[i] = Some(Outcome::Replied { status, body });
+                    results[i] = Some(LineEnd::Replied { status, body });
                     answered += 1;
                     outstanding -= 1;
                 }

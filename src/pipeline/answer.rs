@@ -79,7 +79,7 @@ pub(super) fn batch(items: &[Item], plan: &Plan, to: Routes<'_>) -> (Publication
         let status = match plan.reply(i) {
             Some(reply) => {
                 let status = reply.status;
-                out.replies.extend(self::reply(item, reply));
+                out.replies.extend(reply_message(item, reply));
                 status
             }
             None => 0,
@@ -100,7 +100,7 @@ pub(super) fn batch(items: &[Item], plan: &Plan, to: Routes<'_>) -> (Publication
                     "command with a reply_to that is no reply queue dead-lettered unprocessed"
                 );
                 out.dead_letters.push((
-                    dead_letter(item, REPLY_TO_NOT_ALLOWED, &reason, to),
+                    dead_letter_message(item, REPLY_TO_NOT_ALLOWED, &reason, to),
                     item.tag(),
                 ));
                 answer(Disposition::ReplyToRefused, Some(REPLY_TO_NOT_ALLOWED))
@@ -114,7 +114,7 @@ pub(super) fn batch(items: &[Item], plan: &Plan, to: Routes<'_>) -> (Publication
                     "malformed command answered 400 and dead-lettered"
                 );
                 out.dead_letters.push((
-                    dead_letter(item, r.code.as_str(), &r.message, to),
+                    dead_letter_message(item, r.code.as_str(), &r.message, to),
                     item.tag(),
                 ));
                 answer(Disposition::Malformed, Some(r.code.as_str()))
@@ -146,9 +146,12 @@ pub(super) fn batch(items: &[Item], plan: &Plan, to: Routes<'_>) -> (Publication
 pub(super) fn failed(item: &Item, reason: &str, to: Routes<'_>) -> (Publications, Answer) {
     let mut out = Publications::default();
     let body = serde_json::to_string(&InternalErrorReply::default()).unwrap_or_default();
-    out.replies.extend(reply(item, Reply { status: 500, body }));
-    out.dead_letters
-        .push((dead_letter(item, POISON_CODE, reason, to), item.tag()));
+    out.replies
+        .extend(reply_message(item, Reply { status: 500, body }));
+    out.dead_letters.push((
+        dead_letter_message(item, POISON_CODE, reason, to),
+        item.tag(),
+    ));
     let answer = Answer {
         status: 500,
         disposition: Disposition::Failed,
@@ -158,7 +161,7 @@ pub(super) fn failed(item: &Item, reason: &str, to: Routes<'_>) -> (Publications
 }
 
 /// The reply, to the command's reply queue; `None` for fire-and-forget.
-fn reply(item: &Item, reply: Reply) -> Option<Outgoing> {
+fn reply_message(item: &Item, reply: Reply) -> Option<Outgoing> {
     let reply_to = item.reply_to.as_ref()?;
     Some(Outgoing {
         exchange: String::new(),
@@ -185,7 +188,7 @@ fn reply_to_refusal(item: &Item, broker: &BrokerSettings) -> String {
 /// The command as it came, with why it is here. An oversized body is cut to
 /// the limit (a header gives its size), so a caller cannot make the dead-letter
 /// queue hold more than the command queue would process.
-fn dead_letter(item: &Item, code: &str, reason: &str, to: Routes<'_>) -> Outgoing {
+fn dead_letter_message(item: &Item, code: &str, reason: &str, to: Routes<'_>) -> Outgoing {
     let data = &item.delivery.data;
     let keep = data.len().min(contract::command::MAX_BODY_BYTES);
     let original_size = (keep < data.len()).then_some(data.len());
@@ -214,13 +217,13 @@ mod tests {
     use lapin::BasicProperties;
 
     #[derive(Parser)]
-    struct Broker {
+    struct BrokerArgs {
         #[command(flatten)]
         broker: BrokerSettings,
     }
 
     fn broker() -> BrokerSettings {
-        Broker::parse_from([
+        BrokerArgs::parse_from([
             "test",
             "--events-exchange=events",
             "--email-exchange=email",

@@ -60,7 +60,7 @@ impl Batch<'_> {
     }
 
     /// Notes a read-only answer (see [`Batch::read_only`]) and passes the error on.
-    fn failed(&self, e: StoreError) -> StoreError {
+    fn noting_read_only(&self, e: StoreError) -> StoreError {
         if e.is_read_only() {
             self.read_only
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -80,7 +80,7 @@ impl Batch<'_> {
             return Ok(Loaded::default());
         }
         let client = self.client();
-        let err = |e| self.failed(StoreError::pg("load", e));
+        let err = |e| self.noting_read_only(StoreError::pg("load", e));
         // The table holds hashes only (CONTRACT §7): look up by the hash, keep
         // the rows under the IDs the commands name.
         let digests: Vec<[u8; 32]> = token_ids.iter().map(|id| access_token_hash(id)).collect();
@@ -90,7 +90,7 @@ impl Batch<'_> {
             .query_one(&stmt, &[&hashes, &profile_ids, &message_ids])
             .await
             .map_err(err)?;
-        let read = |e| self.failed(StoreError::pg("load", e));
+        let read = |e| self.noting_read_only(StoreError::pg("load", e));
         let tokens: Vec<LoadedToken> = row.try_get("tokens").map_err(read)?;
         let profiles: Vec<LoadedProfile> = row.try_get("profiles").map_err(read)?;
         let replies: Vec<LoadedReply> = row.try_get("replies").map_err(read)?;
@@ -212,7 +212,7 @@ impl Batch<'_> {
         email_cooldown: std::time::Duration,
     ) -> Result<HashSet<usize>, StoreError> {
         let rows = Rows::of(records);
-        let err = |e| self.failed(StoreError::pg("commit", e));
+        let err = |e| self.noting_read_only(StoreError::pg("commit", e));
         let stmt = self.client().prepare_cached(COMMIT).await.map_err(err)?;
         let kept: HashSet<usize> = self
             .client()
