@@ -4,6 +4,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
+# amq-protocol-types, patched (vendor/README.md): Cargo.toml's [patch.crates-io].
+COPY vendor vendor
 # The workspace's other members (test harness, load generator): cargo reads
 # their manifests; only the worker is built.
 COPY testkit testkit

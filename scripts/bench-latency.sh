@@ -12,7 +12,7 @@ source scripts/services.sh
 ensure_rust
 ensure_services
 export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres"
-export AMQP_URL="$PUBLISHER_AMQP_URL"
+export AMQP_URL="$ADMIN_AMQP_URL"
 mkdir -p "$(dirname "$out")"
 : > "$out"
 cargo build --release --locked --quiet --workspace

@@ -11,7 +11,7 @@ ensure_rust
 ensure_services
 # The bench creates its own database and vhost: the owner role and the admin user.
 export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres"
-export AMQP_URL="$PUBLISHER_AMQP_URL"
+export AMQP_URL="$ADMIN_AMQP_URL"
 out="${1:-bench/sweep.jsonl}"
 mkdir -p "$(dirname "$out")"
 : > "$out"

@@ -42,6 +42,14 @@ PW_DISPATCHER_USER="${PW_DISPATCHER_USER:-profile-email-dispatcher}"
 PW_DISPATCHER_PASSWORD="${PW_DISPATCHER_PASSWORD:-profile-email-dispatcher}"
 PW_EVENTS_READER_USER="${PW_EVENTS_READER_USER:-profile-events-reader}"
 PW_EVENTS_READER_PASSWORD="${PW_EVENTS_READER_PASSWORD:-profile-events-reader}"
+# A caller's user: publishes commands, gets replies by direct reply-to or a
+# server-named queue (what `send`, the examples and run.sh's lines use).
+PW_PUBLISHER_USER="${PW_PUBLISHER_USER:-profile-publisher}"
+PW_PUBLISHER_PASSWORD="${PW_PUBLISHER_PASSWORD:-profile-publisher}"
+# The broker's administrator (tests' checks and clean-up, the bench's vhosts):
+# Debian's guest, limited to loopback; compose's admin user, which replaces it.
+PW_ADMIN_AMQP_USER="${PW_ADMIN_AMQP_USER:-guest}"
+PW_ADMIN_AMQP_PASSWORD="${PW_ADMIN_AMQP_PASSWORD:-guest}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -86,6 +94,8 @@ start_with_docker() {
   # (made by its init scripts) are used, not run.sh's names for a shared server.
   PW_DB_NAME=profile_worker
   PW_RABBIT_VHOST=/
+  # compose's RabbitMQ has no guest (RABBITMQ_DEFAULT_USER replaces it).
+  PW_ADMIN_AMQP_USER=admin PW_ADMIN_AMQP_PASSWORD=admin
   (cd "$(dirname "${BASH_SOURCE[0]}")/.." && docker compose up -d --wait rabbitmq postgres &&
     docker compose run --rm rabbitmq-users)
 }
@@ -191,7 +201,9 @@ rabbit_users() {
   local names="$p\\.(commands(\\.(dlx|dead|unrouted))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)"
   rabbit_user "$1" "$2" "^$names\$" "^(amq\\.default|$names)\$" \
     "^$p\\.(commands(\\.(dlx|unrouted))?|email(\\.(dlx|dispatch))?)\$"
-  rabbit_user "$3" "$4" '^$' '^$' "^$p\\.email\\.dispatch\$"
+  # The dispatcher reads its queue, and may write only to the queue's dead-letter
+  # exchange (a request it gives up on goes there with its reason).
+  rabbit_user "$3" "$4" '^$' "^$p\\.email\\.dlx\$" "^$p\\.email\\.dispatch\$"
   local mine="(amq\\.gen-.*|$own\\..*)"
   rabbit_user "$5" "$6" "^$mine\$" "^$mine\$" "^($mine|$p\\.events)\$"
 }
@@ -271,13 +283,17 @@ ensure_services() {
   fi
   rabbit_users "$PW_RABBIT_USER" "$PW_RABBIT_PASSWORD" "$PW_DISPATCHER_USER" "$PW_DISPATCHER_PASSWORD" \
     "$PW_EVENTS_READER_USER" "$PW_EVENTS_READER_PASSWORD" profile
+  # As compose's rabbitmq-users makes it (deploy/compose/rabbitmq-users.sh).
+  rabbit_user "$PW_PUBLISHER_USER" "$PW_PUBLISHER_PASSWORD" '^amq\.gen-.*$' '^profile\.commands$' '^amq\.gen-.*$'
   # The worker's own connections (least privilege) ...
   export AMQP_URL="${AMQP_URL:-amqp://$PW_RABBIT_USER:$PW_RABBIT_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   export DATABASE_URL="${DATABASE_URL:-postgres://$PW_DB_USER:$PW_DB_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
   export DATABASE_RUNTIME_ROLE="${DATABASE_RUNTIME_ROLE:-$PW_DB_USER}"
   # ... and the owner's, for migrate and seed; a publisher's, for send.
   export OWNER_DATABASE_URL="${OWNER_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
-  export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://guest:guest@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
+  export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://$PW_PUBLISHER_USER:$PW_PUBLISHER_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
+  # The administrator's, for the tests' checks and the bench's own vhosts.
+  export ADMIN_AMQP_URL="${ADMIN_AMQP_URL:-amqp://$PW_ADMIN_AMQP_USER:$PW_ADMIN_AMQP_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   # The email dispatcher's (it may only consume profile.email.dispatch).
   export DISPATCHER_AMQP_URL="${DISPATCHER_AMQP_URL:-amqp://$PW_DISPATCHER_USER:$PW_DISPATCHER_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   log "ready: worker as broker user $PW_RABBIT_USER and database role $PW_DB_USER; migrations as $PW_DB_OWNER"
@@ -300,8 +316,12 @@ ensure_examples() {
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
   fi
-  "$venv/bin/python" -c 'import pika' 2>/dev/null ||
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/examples/python/requirements.txt"
+  # The publisher example (pika), the email dispatcher (pika, Jinja2, aiosmtpd
+  # for its SMTP server) and the Kubernetes manifests' offline validation.
+  "$venv/bin/python" -c 'import pika, jinja2, aiosmtpd, kubernetes_validate' 2>/dev/null ||
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+      -r "$root/examples/python/requirements.txt" -r "$root/examples/dispatcher/requirements.txt" \
+      -r "$root/deploy/kubernetes/requirements.txt"
   export EXAMPLES_PYTHON="$venv/bin/python"
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   [ -d "$root/examples/node/node_modules/amqplib" ] ||

@@ -32,7 +32,7 @@ ensure_examples
 test_users=(profile-worker-test profile-worker-test profile-dispatcher-test profile-dispatcher-test
   profile-reader-test profile-reader-test 't[0-9a-f]{12}')
 rabbit_users "${test_users[@]}"
-export AMQP_URL="$PUBLISHER_AMQP_URL"
+export AMQP_URL="$ADMIN_AMQP_URL"
 export TEST_WORKER_AMQP_URL="amqp://profile-worker-test:profile-worker-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_DISPATCHER_AMQP_URL="amqp://profile-dispatcher-test:profile-dispatcher-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_READER_AMQP_URL="amqp://profile-reader-test:profile-reader-test@127.0.0.1:$PW_AMQP_PORT/%2f"

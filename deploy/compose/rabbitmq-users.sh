@@ -3,7 +3,7 @@
 # of CONTRACT §1 (docs/OPERATIONS.md, "Who may read what"), the same regexes as
 # scripts/services.sh's rabbit_users.
 #   profile-worker:            its own exchanges and queues, the default exchange (replies)
-#   profile-email-dispatcher:  consumes profile.email.dispatch, nothing else
+#   profile-email-dispatcher:  consumes profile.email.dispatch; writes only to profile.email.dlx (its dead letters)
 #   profile-events-reader:     its own queues, bound to profile.events; no right on profile.email
 #   profile-publisher:         publishes commands (and uses direct reply-to)
 set -eu
@@ -22,7 +22,7 @@ user() {
 names='profile\\.(commands(\\.(dlx|dead|unrouted))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)'
 user profile-worker "${WORKER_AMQP_PASSWORD}" "^${names}\$" "^(amq\\\\.default|${names})\$" \
   '^profile\\.(commands(\\.(dlx|unrouted))?|email(\\.(dlx|dispatch))?)$'
-user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}" '^$' '^$' '^profile\\.email\\.dispatch$'
+user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}" '^$' '^profile\\.email\\.dlx$' '^profile\\.email\\.dispatch$'
 mine='(amq\\.gen-.*|profile-events-reader\\..*)'
 user profile-events-reader "${EVENTS_READER_AMQP_PASSWORD}" "^${mine}\$" "^${mine}\$" "^(${mine}|profile\\\\.events)\$"
 # Publishers: write on the command exchange; a server-named reply queue needs

@@ -15,7 +15,7 @@
 //   - the reply's `status` is an integer header, its correlationId is yours.
 //
 // Run (the worker running, e.g. ./scripts/run.sh; `npm ci` here first):
-//   AMQP_URL=amqp://guest:guest@127.0.0.1:5672/profile-worker-dev \
+//   AMQP_URL=amqp://profile-publisher:profile-publisher@127.0.0.1:5672/profile-worker-dev \
 //   ACCESS_TOKEN_ID=<an access token id> PROFILE_ID=5925a68def86951f895cf497 \
 //   node examples/node/publisher.js
 "use strict";
@@ -106,7 +106,9 @@ class Publisher {
 }
 
 async function main() {
-  const url = process.env.AMQP_URL || "amqp://guest:guest@127.0.0.1:5672/%2f";
+  // The publisher user scripts/services.sh and compose make: it may publish
+  // commands and read its replies, nothing else.
+  const url = process.env.AMQP_URL || "amqp://profile-publisher:profile-publisher@127.0.0.1:5672/%2f";
   const exchange = process.env.COMMAND_EXCHANGE || "profile.commands";
   const token = process.env.ACCESS_TOKEN_ID;
   const profile = process.env.PROFILE_ID || "5925a68def86951f895cf497";

@@ -16,7 +16,7 @@ The conventions that matter (CONTRACT §2, §4):
   - the reply's `status` is an integer header, its `correlation_id` is yours.
 
 Run (the worker running, e.g. ./scripts/run.sh):
-  AMQP_URL=amqp://guest:guest@127.0.0.1:5672/profile-worker-dev \
+  AMQP_URL=amqp://profile-publisher:profile-publisher@127.0.0.1:5672/profile-worker-dev \
   ACCESS_TOKEN_ID=<an access token id> PROFILE_ID=5925a68def86951f895cf497 \
   python3 examples/python/publisher.py
 """
@@ -96,7 +96,9 @@ class Publisher:
 
 
 def main():
-    url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+    # The publisher user scripts/services.sh and compose make: it may publish
+    # commands and read its replies, nothing else.
+    url = os.environ.get("AMQP_URL", "amqp://profile-publisher:profile-publisher@127.0.0.1:5672/%2f")
     exchange = os.environ.get("COMMAND_EXCHANGE", "profile.commands")
     token = os.environ["ACCESS_TOKEN_ID"]
     profile = os.environ.get("PROFILE_ID", "5925a68def86951f895cf497")

@@ -9,6 +9,7 @@ mod commands;
 mod commit;
 mod contract;
 mod dead_letters;
+mod dispatcher;
 mod examples;
 mod harness;
 mod hostile;

@@ -169,7 +169,7 @@ fn dockerfile_is_multi_stage_non_root_and_has_what_the_health_check_runs() {
         "the runtime image installs {program}, which the health check runs"
     );
     // Everything the build compiles in must be copied into the build stage.
-    for dir in ["src", "migrations"] {
+    for dir in ["src", "migrations", "vendor"] {
         assert!(d.contains(&format!("COPY {dir} {dir}")), "{dir}");
     }
 }
@@ -245,8 +245,232 @@ fn compose_makes_the_broker_users_of_the_trust_boundary() {
     ] {
         assert!(script.contains(&format!("\nuser {user} ")), "{user}");
     }
-    // The dispatcher: no configure, no write, read on its queue only.
+    // The dispatcher: no configure, write on its queue's dead-letter exchange
+    // only, read on its queue only.
     assert!(script.contains(
-        r#"user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}" '^$' '^$' '^profile\\.email\\.dispatch$'"#
+        r#"user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}" '^$' '^profile\\.email\\.dlx$' '^profile\\.email\\.dispatch$'"#
     ));
+}
+
+#[test]
+fn compose_seeds_the_stack_and_makes_one_token_to_try_it_with() {
+    let c = compose();
+    let s = &c["services"];
+    // The seed is mounted into a one-shot job, never baked into the image.
+    assert_eq!(
+        strings(&s["seed"]["command"]),
+        ["seed", "/seeds/example.json"]
+    );
+    assert!(strings(&s["seed"]["volumes"]).contains(&"./seeds:/seeds:ro".to_string()));
+    assert!(s["seed"]["environment"]["DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .contains("profile_worker_owner"));
+    // One token, made by the binary as the owner, on the first `up` only, its
+    // ID printed in the job's log, which the comments and the guide point at.
+    let token = &s["first-access-token"];
+    let script = strings(&token["command"]).join(" ");
+    assert!(
+        script.contains("profile-worker access-tokens create"),
+        "{script}"
+    );
+    assert!(
+        script.contains("access-tokens list --json"),
+        "made once: {script}"
+    );
+    assert!(token["environment"]["DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .contains("profile_worker_owner"));
+    assert_eq!(
+        token["depends_on"]["seed"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    for doc in ["compose.yaml", "docs/OPERATIONS.md"] {
+        assert!(
+            file(doc).contains("docker compose logs first-access-token"),
+            "{doc} says where to read the token"
+        );
+    }
+}
+
+#[test]
+fn callers_use_the_publisher_user_that_compose_and_the_set_up_make() {
+    // compose's RabbitMQ has no guest: what run.sh prints, the examples'
+    // defaults and compose's own instructions use the publisher user, which
+    // scripts/services.sh makes too, with the same rights as compose's.
+    let services = file("scripts/services.sh");
+    assert!(services.contains(r#"PW_PUBLISHER_USER="${PW_PUBLISHER_USER:-profile-publisher}""#));
+    assert!(services.contains(
+        r#"export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://$PW_PUBLISHER_USER:$PW_PUBLISHER_PASSWORD@"#
+    ));
+    assert!(services.contains(
+        r#"rabbit_user "$PW_PUBLISHER_USER" "$PW_PUBLISHER_PASSWORD" '^amq\.gen-.*$' '^profile\.commands$' '^amq\.gen-.*$'"#
+    ));
+    assert!(file("deploy/compose/rabbitmq-users.sh").contains(
+        r#"user profile-publisher "${PUBLISHER_AMQP_PASSWORD}" '^amq\\.gen-.*$' '^profile\\.commands$' '^amq\\.gen-.*$'"#
+    ));
+    let run = file("scripts/run.sh");
+    let sends: Vec<&str> = run.lines().filter(|l| l.contains(" send ")).collect();
+    assert_eq!(sends.len(), 2, "{sends:?}");
+    assert!(sends
+        .iter()
+        .all(|l| l.contains("AMQP_URL='$PUBLISHER_AMQP_URL'")));
+    for example in ["examples/python/publisher.py", "examples/node/publisher.js"] {
+        let text = file(example);
+        assert!(!text.contains("guest:guest"), "{example} defaults to guest");
+        assert!(text.contains("amqp://profile-publisher:profile-publisher@127.0.0.1:5672/%2f"));
+    }
+    assert!(file("compose.yaml").contains("AMQP_URL=amqp://profile-publisher:"));
+}
+
+fn kubernetes(path: &str) -> Yaml {
+    let docs = YamlLoader::load_from_str(&file(&format!("deploy/kubernetes/{path}")))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    docs.into_iter().next().expect("one document")
+}
+
+fn container(doc: &Yaml) -> &Yaml {
+    &doc["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn env_value<'a>(c: &'a Yaml, name: &str) -> Option<&'a str> {
+    c["env"]
+        .as_vec()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))?["value"]
+        .as_str()
+}
+
+#[test]
+fn kubernetes_worker_and_migrate_job_set_only_settings_the_binary_has() {
+    let known: BTreeSet<String> = Settings::env_names().into_iter().collect();
+    for path in ["base/worker-deployment.yaml", "base/migrate-job.yaml"] {
+        let doc = kubernetes(path);
+        let names: Vec<String> = container(&doc)["env"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        for n in &names {
+            assert!(
+                known.contains(n),
+                "{path}: {n} is not a setting of the binary"
+            );
+        }
+    }
+}
+
+#[test]
+fn kubernetes_worker_is_probed_graced_and_locked_down() {
+    let deployment = kubernetes("base/worker-deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = container(&deployment);
+    assert_eq!(env_value(c, "HTTP_ADDR"), Some("0.0.0.0:8742"));
+    assert_eq!(c["ports"][0]["containerPort"].as_i64(), Some(8742));
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    let grace: i64 = env_value(c, "SHUTDOWN_GRACE_SECS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        pod["terminationGracePeriodSeconds"].as_i64().unwrap() > grace,
+        "the pod's grace outlasts the worker's"
+    );
+    assert!(!c["resources"]["requests"]["cpu"].is_badvalue());
+    assert!(!c["resources"]["limits"]["memory"].is_badvalue());
+    // The URLs (secrets) come from Secrets, never inline.
+    for url in ["DATABASE_URL", "AMQP_URL"] {
+        let e = c["env"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some(url))
+            .unwrap();
+        assert!(e["value"].is_badvalue(), "{url} inline");
+        assert_eq!(
+            e["valueFrom"]["secretKeyRef"]["name"].as_str(),
+            Some("profile-worker")
+        );
+    }
+    // The migrate Job alone has the owner's URL.
+    let job = kubernetes("base/migrate-job.yaml");
+    let jc = container(&job);
+    assert_eq!(strings(&jc["args"]), ["migrate"]);
+    assert_eq!(
+        jc["env"][0]["valueFrom"]["secretKeyRef"]["name"].as_str(),
+        Some("profile-worker-owner")
+    );
+    // Every pod: non-root, read-only root, no capabilities, no escalation.
+    for (path, doc) in [
+        ("worker", &deployment),
+        ("migrate", &job),
+        ("dispatcher", &kubernetes("base/dispatcher-deployment.yaml")),
+    ] {
+        let pod = &doc["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"].as_bool(),
+            Some(true),
+            "{path}"
+        );
+        let sc = &container(doc)["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{path}");
+        assert_eq!(
+            sc["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{path}"
+        );
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{path}");
+    }
+    // KEDA scales the worker on the command queue's depth.
+    let scaled = kubernetes("base/worker-scaledobject.yaml");
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"].as_str(),
+        Some("profile-worker")
+    );
+    assert_eq!(
+        scaled["spec"]["triggers"][0]["metadata"]["queueName"].as_str(),
+        Some("profile.commands")
+    );
+}
+
+/// Every manifest against Kubernetes' own schemas and the CRDs' published
+/// ones, offline (deploy/kubernetes/validate.py; an unknown field fails).
+#[test]
+fn kubernetes_manifests_validate_against_their_schemas() {
+    let python = std::env::var("EXAMPLES_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(format!(
+            "{}/deploy/kubernetes/validate.py",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (the README's test command installs it)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for kind in [
+        "Deployment",
+        "Job",
+        "ScaledObject",
+        "ServiceMonitor",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    ] {
+        assert!(
+            text.contains(&format!(": {kind} ")),
+            "{kind} not validated:\n{text}"
+        );
+    }
 }

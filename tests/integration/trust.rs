@@ -417,7 +417,7 @@ async fn an_events_reader_can_neither_read_emails_nor_forge_events() {
 }
 
 #[tokio::test]
-async fn the_dispatcher_may_consume_its_queue_and_nothing_else() {
+async fn the_dispatcher_may_consume_its_queue_and_dead_letter_and_nothing_else() {
     let mut env = Env::prepare().await;
     env.release_email_queue().await;
     env.start_worker().await;
@@ -503,12 +503,25 @@ async fn the_dispatcher_may_consume_its_queue_and_nothing_else() {
         (b.email_exchange.clone(), "email.requested".to_string()),
         (String::new(), b.email_queue.clone()),
         (b.command_exchange.clone(), "create-ticket".to_string()),
+        (b.events_exchange.clone(), "ticket.created".to_string()),
+        (b.dead_letter_exchange.clone(), "create-ticket".to_string()),
     ] {
         assert!(
             publish_refused(&dispatcher, &x, &key).await,
             "the dispatcher published to {x:?}"
         );
     }
+    // Its own dead letters (an email it gives up on, with the reason) it may write.
+    assert!(
+        !publish_refused(
+            &dispatcher,
+            &b.email_dead_letter_exchange(),
+            "email.requested"
+        )
+        .await,
+        "the dispatcher may dead-letter to {}",
+        b.email_dead_letter_exchange()
+    );
     let _ = dispatcher.close(200, "bye".into()).await;
     env.teardown().await;
 }
