@@ -311,7 +311,10 @@ fn callers_use_the_publisher_user_that_compose_and_the_set_up_make() {
         r#"user profile-publisher "${PUBLISHER_AMQP_PASSWORD}" '^amq\\.gen-.*$' '^profile\\.commands$' '^amq\\.gen-.*$'"#
     ));
     let run = file("scripts/run.sh");
-    let sends: Vec<&str> = run.lines().filter(|l| l.contains(" send ")).collect();
+    let sends: Vec<&str> = run
+        .lines()
+        .filter(|l| l.contains(" send create-"))
+        .collect();
     assert_eq!(sends.len(), 2, "{sends:?}");
     assert!(sends
         .iter()
