@@ -25,6 +25,16 @@ pub struct BenchArgs {
     /// target alternated at each load: a latency-against-load curve.
     #[arg(long, value_delimiter = ',')]
     pub load_percent: Vec<f64>,
+    /// After the closed-loop rounds, open-loop rounds at these absolute rates
+    /// (commands per second, e.g. 1000,2000,4000), every target alternated at
+    /// each: latency and every party's CPU at the same offered load, and the
+    /// knee (the highest of them with p99 ≤ 50 ms, over each target's own
+    /// closed-loop rate).
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
+    /// How long each round of --rates lasts, in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub rate_secs: f64,
     /// How long each open-loop round of --load-percent lasts, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub open_loop_secs: f64,

@@ -7,14 +7,14 @@ use crate::ceiling;
 use crate::checks::{check_round, check_rows, Checks, Counter};
 use crate::error::{BenchError, Result};
 use crate::isolation::{
-    ceiling_email_queue, ceiling_events_exchange, ceiling_queue, events_ceiling_queue, names,
-    Isolation,
+    audit_queue, ceiling_audit_queue, ceiling_email_queue, ceiling_events_exchange, ceiling_queue,
+    events_ceiling_queue, names, Isolation,
 };
 use crate::load::{Loader, Target};
 use crate::meter::{batch_samples_of, stages_between, Meters};
 use crate::plan::Plan;
 use crate::report::{summarize, Report, RoundRow};
-use crate::setup::{self, WorkerProcess};
+use crate::setup::{self, Party, WorkerProcess};
 use crate::stats::median;
 use crate::{BENCH_TENANT, BENCH_TOKEN, EVENTS_CEILING};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
@@ -23,8 +23,6 @@ use profile_worker::broker::{self, command_queue_arguments, Nodes};
 use profile_worker::config::{BrokerSettings, DatabaseSettings};
 use profile_worker::store::{SeedFile, Store};
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -157,15 +155,16 @@ impl Setup {
         Ok(workers)
     }
 
-    /// The echo consumers: plain, and (with --ceiling-events) one publishing
-    /// the contract's events into an exchange and email queue shaped like the
-    /// worker's, each on a command queue shaped like the worker's.
+    /// The echo consumers, each a process of its own: plain, and (with
+    /// --ceiling-events) one publishing the contract's events into an
+    /// exchange, email queue and audit queue shaped like the worker's, each on
+    /// a command queue shaped like the worker's.
     async fn start_echoes(
         &self,
         args: &BenchArgs,
         channel: &lapin::Channel,
-        stop: &CancellationToken,
-    ) -> Result<Vec<JoinHandle<Result<()>>>> {
+        db: &str,
+    ) -> Result<Vec<Party>> {
         let ceiling_events = ceiling_events_exchange(&self.prefix);
         if args.ceiling_events {
             // Durable and topic, as the worker declares its events exchange.
@@ -181,11 +180,11 @@ impl Setup {
                 )
                 .await
                 .map_err(|e| BenchError::broker(ceiling_events.clone(), e))?;
-            declare_email_sink(
+            self.declare_event_queues(
                 channel,
                 &ceiling_events,
                 &ceiling_email_queue(&self.prefix),
-                broker::email_queue_arguments(&self.names),
+                &ceiling_audit_queue(&self.prefix),
             )
             .await?;
         }
@@ -201,18 +200,76 @@ impl Setup {
             if !wanted {
                 continue;
             }
-            let shape = ceiling::Shape {
-                consumers: args.consumers,
-                prefetch: args.prefetch,
-                max_batch: args.batch_size as usize,
-                events_exchange,
-            };
-            let arguments = command_queue_arguments(&self.names);
-            echoes.push(
-                ceiling::start(self.nodes.first(), &queue, arguments, shape, stop.clone()).await?,
-            );
+            ceiling::declare_durable(channel, &queue, command_queue_arguments(&self.names)).await?;
+            let mut a = vec![
+                format!("--amqp-url={}", self.amqp_url),
+                "echo".into(),
+                format!("--queue={queue}"),
+                format!("--consumers={}", args.consumers),
+                format!("--prefetch={}", args.prefetch),
+                format!("--batch={}", args.batch_size),
+            ];
+            if let Some(x) = events_exchange {
+                a.push(format!("--events-exchange={x}"));
+            }
+            let log = std::env::temp_dir().join(format!("{db}-{queue}.log"));
+            echoes.push(setup::spawn_party(&a, log).await?);
         }
         Ok(echoes)
+    }
+
+    /// The events' consumers, as production has them: the dispatcher's quorum
+    /// queue (declared by the workers, for the worker's; by the bench, for the
+    /// events echo's) bound to `email.requested`, and an audit service's
+    /// classic durable queue bound to `ticket.created`.
+    async fn declare_event_queues(
+        &self,
+        channel: &lapin::Channel,
+        exchange: &str,
+        email_queue: &str,
+        audit_queue: &str,
+    ) -> Result<()> {
+        if email_queue != self.names.email_queue {
+            declare_email_sink(
+                channel,
+                exchange,
+                email_queue,
+                broker::email_queue_arguments(&self.names),
+            )
+            .await?;
+        }
+        ceiling::declare_durable(channel, audit_queue, FieldTable::default()).await?;
+        channel
+            .queue_bind(
+                audit_queue.into(),
+                exchange.into(),
+                "ticket.created".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BenchError::broker(audit_queue, e))
+    }
+
+    /// One process consuming (and acking) every event queue, counting into
+    /// `counts`.
+    async fn start_drain(
+        &self,
+        args: &BenchArgs,
+        db: &str,
+        counts: &std::path::Path,
+    ) -> Result<Party> {
+        let mut a = vec![format!("--amqp-url={}", self.amqp_url), "drain".into()];
+        let mut queues = vec![self.names.email_queue.clone(), audit_queue(&self.prefix)];
+        if args.ceiling_events {
+            queues.push(ceiling_email_queue(&self.prefix));
+            queues.push(ceiling_audit_queue(&self.prefix));
+        }
+        for q in queues {
+            a.push(format!("--queue={q}"));
+        }
+        a.push(format!("--counts={}", counts.display()));
+        setup::spawn_party(&a, std::env::temp_dir().join(format!("{db}-drain.log"))).await
     }
 }
 
@@ -231,8 +288,18 @@ pub async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result
     let (channel, replies) = profile_worker::client::reply_channel(&conn)
         .await
         .map_err(|e| BenchError::broker("opening the reply channel", e))?;
-    let stop_echoes = CancellationToken::new();
-    let echoes = s.start_echoes(args, &channel, &stop_echoes).await?;
+    let echoes = s.start_echoes(args, &channel, db).await?;
+    s.declare_event_queues(
+        &channel,
+        &s.names.events_exchange,
+        &s.names.email_queue,
+        &audit_queue(&s.prefix),
+    )
+    .await?;
+    let counts = std::env::temp_dir().join(format!("{db}-counts"));
+    std::fs::create_dir_all(&counts)
+        .map_err(|e| BenchError::io(counts.display().to_string(), e))?;
+    let drain = s.start_drain(args, db, &counts).await?;
 
     let (ceiling_q, events_ceiling_q) = (ceiling_queue(&s.prefix), events_ceiling_queue(&s.prefix));
     let mut m = Measure {
@@ -261,11 +328,15 @@ pub async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result
             channel: &channel,
             email_queue: &s.names.email_queue,
             dead_queue: &s.names.dead_letter_queue,
+            counts: &counts,
+            taken: Default::default(),
         },
         ceiling_email_queue: ceiling_email_queue(&s.prefix),
         meters: Meters {
             broker: setup::pids_named("beam.smp"),
             db_url: s.db_url.clone(),
+            echo: echoes.iter().map(|e| e.pid).collect(),
+            drain: vec![drain.pid],
         },
         workers,
         metrics_addrs,
@@ -285,12 +356,20 @@ pub async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result
         .iter()
         .map(|w| setup::peak_rss_kib(w.pid).unwrap_or(0))
         .collect();
-    stop_echoes.cancel();
-    for t in echoes {
-        if let Ok(Err(e)) = t.await {
-            checks.problems.push(format!("ceiling consumer: {e}"));
+    for mut party in echoes.into_iter().chain([drain]) {
+        // A party that died during the run failed it: its log says why.
+        if let Ok(Some(status)) = party.child.try_wait() {
+            checks.problems.push(format!(
+                "{} exited with {status} (log: {})",
+                party.log.display(),
+                party.log.display()
+            ));
+        } else if !args.keep {
+            let _ = std::fs::remove_file(&party.log);
         }
+        let _ = party.child.kill().await;
     }
+    let _ = std::fs::remove_dir_all(&counts);
     stop_workers(workers, args.keep, &mut checks).await;
     let _ = conn.close(200, "bye".into()).await;
     check_rows(&s.db_url, &mut checks).await?;
@@ -311,6 +390,18 @@ async fn stop_workers(workers: Vec<WorkerProcess>, keep: bool, checks: &mut Chec
                 .push(format!("{e} (log: {})", log.display())),
         }
     }
+}
+
+/// One load at which every target runs its rounds.
+#[derive(Clone, Copy)]
+struct Phase {
+    /// `--load-percent`: a share of the worker's closed-loop rate.
+    load_percent: Option<f64>,
+    /// `--rates`: an absolute rate.
+    fixed_rate: Option<f64>,
+    /// Open loop at this rate; `None`: closed loop.
+    rate: Option<f64>,
+    n: u64,
 }
 
 struct Targets<'a> {
@@ -351,36 +442,40 @@ impl Measure<'_> {
                 .round(&self.targets.events_ceiling, 0, n, None)
                 .await?;
             self.counter
-                .take(&self.ceiling_email_queue, r.expected.verification_tokens)
-                .await?;
+                .drained(&self.ceiling_email_queue, r.expected.verification_tokens)
+                .await;
         }
         let r = self.loader.round(&self.targets.worker, 0, n, None).await?;
         self.next_index += n;
         check_round(&r, &self.counter, &mut self.checks, "warm-up").await
     }
 
-    /// The closed-loop rounds (open at --rate when given), then, with
+    /// The closed-loop rounds (open at --rate when given); then, with
     /// --load-percent, open-loop rounds at those shares of the worker's
-    /// closed-loop rate, every target alternated at each load.
+    /// closed-loop rate; then, with --rates, open-loop rounds at those
+    /// absolute rates; every target alternated at each load.
     async fn measure(&mut self) -> Result<()> {
         let args = self.args;
-        let mut phases: Vec<(Option<f64>, Option<f64>, u64)> =
-            vec![(None, args.rate, args.commands)];
+        let mut phases = vec![Phase {
+            load_percent: None,
+            fixed_rate: None,
+            rate: args.rate,
+            n: args.commands,
+        }];
         let mut phase = 0;
         while phase < phases.len() {
-            let (load_percent, rate, n) = phases[phase];
+            let p = phases[phase];
             phase += 1;
             for k in 1..=args.rounds {
                 if args.ceiling {
-                    self.echo_round(k, "ceiling", load_percent, rate, n).await?;
+                    self.echo_round(k, "ceiling", p).await?;
                 }
                 if args.ceiling_events {
-                    self.echo_round(k, EVENTS_CEILING, load_percent, rate, n)
-                        .await?;
+                    self.echo_round(k, EVENTS_CEILING, p).await?;
                 }
-                self.worker_round(k, load_percent, rate, n).await?;
+                self.worker_round(k, p).await?;
             }
-            if phase == 1 && !args.load_percent.is_empty() {
+            if phase == 1 {
                 let worker_rates: Vec<f64> = self
                     .rows
                     .iter()
@@ -390,22 +485,28 @@ impl Measure<'_> {
                 let max = median(&worker_rates);
                 for &pct in &args.load_percent {
                     let rate = max * pct / 100.0;
-                    let n = ((rate * args.open_loop_secs).round() as u64).max(1);
-                    phases.push((Some(pct), Some(rate), n));
+                    phases.push(Phase {
+                        load_percent: Some(pct),
+                        fixed_rate: None,
+                        rate: Some(rate),
+                        n: ((rate * args.open_loop_secs).round() as u64).max(1),
+                    });
+                }
+                for &rate in &args.rates {
+                    phases.push(Phase {
+                        load_percent: None,
+                        fixed_rate: Some(rate),
+                        rate: Some(rate),
+                        n: ((rate * args.rate_secs).round() as u64).max(1),
+                    });
                 }
             }
         }
         Ok(())
     }
 
-    async fn echo_round(
-        &mut self,
-        k: u64,
-        name: &'static str,
-        load_percent: Option<f64>,
-        rate: Option<f64>,
-        n: u64,
-    ) -> Result<()> {
+    async fn echo_round(&mut self, k: u64, name: &'static str, p: Phase) -> Result<()> {
+        let Phase { rate, n, .. } = p;
         let target = if name == EVENTS_CEILING {
             &self.targets.events_ceiling
         } else {
@@ -416,7 +517,7 @@ impl Measure<'_> {
         let (_, split) = self.meters.since(before, &self.workers, n).await;
         if name == EVENTS_CEILING {
             let want = r.expected.verification_tokens;
-            let emails = self.counter.take(&self.ceiling_email_queue, want).await?;
+            let emails = self.counter.drained(&self.ceiling_email_queue, want).await;
             self.checks.ceiling_email_requested += emails;
             if emails < want {
                 self.checks.problems.push(format!(
@@ -427,7 +528,8 @@ impl Measure<'_> {
         self.rows.push(RoundRow {
             round: k,
             target: name,
-            load_percent,
+            load_percent: p.load_percent,
+            fixed_rate: p.fixed_rate,
             result: r,
             cpu_secs_per_1k: None,
             cpu_per_1k: split,
@@ -436,13 +538,8 @@ impl Measure<'_> {
         Ok(())
     }
 
-    async fn worker_round(
-        &mut self,
-        k: u64,
-        load_percent: Option<f64>,
-        rate: Option<f64>,
-        n: u64,
-    ) -> Result<()> {
+    async fn worker_round(&mut self, k: u64, p: Phase) -> Result<()> {
+        let Phase { rate, n, .. } = p;
         let before = self.meters.read(&self.workers, None).await;
         let samples = batch_samples_of(&self.metrics_addrs).await;
         let r = self
@@ -456,7 +553,8 @@ impl Measure<'_> {
         self.rows.push(RoundRow {
             round: k,
             target: "worker",
-            load_percent,
+            load_percent: p.load_percent,
+            fixed_rate: p.fixed_rate,
             cpu_secs_per_1k: Some(worker_cpu),
             cpu_per_1k: split,
             result: r,

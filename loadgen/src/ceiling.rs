@@ -63,20 +63,34 @@ fn describe(e: lapin::Error) -> BenchError {
     BenchError::broker("ceiling consumer", e)
 }
 
-/// Declares `queue` with `arguments` and starts answering what arrives on it.
+/// Answers what arrives on `queue` (declared by the bench) until the process
+/// ends: the echo as a process of its own, so its CPU is its own.
+pub async fn serve(uri: &AMQPUri, queue: &str, shape: Shape) -> Result<()> {
+    let stop = CancellationToken::new();
+    let handle = start(uri, queue, None, shape, stop).await?;
+    println!("ready");
+    handle
+        .await
+        .map_err(|e| BenchError::Process(format!("echo: {e}")))?
+}
+
+/// Declares `queue` with `arguments` (unless `None`: declared already) and
+/// starts answering what arrives on it.
 pub async fn start(
     uri: &AMQPUri,
     queue: &str,
-    arguments: FieldTable,
+    arguments: Option<FieldTable>,
     shape: Shape,
     stop: CancellationToken,
 ) -> Result<JoinHandle<Result<()>>> {
     let conn = broker::connect(uri, &Default::default())
         .await
         .map_err(describe)?;
-    let channel = conn.create_channel().await.map_err(describe)?;
-    declare_durable(&channel, queue, arguments).await?;
-    let _ = channel.close(200, "declared".into()).await;
+    if let Some(arguments) = arguments {
+        let channel = conn.create_channel().await.map_err(describe)?;
+        declare_durable(&channel, queue, arguments).await?;
+        let _ = channel.close(200, "declared".into()).await;
+    }
     let consumers = shape.consumers.max(1);
     let prefetch = shape.prefetch.div_ceil(consumers);
     let mut lanes = Vec::new();

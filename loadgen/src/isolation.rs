@@ -83,6 +83,16 @@ pub fn ceiling_events_exchange(prefix: &str) -> String {
     format!("{prefix}bench.ceiling-events")
 }
 
+/// An audit service's queue: classic, durable, bound to `ticket.created`.
+pub fn audit_queue(prefix: &str) -> String {
+    format!("{prefix}bench.audit")
+}
+
+/// The events echo's audit queue, bound to its own exchange.
+pub fn ceiling_audit_queue(prefix: &str) -> String {
+    format!("{prefix}bench.ceiling-audit")
+}
+
 pub fn ceiling_email_queue(prefix: &str) -> String {
     format!("{prefix}bench.ceiling-email-dispatch")
 }
@@ -105,6 +115,8 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<()> {
         ceiling_queue(prefix),
         events_ceiling_queue(prefix),
         ceiling_email_queue(prefix),
+        audit_queue(prefix),
+        ceiling_audit_queue(prefix),
     ] {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }

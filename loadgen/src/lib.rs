@@ -10,8 +10,9 @@
 
 mod args;
 mod bench;
-mod ceiling;
+pub mod ceiling;
 mod checks;
+pub mod drain;
 mod error;
 mod isolation;
 mod load;

@@ -60,26 +60,73 @@ pub fn stages_between(
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CpuSplit {
     pub broker: Option<f64>,
+    /// Every PostgreSQL process: postmaster, backends, walwriter, checkpointer…
     pub postgres: Option<f64>,
-    /// This load generator (and the echo consumer when it runs).
+    /// This load generator.
     pub bench: f64,
+    /// The echo consumer, in its rounds (a process of its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo: Option<f64>,
+    /// The events' consumers (the dispatcher's queue, the audit queue).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<f64>,
     /// Not CPU: KiB of write-ahead log PostgreSQL wrote per 1,000 commands (the
     /// whole server's WAL, so it counts only on an otherwise idle server).
     pub wal_kib: Option<f64>,
+    /// Seconds each party's threads waited on a run queue for a CPU, per
+    /// 1,000 commands: the waiting for CPU, measured.
+    pub run_queue: RunQueue,
 }
 
-/// Processes whose CPU time a round accounts for.
+/// Run-queue delay per 1,000 commands, by party (seconds).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RunQueue {
+    pub worker: f64,
+    pub broker: f64,
+    pub postgres: f64,
+    pub bench: f64,
+    pub echo: f64,
+    pub drain: f64,
+}
+
+impl RunQueue {
+    pub fn total(&self) -> f64 {
+        self.worker + self.broker + self.postgres + self.bench + self.echo + self.drain
+    }
+}
+
+/// The processes whose CPU time and run-queue delay a round accounts for.
 pub struct Meters {
     pub broker: Vec<u32>,
     pub db_url: String,
+    pub echo: Vec<u32>,
+    pub drain: Vec<u32>,
+}
+
+/// One party's CPU and run-queue seconds so far.
+#[derive(Clone, Copy, Default)]
+struct Use {
+    cpu: f64,
+    waited: f64,
+}
+
+impl Use {
+    fn of(pids: &[u32]) -> Use {
+        Use {
+            cpu: setup::cpu_secs_of(pids),
+            waited: setup::run_delay_of(pids),
+        }
+    }
 }
 
 pub struct Reading {
-    workers: f64,
-    broker: f64,
-    postgres: f64,
+    workers: Use,
+    broker: Use,
+    postgres: Use,
     postgres_pids: Vec<u32>,
-    bench: f64,
+    bench: Use,
+    echo: Use,
+    drain: Use,
     wal: Option<f64>,
 }
 
@@ -89,55 +136,61 @@ impl Meters {
         workers: &[WorkerProcess],
         postgres_pids: Option<Vec<u32>>,
     ) -> Reading {
-        let postgres_pids = match postgres_pids {
-            Some(p) => p,
-            None => setup::database_backends(&self.db_url).await,
-        };
+        let postgres_pids = postgres_pids.unwrap_or_else(|| setup::pids_named("postgres"));
+        let worker_pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
         Reading {
-            workers: cpu_of(workers),
-            broker: setup::cpu_secs_of(&self.broker),
-            postgres: setup::cpu_secs_of(&postgres_pids),
+            workers: Use::of(&worker_pids),
+            broker: Use::of(&self.broker),
+            postgres: Use::of(&postgres_pids),
             postgres_pids,
-            bench: setup::cpu_secs(std::process::id()).unwrap_or(f64::NAN),
+            bench: Use::of(&[std::process::id()]),
+            echo: Use::of(&self.echo),
+            drain: Use::of(&self.drain),
             wal: setup::wal_position(&self.db_url).await,
         }
     }
 
-    /// CPU used between `before` and now, per 1,000 of `n` commands.
+    /// CPU used between `before` and now, per 1,000 of `n` commands: the
+    /// workers', and every party's.
     pub async fn since(
         &self,
         before: Reading,
         workers: &[WorkerProcess],
         n: u64,
     ) -> (f64, CpuSplit) {
-        // Connections the pool opened during the round count from their start.
+        // Server processes started during the round count from their start.
         let mut pids = before.postgres_pids.clone();
-        for p in setup::database_backends(&self.db_url).await {
+        for p in setup::pids_named("postgres") {
             if !pids.contains(&p) {
                 pids.push(p);
             }
         }
         let after = self.read(workers, Some(pids)).await;
         let per_1k = |d: f64| d * 1000.0 / n as f64;
+        let cpu = |a: Use, b: Use| per_1k(a.cpu - b.cpu);
+        let waited = |a: Use, b: Use| per_1k(a.waited - b.waited);
         (
-            per_1k(after.workers - before.workers),
+            cpu(after.workers, before.workers),
             CpuSplit {
-                broker: (!self.broker.is_empty()).then(|| per_1k(after.broker - before.broker)),
+                broker: (!self.broker.is_empty()).then(|| cpu(after.broker, before.broker)),
                 postgres: (!after.postgres_pids.is_empty())
-                    .then(|| per_1k(after.postgres - before.postgres)),
-                bench: per_1k(after.bench - before.bench),
+                    .then(|| cpu(after.postgres, before.postgres)),
+                bench: cpu(after.bench, before.bench),
+                echo: (!self.echo.is_empty()).then(|| cpu(after.echo, before.echo)),
+                drain: (!self.drain.is_empty()).then(|| cpu(after.drain, before.drain)),
                 wal_kib: after
                     .wal
                     .zip(before.wal)
                     .map(|(a, b)| per_1k(a - b) / 1024.0),
+                run_queue: RunQueue {
+                    worker: waited(after.workers, before.workers),
+                    broker: waited(after.broker, before.broker),
+                    postgres: waited(after.postgres, before.postgres),
+                    bench: waited(after.bench, before.bench),
+                    echo: waited(after.echo, before.echo),
+                    drain: waited(after.drain, before.drain),
+                },
             },
         )
     }
-}
-
-fn cpu_of(workers: &[WorkerProcess]) -> f64 {
-    workers
-        .iter()
-        .map(|w| setup::cpu_secs(w.pid).unwrap_or(f64::NAN))
-        .sum()
 }

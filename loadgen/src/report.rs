@@ -27,6 +27,9 @@ pub struct RoundRow {
     /// The share of the worker's closed-loop rate offered (`--load-percent`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_percent: Option<f64>,
+    /// The absolute rate offered (`--rates`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fixed_rate: Option<f64>,
     #[serde(flatten)]
     pub result: RoundResult,
     /// The worker processes' CPU seconds per 1,000 commands (worker rounds only).
@@ -71,8 +74,96 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events_bound: Option<f64>,
     pub worker_peak_rss_kib: Vec<u64>,
+    /// At each `--rates` rate, each target's medians over its rounds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fixed_rates: Vec<AtRate>,
+    /// Per target: the highest `--rates` rate whose median p99 is ≤ 50 ms,
+    /// over the target's own closed-loop rate (`None`: no rate was).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub knee: std::collections::BTreeMap<&'static str, Option<f64>>,
     pub checks: Checks,
     pub unix_time: u64,
+}
+
+/// The p99 the knee allows.
+pub const KNEE_P99_MS: f64 = 50.0;
+
+/// One target at one fixed rate: medians over its rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct AtRate {
+    pub rate: f64,
+    pub target: &'static str,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// CPU seconds per 1,000 commands by party, and their sum.
+    pub cpu_per_1k: PartyCpu,
+    /// Run-queue seconds per 1,000 commands, all parties.
+    pub run_queue_per_1k: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PartyCpu {
+    pub worker: f64,
+    pub postgres: f64,
+    pub broker: f64,
+    pub bench: f64,
+    pub echo: f64,
+    pub drain: f64,
+    pub total: f64,
+}
+
+fn at_rates(rows: &[RoundRow]) -> Vec<AtRate> {
+    let mut rates: Vec<f64> = rows.iter().filter_map(|r| r.fixed_rate).collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let mut out = Vec::new();
+    for rate in rates {
+        for target in ["worker", "ceiling", EVENTS_CEILING] {
+            let rs: Vec<&RoundRow> = rows
+                .iter()
+                .filter(|r| r.fixed_rate == Some(rate) && r.target == target)
+                .collect();
+            if rs.is_empty() {
+                continue;
+            }
+            let m =
+                |f: &dyn Fn(&RoundRow) -> f64| median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            let party = |f: &dyn Fn(&RoundRow) -> Option<f64>| m(&|r| f(r).unwrap_or(0.0));
+            let mut cpu = PartyCpu {
+                worker: party(&|r| r.cpu_secs_per_1k),
+                postgres: party(&|r| r.cpu_per_1k.postgres),
+                broker: party(&|r| r.cpu_per_1k.broker),
+                bench: m(&|r| r.cpu_per_1k.bench),
+                echo: party(&|r| r.cpu_per_1k.echo),
+                drain: party(&|r| r.cpu_per_1k.drain),
+                total: 0.0,
+            };
+            cpu.total = m(&|r| {
+                r.cpu_secs_per_1k.unwrap_or(0.0)
+                    + r.cpu_per_1k.postgres.unwrap_or(0.0)
+                    + r.cpu_per_1k.broker.unwrap_or(0.0)
+                    + r.cpu_per_1k.bench
+                    + r.cpu_per_1k.echo.unwrap_or(0.0)
+                    + r.cpu_per_1k.drain.unwrap_or(0.0)
+            });
+            out.push(AtRate {
+                rate,
+                target,
+                p50_ms: m(&|r| r.result.latency.p50_ms),
+                p99_ms: m(&|r| r.result.latency.p99_ms),
+                p999_ms: m(&|r| r.result.latency.p999_ms),
+                max_ms: rs
+                    .iter()
+                    .map(|r| r.result.latency.max_ms)
+                    .fold(0.0, f64::max),
+                cpu_per_1k: cpu,
+                run_queue_per_1k: m(&|r| r.cpu_per_1k.run_queue.total()),
+            });
+        }
+    }
+    out
 }
 
 impl Report {
@@ -131,6 +222,7 @@ pub fn print(r: &Report) {
     print_rounds(&r.rounds);
     print_summaries(r);
     print_load_curve(r);
+    print_fixed_rates(r);
     print_stages(r, None);
     print_checks(&r.checks);
 }
@@ -200,6 +292,10 @@ fn print_summaries(r: &Report) {
             c.rate, c.p50_ms, c.p99_ms, c.max_ms
         );
         println!("worker ÷ {name} (median of paired rounds): {ratio:.3}");
+        println!(
+            "worker p50 − {name} p50: {:+.2} ms",
+            r.worker.p50_ms - c.p50_ms
+        );
     }
     if let Some(bound) = r.events_bound {
         println!(
@@ -267,7 +363,7 @@ pub fn summarize(
     use crate::stats::paired_ratio;
     // Rates and their ratios mean something only for closed-loop rounds; with
     // --rate every round is open, and the summary is of those.
-    let closed = |r: &&RoundRow| r.load_percent.is_none();
+    let closed = |r: &&RoundRow| r.load_percent.is_none() && r.fixed_rate.is_none();
     let summary = |target: &str| -> Option<Summary> {
         let rs: Vec<&RoundRow> = rows
             .iter()
@@ -299,6 +395,7 @@ pub fn summarize(
             .collect()
     };
     let open = args.rate.is_some();
+    let at = at_rates(&rows);
     let ratio = (args.ceiling && !open).then(|| paired_ratio(&rates("worker"), &rates("ceiling")));
     let ratio_to_events_ceiling = (args.ceiling_events && !open)
         .then(|| paired_ratio(&rates("worker"), &rates(EVENTS_CEILING)));
@@ -322,11 +419,52 @@ pub fn summarize(
         ratio_to_events_ceiling,
         events_bound,
         worker_peak_rss_kib,
+        knee: ["worker", "ceiling", EVENTS_CEILING]
+            .into_iter()
+            .filter(|t| !at.iter().all(|a| a.target != *t))
+            .map(|t| {
+                let max = median(&rates(t));
+                let best = at
+                    .iter()
+                    .filter(|a| a.target == t && a.p99_ms <= KNEE_P99_MS)
+                    .map(|a| a.rate)
+                    .fold(None, |b: Option<f64>, r| Some(b.map_or(r, |b| b.max(r))));
+                (t, best.map(|r| r / max))
+            })
+            .collect(),
+        fixed_rates: at,
         checks,
         unix_time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
         rounds: rows,
+    }
+}
+
+/// Latency and every party's CPU at each fixed rate, and the knee.
+fn print_fixed_rates(r: &Report) {
+    if r.fixed_rates.is_empty() {
+        return;
+    }
+    println!(
+        "{:>7} {:<14} {:>8} {:>8} {:>8} {:>8}   CPU s per 1k: {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}   run queue s/1k",
+        "rate/s", "target", "p50 ms", "p99 ms", "p99.9", "max ms", "worker", "pg", "broker", "bench", "echo", "drain", "total"
+    );
+    for a in &r.fixed_rates {
+        let c = a.cpu_per_1k;
+        println!(
+            "{:>7.0} {:<14} {:>8.2} {:>8.2} {:>8.2} {:>8.1}                 {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3}   {:>6.3}",
+            a.rate, a.target, a.p50_ms, a.p99_ms, a.p999_ms, a.max_ms,
+            c.worker, c.postgres, c.broker, c.bench, c.echo, c.drain, c.total, a.run_queue_per_1k
+        );
+    }
+    for (target, knee) in &r.knee {
+        match knee {
+            Some(k) => {
+                println!("knee {target}: {k:.2} of its closed-loop rate (p99 ≤ {KNEE_P99_MS} ms)")
+            }
+            None => println!("knee {target}: no rate offered had p99 ≤ {KNEE_P99_MS} ms"),
+        }
     }
 }

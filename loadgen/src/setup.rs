@@ -211,21 +211,6 @@ pub fn pids_named(comm: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Server processes serving the run's database (the worker's connections).
-pub async fn database_backends(db_url: &str) -> Vec<u32> {
-    let Ok(client) = admin(db_url).await else {
-        return vec![];
-    };
-    client
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .map(|rows| rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
-        .unwrap_or_default()
-}
-
 /// How far the server's write-ahead log has come, in bytes (the whole server's,
 /// so other load on it counts too).
 pub async fn wal_position(db_url: &str) -> Option<f64> {
@@ -235,6 +220,81 @@ pub async fn wal_position(db_url: &str) -> Option<f64> {
         .await
         .ok()
         .map(|r| r.get::<_, f64>(0))
+}
+
+/// Seconds the threads of `pid` have waited on a run queue for a CPU
+/// (`/proc/PID/task/*/schedstat`, second field): waiting for CPU, measured.
+pub fn run_delay_secs(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ns = 0u64;
+    for task in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        ns += text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(ns as f64 / 1e9)
+}
+
+/// Run-queue seconds of a set of processes.
+pub fn run_delay_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| run_delay_secs(p)).sum()
+}
+
+/// One of the bench's other parties (`profile-worker-bench-consumer`), a
+/// process of its own, ready once it said so.
+pub struct Party {
+    pub child: Child,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+/// `profile-worker-bench-consumer` beside this program.
+pub fn consumer_bin() -> Result<PathBuf> {
+    let me = std::env::current_exe().map_err(|e| BenchError::io("finding this program", e))?;
+    Ok(me.with_file_name(format!(
+        "profile-worker-bench-consumer{}",
+        std::env::consts::EXE_SUFFIX
+    )))
+}
+
+/// Starts a party with `args` and waits (up to 30 s) for its `ready`.
+pub async fn spawn_party(args: &[String], log: PathBuf) -> Result<Party> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let bin = consumer_bin()?;
+    let err =
+        std::fs::File::create(&log).map_err(|e| BenchError::io(log.display().to_string(), e))?;
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| BenchError::io(format!("cannot start {}", bin.display()), e))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| BenchError::Process(format!("{} exited at once", bin.display())))?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line()).await;
+    match ready {
+        Ok(Ok(Some(l))) if l == "ready" => {}
+        _ => {
+            return Err(BenchError::Process(format!(
+                "{} {} did not start: {}",
+                bin.display(),
+                args.join(" "),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )))
+        }
+    }
+    // Keep reading, so the party never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Party { child, pid, log })
 }
 
 /// CPU seconds of a set of processes (those that exited count as 0 from then on).

@@ -141,3 +141,54 @@ fn a_worker_that_cannot_start_fails_the_bench_with_its_log() {
     assert!(!out.status.success());
     assert!(stderr.contains("exited"), "{stderr}");
 }
+
+#[test]
+fn fixed_rates_report_every_partys_cpu_and_run_queue_and_the_knee() {
+    let (out, r) = bench(&[
+        "--commands",
+        "500",
+        "--in-flight",
+        "100",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--ceiling-events",
+        "--rates",
+        "200,400",
+        "--rate-secs",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert_eq!(r["checks"]["problems"], serde_json::json!([]), "{stdout}");
+    let at = r["fixed_rates"].as_array().expect("fixed_rates");
+    assert_eq!(at.len(), 6, "two rates × three targets: {stdout}");
+    for a in at {
+        let cpu = &a["cpu_per_1k"];
+        assert!(cpu["total"].as_f64().unwrap() > 0.0, "{a}");
+        assert!(cpu["broker"].as_f64().unwrap() > 0.0, "{a}");
+        assert!(a["run_queue_per_1k"].as_f64().unwrap() >= 0.0, "{a}");
+        match a["target"].as_str().unwrap() {
+            // The worker's rounds cost the worker and PostgreSQL, and the
+            // events' consumers drain what it announced.
+            "worker" => {
+                assert!(cpu["worker"].as_f64().unwrap() > 0.0, "{a}");
+                assert!(cpu["postgres"].as_f64().unwrap() > 0.0, "{a}");
+                assert!(cpu["drain"].as_f64().unwrap() > 0.0, "{a}");
+            }
+            // The echoes are processes of their own.
+            _ => assert!(cpu["echo"].as_f64().unwrap() > 0.0, "{a}"),
+        }
+    }
+    // Every round of each rate was offered that rate, latency from its schedule.
+    for round in r["rounds"].as_array().unwrap() {
+        if let Some(rate) = round["fixed_rate"].as_f64() {
+            assert_eq!(round["offered_rate"].as_f64(), Some(rate), "{round}");
+        }
+    }
+    let knee = r["knee"].as_object().expect("knee");
+    assert_eq!(knee.len(), 3, "{stdout}");
+    assert!(stdout.contains("knee worker"), "{stdout}");
+}
