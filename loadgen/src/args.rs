@@ -69,6 +69,9 @@ pub struct BenchArgs {
     /// costs less than making a token: 0 (the default) measures full work.
     #[arg(long, default_value_t = 0)]
     pub email_cooldown_secs: u64,
+    /// The workers' BATCH_WAIT_MS (unset: their default).
+    #[arg(long)]
+    pub batch_wait_ms: Option<u64>,
     /// Profiles seeded; commands cycle through them.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub profiles: u64,

@@ -126,6 +126,10 @@ impl Setup {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(
+            args.batch_wait_ms
+                .map(|w| ("BATCH_WAIT_MS".to_string(), w.to_string())),
+        )
         .collect()
     }
 

@@ -210,7 +210,7 @@ async fn consume(
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let publisher = Publisher::open(conn).await?;
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             settings.broker.command_queue.as_str().into(),
             "".into(),
@@ -219,6 +219,10 @@ async fn consume(
         )
         .await?;
     let consumer_tag = consumer.tag();
+    // Peekable: a batch's wait (BATCH_WAIT_MS) looks at what comes next and
+    // leaves an error or the stream's end for the loop to handle.
+    let mut consumer = consumer.peekable();
+    let batch_wait = Duration::from_millis(settings.worker.batch_wait_ms);
     let consuming = health.consuming();
     let pipeline = Arc::new(Pipeline::new(
         (store.clone(), confirmed.clone()),
@@ -279,6 +283,22 @@ async fn consume(
             match consumer.next().now_or_never() {
                 Some(Some(Ok(d))) => batch.push(d),
                 _ => break,
+            }
+        }
+        // With BATCH_WAIT_MS, what arrives within it too. The stream's end or
+        // error is left for the next turn of the loop to find.
+        if !batch_wait.is_zero() && !cancelling && batch.len() < max_batch {
+            let until = tokio::time::Instant::now() + batch_wait;
+            while batch.len() < max_batch {
+                let arrived =
+                    tokio::time::timeout_at(until, std::pin::Pin::new(&mut consumer).peek()).await;
+                if !matches!(arrived, Ok(Some(Ok(_)))) {
+                    break;
+                }
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    _ => break,
+                }
             }
         }
         let prepared = match pipeline.prepare(batch).await {

@@ -378,3 +378,40 @@ async fn a_malformed_tracestate_is_not_copied_onto_replies_and_events() {
     assert_eq!(event[0].header("tracestate"), None);
     env.teardown().await;
 }
+
+/// BATCH_WAIT_MS: commands that arrive one at a time, a few milliseconds
+/// apart, are taken into one batch within the wait, each answered as usual;
+/// without the wait each is a batch of its own.
+#[tokio::test]
+async fn a_batch_wait_gathers_commands_that_arrive_apart_into_fewer_batches() {
+    let env = Env::prepare().await;
+    let mut batches = Vec::new();
+    for wait in ["0", "400"] {
+        let mut cmd = worker_process(&env);
+        cmd.env("BATCH_WAIT_MS", wait).env("CONSUMERS", "1");
+        let mut worker = WorkerProcess::start(cmd, None).await;
+        let http = worker.http().to_string();
+        let mut ids = Vec::new();
+        for _ in 0..8 {
+            ids.push(
+                env.send("create-ticket", &ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+                    .await,
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for id in ids {
+            assert_eq!(env.reply_for(&id).await.status, 200);
+        }
+        let page = samples(&http_get(&http, "/metrics").await.unwrap().1);
+        batches.push(sample(&page, "profile_worker_batch_size_count"));
+        assert_eq!(sample(&page, "profile_worker_batch_size_sum"), 8.0);
+        signal(&worker, SIGTERM);
+        assert!(worker.wait().await.unwrap().success());
+    }
+    assert_eq!(batches[0], 8.0, "without a wait, each command is a batch");
+    assert!(
+        batches[1] <= 2.0,
+        "within 400 ms, 8 commands 20 ms apart: {batches:?}"
+    );
+    env.teardown().await;
+}
