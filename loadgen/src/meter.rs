@@ -103,19 +103,29 @@ pub struct Meters {
     pub drain: Vec<u32>,
 }
 
-/// One party's CPU and run-queue seconds so far.
-#[derive(Clone, Copy, Default)]
-struct Use {
-    cpu: f64,
-    waited: f64,
-}
+/// One party's CPU and run-queue seconds so far, by process.
+#[derive(Clone, Default)]
+struct Use(std::collections::HashMap<u32, (f64, f64)>);
 
 impl Use {
     fn of(pids: &[u32]) -> Use {
-        Use {
-            cpu: setup::cpu_secs_of(pids),
-            waited: setup::run_delay_of(pids),
+        Use(pids
+            .iter()
+            .filter_map(|&p| Some((p, (setup::cpu_secs(p)?, setup::run_delay_secs(p)?))))
+            .collect())
+    }
+
+    /// (CPU, run-queue) seconds since `before`: a process that exited in
+    /// between counts what it had used by then (it can no longer be read),
+    /// one that started counts from its start.
+    fn since(&self, before: &Use) -> (f64, f64) {
+        let mut d = (0.0, 0.0);
+        for (pid, &(cpu, waited)) in &self.0 {
+            let (c0, w0) = before.0.get(pid).copied().unwrap_or((0.0, 0.0));
+            d.0 += (cpu - c0).max(0.0);
+            d.1 += (waited - w0).max(0.0);
         }
+        d
     }
 }
 
@@ -167,28 +177,28 @@ impl Meters {
         }
         let after = self.read(workers, Some(pids)).await;
         let per_1k = |d: f64| d * 1000.0 / n as f64;
-        let cpu = |a: Use, b: Use| per_1k(a.cpu - b.cpu);
-        let waited = |a: Use, b: Use| per_1k(a.waited - b.waited);
+        let cpu = |a: &Use, b: &Use| per_1k(a.since(b).0);
+        let waited = |a: &Use, b: &Use| per_1k(a.since(b).1);
         (
-            cpu(after.workers, before.workers),
+            cpu(&after.workers, &before.workers),
             CpuSplit {
-                broker: (!self.broker.is_empty()).then(|| cpu(after.broker, before.broker)),
+                broker: (!self.broker.is_empty()).then(|| cpu(&after.broker, &before.broker)),
                 postgres: (!after.postgres_pids.is_empty())
-                    .then(|| cpu(after.postgres, before.postgres)),
-                bench: cpu(after.bench, before.bench),
-                echo: (!self.echo.is_empty()).then(|| cpu(after.echo, before.echo)),
-                drain: (!self.drain.is_empty()).then(|| cpu(after.drain, before.drain)),
+                    .then(|| cpu(&after.postgres, &before.postgres)),
+                bench: cpu(&after.bench, &before.bench),
+                echo: (!self.echo.is_empty()).then(|| cpu(&after.echo, &before.echo)),
+                drain: (!self.drain.is_empty()).then(|| cpu(&after.drain, &before.drain)),
                 wal_kib: after
                     .wal
                     .zip(before.wal)
                     .map(|(a, b)| per_1k(a - b) / 1024.0),
                 run_queue: RunQueue {
-                    worker: waited(after.workers, before.workers),
-                    broker: waited(after.broker, before.broker),
-                    postgres: waited(after.postgres, before.postgres),
-                    bench: waited(after.bench, before.bench),
-                    echo: waited(after.echo, before.echo),
-                    drain: waited(after.drain, before.drain),
+                    worker: waited(&after.workers, &before.workers),
+                    broker: waited(&after.broker, &before.broker),
+                    postgres: waited(&after.postgres, &before.postgres),
+                    bench: waited(&after.bench, &before.bench),
+                    echo: waited(&after.echo, &before.echo),
+                    drain: waited(&after.drain, &before.drain),
                 },
             },
         )

@@ -240,11 +240,6 @@ pub fn run_delay_secs(pid: u32) -> Option<f64> {
     Some(ns as f64 / 1e9)
 }
 
-/// Run-queue seconds of a set of processes.
-pub fn run_delay_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|&p| run_delay_secs(p)).sum()
-}
-
 /// One of the bench's other parties (`profile-worker-bench-consumer`), a
 /// process of its own, ready once it said so.
 pub struct Party {
@@ -295,11 +290,6 @@ pub async fn spawn_party(args: &[String], log: PathBuf) -> Result<Party> {
     // Keep reading, so the party never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(Party { child, pid, log })
-}
-
-/// CPU seconds of a set of processes (those that exited count as 0 from then on).
-pub fn cpu_secs_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|&p| cpu_secs(p)).sum()
 }
 
 /// Peak resident set size in KiB (VmHWM).
