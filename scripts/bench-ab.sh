@@ -17,10 +17,7 @@ shift $(( $# < 4 ? $# : 4 ))
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--commands 20000 --in-flight 500 --rounds 3 --ceiling)
 source scripts/services.sh
-ensure_rust
-ensure_services
-export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres${DATABASE_QUERY:+?$DATABASE_QUERY}"
-export AMQP_URL="$ADMIN_AMQP_URL"
+bench_env
 mkdir -p "$(dirname "$out")"
 for ((i = 1; i <= pairs; i++)); do
   for side in before after; do

@@ -11,10 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/cost.jsonl}"
 source scripts/services.sh
-ensure_rust
-ensure_services
-export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres"
-export AMQP_URL="$ADMIN_AMQP_URL"
+bench_env
 mkdir -p "$(dirname "$out")"
 cargo build --release --locked --quiet --workspace
 target/release/profile-worker-bench --commands 20000 --in-flight 500 --rounds 3 --ceiling-events \

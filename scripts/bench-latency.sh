@@ -9,10 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-3}" out="${2:-bench/latency.jsonl}"
 source scripts/services.sh
-ensure_rust
-ensure_services
-export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres"
-export AMQP_URL="$ADMIN_AMQP_URL"
+bench_env
 mkdir -p "$(dirname "$out")"
 : > "$out"
 cargo build --release --locked --quiet --workspace

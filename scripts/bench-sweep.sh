@@ -7,11 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
-ensure_rust
-ensure_services
+bench_env
 # The bench creates its own database and vhost: the owner role and the admin user.
-export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres"
-export AMQP_URL="$ADMIN_AMQP_URL"
 out="${1:-bench/sweep.jsonl}"
 mkdir -p "$(dirname "$out")"
 : > "$out"

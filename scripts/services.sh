@@ -328,6 +328,17 @@ ensure_examples() {
     (cd "$root/examples/node" && npm ci --no-audit --no-fund --silent)
 }
 
+# What every benchmark script needs: the servers, and the bench's URLs (it
+# creates a database of its own through the owner's, and a vhost through the
+# administrator's). DATABASE_QUERY (e.g. sslmode=disable) is added to the
+# database URL.
+bench_env() {
+  ensure_rust
+  ensure_services
+  export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres${DATABASE_QUERY:+?$DATABASE_QUERY}"
+  export AMQP_URL="$ADMIN_AMQP_URL"
+}
+
 ensure_rust() {
   if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

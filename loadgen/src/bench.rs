@@ -184,11 +184,24 @@ impl Setup {
                 )
                 .await
                 .map_err(|e| BenchError::broker(ceiling_events.clone(), e))?;
-            self.declare_event_queues(
+            // The events' consumers, as production has them: the dispatcher's
+            // quorum queue bound to `email.requested` (the worker declares its
+            // own), and an audit service's classic durable queue bound to
+            // `ticket.created` (run_isolated binds the worker's).
+            declare_subscriber(
                 channel,
                 &ceiling_events,
+                "email.requested",
                 &ceiling_email_queue(&self.prefix),
+                broker::email_queue_arguments(&self.names),
+            )
+            .await?;
+            declare_subscriber(
+                channel,
+                &ceiling_events,
+                "ticket.created",
                 &ceiling_audit_queue(&self.prefix),
+                FieldTable::default(),
             )
             .await?;
         }
@@ -220,39 +233,6 @@ impl Setup {
             echoes.push(setup::spawn_party(&a, log).await?);
         }
         Ok(echoes)
-    }
-
-    /// The events' consumers, as production has them: the dispatcher's quorum
-    /// queue (declared by the workers, for the worker's; by the bench, for the
-    /// events echo's) bound to `email.requested`, and an audit service's
-    /// classic durable queue bound to `ticket.created`.
-    async fn declare_event_queues(
-        &self,
-        channel: &lapin::Channel,
-        exchange: &str,
-        email_queue: &str,
-        audit_queue: &str,
-    ) -> Result<()> {
-        if email_queue != self.names.email_queue {
-            declare_email_sink(
-                channel,
-                exchange,
-                email_queue,
-                broker::email_queue_arguments(&self.names),
-            )
-            .await?;
-        }
-        ceiling::declare_durable(channel, audit_queue, FieldTable::default()).await?;
-        channel
-            .queue_bind(
-                audit_queue.into(),
-                exchange.into(),
-                "ticket.created".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BenchError::broker(audit_queue, e))
     }
 
     /// One process consuming (and acking) every event queue, counting into
@@ -293,11 +273,14 @@ pub async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result
         .await
         .map_err(|e| BenchError::broker("opening the reply channel", e))?;
     let echoes = s.start_echoes(args, &channel, db).await?;
-    s.declare_event_queues(
+    // An audit service's queue on the worker's events exchange (the workers
+    // declared the dispatcher's).
+    declare_subscriber(
         &channel,
         &s.names.events_exchange,
-        &s.names.email_queue,
+        "ticket.created",
         &audit_queue(&s.prefix),
+        FieldTable::default(),
     )
     .await?;
     let counts = std::env::temp_dir().join(format!("{db}-counts"));
@@ -618,27 +601,26 @@ async fn wait_for_consumers(
     }
 }
 
-/// The events echo's stand-in for the dispatch queue: durable and quorum like
-/// the worker's, bound to `email.requested` on `exchange`, so the echo pays the
-/// broker what the worker's email requests cost.
-async fn declare_email_sink(
+/// A subscriber's durable queue (with `arguments`: a quorum queue's, say),
+/// bound to `routing_key` on `exchange`.
+async fn declare_subscriber(
     channel: &lapin::Channel,
     exchange: &str,
+    routing_key: &str,
     queue: &str,
     arguments: FieldTable,
 ) -> Result<()> {
-    let fail = |e: lapin::Error| BenchError::broker(queue, e);
     ceiling::declare_durable(channel, queue, arguments).await?;
     channel
         .queue_bind(
             queue.into(),
             exchange.into(),
-            "email.requested".into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
-        .map_err(fail)
+        .map_err(|e| BenchError::broker(queue, e))
 }
 
 fn seed_file(profiles: u64) -> SeedFile {

@@ -20,8 +20,6 @@ use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use profile_worker::broker::{self, properties, Connection, Outgoing, PublishError, Publisher};
 use profile_worker::contract::message::routing;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const BODY: &[u8] = br#"{"echo":true}"#;
 // About the size of the worker's reply and email bodies.
@@ -66,31 +64,9 @@ fn describe(e: lapin::Error) -> BenchError {
 /// Answers what arrives on `queue` (declared by the bench) until the process
 /// ends: the echo as a process of its own, so its CPU is its own.
 pub async fn serve(uri: &AMQPUri, queue: &str, shape: Shape) -> Result<()> {
-    let stop = CancellationToken::new();
-    let handle = start(uri, queue, None, shape, stop).await?;
-    println!("ready");
-    handle
-        .await
-        .map_err(|e| BenchError::Process(format!("echo: {e}")))?
-}
-
-/// Declares `queue` with `arguments` (unless `None`: declared already) and
-/// starts answering what arrives on it.
-pub async fn start(
-    uri: &AMQPUri,
-    queue: &str,
-    arguments: Option<FieldTable>,
-    shape: Shape,
-    stop: CancellationToken,
-) -> Result<JoinHandle<Result<()>>> {
     let conn = broker::connect(uri, &Default::default())
         .await
         .map_err(describe)?;
-    if let Some(arguments) = arguments {
-        let channel = conn.create_channel().await.map_err(describe)?;
-        declare_durable(&channel, queue, arguments).await?;
-        let _ = channel.close(200, "declared".into()).await;
-    }
     let consumers = shape.consumers.max(1);
     let prefetch = shape.prefetch.div_ceil(consumers);
     let mut lanes = Vec::new();
@@ -102,16 +78,12 @@ pub async fn start(
                 prefetch,
                 shape.max_batch,
                 shape.events_exchange.clone(),
-                stop.clone(),
             )
             .await?,
         );
     }
-    Ok(tokio::spawn(async move {
-        let result = futures_util::future::try_join_all(lanes).await.map(|_| ());
-        let _ = conn.close(200, "bye".into()).await;
-        result
-    }))
+    println!("ready");
+    futures_util::future::try_join_all(lanes).await.map(|_| ())
 }
 
 async fn echo(
@@ -120,7 +92,6 @@ async fn echo(
     prefetch: u16,
     max_batch: usize,
     events_exchange: Option<String>,
-    stop: CancellationToken,
 ) -> Result<impl std::future::Future<Output = Result<()>>> {
     let channel = conn.create_channel().await.map_err(describe)?;
     channel
@@ -141,15 +112,7 @@ async fn echo(
     let traceparent = events_exchange.as_ref().map(|_| TRACEPARENT);
     Ok(async move {
         loop {
-            let first = tokio::select! {
-                _ = stop.cancelled() => {
-                    publisher.close().await;
-                    let _ = channel.close(200, "done".into()).await;
-                    return Ok(());
-                }
-                d = consumer.next() => d,
-            };
-            let mut batch = match first {
+            let mut batch = match consumer.next().await {
                 Some(d) => vec![d.map_err(describe)?],
                 None => {
                     return Err(BenchError::Refused(

@@ -4,7 +4,7 @@ use crate::checks::Checks;
 use crate::load::RoundResult;
 use crate::meter::{CpuSplit, Stages, STAGES};
 use crate::plan::Mix;
-use crate::stats::median;
+use crate::stats::{median, Latency};
 use crate::EVENTS_CEILING;
 use serde::Serialize;
 
@@ -12,10 +12,9 @@ use serde::Serialize;
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub rate: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+    /// Medians of the rounds' percentiles, and the largest max.
+    #[serde(flatten)]
+    pub latency: Latency,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_secs_per_1k: Option<f64>,
 }
@@ -93,10 +92,9 @@ pub const KNEE_P99_MS: f64 = 50.0;
 pub struct AtRate {
     pub rate: f64,
     pub target: &'static str,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+    /// Medians of the rounds' percentiles, and the largest max.
+    #[serde(flatten)]
+    pub latency: Latency,
     /// CPU seconds per 1,000 commands by party, and their sum.
     pub cpu_per_1k: PartyCpu,
     /// Run-queue seconds per 1,000 commands, all parties.
@@ -151,13 +149,7 @@ fn at_rates(rows: &[RoundRow]) -> Vec<AtRate> {
             out.push(AtRate {
                 rate,
                 target,
-                p50_ms: m(&|r| r.result.latency.p50_ms),
-                p99_ms: m(&|r| r.result.latency.p99_ms),
-                p999_ms: m(&|r| r.result.latency.p999_ms),
-                max_ms: rs
-                    .iter()
-                    .map(|r| r.result.latency.max_ms)
-                    .fold(0.0, f64::max),
+                latency: latency_over(&rs),
                 cpu_per_1k: cpu,
                 run_queue_per_1k: m(&|r| r.cpu_per_1k.run_queue.total()),
             });
@@ -265,9 +257,9 @@ fn print_summaries(r: &Report) {
     println!(
         "worker  (median of rounds): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {} CPU s per 1k, peak RSS {} MiB",
         w.rate,
-        w.p50_ms,
-        w.p99_ms,
-        w.max_ms,
+        w.latency.p50_ms,
+        w.latency.p99_ms,
+        w.latency.max_ms,
         w.cpu_secs_per_1k.map(|c| format!("{c:.3}")).unwrap_or_else(|| "?".into()),
         r.worker_peak_rss_kib
             .iter()
@@ -289,12 +281,12 @@ fn print_summaries(r: &Report) {
         };
         println!(
             "{name} (median of rounds): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
-            c.rate, c.p50_ms, c.p99_ms, c.max_ms
+            c.rate, c.latency.p50_ms, c.latency.p99_ms, c.latency.max_ms
         );
         println!("worker ÷ {name} (median of paired rounds): {ratio:.3}");
         println!(
             "worker p50 − {name} p50: {:+.2} ms",
-            r.worker.p50_ms - c.p50_ms
+            r.worker.latency.p50_ms - c.latency.p50_ms
         );
     }
     if let Some(bound) = r.events_bound {
@@ -377,13 +369,7 @@ pub fn summarize(
         let cpu = m(&|r| r.cpu_secs_per_1k.unwrap_or(f64::NAN));
         Some(Summary {
             rate: m(&|r| r.result.rate),
-            p50_ms: m(&|r| r.result.latency.p50_ms),
-            p99_ms: m(&|r| r.result.latency.p99_ms),
-            p999_ms: m(&|r| r.result.latency.p999_ms),
-            max_ms: rs
-                .iter()
-                .map(|r| r.result.latency.max_ms)
-                .fold(0.0, f64::max),
+            latency: latency_over(&rs),
             cpu_secs_per_1k: (!cpu.is_nan()).then_some(cpu),
         })
     };
@@ -426,7 +412,7 @@ pub fn summarize(
                 let max = median(&rates(t));
                 let best = at
                     .iter()
-                    .filter(|a| a.target == t && a.p99_ms <= KNEE_P99_MS)
+                    .filter(|a| a.target == t && a.latency.p99_ms <= KNEE_P99_MS)
                     .map(|a| a.rate)
                     .fold(None, |b: Option<f64>, r| Some(b.map_or(r, |b| b.max(r))));
                 (t, best.map(|r| r / max))
@@ -455,7 +441,7 @@ fn print_fixed_rates(r: &Report) {
         let c = a.cpu_per_1k;
         println!(
             "{:>7.0} {:<14} {:>8.2} {:>8.2} {:>8.2} {:>8.1}                 {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3}   {:>6.3}",
-            a.rate, a.target, a.p50_ms, a.p99_ms, a.p999_ms, a.max_ms,
+            a.rate, a.target, a.latency.p50_ms, a.latency.p99_ms, a.latency.p999_ms, a.latency.max_ms,
             c.worker, c.postgres, c.broker, c.bench, c.echo, c.drain, c.total, a.run_queue_per_1k
         );
     }
@@ -466,5 +452,26 @@ fn print_fixed_rates(r: &Report) {
             }
             None => println!("knee {target}: no rate offered had p99 ≤ {KNEE_P99_MS} ms"),
         }
+    }
+}
+
+/// Rounds' latencies together: the median of each percentile, the largest max.
+fn latency_over(rounds: &[&RoundRow]) -> Latency {
+    let m = |f: fn(&Latency) -> f64| {
+        median(
+            &rounds
+                .iter()
+                .map(|r| f(&r.result.latency))
+                .collect::<Vec<_>>(),
+        )
+    };
+    Latency {
+        p50_ms: m(|l| l.p50_ms),
+        p99_ms: m(|l| l.p99_ms),
+        p999_ms: m(|l| l.p999_ms),
+        max_ms: rounds
+            .iter()
+            .map(|r| r.result.latency.max_ms)
+            .fold(0.0, f64::max),
     }
 }

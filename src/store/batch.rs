@@ -90,12 +90,11 @@ impl Batch<'_> {
             .query_one(&stmt, &[&hashes, &profile_ids, &message_ids])
             .await
             .map_err(err)?;
-        let read = |e| self.noting_read_only(StoreError::pg("load", e));
-        let tokens: Vec<LoadedToken> = row.try_get("tokens").map_err(read)?;
-        let profiles: Vec<LoadedProfile> = row.try_get("profiles").map_err(read)?;
-        let replies: Vec<LoadedReply> = row.try_get("replies").map_err(read)?;
-        let pending: Vec<LoadedEvent> = row.try_get("pending_events").map_err(read)?;
-        let last_emails: Vec<LoadedEmail> = row.try_get("last_emails").map_err(read)?;
+        let tokens: Vec<LoadedToken> = row.try_get("tokens").map_err(err)?;
+        let profiles: Vec<LoadedProfile> = row.try_get("profiles").map_err(err)?;
+        let replies: Vec<LoadedReply> = row.try_get("replies").map_err(err)?;
+        let pending: Vec<LoadedEvent> = row.try_get("pending_events").map_err(err)?;
+        let last_emails: Vec<LoadedEmail> = row.try_get("last_emails").map_err(err)?;
 
         let by_hash: HashMap<&[u8], &str> = hashes
             .iter()
