@@ -402,7 +402,18 @@ async fn a_batch_wait_gathers_commands_that_arrive_apart_into_fewer_batches() {
         for id in ids {
             assert_eq!(env.reply_for(&id).await.status, 200);
         }
-        let page = samples(&http_get(&http, "/metrics").await.unwrap().1);
+        // A batch is counted once its ack is sent, which can be just after
+        // its replies arrived.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let page = loop {
+            let page = samples(&http_get(&http, "/metrics").await.unwrap().1);
+            if sample(&page, "profile_worker_batch_size_sum") >= 8.0
+                || std::time::Instant::now() > deadline
+            {
+                break page;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         batches.push(sample(&page, "profile_worker_batch_size_count"));
         assert_eq!(sample(&page, "profile_worker_batch_size_sum"), 8.0);
         signal(&worker, SIGTERM);

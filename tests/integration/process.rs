@@ -70,6 +70,13 @@ async fn sigterm_finishes_held_commands_and_exits_zero() {
         .expect("exits within 30 s")
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
+    // Its events' confirms were settled before it left (the ack does not wait
+    // for them): no row is left for a relay to publish a second time.
+    assert_eq!(
+        env.count("outbox").await,
+        0,
+        "a clean stop leaves no event behind"
+    );
     // Everything it took was finished and acked; the rest is still queued (the
     // broker counts returned deliveries a moment after the connection closes).
     let (mut done, mut remaining) = (0, 0);
