@@ -2,11 +2,9 @@
 //!
 //! 1. The batch's commit writes each event's row in the same transaction as the
 //!    ticket or token it announces (`store::Batch::commit`).
-//! 2. The pipeline publishes the event right after the commit, on the
-//!    session's [`EventPublisher`]; the command is acked without waiting for the
-//!    event's confirm (its row is what guarantees it). Once the broker confirms
-//!    it, its ID joins the worker's [`ConfirmedEvents`] and its row is deleted
-//!    by the next commit, saving a transaction per batch.
+//! 2. The pipeline publishes the event right after the commit; once the broker
+//!    confirms it, its ID joins the worker's [`ConfirmedEvents`] and its row is
+//!    deleted by the next commit, saving a transaction per batch.
 //! 3. The relay here deletes confirmed rows when no commit comes along, and
 //!    re-publishes rows whose confirm never came (the worker died in between,
 //!    the broker refused the event) once they are `OUTBOX_GRACE_SECS` old.
@@ -15,7 +13,7 @@
 //! only with the database; it may be published twice (a crash between confirm
 //! and delete), which is why events carry their `event_id` as `message_id`.
 
-use crate::broker::{self, properties, Outgoing, Publisher};
+use crate::broker::{properties, Outgoing, Publisher};
 use crate::config::{BrokerSettings, Settings};
 use crate::contract::message;
 use crate::records::OutboxEvent;
@@ -30,104 +28,6 @@ use uuid::Uuid;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Events re-published per relay pass.
 const RELAY_BATCH: i64 = 500;
-/// Batches' events awaiting their confirms before a batch that publishes
-/// events waits: bounds what a broker slow to confirm can make the worker hold.
-const UNSETTLED_BATCHES: usize = 64;
-
-/// Publishes committed batches' events on one confirm channel per session,
-/// shared by its consumers, and settles their confirms off the batches' path:
-/// a batch is acked once committed and its replies confirmed, not after the
-/// fsync of every queue its events reach. A confirmed event's ID joins
-/// [`ConfirmedEvents`]; a refused one, or one whose confirm never comes
-/// (the channel is lost), keeps its row for the relay.
-#[derive(Clone)]
-pub struct EventPublisher {
-    publisher: Publisher,
-    unsettled: tokio::sync::mpsc::Sender<Unsettled>,
-}
-
-struct Unsettled {
-    event_ids: Vec<Uuid>,
-    confirms: Vec<lapin::PublisherConfirm>,
-}
-
-impl EventPublisher {
-    /// The publisher, and its settling task: that ends, and closes the
-    /// channel, once every clone of the publisher is dropped and what they
-    /// sent is settled.
-    pub fn start(
-        publisher: Publisher,
-        confirmed: ConfirmedEvents,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(UNSETTLED_BATCHES);
-        let settling = tokio::spawn(settle(rx, confirmed, publisher.clone()));
-        (
-            EventPublisher {
-                publisher,
-                unsettled: tx,
-            },
-            settling,
-        )
-    }
-
-    /// Sends committed events, each with the ID of its outbox row, without
-    /// waiting for their confirms. Waits only when [`UNSETTLED_BATCHES`]
-    /// batches' events are unconfirmed already.
-    pub async fn send(&self, events: Vec<(Outgoing, Uuid)>) -> Result<(), lapin::Error> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let confirms = self
-            .publisher
-            .send_each(events.iter().map(|(o, _)| o))
-            .await?;
-        let event_ids = events.into_iter().map(|(_, id)| id).collect();
-        // Only fails when the session is ending: the rows stay for the relay.
-        let _ = self
-            .unsettled
-            .send(Unsettled {
-                event_ids,
-                confirms,
-            })
-            .await;
-        Ok(())
-    }
-}
-
-/// Awaits each batch's confirms in the order they were sent (the order the
-/// broker confirms them in, on one channel).
-async fn settle(
-    mut unsettled: tokio::sync::mpsc::Receiver<Unsettled>,
-    confirmed: ConfirmedEvents,
-    channel: Publisher,
-) {
-    while let Some(u) = unsettled.recv().await {
-        let acked = match broker::confirmed(u.confirms).await {
-            Ok(acked) => acked,
-            Err(e) => {
-                tracing::debug!(error = %broker::describe(&e), events = u.event_ids.len(), "event confirms lost with the channel; the relay will re-publish them");
-                continue;
-            }
-        };
-        let sent = acked.len();
-        let ok: Vec<Uuid> = u
-            .event_ids
-            .into_iter()
-            .zip(acked)
-            .filter_map(|(id, acked)| acked.then_some(id))
-            .collect();
-        let refused = sent - ok.len();
-        if refused > 0 {
-            metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(refused as u64);
-            tracing::warn!(
-                events = refused,
-                "broker refused events; they stay in the outbox for the relay"
-            );
-        }
-        confirmed.add(ok);
-    }
-    channel.close().await;
-}
 
 /// The message that announces `e`: `email.requested` on the email exchange,
 /// which only the dispatcher reads, the others on the events exchange, in the

@@ -16,7 +16,6 @@ pub use answer::{POISON_CODE, REPLY_TO_NOT_ALLOWED};
 
 use crate::broker::{properties, Channel, Delivery, Publisher};
 use crate::config::Settings;
-use crate::outbox::EventPublisher;
 use crate::store::{ConfirmedEvents, Store, StoreError};
 use crate::telemetry::{self, Report};
 use answer::{Answer, Routes};
@@ -86,7 +85,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(
         (store, confirmed): (Store, ConfirmedEvents),
-        (publisher, events): (Publisher, EventPublisher),
+        publisher: Publisher,
         acks: Channel,
         settings: Arc<Settings>,
         shutdown: CancellationToken,
@@ -94,7 +93,7 @@ impl Pipeline {
     ) -> Self {
         Pipeline {
             frame_max,
-            dispatcher: Dispatcher::new(publisher, events),
+            dispatcher: Dispatcher::new(publisher, confirmed.clone()),
             confirmed,
             store,
             acks,
@@ -169,8 +168,7 @@ impl Pipeline {
         }
     }
 
-    /// The second half: await the replies' and dead letters' confirms (not
-    /// the events': the outbox holds those), settle what was refused, ack. A
+    /// The second half: await every confirm, settle what was refused, ack. A
     /// consumer completes its batches in the order it prepared them, so a
     /// `multiple` ack never covers a delivery of a batch that is not done.
     pub async fn complete(&self, c: Committed) -> Result<(), BatchError> {

@@ -2,14 +2,12 @@
 //! each refusal (a nack) by whose message it was, so that no caller can hold
 //! the worker: a reply is the caller's, retried briefly in the background and
 //! then dropped and counted; an event stays in the outbox for the relay; a dead
-//! letter is handed to the queue's own dead-lettering. Events go to the
-//! session's [`EventPublisher`], which settles them off the batch's path: the
-//! outbox already guarantees them.
+//! letter is handed to the queue's own dead-lettering.
 
 use crate::broker::{Outgoing, Publisher};
 use crate::config::BrokerSettings;
-use crate::outbox::EventPublisher;
 use crate::records::OutboxEvent;
+use crate::store::ConfirmedEvents;
 use crate::telemetry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,13 +45,13 @@ impl Publications {
     }
 }
 
-/// A batch's replies and dead letters, sent; their confirms not yet awaited.
-/// (Its events are the [`EventPublisher`]'s.)
+/// A batch's publications, sent; their confirms not yet awaited.
 pub(super) struct Sent {
     /// Kept to retry the ones the broker refuses.
     replies: Vec<Outgoing>,
+    event_ids: Vec<Uuid>,
     dead_tags: Vec<u64>,
-    /// Replies', then dead letters' confirms.
+    /// Replies', then events', then dead letters' confirms.
     confirms: Vec<lapin::PublisherConfirm>,
 }
 
@@ -65,24 +63,24 @@ pub(super) struct Settled {
     pub reject: Vec<u64>,
 }
 
-/// Publishes replies and dead letters on the consumer's confirm channel and
-/// settles what the broker refused; hands events to the session's publisher.
+/// Publishes on one confirm channel and settles what the broker refused.
 pub(super) struct Dispatcher {
     publisher: Publisher,
-    events: EventPublisher,
+    /// Where confirmed events go, for the next commit to delete their rows.
+    confirmed: ConfirmedEvents,
     reply_retries: Arc<Semaphore>,
 }
 
 impl Dispatcher {
-    pub fn new(publisher: Publisher, events: EventPublisher) -> Self {
+    pub fn new(publisher: Publisher, confirmed: ConfirmedEvents) -> Self {
         Dispatcher {
             publisher,
-            events,
+            confirmed,
             reply_retries: Arc::new(Semaphore::new(REPLY_RETRY_TASKS)),
         }
     }
 
-    /// Publishes everything and waits for the replies' and dead letters' confirms.
+    /// Publishes everything and waits for every confirm.
     pub async fn publish(&self, out: Publications) -> Result<Settled, lapin::Error> {
         let sent = self.send(out).await?;
         self.confirm(sent).await
@@ -97,38 +95,61 @@ impl Dispatcher {
             events,
             dead_letters,
         } = out;
-        let (confirms, events) = futures_util::future::join(
-            self.publisher
-                .send_each(replies.iter().chain(dead_letters.iter().map(|(o, _)| o))),
-            self.events.send(events),
-        )
-        .await;
-        events?;
+        let confirms = self
+            .publisher
+            .send_each(
+                replies
+                    .iter()
+                    .chain(events.iter().map(|(o, _)| o))
+                    .chain(dead_letters.iter().map(|(o, _)| o)),
+            )
+            .await?;
         Ok(Sent {
+            event_ids: events.into_iter().map(|(_, id)| id).collect(),
             dead_tags: dead_letters.into_iter().map(|(_, t)| t).collect(),
             replies,
-            confirms: confirms?,
+            confirms,
         })
     }
 
-    /// Waits for the confirm of each reply and dead letter [`Dispatcher::send`]
-    /// published and settles what the broker refused.
+    /// Waits for every confirm of what [`Dispatcher::send`] published and
+    /// settles what the broker refused.
     pub async fn confirm(&self, sent: Sent) -> Result<Settled, lapin::Error> {
         let Sent {
             replies,
+            event_ids,
             dead_tags,
             confirms,
         } = sent;
         let acked = crate::broker::confirmed(confirms).await?;
-        let n_replies = replies.len();
+        let (n_replies, n_events) = (replies.len(), event_ids.len());
         let refused_replies: Vec<Outgoing> = replies
             .into_iter()
             .zip(&acked[..n_replies])
             .filter(|(_, ok)| !**ok)
             .map(|(o, _)| o)
             .collect();
+        let event_acks = &acked[n_replies..n_replies + n_events];
+        let mut confirmed = Vec::with_capacity(n_events);
+        let mut refused_events = 0;
+        for (id, ok) in event_ids.into_iter().zip(event_acks) {
+            if *ok {
+                confirmed.push(id);
+            } else {
+                refused_events += 1;
+            }
+        }
+        // The events are confirmed: their outbox rows go with the next commit.
+        self.confirmed.add(confirmed);
+        if refused_events > 0 {
+            metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(refused_events);
+            tracing::warn!(
+                events = refused_events,
+                "broker refused events; they stay in the outbox for the relay"
+            );
+        }
         let mut settled = Settled::default();
-        for (tag, ok) in dead_tags.into_iter().zip(&acked[n_replies..]) {
+        for (tag, ok) in dead_tags.into_iter().zip(&acked[n_replies + n_events..]) {
             if !*ok {
                 metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "nack").increment(1);
                 tracing::warn!(

@@ -144,23 +144,14 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     // `ack multiple` cannot overlap. PREFETCH is shared out between them.
     let consumers = usize::from(settings.worker.consumers);
     let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
-    let (events, settling) =
-        outbox::EventPublisher::start(Publisher::open(conn).await?, shared.confirmed.clone());
     let mut lanes = Vec::with_capacity(consumers);
     for lane in 0..consumers {
-        lanes.push(consume(conn, shared, (prefetch, lane), events.clone()));
+        lanes.push(consume(conn, shared, prefetch, lane));
     }
     tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
     // The first consumer to fail ends the session; the others are dropped with the
     // connection and their unacked deliveries return to the queue.
     let result = futures_util::future::try_join_all(lanes).await.map(|_| ());
-    // The events' confirms still due, so a clean stop leaves no row for the
-    // relay to publish again; bounded, since a lost channel's never come.
-    drop(events);
-    let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
-    if tokio::time::timeout(grace, settling).await.is_err() {
-        tracing::warn!("event confirms still due at the end of the session; the relay will re-publish those events");
-    }
     relay_stop.cancel();
     let _ = relay.await;
     let _ = depths.await;
@@ -204,8 +195,8 @@ async fn poll_depths(channel: lapin::Channel, settings: Arc<Settings>, stop: Can
 async fn consume(
     conn: &Connection,
     shared: &Shared<'_>,
-    (prefetch, lane): (u16, usize),
-    events: outbox::EventPublisher,
+    prefetch: u16,
+    lane: usize,
 ) -> Result<(), SessionError> {
     let Shared {
         store,
@@ -235,7 +226,7 @@ async fn consume(
     let consuming = health.consuming();
     let pipeline = Arc::new(Pipeline::new(
         (store.clone(), confirmed.clone()),
-        (publisher.clone(), events),
+        publisher.clone(),
         channel.clone(),
         settings.clone(),
         shutdown.clone(),
