@@ -236,6 +236,35 @@ start_postgres() {
   fi
   command -v psql >/dev/null 2>&1 || apt_install postgresql-client
   pg_roles "$PW_PG_PORT"
+  pg_socket_auth
+}
+
+# This machine's own cluster lets the worker's roles in over the Unix socket
+# with their passwords (Debian's pg_hba.conf lets local connections in only as
+# the OS user of the same name): one line before Debian's `local all all`.
+pg_socket_auth() {
+  local ver hba roles="$PW_DB_OWNER,$PW_DB_USER"
+  ver="$(pg_version)"
+  hba="/etc/postgresql/$ver/main/pg_hba.conf"
+  [ -n "$ver" ] && [ -f "$hba" ] || return 0
+  grep -qE "^local[[:space:]]+all[[:space:]]+$roles[[:space:]]" "$hba" && return 0
+  log "letting $roles in over the Unix socket (scram-sha-256)"
+  as_root sed -i "0,/^local[[:space:]]\+all[[:space:]]\+all[[:space:]]/s//local   all             $roles   scram-sha-256\n&/" "$hba"
+  as_root pg_ctlcluster "$ver" main reload
+}
+
+# Where the worker's URLs reach PostgreSQL: this machine's own cluster over its
+# Unix socket (no TCP, no TLS handshake; BENCHMARKS.md, "Cost"), a server in
+# Docker or elsewhere over TCP. PW_PG_SOCKET=0 forces TCP.
+pg_host() {
+  local dir=/var/run/postgresql ver
+  ver="$(pg_version)"
+  if [ "${PW_PG_SOCKET:-1}" = 1 ] && [ -S "$dir/.s.PGSQL.$PW_PG_PORT" ] && [ -n "$ver" ] &&
+    grep -qE "^local[[:space:]]+all[[:space:]]+$PW_DB_OWNER,$PW_DB_USER[[:space:]]" "/etc/postgresql/$ver/main/pg_hba.conf" 2>/dev/null; then
+    echo "%2Fvar%2Frun%2Fpostgresql"
+  else
+    echo 127.0.0.1
+  fi
 }
 
 # The owner and runtime roles and the database, on the server at PORT, when we
@@ -287,10 +316,11 @@ ensure_services() {
   rabbit_user "$PW_PUBLISHER_USER" "$PW_PUBLISHER_PASSWORD" '^amq\.gen-.*$' '^profile\.commands$' '^amq\.gen-.*$'
   # The worker's own connections (least privilege) ...
   export AMQP_URL="${AMQP_URL:-amqp://$PW_RABBIT_USER:$PW_RABBIT_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
-  export DATABASE_URL="${DATABASE_URL:-postgres://$PW_DB_USER:$PW_DB_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
+  local pg; pg="$(pg_host)"
+  export DATABASE_URL="${DATABASE_URL:-postgres://$PW_DB_USER:$PW_DB_PASSWORD@$pg:$PW_PG_PORT/$PW_DB_NAME}"
   export DATABASE_RUNTIME_ROLE="${DATABASE_RUNTIME_ROLE:-$PW_DB_USER}"
   # ... and the owner's, for migrate and seed; a publisher's, for send.
-  export OWNER_DATABASE_URL="${OWNER_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/$PW_DB_NAME}"
+  export OWNER_DATABASE_URL="${OWNER_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@$pg:$PW_PG_PORT/$PW_DB_NAME}"
   export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://$PW_PUBLISHER_USER:$PW_PUBLISHER_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   # The administrator's, for the tests' checks and the bench's own vhosts.
   export ADMIN_AMQP_URL="${ADMIN_AMQP_URL:-amqp://$PW_ADMIN_AMQP_USER:$PW_ADMIN_AMQP_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
@@ -335,7 +365,7 @@ ensure_examples() {
 bench_env() {
   ensure_rust
   ensure_services
-  export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres${DATABASE_QUERY:+?$DATABASE_QUERY}"
+  export DATABASE_URL="postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@$(pg_host):$PW_PG_PORT/postgres${DATABASE_QUERY:+?$DATABASE_QUERY}"
   export AMQP_URL="$ADMIN_AMQP_URL"
 }
 

@@ -41,6 +41,10 @@ export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
 # Test databases are made by the owner role; the worker runs as the runtime role.
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@127.0.0.1:$PW_PG_PORT/postgres}"
 export TEST_RUNTIME_DB_USER="$PW_DB_USER" TEST_RUNTIME_DB_PASSWORD="$PW_DB_PASSWORD"
+# Where the set-up would reach PostgreSQL over its Unix socket, that host, for
+# the test that the worker runs with such a URL.
+pg="$(pg_host)"
+[ "$pg" = 127.0.0.1 ] || export TEST_PG_SOCKET_HOST="$pg"
 if $fast; then
   # Every unit test, the integration binary and the bench's smoke test: none
   # of them stops a server.

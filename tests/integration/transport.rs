@@ -106,6 +106,58 @@ async fn database_tls_follows_libpq_sslmode() {
     env.teardown().await;
 }
 
+/// The README's set-up connects over PostgreSQL's Unix socket when the server
+/// is this machine's own cluster (`scripts/services.sh`, `pg_host`): the same
+/// URL with the socket's directory as its host works, with `sslmode=prefer`
+/// (no TLS is offered there) and without TLS on the connection.
+/// `TEST_PG_SOCKET_HOST` is that host as the set-up writes it; `scripts/test.sh`
+/// sets it wherever the set-up would use the socket.
+#[tokio::test]
+async fn the_worker_connects_over_the_unix_socket() {
+    let Ok(host) = std::env::var("TEST_PG_SOCKET_HOST") else {
+        eprintln!("TEST_PG_SOCKET_HOST unset: PostgreSQL is not this machine's own cluster here");
+        return;
+    };
+    let mut env = Env::prepare().await;
+    let tcp = env
+        .settings
+        .database
+        .database_url
+        .expose_secret()
+        .to_string();
+    let socket = tcp.replacen("@127.0.0.1:", &format!("@{host}:"), 1);
+    assert_ne!(socket, tcp, "the tests' URL names 127.0.0.1: {tcp}");
+    env.settings.database.database_url = socket.into();
+    env.start_worker().await;
+    assert_eq!(
+        env.call("create-ticket", ticket(ADMIN_TOKEN, ENABLED_PROFILE))
+            .await
+            .status,
+        200
+    );
+    let (db, conn) =
+        tokio_postgres::connect(&runtime_db_url_for(&env.db_name), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let unix: Vec<bool> = db
+        .query(
+            "SELECT client_addr IS NULL AND NOT coalesce(s.ssl, false) FROM pg_stat_activity a \
+             LEFT JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.datname = $1 AND a.application_name = 'profile-worker'",
+            &[&env.db_name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!unix.is_empty());
+    assert!(unix.iter().all(|u| *u), "over the socket, no TLS: {unix:?}");
+    env.stop_worker().await;
+    env.teardown().await;
+}
+
 #[tokio::test]
 async fn the_worker_speaks_amqps_with_a_configured_ca() {
     let mut env = Env::prepare().await;
