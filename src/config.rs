@@ -358,11 +358,13 @@ pub struct WorkerSettings {
     /// Most commands handled in one database transaction.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
-    /// Milliseconds a consumer waits for more commands once its prefetch
-    /// window is drained and its batch is not full (0: none, a batch is what
-    /// has already arrived). A batch's cost is mostly per batch, so a short
-    /// wait trades latency for CPU (BENCHMARKS.md, "Cost").
-    #[arg(long, env = "BATCH_WAIT_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    /// At most how many milliseconds a consumer whose batch is not full waits
+    /// for more commands while another of the worker's batches is in the
+    /// database (0: never; a batch is what has already arrived). It stops
+    /// waiting as soon as none is, so a lone command never waits. A batch's
+    /// cost is mostly per batch, and one formed meanwhile would queue behind
+    /// the other for the CPU and the WAL flush anyway (BENCHMARKS.md, "Cost").
+    #[arg(long, env = "BATCH_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub batch_wait_ms: u64,
     /// Consumers (each with its own channel and batches) in this process; while one
     /// waits for Postgres another publishes. PREFETCH is shared out between them.

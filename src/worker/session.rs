@@ -2,6 +2,7 @@
 //! the outbox relay), rebuilt with jittered backoff whenever the connection or
 //! a channel fails, until shutdown.
 
+use super::gather;
 use crate::broker::{self, Connection, Nodes, Publisher, TopologyError};
 use crate::config::Settings;
 use crate::ops::Health;
@@ -9,7 +10,7 @@ use crate::outbox;
 use crate::pipeline::{BatchError, Pipeline, Prepared};
 use crate::store::{ConfirmedEvents, Store};
 use crate::telemetry::{self, Report};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
@@ -144,9 +145,10 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     // `ack multiple` cannot overlap. PREFETCH is shared out between them.
     let consumers = usize::from(settings.worker.consumers);
     let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
+    let in_db = Arc::new(gather::InDatabase::default());
     let mut lanes = Vec::with_capacity(consumers);
     for lane in 0..consumers {
-        lanes.push(consume(conn, shared, prefetch, lane));
+        lanes.push(consume(conn, shared, (prefetch, lane), &in_db));
     }
     tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
     // The first consumer to fail ends the session; the others are dropped with the
@@ -195,8 +197,8 @@ async fn poll_depths(channel: lapin::Channel, settings: Arc<Settings>, stop: Can
 async fn consume(
     conn: &Connection,
     shared: &Shared<'_>,
-    prefetch: u16,
-    lane: usize,
+    (prefetch, lane): (u16, usize),
+    in_db: &Arc<gather::InDatabase>,
 ) -> Result<(), SessionError> {
     let Shared {
         store,
@@ -219,8 +221,8 @@ async fn consume(
         )
         .await?;
     let consumer_tag = consumer.tag();
-    // Peekable: a batch's wait (BATCH_WAIT_MS) looks at what comes next and
-    // leaves an error or the stream's end for the loop to handle.
+    // Peekable: gathering a batch looks at what comes next and leaves an
+    // error or the stream's end for the loop to handle.
     let mut consumer = consumer.peekable();
     let batch_wait = Duration::from_millis(settings.worker.batch_wait_ms);
     let consuming = health.consuming();
@@ -278,30 +280,18 @@ async fn consume(
             Some(Err(e)) => break Err(e.into()),
             Some(Ok(d)) => vec![d],
         };
-        // Take whatever else the prefetch window already delivered, without waiting.
-        while batch.len() < max_batch {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => batch.push(d),
-                _ => break,
-            }
-        }
-        // With BATCH_WAIT_MS, what arrives within it too. The stream's end or
-        // error is left for the next turn of the loop to find.
-        if !batch_wait.is_zero() && !cancelling && batch.len() < max_batch {
-            let until = tokio::time::Instant::now() + batch_wait;
-            while batch.len() < max_batch {
-                let arrived =
-                    tokio::time::timeout_at(until, std::pin::Pin::new(&mut consumer).peek()).await;
-                if !matches!(arrived, Ok(Some(Ok(_)))) {
-                    break;
-                }
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
-                    _ => break,
-                }
-            }
-        }
-        let prepared = match pipeline.prepare(batch).await {
+        // What has already arrived and, with BATCH_WAIT_MS, what arrives while
+        // another batch is in the database (`gather`). Not while draining.
+        let wait = if cancelling {
+            Duration::ZERO
+        } else {
+            batch_wait
+        };
+        gather::gather(&mut consumer, &mut batch, max_batch, wait, in_db).await;
+        let entered = in_db.enter();
+        let prepared = pipeline.prepare(batch).await;
+        drop(entered);
+        let prepared = match prepared {
             Ok(p) => p,
             Err(e) => break stop(e, lane),
         };

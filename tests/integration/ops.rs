@@ -379,18 +379,64 @@ async fn a_malformed_tracestate_is_not_copied_onto_replies_and_events() {
     env.teardown().await;
 }
 
-/// BATCH_WAIT_MS: commands that arrive one at a time, a few milliseconds
-/// apart, are taken into one batch within the wait, each answered as usual;
-/// without the wait each is a batch of its own.
+/// BATCH_WAIT_MS: while one batch is held in the database (its idempotency
+/// record waits for this test's uncommitted one under the same message_id),
+/// the other consumer gathers the
+/// commands that arrive, 20 ms apart, into one batch instead of taking each
+/// as it comes; and a lone command, with nothing else in the database, is
+/// answered without waiting (here the wait is a whole second).
 #[tokio::test]
-async fn a_batch_wait_gathers_commands_that_arrive_apart_into_fewer_batches() {
+async fn a_batch_wait_gathers_while_another_batch_is_in_the_database() {
     let env = Env::prepare().await;
     let mut batches = Vec::new();
-    for wait in ["0", "400"] {
+    for wait in ["0", "1000"] {
         let mut cmd = worker_process(&env);
-        cmd.env("BATCH_WAIT_MS", wait).env("CONSUMERS", "1");
+        cmd.env("BATCH_WAIT_MS", wait).env("CONSUMERS", "2");
         let mut worker = WorkerProcess::start(cmd, None).await;
         let http = worker.http().to_string();
+        let count = || async {
+            let page = samples(&http_get(&http, "/metrics").await.unwrap().1);
+            sample(&page, "profile_worker_batch_size_count")
+        };
+        // Alone: answered at once, never after the wait.
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let id = env
+                .send(
+                    "create-verification-token",
+                    &verification(ADMIN_TOKEN, ENABLED_PROFILE),
+                )
+                .await;
+            assert_eq!(env.reply_for(&id).await.status, 200);
+            assert!(
+                started.elapsed() < Duration::from_millis(900),
+                "BATCH_WAIT_MS={wait}: a lone command waited {:?}",
+                started.elapsed()
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count().await < 3.0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let before = count().await;
+        // The next command's insert of its idempotency record waits for this
+        // transaction's record under the same message_id; rolled back below.
+        let held = format!("held-{wait}-{}", Uuid::new_v4());
+        env.db
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO processed_commands (message_id, command, status, reply) \
+                 VALUES ('{held}', 'create-ticket', 200, '{{}}')"
+            ))
+            .await
+            .unwrap();
+        let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+        let send = Send {
+            kind: Some("create-ticket".into()),
+            message_id: Some(held.clone()),
+            ..Default::default()
+        };
+        let held = env.publish(body.as_bytes(), send).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let mut ids = Vec::new();
         for _ in 0..8 {
             ids.push(
@@ -399,30 +445,30 @@ async fn a_batch_wait_gathers_commands_that_arrive_apart_into_fewer_batches() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        env.db.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(env.reply_for(&held).await.status, 200);
         for id in ids {
             assert_eq!(env.reply_for(&id).await.status, 200);
         }
-        // A batch is counted once its ack is sent, which can be just after
-        // its replies arrived.
+        // A batch is counted once its ack is sent, just after its replies.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let page = loop {
-            let page = samples(&http_get(&http, "/metrics").await.unwrap().1);
-            if sample(&page, "profile_worker_batch_size_sum") >= 8.0
-                || std::time::Instant::now() > deadline
-            {
-                break page;
-            }
+        let mut taken = count().await - before;
+        while taken < 2.0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        batches.push(sample(&page, "profile_worker_batch_size_count"));
-        assert_eq!(sample(&page, "profile_worker_batch_size_sum"), 8.0);
+            taken = count().await - before;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        batches.push(count().await - before);
         signal(&worker, SIGTERM);
         assert!(worker.wait().await.unwrap().success());
     }
-    assert_eq!(batches[0], 8.0, "without a wait, each command is a batch");
-    assert!(
-        batches[1] <= 2.0,
-        "within 400 ms, 8 commands 20 ms apart: {batches:?}"
-    );
+    eprintln!("batches from the held command on, BATCH_WAIT_MS 0 and 1000: {batches:?}");
+    // Without the wait: the held command, the other consumer's four tickets
+    // one by one, the held consumer's four together.
+    assert!(batches[0] >= 5.0, "without a wait: {batches:?}");
+    // With it: the held command, the other consumer's four gathered while it
+    // was held, the held consumer's four.
+    assert!(batches[1] <= 3.0, "with a wait: {batches:?}");
     env.teardown().await;
 }
