@@ -12,14 +12,22 @@ use std::time::Duration;
 /// Whether the worker's connections to this test's database are encrypted
 /// (asked as the worker's own role: others' sessions' details are hidden).
 async fn worker_connections_use_tls(env: &Env) -> Vec<bool> {
+    worker_connections(env, "s.ssl").await
+}
+
+/// `what` (an SQL condition over `a`, pg_stat_activity, and `s`, pg_stat_ssl)
+/// for each of the worker's connections to this test's database.
+async fn worker_connections(env: &Env, what: &str) -> Vec<bool> {
     let (db, conn) =
         tokio_postgres::connect(&runtime_db_url_for(&env.db_name), tokio_postgres::NoTls)
             .await
             .unwrap();
     tokio::spawn(conn);
     db.query(
-        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-             WHERE a.datname = $1 AND a.application_name = 'profile-worker'",
+        &format!(
+            "SELECT {what} FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = $1 AND a.application_name = 'profile-worker'"
+        ),
         &[&env.db_name],
     )
     .await
@@ -135,23 +143,7 @@ async fn the_worker_connects_over_the_unix_socket() {
             .status,
         200
     );
-    let (db, conn) =
-        tokio_postgres::connect(&runtime_db_url_for(&env.db_name), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let unix: Vec<bool> = db
-        .query(
-            "SELECT client_addr IS NULL AND NOT coalesce(s.ssl, false) FROM pg_stat_activity a \
-             LEFT JOIN pg_stat_ssl s USING (pid) \
-             WHERE a.datname = $1 AND a.application_name = 'profile-worker'",
-            &[&env.db_name],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let unix = worker_connections(&env, "a.client_addr IS NULL AND NOT s.ssl").await;
     assert!(!unix.is_empty());
     assert!(unix.iter().all(|u| *u), "over the socket, no TLS: {unix:?}");
     env.stop_worker().await;
