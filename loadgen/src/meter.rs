@@ -177,28 +177,36 @@ impl Meters {
         }
         let after = self.read(workers, Some(pids)).await;
         let per_1k = |d: f64| d * 1000.0 / n as f64;
-        let cpu = |a: &Use, b: &Use| per_1k(a.since(b).0);
-        let waited = |a: &Use, b: &Use| per_1k(a.since(b).1);
+        // Each party's (CPU, run-queue) seconds per 1,000 commands.
+        let used = |a: &Use, b: &Use| {
+            let (cpu, waited) = a.since(b);
+            (per_1k(cpu), per_1k(waited))
+        };
+        let workers = used(&after.workers, &before.workers);
+        let broker = used(&after.broker, &before.broker);
+        let postgres = used(&after.postgres, &before.postgres);
+        let bench = used(&after.bench, &before.bench);
+        let echo = used(&after.echo, &before.echo);
+        let drain = used(&after.drain, &before.drain);
         (
-            cpu(&after.workers, &before.workers),
+            workers.0,
             CpuSplit {
-                broker: (!self.broker.is_empty()).then(|| cpu(&after.broker, &before.broker)),
-                postgres: (!after.postgres_pids.is_empty())
-                    .then(|| cpu(&after.postgres, &before.postgres)),
-                bench: cpu(&after.bench, &before.bench),
-                echo: (!self.echo.is_empty()).then(|| cpu(&after.echo, &before.echo)),
-                drain: (!self.drain.is_empty()).then(|| cpu(&after.drain, &before.drain)),
+                broker: (!self.broker.is_empty()).then_some(broker.0),
+                postgres: (!after.postgres_pids.is_empty()).then_some(postgres.0),
+                bench: bench.0,
+                echo: (!self.echo.is_empty()).then_some(echo.0),
+                drain: (!self.drain.is_empty()).then_some(drain.0),
                 wal_kib: after
                     .wal
                     .zip(before.wal)
                     .map(|(a, b)| per_1k(a - b) / 1024.0),
                 run_queue: RunQueue {
-                    worker: waited(&after.workers, &before.workers),
-                    broker: waited(&after.broker, &before.broker),
-                    postgres: waited(&after.postgres, &before.postgres),
-                    bench: waited(&after.bench, &before.bench),
-                    echo: waited(&after.echo, &before.echo),
-                    drain: waited(&after.drain, &before.drain),
+                    worker: workers.1,
+                    broker: broker.1,
+                    postgres: postgres.1,
+                    bench: bench.1,
+                    echo: echo.1,
+                    drain: drain.1,
                 },
             },
         )

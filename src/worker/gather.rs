@@ -10,7 +10,6 @@ use futures_util::stream::Peekable;
 use futures_util::{FutureExt, Stream, StreamExt};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -23,9 +22,9 @@ pub(super) struct InDatabase {
 }
 
 /// One batch in the database, until dropped.
-pub(super) struct Entered(Arc<InDatabase>);
+pub(super) struct Entered<'a>(&'a InDatabase);
 
-impl Drop for Entered {
+impl Drop for Entered<'_> {
     fn drop(&mut self) {
         if self.0.batches.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.none.notify_waiters();
@@ -34,9 +33,9 @@ impl Drop for Entered {
 }
 
 impl InDatabase {
-    pub fn enter(self: &Arc<Self>) -> Entered {
+    pub fn enter(&self) -> Entered<'_> {
         self.batches.fetch_add(1, Ordering::AcqRel);
-        Entered(self.clone())
+        Entered(self)
     }
 
     fn busy(&self) -> bool {
@@ -165,7 +164,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waits_for_more_while_another_batch_is_in_the_database() {
-        let in_db = Arc::new(InDatabase::default());
+        let in_db = InDatabase::default();
         let _other = in_db.enter();
         let later = vec![(5, Ok(2)), (5, Ok(3)), (200, Ok(4))];
         let started = tokio::time::Instant::now();
@@ -176,23 +175,23 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stops_waiting_when_the_other_batch_leaves_the_database() {
-        let in_db = Arc::new(InDatabase::default());
+        let in_db = InDatabase::default();
         let other = in_db.enter();
-        let leaving = tokio::spawn(async move {
+        let leaving = async move {
             tokio::time::sleep(Duration::from_millis(8)).await;
             drop(other);
-        });
+        };
         let later = vec![(5, Ok(2)), (100, Ok(3))];
         let started = tokio::time::Instant::now();
-        let (batch, _) = gathered(deliveries(&[1], later), 1_000, &in_db).await;
-        leaving.await.unwrap();
+        let ((batch, _), ()) =
+            tokio::join!(gathered(deliveries(&[1], later), 1_000, &in_db), leaving);
         assert_eq!(batch, [1, 2]);
         assert_eq!(started.elapsed(), Duration::from_millis(8));
     }
 
     #[tokio::test(start_paused = true)]
     async fn leaves_an_error_and_the_end_for_the_caller() {
-        let in_db = Arc::new(InDatabase::default());
+        let in_db = InDatabase::default();
         let _other = in_db.enter();
         let (batch, mut rest) = gathered(
             deliveries(&[1, 2], vec![(5, Err("channel closed")), (5, Ok(9))]),
@@ -209,7 +208,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_takes_more_than_the_batch_size() {
-        let in_db = Arc::new(InDatabase::default());
+        let in_db = InDatabase::default();
         let _other = in_db.enter();
         let all: Vec<u32> = (1..=15).collect();
         let (batch, mut rest) = gathered(deliveries(&all, vec![]), 50, &in_db).await;

@@ -145,7 +145,7 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     // `ack multiple` cannot overlap. PREFETCH is shared out between them.
     let consumers = usize::from(settings.worker.consumers);
     let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
-    let in_db = Arc::new(gather::InDatabase::default());
+    let in_db = gather::InDatabase::default();
     let mut lanes = Vec::with_capacity(consumers);
     for lane in 0..consumers {
         lanes.push(consume(conn, shared, (prefetch, lane), &in_db));
@@ -198,7 +198,7 @@ async fn consume(
     conn: &Connection,
     shared: &Shared<'_>,
     (prefetch, lane): (u16, usize),
-    in_db: &Arc<gather::InDatabase>,
+    in_db: &gather::InDatabase,
 ) -> Result<(), SessionError> {
     let Shared {
         store,
@@ -288,9 +288,10 @@ async fn consume(
             batch_wait
         };
         gather::gather(&mut consumer, &mut batch, max_batch, wait, in_db).await;
-        let entered = in_db.enter();
-        let prepared = pipeline.prepare(batch).await;
-        drop(entered);
+        let prepared = {
+            let _in_db = in_db.enter();
+            pipeline.prepare(batch).await
+        };
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => break stop(e, lane),

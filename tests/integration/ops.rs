@@ -381,10 +381,10 @@ async fn a_malformed_tracestate_is_not_copied_onto_replies_and_events() {
 
 /// BATCH_WAIT_MS: while one batch is held in the database (its idempotency
 /// record waits for this test's uncommitted one under the same message_id),
-/// the other consumer gathers the
-/// commands that arrive, 20 ms apart, into one batch instead of taking each
-/// as it comes; and a lone command, with nothing else in the database, is
-/// answered without waiting (here the wait is a whole second).
+/// the other consumer gathers the commands that arrive, 20 ms apart, into one
+/// batch instead of taking each as it comes; and a lone command, with nothing
+/// else in the database, is answered without waiting (here the wait is a
+/// whole second).
 #[tokio::test]
 async fn a_batch_wait_gathers_while_another_batch_is_in_the_database() {
     let env = Env::prepare().await;
@@ -394,9 +394,22 @@ async fn a_batch_wait_gathers_while_another_batch_is_in_the_database() {
         cmd.env("BATCH_WAIT_MS", wait).env("CONSUMERS", "2");
         let mut worker = WorkerProcess::start(cmd, None).await;
         let http = worker.http().to_string();
-        let count = || async {
-            let page = samples(&http_get(&http, "/metrics").await.unwrap().1);
-            sample(&page, "profile_worker_batch_size_count")
+        // A batch is counted once its ack is sent, just after its replies:
+        // (batches, commands) once `commands` commands have been counted.
+        let counted = |commands: f64| {
+            let http = http.clone();
+            async move {
+                let page = http_until(&http, "/metrics", Duration::from_secs(10), |_, b| {
+                    sample(&samples(b), "profile_worker_batch_size_sum") >= commands
+                })
+                .await
+                .expect("metrics");
+                let page = samples(&page.1);
+                (
+                    sample(&page, "profile_worker_batch_size_count"),
+                    sample(&page, "profile_worker_batch_size_sum"),
+                )
+            }
         };
         // Alone: answered at once, never after the wait.
         for _ in 0..3 {
@@ -414,11 +427,8 @@ async fn a_batch_wait_gathers_while_another_batch_is_in_the_database() {
                 started.elapsed()
             );
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while count().await < 3.0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let before = count().await;
+        let before = counted(3.0).await;
+        assert_eq!(before, (3.0, 3.0), "each lone command a batch of its own");
         // The next command's insert of its idempotency record waits for this
         // transaction's record under the same message_id; rolled back below.
         let held = format!("held-{wait}-{}", Uuid::new_v4());
@@ -451,15 +461,9 @@ async fn a_batch_wait_gathers_while_another_batch_is_in_the_database() {
         for id in ids {
             assert_eq!(env.reply_for(&id).await.status, 200);
         }
-        // A batch is counted once its ack is sent, just after its replies.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut taken = count().await - before;
-        while taken < 2.0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            taken = count().await - before;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        batches.push(count().await - before);
+        let after = counted(before.1 + 9.0).await;
+        assert_eq!(after.1, before.1 + 9.0, "the held command and 8 tickets");
+        batches.push(after.0 - before.0);
         signal(&worker, SIGTERM);
         assert!(worker.wait().await.unwrap().success());
     }
