@@ -239,28 +239,38 @@ start_postgres() {
   pg_socket_auth
 }
 
+# This machine's own cluster's pg_hba.conf; nothing when there is none.
+pg_hba_file() {
+  local ver; ver="$(pg_version)"
+  if [ -n "$ver" ] && [ -f "/etc/postgresql/$ver/main/pg_hba.conf" ]; then
+    echo "/etc/postgresql/$ver/main/pg_hba.conf"
+  fi
+}
+
+# Whether that file lets the worker's two roles in over the Unix socket.
+pg_socket_allowed() {
+  local hba; hba="$(pg_hba_file)"
+  [ -n "$hba" ] && grep -qE "^local[[:space:]]+all[[:space:]]+$PW_DB_OWNER,$PW_DB_USER[[:space:]]" "$hba"
+}
+
 # This machine's own cluster lets the worker's roles in over the Unix socket
 # with their passwords (Debian's pg_hba.conf lets local connections in only as
 # the OS user of the same name): one line before Debian's `local all all`.
 pg_socket_auth() {
-  local ver hba roles="$PW_DB_OWNER,$PW_DB_USER"
-  ver="$(pg_version)"
-  hba="/etc/postgresql/$ver/main/pg_hba.conf"
-  [ -n "$ver" ] && [ -f "$hba" ] || return 0
-  grep -qE "^local[[:space:]]+all[[:space:]]+$roles[[:space:]]" "$hba" && return 0
+  local hba roles="$PW_DB_OWNER,$PW_DB_USER"
+  hba="$(pg_hba_file)"
+  [ -n "$hba" ] || return 0
+  pg_socket_allowed && return 0
   log "letting $roles in over the Unix socket (scram-sha-256)"
   as_root sed -i "0,/^local[[:space:]]\+all[[:space:]]\+all[[:space:]]/s//local   all             $roles   scram-sha-256\n&/" "$hba"
-  as_root pg_ctlcluster "$ver" main reload
+  as_root pg_ctlcluster "$(pg_version)" main reload
 }
 
 # Where the worker's URLs reach PostgreSQL: this machine's own cluster over its
 # Unix socket (no TCP, no TLS handshake; BENCHMARKS.md, "Cost"), a server in
 # Docker or elsewhere over TCP. PW_PG_SOCKET=0 forces TCP.
 pg_host() {
-  local dir=/var/run/postgresql ver
-  ver="$(pg_version)"
-  if [ "${PW_PG_SOCKET:-1}" = 1 ] && [ -S "$dir/.s.PGSQL.$PW_PG_PORT" ] && [ -n "$ver" ] &&
-    grep -qE "^local[[:space:]]+all[[:space:]]+$PW_DB_OWNER,$PW_DB_USER[[:space:]]" "/etc/postgresql/$ver/main/pg_hba.conf" 2>/dev/null; then
+  if [ "${PW_PG_SOCKET:-1}" = 1 ] && [ -S "/var/run/postgresql/.s.PGSQL.$PW_PG_PORT" ] && pg_socket_allowed; then
     echo "%2Fvar%2Frun%2Fpostgresql"
   else
     echo 127.0.0.1
