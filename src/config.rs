@@ -366,6 +366,14 @@ pub struct WorkerSettings {
     /// the other for the CPU and the WAL flush anyway (BENCHMARKS.md, "Cost").
     #[arg(long, env = "BATCH_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub batch_wait_ms: u64,
+    /// How many access tokens, and how many profiles, the worker keeps as an
+    /// earlier batch read them, so that a batch naming only those skips its
+    /// load (one round trip and transaction of two). Each commit checks that
+    /// the rows it was decided on are unchanged, so a revoked token or a
+    /// disabled profile takes effect on the next batch all the same; a row is
+    /// read again at least every minute. 0: every batch is loaded.
+    #[arg(long, env = "KNOWN_ROWS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub known_rows: u32,
     /// Consumers (each with its own channel and batches) in this process; while one
     /// waits for Postgres another publishes. PREFETCH is shared out between them.
     #[arg(long, env = "CONSUMERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]

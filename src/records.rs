@@ -45,6 +45,27 @@ pub struct Loaded {
     pub processed: HashMap<String, StoredReply>,
     /// When the last email was requested, by (profile id, purpose), epoch ms.
     pub last_emails: HashMap<(String, String), i64>,
+    /// The versions of the token and profile rows above, which the commit checks.
+    pub versions: Versions,
+}
+
+/// Which version of each token and profile row a batch was decided on: the
+/// commit writes nothing if one of them has changed since (migration 7).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versions {
+    /// By access token ID.
+    pub tokens: HashMap<String, i64>,
+    /// By profile ID.
+    pub profiles: HashMap<String, ProfileVersion>,
+}
+
+/// A profile row's version, and that of its tenant's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileVersion {
+    pub xmin: i64,
+    pub tenant: String,
+    /// `None`: the tenant had no row (any link host allowed).
+    pub tenant_xmin: Option<i64>,
 }
 
 /// A verification email's claim on its profile's and purpose's cooldown.

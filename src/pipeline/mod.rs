@@ -7,6 +7,7 @@
 mod acks;
 mod answer;
 mod item;
+pub mod known;
 pub mod plan;
 pub mod policy;
 mod publish;
@@ -16,12 +17,14 @@ pub use answer::{POISON_CODE, REPLY_TO_NOT_ALLOWED};
 
 use crate::broker::{properties, Channel, Delivery, Publisher};
 use crate::config::Settings;
-use crate::store::{ConfirmedEvents, Store, StoreError};
+use crate::records::Loaded;
+use crate::store::{Batch, ConfirmedEvents, Store, StoreError};
 use crate::telemetry::{self, Report};
 use answer::{Answer, Routes};
 use item::Item;
+use known::SharedKnown;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use plan::Input;
+use plan::{Input, Plan};
 use policy::{Failure, Verdict};
 use publish::{Dispatcher, Publications, Sent, Settled};
 use std::sync::Arc;
@@ -71,6 +74,8 @@ pub struct Pipeline {
     /// Events confirmed whose outbox rows the next commit deletes; shared with
     /// the worker's other consumers and its relay.
     confirmed: ConfirmedEvents,
+    /// Tokens and profiles earlier batches read; shared with the other consumers.
+    known: SharedKnown,
     dispatcher: Dispatcher,
     acks: Channel,
     /// This channel's poison deliveries waiting out their pause (`acks`).
@@ -84,7 +89,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(
-        (store, confirmed): (Store, ConfirmedEvents),
+        (store, confirmed, known): (Store, ConfirmedEvents, SharedKnown),
         publisher: Publisher,
         acks: Channel,
         settings: Arc<Settings>,
@@ -95,6 +100,7 @@ impl Pipeline {
             frame_max,
             dispatcher: Dispatcher::new(publisher, confirmed.clone()),
             confirmed,
+            known,
             store,
             acks,
             held: acks::Held::default(),
@@ -316,23 +322,77 @@ impl Pipeline {
 
     /// One attempt at the database part. Returns what to publish and how each
     /// command was answered.
+    ///
+    /// A batch whose every token and profile an earlier batch read is decided
+    /// on those, without a load, when the commit can check them all (`known`):
+    /// if one changed, it is forgotten and the batch loaded and decided again.
     async fn commit_batch(
         &self,
         items: &[Item],
     ) -> Result<(Publications, Vec<Answer>), StoreError> {
         let inputs: Vec<Input> = items.iter().map(Item::input).collect();
         let keys = plan::keys(&inputs);
-        let loading = Instant::now();
         let mut db = self.store.batch(&self.confirmed).await?;
-        let loaded = db
-            .load(&keys.access_token_ids, &keys.profile_ids, &keys.message_ids)
-            .await?;
-        let planning = Instant::now();
-        stage("load", planning - loading);
+        let known = if plan::reads_last_emails(&inputs, self.settings.worker.email_cooldown_secs) {
+            None
+        } else {
+            self.known.recall(&keys)
+        };
+        if let Some(loaded) = known {
+            match self.decide(&mut db, &inputs, loaded, true).await {
+                Ok(Some(plan)) => {
+                    decided("known");
+                    return Ok(answer::batch(items, &plan, self.routes()));
+                }
+                // A rejection, which the commit would not check: load.
+                Ok(None) => {}
+                Err(e) => {
+                    self.known.forget(&keys);
+                    if !e.is_rows_changed() {
+                        return Err(e);
+                    }
+                    decided("changed");
+                }
+            }
+        }
+        // A row written between the load and the commit fails the commit too:
+        // load again at once, a few times, before leaving it to the retries.
+        let mut changed = 0;
+        loop {
+            let loading = Instant::now();
+            let loaded = db
+                .load(&keys.access_token_ids, &keys.profile_ids, &keys.message_ids)
+                .await?;
+            stage("load", loading.elapsed());
+            self.known.learn(&loaded);
+            match self.decide(&mut db, &inputs, loaded, false).await {
+                Ok(plan) => {
+                    decided("loaded");
+                    let plan = plan.expect("a loaded batch's plan always stands");
+                    return Ok(answer::batch(items, &plan, self.routes()));
+                }
+                Err(e) if e.is_rows_changed() && changed < 3 => changed += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
 
+    /// Plans the batch on `loaded`, commits it (checking the rows' versions),
+    /// and answers the records another transaction won from that one's.
+    /// `None`, committing nothing, when `from_known` and the plan rests on a
+    /// decision the commit would not check ([`Plan::only_records`]).
+    async fn decide(
+        &self,
+        db: &mut Batch<'_>,
+        inputs: &[Input<'_>],
+        mut loaded: Loaded,
+        from_known: bool,
+    ) -> Result<Option<Plan>, StoreError> {
+        let planning = Instant::now();
+        let versions = std::mem::take(&mut loaded.versions);
         let w = &self.settings.worker;
         let mut plan = plan::plan(
-            &inputs,
+            inputs,
             loaded,
             plan::Params {
                 now_ms: crate::store::epoch_millis(SystemTime::now()),
@@ -341,10 +401,13 @@ impl Pipeline {
             },
             Uuid::new_v4,
         );
+        if from_known && !plan.only_records() {
+            return Ok(None);
+        }
         let cooldown = Duration::from_secs(w.email_cooldown_secs);
         let committing = Instant::now();
         stage("plan", committing - planning);
-        let lost = db.commit(&plan.records, cooldown).await?;
+        let lost = db.commit(&plan.records, &versions, cooldown).await?;
         stage("commit", committing.elapsed());
         if !lost.is_empty() {
             // Another transaction committed these message_ids first: answer from its record.
@@ -356,8 +419,13 @@ impl Pipeline {
             plan::resolve_lost(&mut plan, &lost, stored)
                 .map_err(|e| StoreError::transient("commit", e.to_string()))?;
         }
-        Ok(answer::batch(items, &plan, self.routes()))
+        Ok(Some(plan))
     }
+}
+
+/// How a batch was decided (`telemetry::BATCHES_DECIDED`).
+fn decided(on: &'static str) {
+    metrics::counter!(telemetry::BATCHES_DECIDED, "on" => on).increment(1);
 }
 
 /// One stage's time for one batch (`telemetry::BATCH_SECONDS`).

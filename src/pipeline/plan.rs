@@ -1,7 +1,8 @@
 //! What a batch does, decided without I/O: for each command, whether it is
 //! malformed, a repeat of a remembered command, a `message_id` reused for a
 //! different command, or new (then the domain decides), and which rows the new
-//! ones write. The caller loads what the batch needs first and commits after.
+//! ones write. The caller loads what the batch needs first (or recalls it,
+//! `known`) and commits after.
 
 use crate::contract::command::Fingerprint;
 use crate::contract::{Command, ErrorCode, Rejection, Reply};
@@ -88,6 +89,15 @@ pub fn keys<'a>(inputs: &[Input<'a>]) -> Keys<'a> {
         v.dedup();
     }
     k
+}
+
+/// Whether deciding `inputs` needs the last email of a profile (a verification
+/// token while the cooldown is on), which only a load reads.
+pub fn reads_last_emails(inputs: &[Input<'_>], email_cooldown_secs: u64) -> bool {
+    email_cooldown_secs > 0
+        && inputs.iter().any(|i| {
+            !i.reply_to_refused && matches!(i.decoded, Ok(Command::CreateVerificationToken(_)))
+        })
 }
 
 /// The 409 of CONTRACT §4.
@@ -264,6 +274,15 @@ pub fn resolve_lost(
 }
 
 impl Plan {
+    /// Whether every decision it took from the loaded rows is a record the
+    /// commit writes, and so checks those rows for: no command is rejected
+    /// (a rejection writes nothing) nor answered from a stored reply.
+    pub fn only_records(&self) -> bool {
+        self.steps
+            .iter()
+            .all(|s| !matches!(s, Step::Rejected(_) | Step::Stored(_)))
+    }
+
     /// The reply to step `i` (following `SameAs`); `None` for a command that
     /// is not answered.
     pub fn reply(&self, i: usize) -> Option<Reply> {
@@ -403,6 +422,55 @@ pub(super) mod tests {
         assert_eq!(k.access_token_ids, ["a", "b"]);
         assert_eq!(k.message_ids, ["m1", "m2"]);
         assert_eq!(k.profile_ids.len(), 1, "{:?}", k.profile_ids);
+    }
+
+    #[test]
+    fn only_a_verification_token_under_a_cooldown_reads_last_emails() {
+        let trace = trace();
+        let tickets = [
+            (ticket("admin"), None),
+            (Err(Rejection::malformed("x")), None),
+        ];
+        let mixed = [(ticket("admin"), None), (email("admin", None), None)];
+        assert!(!reads_last_emails(&inputs(&tickets, &trace), 60));
+        assert!(reads_last_emails(&inputs(&mixed, &trace), 60));
+        assert!(!reads_last_emails(&inputs(&mixed, &trace), 0));
+        let mut refused = inputs(&mixed, &trace);
+        refused[1].reply_to_refused = true;
+        assert!(!reads_last_emails(&refused, 60));
+    }
+
+    #[test]
+    fn a_plan_is_only_records_unless_it_rejects_or_repeats_a_stored_reply() {
+        let malformed = Err(Rejection::malformed("bad"));
+        let written = run(
+            &[
+                (ticket("admin"), Some("m")),
+                (ticket("admin"), Some("m")),
+                (malformed, None),
+            ],
+            loaded(),
+        );
+        assert!(written.only_records(), "{:?}", written.steps);
+        let unknown_token = run(
+            &[(ticket("admin"), None), (ticket("nobody"), None)],
+            loaded(),
+        );
+        assert!(!unknown_token.only_records());
+        let mut remembered = loaded();
+        let stored = StoredReply {
+            command: "create-ticket".into(),
+            reply: Reply {
+                status: 200,
+                body: "{}".into(),
+            },
+            fingerprint: Some(ticket("admin").unwrap().fingerprint().to_vec()),
+            pending_events: vec![],
+        };
+        remembered.processed.insert("m".into(), stored);
+        let repeat = run(&[(ticket("admin"), Some("m"))], remembered);
+        assert!(matches!(repeat.steps[0], Step::Stored(_)));
+        assert!(!repeat.only_records());
     }
 
     #[test]

@@ -1,15 +1,16 @@
-//! The two round trips of a batch: one load of everything the batch needs
-//! (`sql/load.sql`), and one statement that writes every row, idempotency
-//! record and outbox event in one transaction (`sql/commit.sql`).
+//! A batch's round trips: one load of everything the batch needs
+//! (`sql/load.sql`; skipped when its rows are known, `pipeline/known.rs`), and
+//! one statement that writes every row, idempotency record and outbox event in
+//! one transaction if the rows it was decided on are unchanged (`sql/commit.sql`).
 
 use super::rows::{
     EmailClaimRow, LoadedEmail, LoadedEvent, LoadedProfile, LoadedReply, LoadedToken, OutboxRow,
-    RecordRow, TicketRow, VerificationTokenRow,
+    ProfileVersionRow, RecordRow, TicketRow, TokenVersionRow, VerificationTokenRow,
 };
 use super::{access_token_hash, to_system_time, ConfirmedEvents, Store, StoreError};
 use crate::contract::Reply;
 use crate::domain::{AccessToken, Profile, Tenant, TenantPermission};
-use crate::records::{Loaded, NewRecord, OutboxEvent, StoredReply};
+use crate::records::{Loaded, NewRecord, OutboxEvent, ProfileVersion, StoredReply, Versions};
 use std::collections::{HashMap, HashSet};
 
 /// Everything a batch reads, in one statement (see the file's comments).
@@ -115,6 +116,7 @@ impl Batch<'_> {
                     ),
                 )
             })?;
+            loaded.versions.tokens.insert(id.to_string(), t.xmin);
             loaded.tokens.insert(
                 id.to_string(),
                 AccessToken {
@@ -125,6 +127,14 @@ impl Batch<'_> {
             );
         }
         for p in profiles {
+            loaded.versions.profiles.insert(
+                p.id.clone(),
+                ProfileVersion {
+                    xmin: p.xmin,
+                    tenant: p.tenant.clone(),
+                    tenant_xmin: p.tenant_xmin,
+                },
+            );
             loaded.tenants.insert(
                 p.tenant.clone(),
                 Tenant {
@@ -186,7 +196,9 @@ impl Batch<'_> {
     }
 
     /// Writes the batch in one transaction, deleting the rows of the events
-    /// confirmed since the last commit on the way. A record whose message_id
+    /// confirmed since the last commit on the way, if every token and profile
+    /// row is still the version in `versions` (else a [`StoreError`] for which
+    /// [`StoreError::is_rows_changed`] holds, and nothing is written). A record whose message_id
     /// another transaction committed first (two workers, or a publisher retry
     /// racing the original) writes nothing; its index is returned so the caller
     /// can answer with the stored reply instead.
@@ -194,10 +206,13 @@ impl Batch<'_> {
     pub async fn commit(
         &mut self,
         records: &[NewRecord],
+        versions: &Versions,
         email_cooldown: std::time::Duration,
     ) -> Result<HashSet<usize>, StoreError> {
         let confirmed = self.confirmed.take();
-        let result = self.write(records, &confirmed, email_cooldown).await;
+        let result = self
+            .write(records, versions, &confirmed, email_cooldown)
+            .await;
         if result.is_err() {
             self.confirmed.add(confirmed);
         }
@@ -207,10 +222,12 @@ impl Batch<'_> {
     async fn write(
         &self,
         records: &[NewRecord],
+        versions: &Versions,
         confirmed: &[uuid::Uuid],
         email_cooldown: std::time::Duration,
     ) -> Result<HashSet<usize>, StoreError> {
         let rows = Rows::of(records);
+        let (token_versions, profile_versions) = version_rows(versions);
         let err = |e| self.noting_read_only(StoreError::pg("commit", e));
         let stmt = self.client().prepare_cached(COMMIT).await.map_err(err)?;
         let kept: HashSet<usize> = self
@@ -225,6 +242,8 @@ impl Batch<'_> {
                     &rows.events,
                     &rows.claims,
                     &email_cooldown.as_secs_f64(),
+                    &token_versions,
+                    &profile_versions,
                 ],
             )
             .await
@@ -243,6 +262,29 @@ impl Batch<'_> {
     ) -> Result<HashMap<String, StoredReply>, StoreError> {
         Ok(self.load(&[], &[], message_ids).await?.processed)
     }
+}
+
+/// The versions a batch was decided on, as [`COMMIT`]'s checks.
+fn version_rows(v: &Versions) -> (Vec<TokenVersionRow>, Vec<ProfileVersionRow<'_>>) {
+    let tokens = v
+        .tokens
+        .iter()
+        .map(|(id, &xmin)| TokenVersionRow {
+            id_sha256: access_token_hash(id).to_vec(),
+            xmin,
+        })
+        .collect();
+    let profiles = v
+        .profiles
+        .iter()
+        .map(|(id, p)| ProfileVersionRow {
+            id,
+            xmin: p.xmin,
+            tenant: &p.tenant,
+            tenant_xmin: p.tenant_xmin,
+        })
+        .collect();
+    (tokens, profiles)
 }
 
 /// A batch's records as [`COMMIT`]'s row-sets, each row tied to its record by

@@ -40,6 +40,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "batch_row_types",
         sql: include_str!("../../migrations/0006_batch_row_types.sql"),
     },
+    Migration {
+        version: 7,
+        name: "row_versions",
+        sql: include_str!("../../migrations/0007_row_versions.sql"),
+    },
 ];
 
 /// Arbitrary, fixed: "profile-worker migrations".

@@ -71,6 +71,12 @@ impl StoreError {
         self.sqlstate.as_deref() == Some(READ_ONLY_TRANSACTION)
     }
 
+    /// A commit found a token, profile or tenant row changed since the batch
+    /// was decided on it (migration 7's `profile_worker_rows_changed`).
+    pub fn is_rows_changed(&self) -> bool {
+        self.sqlstate.as_deref() == Some(ROWS_CHANGED)
+    }
+
     /// The role lacks a privilege (SQLSTATE 42501), e.g. DDL as the runtime role.
     pub fn is_permission_denied(&self) -> bool {
         self.sqlstate.as_deref() == Some("42501")
@@ -117,6 +123,8 @@ impl StoreError {
 }
 
 const READ_ONLY_TRANSACTION: &str = "25006";
+/// Migration 7's code for a batch decided on rows that changed since.
+const ROWS_CHANGED: &str = "PW001";
 
 fn classify(e: &tokio_postgres::Error) -> ErrorKind {
     if e.is_closed() {
@@ -136,6 +144,8 @@ fn classify(e: &tokio_postgres::Error) -> ErrorKind {
                 .any(|c| code.starts_with(c))
                 || code == "55P03"
                 || code == READ_ONLY_TRANSACTION
+                // Decided on rows that changed: deciding again will do.
+                || code == ROWS_CHANGED
             {
                 ErrorKind::Transient
             } else {

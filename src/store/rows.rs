@@ -50,6 +50,22 @@ pub(super) struct OutboxRow<'a> {
 }
 
 #[derive(Debug, ToSql)]
+#[postgres(name = "profile_worker_token_version")]
+pub(super) struct TokenVersionRow {
+    pub id_sha256: Vec<u8>,
+    pub xmin: i64,
+}
+
+#[derive(Debug, ToSql)]
+#[postgres(name = "profile_worker_profile_version")]
+pub(super) struct ProfileVersionRow<'a> {
+    pub id: &'a str,
+    pub xmin: i64,
+    pub tenant: &'a str,
+    pub tenant_xmin: Option<i64>,
+}
+
+#[derive(Debug, ToSql)]
 #[postgres(name = "profile_worker_email_claim_row")]
 pub(super) struct EmailClaimRow<'a> {
     pub n: i32,
@@ -59,22 +75,25 @@ pub(super) struct EmailClaimRow<'a> {
 }
 
 #[derive(Debug, FromSql)]
-#[postgres(name = "profile_worker_loaded_token")]
+#[postgres(name = "profile_worker_known_token")]
 pub(super) struct LoadedToken {
     pub id_sha256: Vec<u8>,
     pub application: String,
     pub expires_ms: Option<i64>,
     pub tenant_permissions: Value,
+    pub xmin: i64,
 }
 
 #[derive(Debug, FromSql)]
-#[postgres(name = "profile_worker_loaded_profile")]
+#[postgres(name = "profile_worker_known_profile")]
 pub(super) struct LoadedProfile {
     pub id: String,
     pub tenant: String,
     pub email: String,
     pub enabled: bool,
     pub link_hosts: Option<Vec<String>>,
+    pub xmin: i64,
+    pub tenant_xmin: Option<i64>,
 }
 
 #[derive(Debug, FromSql)]

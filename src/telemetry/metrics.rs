@@ -22,6 +22,10 @@ pub const BATCH_SECONDS: &str = "profile_worker_batch_seconds";
 pub const COMMAND_AGE_SECONDS: &str = "profile_worker_command_age_seconds";
 /// Failed database attempts, by `kind` (`transient`: retried; `permanent`).
 pub const DATABASE_ERRORS: &str = "profile_worker_database_errors_total";
+/// Batches decided, by `on`: `known` (rows read by earlier batches, no load),
+/// `loaded`, or `changed` (decided on known rows, one of which the commit found
+/// changed; that batch is then counted again as `loaded`).
+pub const BATCHES_DECIDED: &str = "profile_worker_batches_decided_total";
 /// Broker failures, by `kind` (`session`: connection or channel lost; `nack`).
 pub const BROKER_ERRORS: &str = "profile_worker_broker_errors_total";
 /// Replies the broker kept refusing (their queue full, say), dropped after a
@@ -96,6 +100,10 @@ fn describe() {
         DATABASE_ERRORS,
         "Failed database attempts by kind (transient, permanent)"
     );
+    describe_counter!(
+        BATCHES_DECIDED,
+        "Batches decided, by what on: known (rows read by earlier batches), loaded, changed (a known row had changed)"
+    );
     describe_counter!(BROKER_ERRORS, "Broker failures by kind (session, nack)");
     describe_counter!(RECONNECTS, "Broker reconnections");
     describe_counter!(
@@ -123,6 +131,9 @@ fn describe() {
     metrics::counter!(EVENTS_WITHHELD).absolute(0);
     for kind in ["transient", "permanent"] {
         metrics::counter!(DATABASE_ERRORS, "kind" => kind).absolute(0);
+    }
+    for on in ["known", "loaded", "changed"] {
+        metrics::counter!(BATCHES_DECIDED, "on" => on).absolute(0);
     }
     for kind in ["session", "nack"] {
         metrics::counter!(BROKER_ERRORS, "kind" => kind).absolute(0);

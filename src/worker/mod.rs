@@ -12,6 +12,7 @@ mod sweep;
 use crate::broker::{self, Connection, Nodes};
 use crate::config::{ConfigError, Settings};
 use crate::ops::{Endpoint, EndpointError, Health, Ready};
+use crate::pipeline::known::SharedKnown;
 use crate::store::{ConfirmedEvents, Store, StoreError};
 use crate::telemetry::Report;
 use lapin::tcp::OwnedTLSConfig;
@@ -142,6 +143,9 @@ impl Worker {
         // Confirmed events, from the consumers' publishers to the commits and
         // the relay that delete their rows.
         let confirmed = ConfirmedEvents::default();
+        // Rows batches read, for the next batches (pipeline::known); across
+        // broker sessions, since the database is the same.
+        let known = SharedKnown::new(settings.worker.known_rows as usize);
         let result = session::supervise(
             session::Broker {
                 nodes: &amqp,
@@ -152,6 +156,7 @@ impl Worker {
             &session::Shared {
                 store: &store,
                 confirmed: &confirmed,
+                known: &known,
                 settings: &settings,
                 health: &health,
                 shutdown: &shutdown,

@@ -7,6 +7,7 @@ use crate::broker::{self, Connection, Nodes, Publisher, TopologyError};
 use crate::config::Settings;
 use crate::ops::Health;
 use crate::outbox;
+use crate::pipeline::known::SharedKnown;
 use crate::pipeline::{BatchError, Pipeline, Prepared};
 use crate::store::{ConfirmedEvents, Store};
 use crate::telemetry::{self, Report};
@@ -38,6 +39,7 @@ pub(super) struct Shared<'a> {
     pub store: &'a Store,
     /// Confirmed events whose outbox rows are not deleted yet (`outbox`).
     pub confirmed: &'a ConfirmedEvents,
+    pub known: &'a SharedKnown,
     pub settings: &'a Arc<Settings>,
     pub health: &'a Arc<Health>,
     pub shutdown: &'a CancellationToken,
@@ -203,6 +205,7 @@ async fn consume(
     let Shared {
         store,
         confirmed,
+        known,
         settings,
         health,
         shutdown,
@@ -227,7 +230,7 @@ async fn consume(
     let batch_wait = Duration::from_millis(settings.worker.batch_wait_ms);
     let consuming = health.consuming();
     let pipeline = Arc::new(Pipeline::new(
-        (store.clone(), confirmed.clone()),
+        (store.clone(), confirmed.clone(), known.clone()),
         publisher.clone(),
         channel.clone(),
         settings.clone(),

@@ -5,7 +5,7 @@
 
 use profile_worker::contract::Reply;
 use profile_worker::domain::{Ticket, VerificationToken};
-use profile_worker::records::{EmailClaim, NewRecord, OutboxEvent};
+use profile_worker::records::{EmailClaim, NewRecord, OutboxEvent, Versions};
 use profile_worker::store::{ConfirmedEvents, Store};
 use profile_worker_testkit::*;
 use std::collections::HashSet;
@@ -65,6 +65,7 @@ async fn a_message_id_committed_first_elsewhere_writes_nothing_the_second_time()
     let lost = first
         .commit(
             &[record(Some("m1"), "first", false), record(None, "-", true)],
+            &Versions::default(),
             COOLDOWN,
         )
         .await
@@ -79,6 +80,7 @@ async fn a_message_id_committed_first_elsewhere_writes_nothing_the_second_time()
                 record(Some("m1"), "second", false),
                 record(None, "-", false),
             ],
+            &Versions::default(),
             COOLDOWN,
         )
         .await
@@ -110,7 +112,7 @@ async fn confirmed_events_are_deleted_by_the_next_commit() {
         .batch(&confirmed)
         .await
         .unwrap()
-        .commit(&[r], COOLDOWN)
+        .commit(&[r], &Versions::default(), COOLDOWN)
         .await
         .unwrap();
     assert_eq!(env.count("outbox").await, 1);
@@ -128,7 +130,11 @@ async fn confirmed_events_are_deleted_by_the_next_commit() {
         .batch(&confirmed)
         .await
         .unwrap()
-        .commit(&[record(Some("m2"), "r", false)], COOLDOWN)
+        .commit(
+            &[record(Some("m2"), "r", false)],
+            &Versions::default(),
+            COOLDOWN,
+        )
         .await
         .unwrap();
     assert_eq!(env.count("outbox").await, 1, "m1's event gone, m2's in");
@@ -151,6 +157,7 @@ async fn one_load_returns_tokens_profiles_and_earlier_replies_with_pending_event
                 record(Some("m1"), "r1", true),
                 record(Some("m2"), "r2", false),
             ],
+            &Versions::default(),
             COOLDOWN,
         )
         .await
@@ -299,6 +306,75 @@ async fn batch_lookups_take_their_indexes_even_on_small_analyzed_tables() {
     env.teardown().await;
 }
 
+/// A batch may be decided on rows an earlier batch read (the worker's known
+/// rows): the commit writes nothing if one of them is no longer the version
+/// it was decided on, whichever table it is in.
+#[tokio::test]
+async fn a_commit_decided_on_a_row_that_changed_since_writes_nothing() {
+    let env = Env::prepare().await;
+    let store = Store::connect(&env.settings.database).unwrap();
+    let read = || async {
+        store
+            .batch(nothing_confirmed())
+            .await
+            .unwrap()
+            .load(&[ADMIN_TOKEN], &[ENABLED_PROFILE], &[])
+            .await
+            .unwrap()
+            .versions
+    };
+    let commit = |mid: &'static str, versions: Versions| {
+        let store = &store;
+        async move {
+            store
+                .batch(nothing_confirmed())
+                .await
+                .unwrap()
+                .commit(&[record(Some(mid), "r", false)], &versions, COOLDOWN)
+                .await
+        }
+    };
+    let versions = read().await;
+    assert_eq!(versions.tokens.len(), 1);
+    assert_eq!(versions.profiles[ENABLED_PROFILE].tenant, "default");
+    // Unchanged: written, however often it is checked.
+    commit("m1", versions.clone()).await.unwrap();
+    commit("m2", versions.clone()).await.unwrap();
+    assert_eq!(env.count("processed_commands").await, 2);
+
+    let changes = [
+        // Any write makes a new version, even one that changes no value.
+        "UPDATE profiles SET enabled = enabled WHERE id = '5925a68def86951f895cf497'",
+        "UPDATE tenants SET verify_new_profiles = verify_new_profiles WHERE name = 'default'",
+        // Revoked: no row at all.
+        "DELETE FROM access_tokens WHERE id_sha256 = sha256(convert_to('3b0bd9b6-1c0f-4d37-9b49-3d7c8f1e2a10', 'UTF8'))",
+    ];
+    for (n, change) in changes.into_iter().enumerate() {
+        let versions = read().await;
+        let before = (
+            env.count("processed_commands").await,
+            env.count("tickets").await,
+        );
+        env.db.batch_execute(change).await.unwrap();
+        let e = commit("stale", versions).await.unwrap_err();
+        assert!(
+            e.is_rows_changed() && e.is_transient(),
+            "after {change}: {e:?}"
+        );
+        let after = (
+            env.count("processed_commands").await,
+            env.count("tickets").await,
+        );
+        assert_eq!(after, before, "nothing written after {change}");
+        if n < 2 {
+            // Read again, it is written.
+            commit(["m3", "m4"][n], read().await).await.unwrap();
+        }
+    }
+    store.close();
+    env.teardown().await;
+}
+
 #[tokio::test]
 async fn an_email_claim_another_batch_took_first_fails_the_commit_as_transient() {
     let env = Env::prepare().await;
@@ -317,7 +393,7 @@ async fn an_email_claim_another_batch_took_first_fails_the_commit_as_transient()
         .batch(nothing_confirmed())
         .await
         .unwrap()
-        .commit(&[claim("a", now)], COOLDOWN)
+        .commit(&[claim("a", now)], &Versions::default(), COOLDOWN)
         .await
         .unwrap()
         .is_empty());
@@ -329,6 +405,7 @@ async fn an_email_claim_another_batch_took_first_fails_the_commit_as_transient()
         .unwrap()
         .commit(
             &[claim("b", now + 1_000), record(Some("c"), "r", false)],
+            &Versions::default(),
             COOLDOWN,
         )
         .await
@@ -345,7 +422,7 @@ async fn an_email_claim_another_batch_took_first_fails_the_commit_as_transient()
         .batch(nothing_confirmed())
         .await
         .unwrap()
-        .commit(&[claim("d", now + 60_000)], COOLDOWN)
+        .commit(&[claim("d", now + 60_000)], &Versions::default(), COOLDOWN)
         .await
         .unwrap()
         .is_empty());

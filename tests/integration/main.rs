@@ -13,6 +13,7 @@ mod dispatcher;
 mod examples;
 mod harness;
 mod hostile;
+mod known_rows;
 mod maintenance;
 mod ops;
 mod otlp;

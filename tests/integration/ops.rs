@@ -139,6 +139,17 @@ async fn metrics_count_what_was_processed_and_health_answers() {
     );
     let batches = sample(&m, "profile_worker_batch_size_count");
     assert!(batches >= 1.0);
+    // Each batch was decided either on rows earlier batches read or on a
+    // load; none of their rows changed meanwhile.
+    let decided = |on: &str| {
+        sample(
+            &m,
+            &format!(r#"profile_worker_batches_decided_total{{on="{on}"}}"#),
+        )
+    };
+    let loaded = decided("loaded");
+    assert_eq!(decided("known") + loaded, batches, "{m:?}");
+    assert_eq!(decided("changed"), 0.0);
     // Every stage of every batch is timed (plan and the round trips per attempt).
     for stage in [
         "decode", "load", "plan", "commit", "database", "publish", "ack", "total",
@@ -148,7 +159,7 @@ async fn metrics_count_what_was_processed_and_health_answers() {
                 &m,
                 &format!(r#"profile_worker_batch_seconds_count{{stage="{stage}"}}"#)
             ),
-            batches,
+            if stage == "load" { loaded } else { batches },
             "{stage}"
         );
     }

@@ -4,7 +4,8 @@
 --
 -- Parameters: $1 records, $2 outbox events the broker confirmed (deleted on the
 -- way), $3 tickets, $4 verification tokens, $5 outbox events, $6 email claims,
--- $7 the email cooldown in seconds.
+-- $7 the email cooldown in seconds, $8 and $9 the versions of the access tokens
+-- and profiles the batch was decided on (migration 7).
 WITH batch AS (
     SELECT * FROM unnest($1::profile_worker_record_row[])
 ),
@@ -71,3 +72,23 @@ UNION ALL
 -- retried and decided again against what was committed.
 SELECT NULL WHERE CASE WHEN (SELECT count(*) FROM claimed) <> (SELECT count(*) FROM wanted)
     THEN profile_worker_cooldown_taken() ELSE false END
+UNION ALL
+-- A token, profile or tenant that is no longer the version the batch was
+-- decided on (revoked, disabled, changed; read by an earlier batch, or by this
+-- one's load before another transaction wrote it) aborts the statement, and the
+-- batch is decided again on the rows as they are now. Each lookup is by key.
+SELECT NULL WHERE CASE WHEN EXISTS (
+        SELECT 1 FROM unnest($8::profile_worker_token_version[]) v
+        WHERE NOT EXISTS (
+            SELECT 1 FROM access_tokens t
+            WHERE t.id_sha256 = v.id_sha256 AND t.xmin::text::int8 = v.xmin))
+    OR EXISTS (
+        SELECT 1 FROM unnest($9::profile_worker_profile_version[]) v
+        WHERE NOT EXISTS (
+                SELECT 1 FROM profiles p WHERE p.id = v.id AND p.xmin::text::int8 = v.xmin)
+            OR CASE WHEN v.tenant_xmin IS NULL
+                THEN EXISTS (SELECT 1 FROM tenants tn WHERE tn.name = v.tenant)
+                ELSE NOT EXISTS (SELECT 1 FROM tenants tn
+                                 WHERE tn.name = v.tenant AND tn.xmin::text::int8 = v.tenant_xmin)
+            END)
+    THEN profile_worker_rows_changed() ELSE false END

@@ -12,18 +12,22 @@
 -- table was small.)
 SELECT
     -- The access tokens the commands name. The table holds hashes only
-    -- (CONTRACT §7); the caller keeps each row under the ID it hashed.
+    -- (CONTRACT §7); the caller keeps each row under the ID it hashed. Each
+    -- with its version (xmin), which the commit checks (migration 7).
     ARRAY(
         SELECT ROW(t.id_sha256, t.application,
                    (extract(epoch FROM t.expires_on) * 1000)::int8,
-                   t.tenant_permissions)::profile_worker_loaded_token
+                   t.tenant_permissions,
+                   t.xmin::text::int8)::profile_worker_known_token
         FROM access_tokens t
         WHERE t.id_sha256 = ANY($1::bytea[])
     ) AS tokens,
-    -- The profiles, each with its tenant's link hosts (NULL: any host).
+    -- The profiles, each with its tenant's link hosts (NULL: any host), and
+    -- the versions of both rows (the tenant's NULL when it has no row).
     ARRAY(
-        SELECT ROW(p.id, p.tenant, p.email, p.enabled,
-                   tn.link_hosts)::profile_worker_loaded_profile
+        SELECT ROW(p.id, p.tenant, p.email, p.enabled, tn.link_hosts,
+                   p.xmin::text::int8,
+                   tn.xmin::text::int8)::profile_worker_known_profile
         FROM profiles p
         LEFT JOIN tenants tn ON tn.name = p.tenant
         WHERE p.id = ANY($2::text[])

@@ -1,0 +1,285 @@
+//! Access tokens and profiles read by earlier batches, each with the version
+//! of its row, so that a batch whose commands all name rows read before is
+//! decided on those and skips its load: one round trip and one transaction
+//! instead of two.
+//!
+//! It is safe because the commit checks every version a batch was decided on
+//! and writes nothing if one has changed (`store/sql/commit.sql`, migration
+//! 7): a token revoked or a profile disabled after it was read here fails the
+//! next commit that relies on it, and that batch is loaded and decided again.
+//! So only decisions the commit writes may rest on what is known here; the
+//! pipeline loads a batch whose plan rejects a command (a rejection writes
+//! nothing, so nothing would check it) or that claims an email (the last email
+//! is not known here).
+//!
+//! Only rows that exist are kept, and at most `capacity` of each kind, so a
+//! caller naming made-up IDs fills nothing. A row is kept at most [`MAX_AGE`]:
+//! the version is a transaction ID, which wraps around after 2^32 transactions,
+//! and a minute is far too short for that.
+
+use super::plan::Keys;
+use crate::domain::{AccessToken, Profile, Tenant};
+use crate::records::{Loaded, ProfileVersion};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a row read once may decide batches without being read again.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+
+/// What the worker's batches have read, shared by its consumers.
+#[derive(Clone)]
+pub struct SharedKnown(Arc<Mutex<Known>>);
+
+impl SharedKnown {
+    /// `capacity` rows of each kind at most; 0 keeps nothing (every batch is loaded).
+    pub fn new(capacity: usize) -> Self {
+        SharedKnown(Arc::new(Mutex::new(Known::new(capacity))))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Known) -> T) -> T {
+        // A panic while holding the lock left maps that are merely incomplete.
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut known)
+    }
+
+    pub fn recall(&self, keys: &Keys<'_>) -> Option<Loaded> {
+        self.with(|k| k.recall(keys, Instant::now()))
+    }
+
+    pub fn learn(&self, loaded: &Loaded) {
+        self.with(|k| k.learn(loaded, Instant::now()))
+    }
+
+    pub fn forget(&self, keys: &Keys<'_>) {
+        self.with(|k| k.forget(keys))
+    }
+}
+
+struct Entry<T, V> {
+    row: T,
+    version: V,
+    read: Instant,
+}
+
+/// The rows themselves, without the lock; `now` is given so tests control time.
+pub struct Known {
+    tokens: HashMap<String, Entry<AccessToken, i64>>,
+    profiles: HashMap<String, Entry<(Profile, Tenant), ProfileVersion>>,
+    capacity: usize,
+}
+
+impl Known {
+    pub fn new(capacity: usize) -> Self {
+        Known {
+            tokens: HashMap::new(),
+            profiles: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Everything `keys` names, with versions, if every token and profile is
+    /// known and young enough; else `None` (the batch is loaded). Known only
+    /// as rows that exist: a batch naming an unknown ID is always loaded.
+    pub fn recall(&self, keys: &Keys<'_>, now: Instant) -> Option<Loaded> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let fresh = |read: Instant| now.saturating_duration_since(read) < MAX_AGE;
+        let mut loaded = Loaded::default();
+        for &id in &keys.access_token_ids {
+            let e = self.tokens.get(id).filter(|e| fresh(e.read))?;
+            loaded.tokens.insert(id.to_string(), e.row.clone());
+            loaded.versions.tokens.insert(id.to_string(), e.version);
+        }
+        for &id in &keys.profile_ids {
+            let e = self.profiles.get(id).filter(|e| fresh(e.read))?;
+            let (profile, tenant) = &e.row;
+            loaded
+                .tenants
+                .insert(profile.tenant.clone(), tenant.clone());
+            loaded.profiles.insert(id.to_string(), profile.clone());
+            loaded
+                .versions
+                .profiles
+                .insert(id.to_string(), e.version.clone());
+        }
+        Some(loaded)
+    }
+
+    /// Keeps the tokens and profiles a load found, as read `now`. When a kind
+    /// is full it starts again empty: simpler than eviction, and a full map
+    /// means the traffic names more rows than it keeps anyway.
+    pub fn learn(&mut self, loaded: &Loaded, now: Instant) {
+        if self.capacity == 0 {
+            return;
+        }
+        for (id, token) in &loaded.tokens {
+            let Some(&version) = loaded.versions.tokens.get(id) else {
+                continue;
+            };
+            if self.tokens.len() >= self.capacity && !self.tokens.contains_key(id) {
+                self.tokens.clear();
+            }
+            self.tokens.insert(
+                id.clone(),
+                Entry {
+                    row: token.clone(),
+                    version,
+                    read: now,
+                },
+            );
+        }
+        for (id, profile) in &loaded.profiles {
+            let Some(version) = loaded.versions.profiles.get(id) else {
+                continue;
+            };
+            let tenant = loaded
+                .tenants
+                .get(&profile.tenant)
+                .cloned()
+                .unwrap_or_default();
+            if self.profiles.len() >= self.capacity && !self.profiles.contains_key(id) {
+                self.profiles.clear();
+            }
+            self.profiles.insert(
+                id.clone(),
+                Entry {
+                    row: (profile.clone(), tenant),
+                    version: version.clone(),
+                    read: now,
+                },
+            );
+        }
+    }
+
+    /// Drops what `keys` names: a commit found one of them changed (which one
+    /// it does not say), or failed otherwise.
+    pub fn forget(&mut self, keys: &Keys<'_>) {
+        for id in &keys.access_token_ids {
+            self.tokens.remove(*id);
+        }
+        for id in &keys.profile_ids {
+            self.profiles.remove(*id);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> (usize, usize) {
+        (self.tokens.len(), self.profiles.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::plan::tests::loaded as sample;
+
+    /// The plan tests' sample rows, each with a version.
+    fn loaded() -> Loaded {
+        let mut l = sample();
+        for (n, id) in l.tokens.keys().enumerate() {
+            l.versions.tokens.insert(id.clone(), 100 + n as i64);
+        }
+        for id in l.profiles.keys() {
+            l.versions.profiles.insert(
+                id.clone(),
+                ProfileVersion {
+                    xmin: 7,
+                    tenant: "default".into(),
+                    tenant_xmin: None,
+                },
+            );
+        }
+        l
+    }
+
+    fn keys<'a>(tokens: &[&'a str], profiles: &[&'a str]) -> Keys<'a> {
+        Keys {
+            access_token_ids: tokens.to_vec(),
+            profile_ids: profiles.to_vec(),
+            message_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn recalls_what_it_learned_with_its_versions() {
+        let now = Instant::now();
+        let mut k = Known::new(100);
+        let l = loaded();
+        k.learn(&l, now);
+        let got = k.recall(&keys(&["admin"], &["p1"]), now).expect("known");
+        assert_eq!(got.tokens["admin"], l.tokens["admin"]);
+        assert_eq!(got.profiles["p1"], l.profiles["p1"]);
+        assert_eq!(got.versions.tokens["admin"], l.versions.tokens["admin"]);
+        assert_eq!(got.versions.profiles["p1"], l.versions.profiles["p1"]);
+        // Only what the batch names goes into its checks.
+        assert!(!got.versions.tokens.contains_key("other"));
+        assert!(got.tenants.contains_key("default"));
+        assert!(got.processed.is_empty() && got.last_emails.is_empty());
+    }
+
+    #[test]
+    fn one_unknown_row_means_the_batch_is_loaded() {
+        let now = Instant::now();
+        let mut k = Known::new(100);
+        k.learn(&loaded(), now);
+        assert!(k
+            .recall(&keys(&["admin", "nobody"], &["p1"]), now)
+            .is_none());
+        assert!(k.recall(&keys(&["admin"], &["p1", "p2"]), now).is_none());
+        // No keys at all (every command malformed): nothing to load.
+        assert!(k.recall(&keys(&[], &[]), now).is_some());
+    }
+
+    #[test]
+    fn a_row_without_a_version_is_not_kept() {
+        let now = Instant::now();
+        let mut k = Known::new(100);
+        let mut l = loaded();
+        l.versions.tokens.remove("admin");
+        l.versions.profiles.clear();
+        k.learn(&l, now);
+        assert!(k.recall(&keys(&["admin"], &[]), now).is_none());
+        assert!(k.recall(&keys(&[], &["p1"]), now).is_none());
+        assert!(k.recall(&keys(&["other"], &[]), now).is_some());
+    }
+
+    #[test]
+    fn rows_older_than_max_age_are_read_again() {
+        let then = Instant::now();
+        let mut k = Known::new(100);
+        k.learn(&loaded(), then);
+        let ks = keys(&["admin"], &["p1"]);
+        assert!(k
+            .recall(&ks, then + MAX_AGE - Duration::from_millis(1))
+            .is_some());
+        assert!(k.recall(&ks, then + MAX_AGE).is_none());
+        // Learning again renews it.
+        k.learn(&loaded(), then + MAX_AGE);
+        assert!(k.recall(&ks, then + MAX_AGE).is_some());
+    }
+
+    #[test]
+    fn forgets_what_a_failed_commit_named() {
+        let now = Instant::now();
+        let mut k = Known::new(100);
+        k.learn(&loaded(), now);
+        k.forget(&keys(&["admin"], &["p1"]));
+        assert!(k.recall(&keys(&["admin"], &[]), now).is_none());
+        assert!(k.recall(&keys(&[], &["p1"]), now).is_none());
+        assert!(k.recall(&keys(&["other"], &[]), now).is_some());
+    }
+
+    #[test]
+    fn never_holds_more_than_its_capacity() {
+        let now = Instant::now();
+        let mut k = Known::new(1);
+        k.learn(&loaded(), now); // two tokens, one profile
+        assert_eq!(k.len(), (1, 1));
+        let mut off = Known::new(0);
+        off.learn(&loaded(), now);
+        assert_eq!(off.len(), (0, 0));
+        assert!(off.recall(&keys(&[], &[]), now).is_none());
+    }
+}

@@ -1,0 +1,124 @@
+//! Batches decided on the rows earlier batches read (the worker's known rows,
+//! without a load): a token revoked, a profile disabled or enabled again
+//! between two batches takes effect on the second all the same. The worker's
+//! counters show how each batch was decided, so the test knows the second one
+//! really was decided on known rows, and that its commit found them changed.
+
+use profile_worker_testkit::*;
+use std::time::Duration;
+
+/// A worker of its own (its counters are this test's alone), ops HTTP on.
+async fn worker(env: &Env) -> WorkerProcess {
+    let mut cmd = worker_process(env);
+    cmd.env("HTTP_ADDR", "127.0.0.1:0");
+    WorkerProcess::start(cmd, None).await
+}
+
+/// How many batches were decided on known rows, loaded, and found changed.
+async fn decided(w: &WorkerProcess) -> [f64; 3] {
+    let (_, page) = http_get(w.http(), "/metrics").await.expect("metrics");
+    let m = samples(&page);
+    ["known", "loaded", "changed"].map(|on| {
+        m.get(&format!(
+            "profile_worker_batches_decided_total{{on=\"{on}\"}}"
+        ))
+        .copied()
+        .unwrap_or_else(|| panic!("no {on} count in\n{page}"))
+    })
+}
+
+async fn status(env: &Env, token: &str, profile: &str) -> (i64, Option<String>) {
+    let r = env.call("create-ticket", ticket(token, profile)).await;
+    let code = r.body["errorCode"].as_str().map(str::to_string);
+    (r.status, code)
+}
+
+const OK: (i64, Option<String>) = (200, None);
+
+fn refused(code: &str) -> (i64, Option<String>) {
+    (403, Some(code.to_string()))
+}
+
+#[tokio::test]
+async fn a_token_revoked_or_a_profile_disabled_between_two_batches_counts_on_the_second() {
+    let env = Env::prepare().await;
+    let mut w = worker(&env).await;
+
+    // The first batch loads; the second is decided on what the first read.
+    assert_eq!(status(&env, ADMIN_TOKEN, ENABLED_PROFILE).await, OK);
+    assert_eq!(decided(&w).await, [0.0, 1.0, 0.0]);
+    assert_eq!(status(&env, ADMIN_TOKEN, ENABLED_PROFILE).await, OK);
+    assert_eq!(decided(&w).await, [1.0, 1.0, 0.0]);
+
+    // Revoked as an operator revokes: the next batch, decided on the known
+    // token, fails its commit, is loaded again and refused.
+    let out = cli(&env, &["access-tokens", "revoke", ADMIN_TOKEN])
+        .env("DATABASE_URL", &env.owner_db_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        status(&env, ADMIN_TOKEN, ENABLED_PROFILE).await,
+        refused("NO_SUCH_ACCESS_TOKEN_ID")
+    );
+    assert_eq!(decided(&w).await, [1.0, 2.0, 1.0]);
+
+    // A profile disabled, then enabled again.
+    assert_eq!(
+        status(&env, OTHER_TENANT_TOKEN, OTHER_TENANT_PROFILE).await,
+        OK
+    );
+    assert_eq!(
+        status(&env, OTHER_TENANT_TOKEN, OTHER_TENANT_PROFILE).await,
+        OK
+    );
+    assert_eq!(decided(&w).await, [2.0, 3.0, 1.0]);
+    let set_enabled = |on: bool| {
+        let db = &env.db;
+        async move {
+            db.execute(
+                "UPDATE profiles SET enabled = $1 WHERE id = $2",
+                &[&on, &OTHER_TENANT_PROFILE],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    set_enabled(false).await;
+    assert_eq!(
+        status(&env, OTHER_TENANT_TOKEN, OTHER_TENANT_PROFILE).await,
+        refused("DISABLED_PROFILE")
+    );
+    assert_eq!(decided(&w).await, [2.0, 4.0, 2.0]);
+    // The disabled profile is now what is known; a refusal that is remembered
+    // is written, so checked, and may be decided on it.
+    assert_eq!(
+        status(&env, OTHER_TENANT_TOKEN, OTHER_TENANT_PROFILE).await,
+        refused("DISABLED_PROFILE")
+    );
+    assert_eq!(decided(&w).await, [3.0, 4.0, 2.0]);
+    set_enabled(true).await;
+    assert_eq!(
+        status(&env, OTHER_TENANT_TOKEN, OTHER_TENANT_PROFILE).await,
+        OK
+    );
+    assert_eq!(decided(&w).await, [3.0, 5.0, 3.0]);
+
+    // A refusal that writes nothing (an expired token) is never decided on
+    // known rows: nothing would check them. Both batches load.
+    for _ in 0..2 {
+        let (code, _) = status(&env, EXPIRED_TOKEN, ENABLED_PROFILE).await;
+        assert_eq!(code, 403);
+    }
+    assert_eq!(decided(&w).await, [3.0, 7.0, 3.0]);
+
+    signal(&w, SIGTERM);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), w.wait()).await;
+    assert!(stopped.expect("stops within 30 s").unwrap().success());
+    env.teardown().await;
+}
