@@ -9,8 +9,13 @@
 //! next commit that relies on it, and that batch is loaded and decided again.
 //! So only decisions the commit writes may rest on what is known here; the
 //! pipeline loads a batch whose plan rejects a command (a rejection writes
-//! nothing, so nothing would check it) or that claims an email (the last email
-//! is not known here).
+//! nothing, so nothing would check it).
+//!
+//! A profile is kept with its last email per purpose, as loaded (all of them:
+//! the load reads every purpose of the profile) and as this worker's commits
+//! claim them since. Another worker's claim is not seen here; the commit's
+//! cooldown check is (`claimed` in commit.sql): it aborts, and the batch is
+//! loaded and decided again like one decided on a changed row.
 //!
 //! Only rows that exist are kept, and at most `capacity` of each kind, so a
 //! caller naming made-up IDs fills nothing. A row is kept at most [`MAX_AGE`]:
@@ -19,7 +24,7 @@
 
 use super::plan::Keys;
 use crate::domain::{AccessToken, Profile, Tenant};
-use crate::records::{Loaded, ProfileVersion};
+use crate::records::{EmailClaim, Loaded, ProfileVersion};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,6 +59,18 @@ impl SharedKnown {
     pub fn forget(&self, keys: &Keys<'_>) {
         self.with(|k| k.forget(keys))
     }
+
+    pub fn note_emails<'c>(&self, claims: impl IntoIterator<Item = &'c EmailClaim>) {
+        self.with(|k| k.note_emails(claims))
+    }
+}
+
+/// A profile as known: the row, its tenant's, and its last emails.
+struct KnownProfile {
+    profile: Profile,
+    tenant: Tenant,
+    /// When the last email was requested, by purpose (epoch ms).
+    last_emails: HashMap<String, i64>,
 }
 
 struct Entry<T, V> {
@@ -65,7 +82,7 @@ struct Entry<T, V> {
 /// The rows themselves, without the lock; `now` is given so tests control time.
 pub struct Known {
     tokens: HashMap<String, Entry<AccessToken, i64>>,
-    profiles: HashMap<String, Entry<(Profile, Tenant), ProfileVersion>>,
+    profiles: HashMap<String, Entry<KnownProfile, ProfileVersion>>,
     capacity: usize,
 }
 
@@ -94,11 +111,18 @@ impl Known {
         }
         for &id in &keys.profile_ids {
             let e = self.profiles.get(id).filter(|e| fresh(e.read))?;
-            let (profile, tenant) = &e.row;
+            let known = &e.row;
             loaded
                 .tenants
-                .insert(profile.tenant.clone(), tenant.clone());
-            loaded.profiles.insert(id.to_string(), profile.clone());
+                .insert(known.profile.tenant.clone(), known.tenant.clone());
+            loaded
+                .profiles
+                .insert(id.to_string(), known.profile.clone());
+            for (purpose, &at) in &known.last_emails {
+                loaded
+                    .last_emails
+                    .insert((id.to_string(), purpose.clone()), at);
+            }
             loaded
                 .versions
                 .profiles
@@ -139,13 +163,24 @@ impl Known {
                 .get(&profile.tenant)
                 .cloned()
                 .unwrap_or_default();
+            // The load read every purpose of each profile it returned.
+            let last_emails = loaded
+                .last_emails
+                .iter()
+                .filter(|((p, _), _)| p == id)
+                .map(|((_, purpose), &at)| (purpose.clone(), at))
+                .collect();
             if self.profiles.len() >= self.capacity && !self.profiles.contains_key(id) {
                 self.profiles.clear();
             }
             self.profiles.insert(
                 id.clone(),
                 Entry {
-                    row: (profile.clone(), tenant),
+                    row: KnownProfile {
+                        profile: profile.clone(),
+                        tenant,
+                        last_emails,
+                    },
                     version: version.clone(),
                     read: now,
                 },
@@ -161,6 +196,17 @@ impl Known {
         }
         for id in &keys.profile_ids {
             self.profiles.remove(*id);
+        }
+    }
+
+    /// Emails this worker's commit just claimed: the next batch for the same
+    /// profile and purpose sees them, as it would after a load.
+    pub fn note_emails<'c>(&mut self, claims: impl IntoIterator<Item = &'c EmailClaim>) {
+        for c in claims {
+            if let Some(e) = self.profiles.get_mut(&c.profile_id) {
+                let last = e.row.last_emails.entry(c.purpose.to_string()).or_default();
+                *last = (*last).max(c.at_ms);
+            }
         }
     }
 
@@ -258,6 +304,52 @@ mod tests {
         // Learning again renews it.
         k.learn(&loaded(), then + MAX_AGE);
         assert!(k.recall(&ks, then + MAX_AGE).is_some());
+    }
+
+    #[test]
+    fn a_profile_is_known_with_all_its_last_emails_and_those_claimed_since() {
+        let now = Instant::now();
+        let mut k = Known::new(100);
+        let mut l = loaded();
+        l.last_emails
+            .insert(("p1".into(), "verify-account".into()), 1_000);
+        l.last_emails
+            .insert(("p2".into(), "verify-account".into()), 5_000);
+        k.learn(&l, now);
+        let ks = keys(&[], &["p1"]);
+        let got = k.recall(&ks, now).unwrap();
+        assert_eq!(
+            got.last_emails,
+            HashMap::from([(("p1".into(), "verify-account".into()), 1_000)]),
+            "p1's only, though the load had p2's too"
+        );
+        let claim = |purpose, at_ms| EmailClaim {
+            profile_id: "p1".into(),
+            purpose,
+            at_ms,
+        };
+        k.note_emails(&[
+            claim("reset-password", 2_000),
+            claim("verify-account", 3_000),
+        ]);
+        // Never moved back by an older claim.
+        k.note_emails(&[claim("verify-account", 500)]);
+        let got = k.recall(&ks, now).unwrap();
+        assert_eq!(
+            got.last_emails[&("p1".into(), "reset-password".into())],
+            2_000
+        );
+        assert_eq!(
+            got.last_emails[&("p1".into(), "verify-account".into())],
+            3_000
+        );
+        // A profile not known is not made known by a claim.
+        k.note_emails(&[EmailClaim {
+            profile_id: "p9".into(),
+            purpose: "verify-account",
+            at_ms: 1,
+        }]);
+        assert!(k.recall(&keys(&[], &["p9"]), now).is_none());
     }
 
     #[test]

@@ -333,12 +333,7 @@ impl Pipeline {
         let inputs: Vec<Input> = items.iter().map(Item::input).collect();
         let keys = plan::keys(&inputs);
         let mut db = self.store.batch(&self.confirmed).await?;
-        let known = if plan::reads_last_emails(&inputs, self.settings.worker.email_cooldown_secs) {
-            None
-        } else {
-            self.known.recall(&keys)
-        };
-        if let Some(loaded) = known {
+        if let Some(loaded) = self.known.recall(&keys) {
             match self.decide(&mut db, &inputs, loaded, true).await {
                 Ok(Some(plan)) => {
                     decided("known");
@@ -348,7 +343,9 @@ impl Pipeline {
                 Ok(None) => {}
                 Err(e) => {
                     self.known.forget(&keys);
-                    if !e.is_rows_changed() {
+                    // A changed row, or an email another worker claimed (which
+                    // only a load would have shown): decide again on a load.
+                    if !(e.is_rows_changed() || e.is_serialization_failure()) {
                         return Err(e);
                     }
                     decided("changed");
@@ -409,6 +406,13 @@ impl Pipeline {
         stage("plan", committing - planning);
         let lost = db.commit(&plan.records, &versions, cooldown).await?;
         stage("commit", committing.elapsed());
+        self.known.note_emails(
+            plan.records
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| !lost.contains(n))
+                .filter_map(|(_, r)| r.email.as_ref()),
+        );
         if !lost.is_empty() {
             // Another transaction committed these message_ids first: answer from its record.
             let ids: Vec<&str> = lost

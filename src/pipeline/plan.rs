@@ -91,15 +91,6 @@ pub fn keys<'a>(inputs: &[Input<'a>]) -> Keys<'a> {
     k
 }
 
-/// Whether deciding `inputs` needs the last email of a profile (a verification
-/// token while the cooldown is on), which only a load reads.
-pub fn reads_last_emails(inputs: &[Input<'_>], email_cooldown_secs: u64) -> bool {
-    email_cooldown_secs > 0
-        && inputs.iter().any(|i| {
-            !i.reply_to_refused && matches!(i.decoded, Ok(Command::CreateVerificationToken(_)))
-        })
-}
-
 /// The 409 of CONTRACT §4.
 pub fn message_id_conflict(message_id: &str) -> Rejection {
     Rejection::new(
@@ -422,22 +413,6 @@ pub(super) mod tests {
         assert_eq!(k.access_token_ids, ["a", "b"]);
         assert_eq!(k.message_ids, ["m1", "m2"]);
         assert_eq!(k.profile_ids.len(), 1, "{:?}", k.profile_ids);
-    }
-
-    #[test]
-    fn only_a_verification_token_under_a_cooldown_reads_last_emails() {
-        let trace = trace();
-        let tickets = [
-            (ticket("admin"), None),
-            (Err(Rejection::malformed("x")), None),
-        ];
-        let mixed = [(ticket("admin"), None), (email("admin", None), None)];
-        assert!(!reads_last_emails(&inputs(&tickets, &trace), 60));
-        assert!(reads_last_emails(&inputs(&mixed, &trace), 60));
-        assert!(!reads_last_emails(&inputs(&mixed, &trace), 0));
-        let mut refused = inputs(&mixed, &trace);
-        refused[1].reply_to_refused = true;
-        assert!(!reads_last_emails(&refused, 60));
     }
 
     #[test]

@@ -77,6 +77,12 @@ impl StoreError {
         self.sqlstate.as_deref() == Some(ROWS_CHANGED)
     }
 
+    /// SQLSTATE 40001: in a batch's commit (READ COMMITTED), an email claim
+    /// another transaction took first (migration 3's `profile_worker_cooldown_taken`).
+    pub fn is_serialization_failure(&self) -> bool {
+        self.sqlstate.as_deref() == Some("40001")
+    }
+
     /// The role lacks a privilege (SQLSTATE 42501), e.g. DDL as the runtime role.
     pub fn is_permission_denied(&self) -> bool {
         self.sqlstate.as_deref() == Some("42501")

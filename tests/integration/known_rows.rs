@@ -122,3 +122,56 @@ async fn a_token_revoked_or_a_profile_disabled_between_two_batches_counts_on_the
     assert!(stopped.expect("stops within 30 s").unwrap().success());
     env.teardown().await;
 }
+
+/// A profile is known with its last emails; another worker's email claim
+/// (not seen here) fails the commit's cooldown check, and the batch is loaded
+/// and refused, as if it had been loaded in the first place.
+#[tokio::test]
+async fn an_email_another_worker_claimed_meanwhile_counts_on_the_next_batch() {
+    let env = Env::prepare_with(|s| s.worker.email_cooldown_secs = 60).await;
+    let mut w = worker(&env).await;
+    let verify = |profile: &'static str, purpose: &'static str| {
+        let env = &env;
+        async move {
+            let body = serde_json::json!({ "accessTokenId": ADMIN_TOKEN, "id": profile, "purpose": purpose });
+            let r = env.call("create-verification-token", body).await;
+            (r.status, r.body["errorCode"].as_str().map(str::to_string))
+        }
+    };
+    let too_soon = (429, Some("TOO_MANY_REQUESTS".to_string()));
+
+    assert_eq!(verify(ENABLED_PROFILE, "verify-account").await, OK);
+    assert_eq!(decided(&w).await, [0.0, 1.0, 0.0]);
+    // Known, with the email just claimed: another purpose goes ahead on it…
+    assert_eq!(verify(ENABLED_PROFILE, "reset-password").await, OK);
+    assert_eq!(decided(&w).await, [1.0, 1.0, 0.0]);
+    // …and the same purpose is refused (a refusal is always loaded).
+    assert_eq!(verify(ENABLED_PROFILE, "verify-account").await, too_soon);
+    assert_eq!(decided(&w).await, [1.0, 2.0, 0.0]);
+
+    // Known without an email; then another worker sends one.
+    assert_eq!(status(&env, ADMIN_TOKEN, OTHER_TENANT_PROFILE).await, OK);
+    assert_eq!(decided(&w).await, [1.0, 3.0, 0.0]);
+    env.db
+        .execute(
+            "INSERT INTO email_cooldowns (profile_id, purpose, requested_at) VALUES ($1, 'verify-account', now())",
+            &[&OTHER_TENANT_PROFILE],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(OTHER_TENANT_PROFILE, "verify-account").await,
+        too_soon
+    );
+    assert_eq!(decided(&w).await, [1.0, 4.0, 1.0]);
+    assert_eq!(
+        env.count("verification_tokens").await,
+        2,
+        "nothing written twice"
+    );
+
+    signal(&w, SIGTERM);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), w.wait()).await;
+    assert!(stopped.expect("stops within 30 s").unwrap().success());
+    env.teardown().await;
+}
