@@ -18,13 +18,16 @@
 //! loaded and decided again like one decided on a changed row.
 //!
 //! Only rows that exist are kept, and at most `capacity` of each kind, so a
-//! caller naming made-up IDs fills nothing. A row is kept at most [`MAX_AGE`]:
+//! caller naming made-up IDs fills nothing. A token is kept under the SHA-256
+//! of its ID, as the table keeps it (CONTRACT §7): the bearer secret itself
+//! stays no longer than the batch that carried it. A row is kept at most [`MAX_AGE`]:
 //! the version is a transaction ID, which wraps around after 2^32 transactions,
 //! and a minute is far too short for that.
 
 use super::plan::Keys;
 use crate::domain::{AccessToken, Profile, Tenant};
 use crate::records::{EmailClaim, Loaded, ProfileVersion};
+use crate::store::access_token_hash;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,7 +84,8 @@ struct Entry<T, V> {
 
 /// The rows themselves, without the lock; `now` is given so tests control time.
 pub struct Known {
-    tokens: HashMap<String, Entry<AccessToken, i64>>,
+    /// By the SHA-256 of the token's ID.
+    tokens: HashMap<[u8; 32], Entry<AccessToken, i64>>,
     profiles: HashMap<String, Entry<KnownProfile, ProfileVersion>>,
     capacity: usize,
 }
@@ -105,7 +109,10 @@ impl Known {
         let fresh = |read: Instant| now.saturating_duration_since(read) < MAX_AGE;
         let mut loaded = Loaded::default();
         for &id in &keys.access_token_ids {
-            let e = self.tokens.get(id).filter(|e| fresh(e.read))?;
+            let e = self
+                .tokens
+                .get(&access_token_hash(id))
+                .filter(|e| fresh(e.read))?;
             loaded.tokens.insert(id.to_string(), e.row.clone());
             loaded.versions.tokens.insert(id.to_string(), e.version);
         }
@@ -142,11 +149,12 @@ impl Known {
             let Some(&version) = loaded.versions.tokens.get(id) else {
                 continue;
             };
-            if self.tokens.len() >= self.capacity && !self.tokens.contains_key(id) {
+            let key = access_token_hash(id);
+            if self.tokens.len() >= self.capacity && !self.tokens.contains_key(&key) {
                 self.tokens.clear();
             }
             self.tokens.insert(
-                id.clone(),
+                key,
                 Entry {
                     row: token.clone(),
                     version,
@@ -192,7 +200,7 @@ impl Known {
     /// it does not say), or failed otherwise.
     pub fn forget(&mut self, keys: &Keys<'_>) {
         for id in &keys.access_token_ids {
-            self.tokens.remove(*id);
+            self.tokens.remove(&access_token_hash(id));
         }
         for id in &keys.profile_ids {
             self.profiles.remove(*id);
@@ -263,6 +271,17 @@ mod tests {
         assert!(!got.versions.tokens.contains_key("other"));
         assert!(got.tenants.contains_key("default"));
         assert!(got.processed.is_empty() && got.last_emails.is_empty());
+    }
+
+    #[test]
+    fn a_token_is_kept_under_its_hash_never_its_id() {
+        let mut k = Known::new(100);
+        k.learn(&loaded(), Instant::now());
+        let mut kept: Vec<[u8; 32]> = k.tokens.keys().copied().collect();
+        let mut hashes = vec![access_token_hash("admin"), access_token_hash("other")];
+        kept.sort();
+        hashes.sort();
+        assert_eq!(kept, hashes);
     }
 
     #[test]
