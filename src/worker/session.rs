@@ -167,6 +167,20 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
 /// backlog grows" can be alerted on without the broker's own exporter. A failed
 /// read ends the poll quietly: the session's loss is reported elsewhere.
 async fn poll_depths(channel: lapin::Channel, settings: Arc<Settings>, stop: CancellationToken) {
+    if read_depths(&channel, &settings, &stop).await {
+        // Closed, and its close-ok awaited, before the session closes the
+        // connection, as every other channel of the session is: one merely
+        // dropped is left to whatever the connection's close does with it.
+        let _ = channel.close(200, "stopping".into()).await;
+    }
+}
+
+/// Polls until `stop` (true) or a failed read (false: the channel is gone).
+async fn read_depths(
+    channel: &lapin::Channel,
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> bool {
     let queues = [
         ("commands", settings.broker.command_queue.clone()),
         ("dead_letters", settings.broker.dead_letter_queue.clone()),
@@ -184,12 +198,12 @@ async fn poll_depths(channel: lapin::Channel, settings: Arc<Settings>, stop: Can
             {
                 Ok(q) => metrics::gauge!(telemetry::QUEUE_MESSAGES, "queue" => *label)
                     .set(f64::from(q.message_count())),
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(settings.worker.queue_depth_poll_secs)) => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return true,
         }
     }
 }
