@@ -53,8 +53,9 @@ pub struct Loaded {
 /// commit writes nothing if one of them has changed since (migration 7).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Versions {
-    /// By access token ID.
-    pub tokens: HashMap<String, i64>,
+    /// By the SHA-256 of the access token's ID, as the table keys it and the
+    /// commit checks it.
+    pub tokens: HashMap<[u8; 32], i64>,
     /// By profile ID.
     pub profiles: HashMap<String, ProfileVersion>,
 }

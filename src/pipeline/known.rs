@@ -109,12 +109,10 @@ impl Known {
         let fresh = |read: Instant| now.saturating_duration_since(read) < MAX_AGE;
         let mut loaded = Loaded::default();
         for &id in &keys.access_token_ids {
-            let e = self
-                .tokens
-                .get(&access_token_hash(id))
-                .filter(|e| fresh(e.read))?;
+            let hash = access_token_hash(id);
+            let e = self.tokens.get(&hash).filter(|e| fresh(e.read))?;
             loaded.tokens.insert(id.to_string(), e.row.clone());
-            loaded.versions.tokens.insert(id.to_string(), e.version);
+            loaded.versions.tokens.insert(hash, e.version);
         }
         for &id in &keys.profile_ids {
             let e = self.profiles.get(id).filter(|e| fresh(e.read))?;
@@ -146,10 +144,10 @@ impl Known {
             return;
         }
         for (id, token) in &loaded.tokens {
-            let Some(&version) = loaded.versions.tokens.get(id) else {
+            let key = access_token_hash(id);
+            let Some(&version) = loaded.versions.tokens.get(&key) else {
                 continue;
             };
-            let key = access_token_hash(id);
             if self.tokens.len() >= self.capacity && !self.tokens.contains_key(&key) {
                 self.tokens.clear();
             }
@@ -233,7 +231,9 @@ mod tests {
     fn loaded() -> Loaded {
         let mut l = sample();
         for (n, id) in l.tokens.keys().enumerate() {
-            l.versions.tokens.insert(id.clone(), 100 + n as i64);
+            l.versions
+                .tokens
+                .insert(access_token_hash(id), 100 + n as i64);
         }
         for id in l.profiles.keys() {
             l.versions.profiles.insert(
@@ -265,10 +265,14 @@ mod tests {
         let got = k.recall(&keys(&["admin"], &["p1"]), now).expect("known");
         assert_eq!(got.tokens["admin"], l.tokens["admin"]);
         assert_eq!(got.profiles["p1"], l.profiles["p1"]);
-        assert_eq!(got.versions.tokens["admin"], l.versions.tokens["admin"]);
+        let admin = access_token_hash("admin");
+        assert_eq!(got.versions.tokens[&admin], l.versions.tokens[&admin]);
         assert_eq!(got.versions.profiles["p1"], l.versions.profiles["p1"]);
         // Only what the batch names goes into its checks.
-        assert!(!got.versions.tokens.contains_key("other"));
+        assert!(!got
+            .versions
+            .tokens
+            .contains_key(&access_token_hash("other")));
         assert!(got.tenants.contains_key("default"));
         assert!(got.processed.is_empty() && got.last_emails.is_empty());
     }
@@ -302,7 +306,7 @@ mod tests {
         let now = Instant::now();
         let mut k = Known::new(100);
         let mut l = loaded();
-        l.versions.tokens.remove("admin");
+        l.versions.tokens.remove(&access_token_hash("admin"));
         l.versions.profiles.clear();
         k.learn(&l, now);
         assert!(k.recall(&keys(&["admin"], &[]), now).is_none());

@@ -97,14 +97,14 @@ impl Batch<'_> {
         let pending: Vec<LoadedEvent> = row.try_get("pending_events").map_err(err)?;
         let last_emails: Vec<LoadedEmail> = row.try_get("last_emails").map_err(err)?;
 
-        let by_hash: HashMap<&[u8], &str> = hashes
+        let by_hash: HashMap<&[u8], (&str, &[u8; 32])> = digests
             .iter()
-            .copied()
-            .zip(token_ids.iter().copied())
+            .map(|d| d.as_slice())
+            .zip(token_ids.iter().copied().zip(&digests))
             .collect();
         let mut loaded = Loaded::default();
         for t in tokens {
-            let Some(id) = by_hash.get(t.id_sha256.as_slice()) else {
+            let Some(&(id, hash)) = by_hash.get(t.id_sha256.as_slice()) else {
                 continue;
             };
             let permissions = parse_permissions(&t.tenant_permissions).map_err(|m| {
@@ -116,7 +116,7 @@ impl Batch<'_> {
                     ),
                 )
             })?;
-            loaded.versions.tokens.insert(id.to_string(), t.xmin);
+            loaded.versions.tokens.insert(*hash, t.xmin);
             loaded.tokens.insert(
                 id.to_string(),
                 AccessToken {
@@ -269,8 +269,8 @@ fn version_rows(v: &Versions) -> (Vec<TokenVersionRow>, Vec<ProfileVersionRow<'_
     let tokens = v
         .tokens
         .iter()
-        .map(|(id, &xmin)| TokenVersionRow {
-            id_sha256: access_token_hash(id).to_vec(),
+        .map(|(hash, &xmin)| TokenVersionRow {
+            id_sha256: hash.to_vec(),
             xmin,
         })
         .collect();
