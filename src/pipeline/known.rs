@@ -160,6 +160,14 @@ impl Known {
                 },
             );
         }
+        // The load read every purpose of each profile it returned.
+        let mut emails: HashMap<&str, HashMap<String, i64>> = HashMap::new();
+        for ((profile, purpose), &at) in &loaded.last_emails {
+            emails
+                .entry(profile.as_str())
+                .or_default()
+                .insert(purpose.clone(), at);
+        }
         for (id, profile) in &loaded.profiles {
             let Some(version) = loaded.versions.profiles.get(id) else {
                 continue;
@@ -169,13 +177,7 @@ impl Known {
                 .get(&profile.tenant)
                 .cloned()
                 .unwrap_or_default();
-            // The load read every purpose of each profile it returned.
-            let last_emails = loaded
-                .last_emails
-                .iter()
-                .filter(|((p, _), _)| p == id)
-                .map(|((_, purpose), &at)| (purpose.clone(), at))
-                .collect();
+            let last_emails = emails.remove(id.as_str()).unwrap_or_default();
             if self.profiles.len() >= self.capacity && !self.profiles.contains_key(id) {
                 self.profiles.clear();
             }
