@@ -9,9 +9,20 @@ use std::time::Duration;
 
 /// A worker of its own (its counters are this test's alone), ops HTTP on.
 async fn worker(env: &Env) -> WorkerProcess {
+    worker_with(env, &[]).await
+}
+
+async fn worker_with(env: &Env, vars: &[(&str, &str)]) -> WorkerProcess {
     let mut cmd = worker_process(env);
-    cmd.env("HTTP_ADDR", "127.0.0.1:0");
+    cmd.env("HTTP_ADDR", "127.0.0.1:0")
+        .envs(vars.iter().copied());
     WorkerProcess::start(cmd, None).await
+}
+
+async fn stop(mut w: WorkerProcess) {
+    signal(&w, SIGTERM);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), w.wait()).await;
+    assert!(stopped.expect("stops within 30 s").unwrap().success());
 }
 
 /// How many batches were decided on known rows, loaded, and found changed.
@@ -42,7 +53,7 @@ fn refused(code: &str) -> (i64, Option<String>) {
 #[tokio::test]
 async fn a_token_revoked_or_a_profile_disabled_between_two_batches_counts_on_the_second() {
     let env = Env::prepare().await;
-    let mut w = worker(&env).await;
+    let w = worker(&env).await;
 
     // The first batch loads; the second is decided on what the first read.
     assert_eq!(status(&env, ADMIN_TOKEN, ENABLED_PROFILE).await, OK);
@@ -117,9 +128,7 @@ async fn a_token_revoked_or_a_profile_disabled_between_two_batches_counts_on_the
     }
     assert_eq!(decided(&w).await, [3.0, 7.0, 3.0]);
 
-    signal(&w, SIGTERM);
-    let stopped = tokio::time::timeout(Duration::from_secs(30), w.wait()).await;
-    assert!(stopped.expect("stops within 30 s").unwrap().success());
+    stop(w).await;
     env.teardown().await;
 }
 
@@ -129,7 +138,7 @@ async fn a_token_revoked_or_a_profile_disabled_between_two_batches_counts_on_the
 #[tokio::test]
 async fn an_email_another_worker_claimed_meanwhile_counts_on_the_next_batch() {
     let env = Env::prepare_with(|s| s.worker.email_cooldown_secs = 60).await;
-    let mut w = worker(&env).await;
+    let w = worker(&env).await;
     let verify = |profile: &'static str, purpose: &'static str| {
         let env = &env;
         async move {
@@ -170,8 +179,19 @@ async fn an_email_another_worker_claimed_meanwhile_counts_on_the_next_batch() {
         "nothing written twice"
     );
 
-    signal(&w, SIGTERM);
-    let stopped = tokio::time::timeout(Duration::from_secs(30), w.wait()).await;
-    assert!(stopped.expect("stops within 30 s").unwrap().success());
+    stop(w).await;
+    env.teardown().await;
+}
+
+/// `KNOWN_ROWS=0` keeps nothing: every batch is loaded, as before known rows.
+#[tokio::test]
+async fn with_known_rows_off_every_batch_is_loaded() {
+    let env = Env::prepare().await;
+    let w = worker_with(&env, &[("KNOWN_ROWS", "0")]).await;
+    for _ in 0..3 {
+        assert_eq!(status(&env, ADMIN_TOKEN, ENABLED_PROFILE).await, OK);
+    }
+    assert_eq!(decided(&w).await, [0.0, 3.0, 0.0]);
+    stop(w).await;
     env.teardown().await;
 }
