@@ -48,7 +48,7 @@ pg="$(pg_host)"
 if $fast; then
   # Every unit test, the integration binary and the bench's smoke test: none
   # of them stops a server.
-  exec cargo test --locked --workspace --lib --bins --test integration --test smoke "$@"
+  exec cargo test --locked --workspace --lib --bins --test integration --test io_thread --test smoke "$@"
 fi
 # Beyond one box (tests/cluster.rs): a three-node RabbitMQ cluster and a
 # PostgreSQL primary with a synchronous standby, beside the servers above.

@@ -1,6 +1,9 @@
 //! RabbitMQ: connection, topology, the confirming publisher and the properties of
 //! what we publish. Knows nothing about SQL.
 
+#[cfg(test)]
+mod hostile_frames;
+pub mod io_thread;
 mod nodes;
 pub mod properties;
 mod publisher;

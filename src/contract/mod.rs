@@ -28,7 +28,18 @@ pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Whether a command's `reply_to` names a reply queue (CONTRACT §2): direct
 /// reply-to, or a queue named with one of the configured prefixes. Anything
 /// else (another service's queue, the command queue) is never published to.
+///
+/// A name holding U+FFFD (bytes that were not UTF-8, decoded lossily by the
+/// AMQP parser) or a control character names no queue anyone declared: it is
+/// refused as well, rather than a reply published to a name the broker will
+/// never match.
 pub fn reply_to_allowed(reply_to: &str, prefixes: &[String]) -> bool {
+    if reply_to
+        .chars()
+        .any(|c| c == char::REPLACEMENT_CHARACTER || c.is_control())
+    {
+        return false;
+    }
     let direct = reply_to
         .strip_prefix(DIRECT_REPLY_TO)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
@@ -68,5 +79,22 @@ mod tests {
             "an empty prefix allows nothing"
         );
         assert!(reply_to_allowed("replies.svc-1", &["replies.".into()]));
+    }
+
+    #[test]
+    fn a_reply_to_that_was_not_utf8_is_no_reply_queue() {
+        let prefixes = vec!["amq.gen-".to_string()];
+        for bad in [
+            "amq.gen-\u{fffd}abc",
+            "amq.rabbitmq.reply-to.\u{fffd}",
+            "amq.gen-x\u{0}",
+            "amq.gen-x\u{7f}",
+        ] {
+            assert!(!reply_to_allowed(bad, &prefixes), "{bad:?}");
+        }
+        // The 255-byte form the AMQP parser makes of 254 bytes and an invalid one.
+        let capped = format!("amq.gen-{}\u{fffd}", "a".repeat(244));
+        assert_eq!(capped.len(), 255);
+        assert!(!reply_to_allowed(&capped, &prefixes));
     }
 }

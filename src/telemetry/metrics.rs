@@ -104,7 +104,10 @@ fn describe() {
         BATCHES_DECIDED,
         "Batches decided, by what on: known (rows read by earlier batches), loaded, changed (a known row had changed)"
     );
-    describe_counter!(BROKER_ERRORS, "Broker failures by kind (session, nack)");
+    describe_counter!(
+        BROKER_ERRORS,
+        "Broker failures by kind (session, nack, io_thread: a connection's I/O thread panicked)"
+    );
     describe_counter!(RECONNECTS, "Broker reconnections");
     describe_counter!(
         REPLIES_DROPPED,

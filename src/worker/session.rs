@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 /// On shutdown, how long a consumer's buffer must stay empty before it is done.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
+/// How long closing a lost session's connection may take before it is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -32,6 +34,8 @@ enum SessionError {
     Cancelled,
     #[error("a batch's completion task failed")]
     Completion(#[from] tokio::task::JoinError),
+    #[error("the AMQP connection's I/O thread panicked: {0}")]
+    IoThreadPanicked(Arc<str>),
 }
 
 /// What every session and consumer of one worker shares.
@@ -75,10 +79,15 @@ pub(super) async fn supervise(
             },
         };
         let outcome = session(&c, shared).await;
-        let _ = c.close(200, "bye".into()).await;
+        // Bounded: a connection whose I/O thread is gone never answers the close.
+        let _ = tokio::time::timeout(CLOSE_WAIT, c.close(200, "bye".into())).await;
         match outcome {
             Ok(()) => return Ok(()),
             Err(SessionError::Topology(e)) if e.is_fatal() => return Err(e.into()),
+            Err(e @ SessionError::IoThreadPanicked(_)) => {
+                metrics::counter!(telemetry::BROKER_ERRORS, "kind" => "io_thread").increment(1);
+                tracing::error!(error = %Report(&e), "broker connection dropped; reconnecting");
+            }
             Err(e) if shutdown.is_cancelled() => {
                 tracing::warn!(error = %Report(&e), "broker session ended during shutdown; unacked commands will be redelivered");
                 return Ok(());
@@ -122,6 +131,9 @@ async fn reconnect(
 /// only after a requested shutdown has drained what this worker held.
 async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionError> {
     let (store, settings) = (shared.store, shared.settings);
+    // From before the first frame of this session: a panic of the connection's
+    // I/O thread ends it at once instead of at a heartbeat timeout.
+    let mut io_thread = broker::io_thread::Watch::new();
     let channel = conn.create_channel().await?;
     broker::declare(&channel, &settings.broker).await?;
     let _ = channel.close(200, "declared".into()).await;
@@ -155,8 +167,16 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
     // The first consumer to fail ends the session; the others are dropped with the
     // connection and their unacked deliveries return to the queue.
-    let result = futures_util::future::try_join_all(lanes).await.map(|_| ());
+    let result = tokio::select! {
+        r = futures_util::future::try_join_all(lanes) => r.map(|_| ()),
+        why = io_thread.died() => Err(SessionError::IoThreadPanicked(why)),
+    };
     relay_stop.cancel();
+    if matches!(result, Err(SessionError::IoThreadPanicked(_))) {
+        // They may be waiting for a confirm or an answer that cannot come.
+        relay.abort();
+        depths.abort();
+    }
     let _ = relay.await;
     let _ = depths.await;
     result

@@ -55,22 +55,32 @@ async fn between_good_ones(
     channel: &lapin::Channel,
     bad: (&[u8], BasicProperties),
 ) -> Vec<String> {
+    between_good_ones_as(env, channel, bad, "create-ticket").await
+}
+
+/// [`between_good_ones`], the bad one published with `routing_key`.
+async fn between_good_ones_as(
+    env: &Env,
+    channel: &lapin::Channel,
+    bad: (&[u8], BasicProperties),
+    routing_key: &str,
+) -> Vec<String> {
     let ticket = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
     let mut goods = Vec::new();
     let mut confirms = Vec::new();
     for i in 0..21 {
-        let (body, props) = if i == 10 {
-            (bad.0, bad.1.clone())
+        let (body, props, key) = if i == 10 {
+            (bad.0, bad.1.clone(), routing_key)
         } else {
             let c = format!("good-{i}-{}", Uuid::new_v4().simple());
             goods.push(c.clone());
-            (ticket.as_bytes(), good(env, &c))
+            (ticket.as_bytes(), good(env, &c), "create-ticket")
         };
         confirms.push(
             channel
                 .basic_publish(
                     env.settings.broker.command_exchange.as_str().into(),
-                    "create-ticket".into(),
+                    key.into(),
                     BasicPublishOptions::default(),
                     body,
                     props,
@@ -88,28 +98,35 @@ async fn between_good_ones(
     goods
 }
 
-/// Every good command answered 200, the bad one `status`, exactly one dead
-/// letter, and (the worker's own count) each answered once, no reconnect.
+/// Every good command answered 200 within a few seconds, the bad one's reply
+/// (when it has one: a refused `reply_to` gets none), exactly one dead letter,
+/// and (the worker's own counts) each answered once since `before`, and no
+/// reconnect.
 async fn each_answered_once(
     env: &Env,
     w: &WorkerProcess,
     goods: &[String],
-    bad_correlation: &str,
-) -> (Reply, Received) {
-    // All within 30 s together: one batch's delay, not a connection's worth of redeliveries.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    bad_correlation: Option<&str>,
+    before: f64,
+) -> (Option<Reply>, Received) {
+    // A batch's delay, not a connection's worth of redeliveries (the stall
+    // this guards against held every caller for over 30 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let reply = |c: &str| {
         let c = c.to_string();
         async move {
             tokio::time::timeout_at(deadline, env.reply_for(&c))
                 .await
-                .unwrap_or_else(|_| panic!("no reply for {c} within 30 s of the burst"))
+                .unwrap_or_else(|_| panic!("no reply for {c:?} within 10 s of the burst"))
         }
     };
     for c in goods {
         assert_eq!(reply(c).await.status, 200, "{c}");
     }
-    let bad = reply(bad_correlation).await;
+    let bad = match bad_correlation {
+        Some(c) => Some(reply(c).await),
+        None => None,
+    };
     let dead = env.wait_dead_letters(1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let more = env.dead_letters().await;
@@ -120,24 +137,23 @@ async fn each_answered_once(
     );
     let (answered, reconnects) = answered_and_reconnects(w).await;
     assert_eq!(
-        answered,
+        answered - before,
         (goods.len() + 1) as f64,
         "every command answered once: none redelivered"
     );
     assert_eq!(reconnects, 0.0, "the worker's connection never dropped");
-    assert_eq!(env.count("tickets").await, goods.len() as i64);
     (bad, dead.into_iter().next().unwrap())
 }
 
-/// A loopback proxy to the broker that replaces `from` with `to` (same length)
-/// in what the client sends: how a test publishes bytes no AMQP client library
-/// will write (lapin's strings are Rust strings, so always UTF-8).
-async fn rewriting_proxy(
-    broker: std::net::SocketAddr,
-    from: &'static [u8],
-    to: &'static [u8],
-) -> u16 {
-    assert_eq!(from.len(), to.len(), "frames keep their lengths");
+/// A loopback proxy to the broker that replaces each `from` with its `to`
+/// (same length) in what the client sends: how a test publishes bytes no AMQP
+/// client library will write (lapin's strings are Rust strings, so always
+/// UTF-8).
+async fn rewriting_proxy(broker: std::net::SocketAddr, swaps: Vec<(Vec<u8>, Vec<u8>)>) -> u16 {
+    for (from, to) in &swaps {
+        assert_eq!(from.len(), to.len(), "frames keep their lengths");
+    }
+    let swaps = std::sync::Arc::new(swaps);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -148,6 +164,7 @@ async fn rewriting_proxy(
             tokio::spawn(async move {
                 let _ = tokio::io::copy(&mut sr, &mut cw).await;
             });
+            let swaps = swaps.clone();
             tokio::spawn(async move {
                 let mut held: Vec<u8> = Vec::new();
                 let mut buf = vec![0u8; 64 * 1024];
@@ -156,13 +173,20 @@ async fn rewriting_proxy(
                         break;
                     }
                     held.extend_from_slice(&buf[..n]);
-                    while let Some(at) = held.windows(from.len()).position(|w| w == from) {
-                        held[at..at + from.len()].copy_from_slice(to);
+                    for (from, to) in swaps.iter() {
+                        while let Some(at) = held.windows(from.len()).position(|w| w == &from[..]) {
+                            held[at..at + from.len()].copy_from_slice(to);
+                        }
                     }
-                    // Keep back only a tail that may be the start of `from`.
-                    let keep = (1..from.len())
-                        .rev()
-                        .find(|&k| held.len() >= k && held.ends_with(&from[..k]))
+                    // Keep back only a tail that may be the start of a `from`.
+                    let keep = swaps
+                        .iter()
+                        .filter_map(|(from, _)| {
+                            (1..from.len())
+                                .rev()
+                                .find(|&k| held.len() >= k && held.ends_with(&from[..k]))
+                        })
+                        .max()
                         .unwrap_or(0);
                     let send = held.len() - keep;
                     if sw.write_all(&held[..send]).await.is_err() {
@@ -174,6 +198,24 @@ async fn rewriting_proxy(
         }
     });
     port
+}
+
+/// A connection (and a confirming channel) to the broker through a proxy
+/// making `swaps`, as the admin user.
+async fn through_proxy(env: &Env, swaps: Vec<(Vec<u8>, Vec<u8>)>) -> (Connection, lapin::Channel) {
+    let admin = env.servers.admin_amqp.clone();
+    let port = rewriting_proxy(broker_addr(&admin), swaps).await;
+    let (userinfo, rest) = admin.split_once('@').unwrap();
+    let vhost = rest.split_once('/').map_or("%2f", |(_, v)| v);
+    let via_proxy = format!("{userinfo}@127.0.0.1:{port}/{vhost}");
+    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
+        .await
+        .expect("connect through the proxy");
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, ch)
 }
 
 fn broker_addr(url: &str) -> std::net::SocketAddr {
@@ -194,18 +236,7 @@ async fn a_property_that_is_not_utf8_costs_other_callers_nothing() {
     let w = worker(&env, "info").await;
     const MARK: &[u8] = b"@@not-utf8-here@@";
     const BAD: &[u8] = b"id-\xff\xfe\xc3(-\x80\x80\xed\xa0\x80----";
-    let admin = env.servers.admin_amqp.clone();
-    let port = rewriting_proxy(broker_addr(&admin), MARK, BAD).await;
-    let (userinfo, rest) = admin.split_once('@').unwrap();
-    let vhost = rest.split_once('/').map_or("%2f", |(_, v)| v);
-    let via_proxy = format!("{userinfo}@127.0.0.1:{port}/{vhost}");
-    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
-        .await
-        .expect("connect through the proxy");
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (conn, ch) = through_proxy(&env, vec![(MARK.to_vec(), BAD.to_vec())]).await;
     // Not UTF-8 in the message_id, and in a header's name.
     let mut headers = FieldTable::default();
     headers.insert(
@@ -224,7 +255,9 @@ async fn a_property_that_is_not_utf8_costs_other_callers_nothing() {
         ),
     )
     .await;
-    let (bad, dead) = each_answered_once(&env, &w, &goods, "bad-one").await;
+    let (bad, dead) = each_answered_once(&env, &w, &goods, Some("bad-one"), 0.0).await;
+    let bad = bad.unwrap();
+    assert_eq!(env.count("tickets").await, goods.len() as i64);
     assert_eq!(bad.status, 400, "{}", bad.raw);
     assert_eq!(bad.body["errorCode"], "PARAM_DESERIALIZATION_ERROR");
     assert!(
@@ -238,6 +271,186 @@ async fn a_property_that_is_not_utf8_costs_other_callers_nothing() {
     assert_eq!(
         dead.header("x-error-code").as_deref(),
         Some("PARAM_DESERIALIZATION_ERROR")
+    );
+    let _ = conn.close(200, "bye".into()).await;
+    drop(w);
+    env.teardown().await;
+}
+
+/// What the bad command of a case is answered: under which correlation id,
+/// with which code, and how its message starts.
+struct Answer {
+    correlation: String,
+    code: &'static str,
+    message: &'static str,
+}
+
+/// Issue 31: a short string holds at most 255 bytes, and 254 bytes of ASCII
+/// and one invalid byte decode to 257 (U+FFFD takes three), which panicked
+/// the worker's AMQP I/O thread and held every caller for over 30 s. Each
+/// property a publisher sets, the routing key and a header's name, in turn,
+/// each between 20 good commands, through one connection that writes the bytes.
+#[tokio::test]
+async fn a_255_byte_property_that_is_not_utf8_costs_other_callers_nothing() {
+    let env = Env::prepare().await;
+    let w = worker(&env, "info").await;
+    // Each case's marker is 255 bytes of ASCII; the proxy turns its last byte
+    // into 0xff on the wire.
+    let mark = |case: &str| {
+        let mut m = if case == "reply_to" {
+            format!("amq.gen-@@{case}@@")
+        } else {
+            format!("@@{case}@@")
+        };
+        while m.len() < 255 {
+            m.push('z');
+        }
+        m
+    };
+    let cases = [
+        "message_id",
+        "routing_key",
+        "reply_to",
+        "correlation_id",
+        "type",
+        "header_name",
+    ];
+    let swaps = cases
+        .iter()
+        .map(|c| {
+            let m = mark(c).into_bytes();
+            let mut bad = m[..254].to_vec();
+            bad.push(0xff);
+            (m, bad)
+        })
+        .collect();
+    let (conn, ch) = through_proxy(&env, swaps).await;
+    // What the worker reads: cut to fit, ending in U+FFFD.
+    let lossy = |m: &str| format!("{}\u{fffd}", &m[..252]);
+    let ticket = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+    let malformed: &[u8] = br#"{"accessTokenId":"x"}"#;
+    let mut goods_total = 0;
+    for case in cases {
+        let m = mark(case);
+        let correlation = format!("bad-{case}");
+        let base = good(&env, &correlation);
+        let untyped = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(Uuid::new_v4().to_string().into())
+            .with_correlation_id(correlation.as_str().into())
+            .with_reply_to(env.reply_queue.as_str().into());
+        let expect = |correlation: &str, code, message| {
+            Some(Answer {
+                correlation: correlation.to_string(),
+                code,
+                message,
+            })
+        };
+        let (body, props, key, answer) = match case {
+            "message_id" => (
+                ticket.as_bytes(),
+                base.with_message_id(m.as_str().into()),
+                "create-ticket",
+                expect(
+                    &correlation,
+                    "PARAM_DESERIALIZATION_ERROR",
+                    "Property \"message_id\" is not valid UTF-8",
+                ),
+            ),
+            "routing_key" => (
+                ticket.as_bytes(),
+                untyped,
+                m.as_str(),
+                expect(&correlation, "UNKNOWN_COMMAND", ""),
+            ),
+            "reply_to" => (
+                ticket.as_bytes(),
+                base.with_reply_to(m.as_str().into()),
+                "create-ticket",
+                None,
+            ),
+            "correlation_id" => (
+                ticket.as_bytes(),
+                base.with_correlation_id(m.as_str().into()),
+                "create-ticket",
+                expect(
+                    &lossy(&m),
+                    "PARAM_DESERIALIZATION_ERROR",
+                    "Property \"correlation_id\" is not valid UTF-8",
+                ),
+            ),
+            "type" => (
+                ticket.as_bytes(),
+                base.with_type(m.as_str().into()),
+                "create-ticket",
+                expect(&correlation, "UNKNOWN_COMMAND", ""),
+            ),
+            "header_name" => {
+                let mut headers = FieldTable::default();
+                headers.insert(m.as_str().into(), AMQPValue::LongString("v".into()));
+                (
+                    malformed,
+                    base.with_headers(headers),
+                    "create-ticket",
+                    expect(&correlation, "PARAM_DESERIALIZATION_ERROR", ""),
+                )
+            }
+            _ => unreachable!(),
+        };
+        let before = answered_and_reconnects(&w).await.0;
+        let goods = between_good_ones_as(&env, &ch, (body, props), key).await;
+        goods_total += goods.len();
+        let bad_correlation = answer.as_ref().map(|a| a.correlation.as_str());
+        let (reply, dead) = each_answered_once(&env, &w, &goods, bad_correlation, before).await;
+        let code = match (&answer, reply) {
+            (Some(a), Some(r)) => {
+                assert_eq!(r.status, 400, "{case}: {}", r.raw);
+                assert_eq!(r.body["errorCode"], a.code, "{case}: {}", r.raw);
+                assert!(
+                    r.body["message"].as_str().unwrap().starts_with(a.message),
+                    "{case}: {}",
+                    r.raw
+                );
+                a.code
+            }
+            _ => "REPLY_TO_NOT_ALLOWED",
+        };
+        assert_eq!(dead.header("x-error-code").as_deref(), Some(code), "{case}");
+        if case == "header_name" {
+            assert!(
+                dead.header(&lossy(&m)).is_some(),
+                "the dead letter carries the header as read: {:?}",
+                dead.headers
+            );
+        }
+        assert_eq!(env.count("tickets").await, goods_total as i64, "{case}");
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    drop(w);
+    env.teardown().await;
+}
+
+#[tokio::test]
+async fn a_reply_to_that_is_not_utf8_is_refused_not_replied_to() {
+    let env = Env::prepare().await;
+    let w = worker(&env, "info").await;
+    // Short, within the limit: the lossy name was taken as a reply queue.
+    const MARK: &[u8] = b"amq.gen-@@reply@@";
+    const BAD: &[u8] = b"amq.gen-@@repl\xff@@";
+    let (conn, ch) = through_proxy(&env, vec![(MARK.to_vec(), BAD.to_vec())]).await;
+    let props = good(&env, "refused").with_reply_to(std::str::from_utf8(MARK).unwrap().into());
+    let ticket = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
+    let goods = between_good_ones(&env, &ch, (ticket.as_bytes(), props)).await;
+    let (reply, dead) = each_answered_once(&env, &w, &goods, None, 0.0).await;
+    assert!(reply.is_none());
+    assert_eq!(
+        dead.header("x-error-code").as_deref(),
+        Some("REPLY_TO_NOT_ALLOWED")
+    );
+    assert_eq!(
+        env.count("tickets").await,
+        goods.len() as i64,
+        "not processed"
     );
     let _ = conn.close(200, "bye".into()).await;
     drop(w);
@@ -281,7 +494,9 @@ async fn a_dead_letter_of_a_command_at_the_frame_limit_fits_in_a_frame() {
     let bad_props = base.with_headers(headers);
     let goods =
         between_good_ones(&env, &env.channel, (br#"{"accessTokenId":"x"}"#, bad_props)).await;
-    let (bad, dead) = each_answered_once(&env, &w, &goods, correlation).await;
+    let (bad, dead) = each_answered_once(&env, &w, &goods, Some(correlation), 0.0).await;
+    let bad = bad.unwrap();
+    assert_eq!(env.count("tickets").await, goods.len() as i64);
     assert_eq!(bad.status, 400, "{}", bad.raw);
     assert_eq!(
         dead.header("x-error-code").as_deref(),

@@ -20,8 +20,18 @@ pub fn gen_with_len<W: Write + BackToTheBuffer, F: SerializeFn<W>>(f: F) -> impl
             let len = x.position - start;
             Ok((x, len))
         },
-        move |x, len| gen_long_uint(len as LongUInt)(x),
+        move |x, len| gen_long_uint(length::<LongUInt, _>(len)?)(x),
     )
+}
+
+/// [GenError::CustomError] code of a value too long for its length prefix (a
+/// short string over 255 bytes, a long string, array or table over 4 GiB).
+// profile-worker patch: it was truncated with `as`, only a debug assertion
+// noticing, and the frame then no longer said where the value ended.
+pub const TOO_LONG: u32 = 0x5450_4c47;
+
+fn length<T: TryFrom<U>, U>(len: U) -> Result<T, GenError> {
+    T::try_from(len).map_err(|_| GenError::CustomError(TOO_LONG))
 }
 
 /// Generate the [AMQPValue](../type.AMQPValue.html) in the given buffer (x)
@@ -146,24 +156,19 @@ pub fn gen_decimal_value<W: Write>(d: DecimalValue) -> impl SerializeFn<W> {
 /// Generate the [ShortString](../type.ShortString.html) in the given buffer (x)
 #[must_use]
 pub fn gen_short_string<'a, W: Write + 'a>(s: &'a str) -> impl SerializeFn<W> + 'a {
-    debug_assert!(
-        s.len() <= ShortShortUInt::MAX as usize,
-        "short string exceeds 255 bytes"
-    );
-    pair(
-        gen_short_short_uint(s.len() as ShortShortUInt),
-        slice(s.as_bytes()),
-    )
+    move |x| {
+        let len = length::<ShortShortUInt, _>(s.len())?;
+        pair(gen_short_short_uint(len), slice(s.as_bytes()))(x)
+    }
 }
 
 /// Generate the [LongString](../type.LongString.html) in the given buffer (x)
 #[must_use]
 pub fn gen_long_string<'a, W: Write + 'a>(s: &'a [u8]) -> impl SerializeFn<W> + 'a {
-    debug_assert!(
-        s.len() <= LongUInt::MAX as usize,
-        "long string exceeds 4 GiB"
-    );
-    pair(gen_long_uint(s.len() as LongUInt), slice(s))
+    move |x| {
+        let len = length::<LongUInt, _>(s.len())?;
+        pair(gen_long_uint(len), slice(s))(x)
+    }
 }
 
 /// Generate the [FieldArray](../type.FieldArray.html) in the given buffer (x)
@@ -196,11 +201,10 @@ fn gen_field_entry<'a, W: Write + BackToTheBuffer + 'a>(
 /// Generate the [ByteArray](../type.ByteArray.html) in the given buffer (x)
 #[must_use]
 pub fn gen_byte_array<'a, W: Write + 'a>(a: &'a ByteArray) -> impl SerializeFn<W> + 'a {
-    debug_assert!(
-        a.len() <= LongUInt::MAX as usize,
-        "byte array exceeds 4 GiB"
-    );
-    pair(gen_long_uint(a.len() as LongUInt), slice(a.as_slice()))
+    move |x| {
+        let len = length::<LongUInt, _>(a.len())?;
+        pair(gen_long_uint(len), slice(a.as_slice()))(x)
+    }
 }
 
 /// Generate the [AMQPFlags](../type.AMQPFlags.html) in the given buffer (x)
@@ -445,6 +449,14 @@ mod test {
             test_gen!(&mut [0, 0, 0, 0, 0][..], gen_short_string, "test"),
             Ok((vec![4, 116, 101, 115, 116], 5))
         );
+        // profile-worker patch: too long is an error, not a length byte mod 256.
+        let long = "x".repeat(256);
+        assert_eq!(
+            test_gen!(&mut [0; 300][..], gen_short_string, long.as_str()),
+            Err(format!("{:?}", GenError::CustomError(TOO_LONG)))
+        );
+        let fits = "x".repeat(255);
+        assert!(test_gen!(&mut [0; 300][..], gen_short_string, fits.as_str()).is_ok());
     }
 
     #[test]

@@ -223,22 +223,41 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
 // included. Whoever reads the string decides what U+FFFD means (the worker
 // answers 400 for it in a property it stores or sends back). See
 // docs/ARCHITECTURE.md, "Hostile properties", for the upstream report.
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
+//
+// U+FFFD takes three bytes where the invalid byte took one, so a lossy string
+// can outgrow the 255 bytes a short string may hold (254 ASCII bytes and one
+// invalid byte decode to 257), which `ShortString::from` refused with a panic
+// in the connection's I/O thread. The lossy result is cut to fit, on a char
+// boundary, and ends in U+FFFD, so that it still says it was not UTF-8.
+fn make_str<I: Input<Item = u8>>(i: I) -> Result<ShortString, ShortStringError> {
     let bytes: Vec<u8> = i.iter_elements().collect();
-    Ok(match String::from_utf8(bytes) {
+    ShortString::try_new(match String::from_utf8(bytes) {
         Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        Err(e) => lossy_short(e.as_bytes()),
     })
+}
+
+/// `bytes` decoded lossily, at most [MAX_SHORT_STRING_LENGTH] bytes long, with
+/// a U+FFFD kept whenever one was made.
+fn lossy_short(bytes: &[u8]) -> String {
+    let mut s = String::from_utf8_lossy(bytes).into_owned();
+    if s.len() > MAX_SHORT_STRING_LENGTH {
+        const MARK: char = char::REPLACEMENT_CHARACTER;
+        let mut cut = MAX_SHORT_STRING_LENGTH - MARK.len_utf8();
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push(MARK);
+    }
+    s
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
 pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString> {
     context(
         "parse_short_string",
-        map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
-            ShortString::from,
-        ),
+        map_res(flat_map(parse_short_short_uint, take), make_str),
     )
     .parse(i)
 }
@@ -614,5 +633,57 @@ mod test {
             parse_short_string(&[2u8, 0xc3, 0x28][..]),
             Ok((&[][..], ShortString::from("\u{fffd}(")))
         );
+    }
+
+    /// The length byte, then `body`.
+    fn short(body: &[u8]) -> Vec<u8> {
+        let mut v = vec![u8::try_from(body.len()).unwrap()];
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn test_parse_short_string_not_utf8_at_the_limit() {
+        // profile-worker patch: 254 ASCII bytes and one invalid byte decode to
+        // 257 bytes; cut to fit, still ending in U+FFFD.
+        let mut body = vec![b'a'; 254];
+        body.push(0xff);
+        let frame = short(&body);
+        let (rest, s) = parse_short_string(&frame[..]).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(s.as_str().len(), 255);
+        assert_eq!(s.as_str(), format!("{}\u{fffd}", "a".repeat(252)));
+        // 255 invalid bytes: 85 replacement characters.
+        let (_, s) = parse_short_string(&short(&[0xff; 255])[..]).unwrap();
+        assert_eq!(s.as_str(), "\u{fffd}".repeat(85));
+        // A cut that would split a two-byte character goes back to its start.
+        let mut body = b"a".to_vec();
+        for _ in 0..126 {
+            body.extend_from_slice("é".as_bytes());
+        }
+        body.push(0xff);
+        assert_eq!(body.len(), 254);
+        body.insert(0, b'b');
+        let (_, s) = parse_short_string(&short(&body)[..]).unwrap();
+        assert_eq!(s.as_str(), format!("ba{}\u{fffd}", "é".repeat(125)));
+        // Valid UTF-8 is kept whole, up to 255 bytes.
+        let valid = "é".repeat(127) + "x";
+        let (_, s) = parse_short_string(&short(valid.as_bytes())[..]).unwrap();
+        assert_eq!(s.as_str(), valid);
+    }
+
+    #[test]
+    fn test_parse_field_table_key_not_utf8_at_the_limit() {
+        // A header's name is a short string too.
+        let mut key = vec![b'k'; 254];
+        key.push(0x80);
+        let mut entry = short(&key);
+        entry.push(b'V');
+        let mut table = u32::try_from(entry.len()).unwrap().to_be_bytes().to_vec();
+        table.extend_from_slice(&entry);
+        let (_, t) = parse_field_table(&table[..]).unwrap();
+        let k = t.inner().keys().next().unwrap();
+        assert_eq!(k.as_str().len(), 255);
+        assert!(k.as_str().ends_with('\u{fffd}'));
     }
 }

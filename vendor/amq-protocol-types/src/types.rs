@@ -209,15 +209,29 @@ impl ShortString {
     }
 }
 
+// profile-worker patch: these panicked on a string over 255 bytes. lapin
+// builds error texts with `format!(…).into()`, and one of them quotes what the
+// peer sent (an ack for an unknown delivery tag lists every pending one), so a
+// panic here killed the connection's I/O thread, silently, with every channel
+// on it. A text is cut to fit instead, on a char boundary; a name that must
+// not be cut is checked with `try_new` by whoever makes it (the worker checks
+// its settings' names), and the parser makes only strings that fit.
 impl From<String> for ShortString {
-    fn from(s: String) -> Self {
-        Self::try_new(s).expect("ShortString exceeds maximum length")
+    fn from(mut s: String) -> Self {
+        if s.len() > MAX_SHORT_STRING_LENGTH {
+            let mut cut = MAX_SHORT_STRING_LENGTH;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+        }
+        Self(s)
     }
 }
 
 impl From<&str> for ShortString {
     fn from(s: &str) -> Self {
-        Self::try_new(s).expect("ShortString exceeds maximum length")
+        s.to_owned().into()
     }
 }
 
@@ -416,6 +430,13 @@ mod test {
     fn short_string_length_limit() {
         assert!(ShortString::try_new("ok").is_ok());
         assert!(ShortString::try_new("a".repeat(255)).is_ok());
+        // profile-worker patch: From cuts on a char boundary, never panics.
+        assert_eq!(ShortString::from("a".repeat(300)).as_str().len(), 255);
+        let cut = ShortString::from(format!("a{}", "é".repeat(200)));
+        assert_eq!(cut.as_str().len(), 255);
+        assert!(cut.as_str().ends_with('é'));
+        let cut = ShortString::from("é".repeat(200));
+        assert_eq!(cut.as_str().len(), 254);
         assert_eq!(
             ShortString::try_new("a".repeat(256)),
             Err(ShortStringError(256))
