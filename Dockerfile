@@ -15,10 +15,13 @@ RUN cargo build --release --locked -p profile-worker
 FROM debian:bookworm-slim
 # curl: compose's health check asks /readyz with it.
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
-    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 worker
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 worker \
+    && mkdir -m 700 /secrets && chown 10001 /secrets
 COPY --from=build /src/target/release/profile-worker /usr/local/bin/profile-worker
 # No seed and no access token in the image: tokens are made per deployment with
-# `profile-worker access-tokens create` (CONTRACT §8).
+# `profile-worker access-tokens create` (CONTRACT §8). /secrets: compose's
+# first token is written there (a named volume takes this directory's owner
+# and mode on first use), readable by the worker's user only.
 USER worker
 EXPOSE 8742
 ENTRYPOINT ["profile-worker"]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: installs/starts RabbitMQ and PostgreSQL if needed, builds the worker,
 # applies migrations, seeds seeds/example.json (tenants and profiles), makes a
-# fresh access token (shown once, in the `send` lines printed below; it expires
-# in a day) and runs the worker in the foreground.
+# fresh access token (written once, into the command files the `send` lines
+# printed below read; it expires in a day) and runs the worker in the foreground.
 # Extra arguments go to `profile-worker run` (see `profile-worker run --help`).
 #
 # It works in its own development database (profile_worker_dev) and broker vhost
@@ -35,19 +35,34 @@ DATABASE_URL="$OWNER_DATABASE_URL" "$bin" seed seeds/example.json
 # if a database still has it (read from stdin, so it is in no process list).
 echo af59d9dc-bf78-4018-bbf2-2e4f788524b6 |
   DATABASE_URL="$OWNER_DATABASE_URL" "$bin" access-tokens revoke >/dev/null 2>&1 || true
-# No token is ever published: this one is made now, at random, and lives in
-# this process and the lines printed below only.
+# No token is ever published: this one is made now, at random, and written
+# only into the two command files below (mode 600), which `send` reads on its
+# standard input: a token in an argument is visible to every user of the
+# machine (ps, /proc) and stays in the shell's history.
+commands="$PWD/target/quickstart"
+mkdir -p "$commands"
+chmod 700 "$commands"
 token="$(DATABASE_URL="$OWNER_DATABASE_URL" "$bin" access-tokens create \
   --application profile-worker-quickstart --tenant '*=MANAGE_PROFILES,MANAGE_TICKETS' --expires-in 24h 2>/dev/null)"
+(
+  umask 077
+  printf '{"accessTokenId":"%s","profileId":"5925a68def86951f895cf497"}\n' "$token" >"$commands/create-ticket.json"
+  printf '{"accessTokenId":"%s","id":"592715d4d4c650e226b03b62"}\n' "$token" >"$commands/create-verification-token.json"
+)
+unset token
+# The base of the link in every verification email (required, no default):
+# a local page here; plain http is allowed on a loopback host only.
+export VERIFICATION_URL="${VERIFICATION_URL:-http://localhost:8080/verify}"
 cat <<MSG
 
 profile-worker is starting: database ${PW_DB_NAME:-from DATABASE_URL}, vhost ${PW_RABBIT_VHOST:-from AMQP_URL}. In another shell, send a first command:
 
-  AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-ticket '{"accessTokenId":"$token","profileId":"5925a68def86951f895cf497"}'
-  AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-verification-token '{"accessTokenId":"$token","id":"592715d4d4c650e226b03b62"}'
+  AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-ticket < $commands/create-ticket.json
+  AMQP_URL='$PUBLISHER_AMQP_URL' $PWD/$bin send create-verification-token < $commands/create-verification-token.json
 
-The token in them was made just now (application profile-worker-quickstart, expires in 24 h);
-make others with: DATABASE_URL='$OWNER_DATABASE_URL' $PWD/$bin access-tokens create --help
+The access token in those files was made just now (application profile-worker-quickstart,
+expires in 24 h); make others with: DATABASE_URL='$OWNER_DATABASE_URL' $PWD/$bin access-tokens create --help
+Verification links start with VERIFICATION_URL=$VERIFICATION_URL.
 The email dispatcher's broker URL (it may only consume profile.email.dispatch): $DISPATCHER_AMQP_URL
 
 Stop with Ctrl-C (SIGINT) or SIGTERM.

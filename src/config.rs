@@ -319,6 +319,20 @@ impl BrokerSettings {
                 ));
             }
         }
+        // Names made from those: a name over 255 bytes would be cut (or
+        // refused by the broker) instead of declared as the operator wrote it.
+        for (name, derived) in [
+            ("COMMAND_EXCHANGE", crate::broker::unrouted_exchange(self)),
+            ("EMAIL_EXCHANGE", self.email_dead_letter_exchange()),
+            ("EMAIL_QUEUE", self.email_dead_letter_queue()),
+        ] {
+            if derived.len() > 255 {
+                return Err(ConfigError::new(
+                    name,
+                    format!("too long: the name made from it, {derived:?}, is over 255 bytes"),
+                ));
+            }
+        }
         // The email exchange is the trust boundary: on the events exchange, every
         // subscriber would read the verification links.
         if self.email_exchange == self.events_exchange {
@@ -378,13 +392,13 @@ pub struct WorkerSettings {
     /// waits for Postgres another publishes. PREFETCH is shared out between them.
     #[arg(long, env = "CONSUMERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub consumers: u16,
-    /// Base of the email link when a command gives no verificationUrl.
-    #[arg(
-        long,
-        env = "VERIFICATION_URL",
-        default_value = "http://localhost:8080/verify"
-    )]
-    pub verification_url: String,
+    /// Base of the email link when a command gives no verificationUrl, and
+    /// the one host a caller's verificationUrl may point at for a tenant
+    /// without linkHosts. Required, without a default: a default would reach
+    /// real users' inboxes as a link to nowhere. https, or http on a loopback
+    /// host (a developer's machine).
+    #[arg(long, env = "VERIFICATION_URL")]
+    pub verification_url: Option<String>,
     /// At most one verification email per profile and purpose this often, in
     /// seconds (0 turns the cooldown off).
     #[arg(long, env = "EMAIL_COOLDOWN_SECS", default_value_t = 60)]
@@ -481,10 +495,14 @@ impl WorkerSettings {
                 ));
             }
         }
-        crate::contract::command::check_verification_url(&self.verification_url).map_err(|_| {
-            ConfigError::new("VERIFICATION_URL", "must be an absolute http or https URL")
-        })?;
+        check_verification_url(self.verification_url.as_deref())?;
         self.http_addr().map(|_| ())
+    }
+
+    /// The base of a verification link when a command gives none (checked by
+    /// [`WorkerSettings::validate`] before a worker runs).
+    pub fn verification_url(&self) -> &str {
+        self.verification_url.as_deref().unwrap_or_default()
     }
 
     /// The operations endpoint's address, `None` when it is turned off.
@@ -501,6 +519,45 @@ impl WorkerSettings {
                 ),
             )
         })
+    }
+}
+
+/// `VERIFICATION_URL`: set, a valid link base, and https unless its host is
+/// this machine (plain http would carry every reset token in the clear).
+fn check_verification_url(url: Option<&str>) -> Result<(), ConfigError> {
+    const NAME: &str = "VERIFICATION_URL";
+    let Some(url) = url.filter(|u| !u.is_empty()) else {
+        return Err(ConfigError::new(
+            NAME,
+            "not set: the base of the link in every verification email, such as \
+             https://app.example.com/verify (there is no default: docs/OPERATIONS.md)",
+        ));
+    };
+    let host = crate::contract::command::check_verification_url(url).map_err(|e| {
+        let why = e.message.trim_start_matches("Field \"verificationUrl\" ");
+        ConfigError::new(NAME, why.to_string())
+    })?;
+    let parsed = url::Url::parse(url).map_err(|e| ConfigError::new(NAME, e.to_string()))?;
+    if parsed.scheme() == "http" && !is_loopback(&parsed) {
+        return Err(ConfigError::new(
+            NAME,
+            format!(
+                "http is allowed only on a loopback host (a developer's machine), not {host:?}: \
+                 the link carries a token that verifies an account or resets a password; use https"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost") || d.to_ascii_lowercase().ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     }
 }
 
@@ -656,27 +713,68 @@ mod tests {
         );
     }
 
+    /// The defaults, and the one setting without a default.
+    fn settings() -> Settings {
+        let mut s = Settings::from_env();
+        s.worker.verification_url = Some("https://app.example.com/verify".into());
+        s
+    }
+
     #[test]
     fn bad_urls_name_the_setting() {
-        let mut s = Settings::from_env();
+        let mut s = settings();
         s.database.database_url = "mysql://x".into();
         assert_eq!(s.check().err().unwrap().setting, "DATABASE_URL");
-        let mut s = Settings::from_env();
+        let mut s = settings();
         s.broker.address.amqp_url = "http://nope".into();
         assert_eq!(s.check().err().unwrap().setting, "AMQP_URL");
-        let mut s = Settings::from_env();
-        s.worker.verification_url = "relative/path".into();
+        let mut s = settings();
+        s.worker.verification_url = Some("relative/path".into());
         assert_eq!(s.check().err().unwrap().setting, "VERIFICATION_URL");
-        let mut s = Settings::from_env();
+        let mut s = settings();
         s.worker.http_addr = "localhost".into();
         assert_eq!(s.check().err().unwrap().setting, "HTTP_ADDR");
         s.worker.http_addr = "OFF".into();
         assert_eq!(s.worker.http_addr().unwrap(), None);
-        let mut s = Settings::from_env();
+        let mut s = settings();
         s.worker.db_retry_max_ms = 50;
         assert_eq!(s.check().err().unwrap().setting, "DB_RETRY_MAX_MS");
-        let mut s = Settings::from_env();
+        let mut s = settings();
         s.worker.poison_retry_max_ms = 100;
         assert_eq!(s.check().err().unwrap().setting, "POISON_RETRY_MAX_MS");
+    }
+
+    #[test]
+    fn verification_url_has_no_default_and_plain_http_only_on_loopback() {
+        let mut s = settings();
+        s.worker.verification_url = None;
+        let e = s.check().err().unwrap();
+        assert_eq!(e.setting, "VERIFICATION_URL");
+        assert!(e.problem.starts_with("not set"), "{e}");
+        for ok in [
+            "https://app.example.com/verify",
+            "http://localhost:8080/verify",
+            "http://127.0.0.1/verify",
+            "http://[::1]:8080/verify",
+            "http://app.localhost/verify",
+        ] {
+            s.worker.verification_url = Some(ok.into());
+            assert!(s.worker.validate().is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://app.example.com/verify",
+            "http://10.0.0.1/verify",
+            "http://localhost.example.com/verify",
+        ] {
+            s.worker.verification_url = Some(bad.into());
+            let e = s.worker.validate().unwrap_err();
+            assert_eq!(e.setting, "VERIFICATION_URL");
+            assert!(e.problem.contains("use https"), "{bad}: {e}");
+        }
+        s.worker.verification_url = Some("ftp://example.com/x".into());
+        assert_eq!(
+            s.worker.validate().unwrap_err().to_string(),
+            "VERIFICATION_URL: must be an absolute http or https URL"
+        );
     }
 }

@@ -63,14 +63,48 @@ pub struct Profile {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tenant {
     /// Hosts a caller-given `verificationUrl` may point at (`*.example.com`
-    /// matches any subdomain); empty: any host.
+    /// matches any subdomain); empty: only the host of the operator's
+    /// `VERIFICATION_URL`.
     pub link_hosts: Vec<String>,
 }
 
 impl Tenant {
-    pub fn allows_link_host(&self, host: &str) -> bool {
-        self.link_hosts.is_empty() || self.link_hosts.iter().any(|h| host_matches(h, host))
+    /// Whether a caller's link may point at `host`. A tenant without
+    /// `linkHosts` allows only the host of `default_base` (the operator's
+    /// `VERIFICATION_URL`): otherwise any caller with `MANAGE_PROFILES` could
+    /// have a victim's reset token emailed to the victim inside a link to a
+    /// host of the caller's, one click from handing it over (CONTRACT §2).
+    pub fn allows_link_host(&self, host: &str, default_base: &str) -> bool {
+        if self.link_hosts.is_empty() {
+            return link_host(default_base).is_some_and(|d| d.eq_ignore_ascii_case(host));
+        }
+        self.link_hosts.iter().any(|h| host_matches(h, host))
     }
+}
+
+/// Whether `email` is one address the dispatcher can send to and no more: a
+/// bare `local@domain`, without a display name, a comment, a quoted local
+/// part, a list or a route. `victim@example.com, attacker@example.net`, or
+/// `"victim@example.com" <attacker@example.net>`, would otherwise carry a
+/// reset link to a second inbox. Letters beyond ASCII are allowed (SMTPUTF8);
+/// the characters that separate, quote or bracket addresses are not.
+pub fn is_single_address(email: &str) -> bool {
+    const ATEXT: &str = "!#$%&'*+-/=?^_`{|}~";
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    let atom = |s: &str, extra: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || extra.contains(c))
+    };
+    let local_ok = local.len() <= 64 && local.split('.').all(|a| atom(a, ATEXT));
+    let domain_ok = domain.len() <= 253
+        && domain.split('.').all(|label| {
+            label.chars().count() <= 63
+                && atom(label, "-")
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    email.len() <= 254 && local_ok && domain_ok
 }
 
 /// `example.com` matches itself; `*.example.com` matches any subdomain of it
@@ -129,6 +163,7 @@ impl Outcome {
                 ErrorCode::NoSuchAccessTokenId
                     | ErrorCode::AccessDenied
                     | ErrorCode::TooManyRequests
+                    | ErrorCode::InvalidEmailAddress
             ),
             _ => true,
         }
@@ -237,12 +272,22 @@ fn check<'p>(
             // After the permission check, so a caller without it learns nothing
             // about the tenant's hosts.
             if let Some(host) = c.verification_url.as_deref().and_then(link_host) {
-                if !tenant.allows_link_host(&host) {
+                if !tenant.allows_link_host(&host, ctx.default_verification_url) {
                     return Err(Rejection::malformed(format!(
                         "verificationUrl host \"{host}\" is not allowed for tenant \"{}\"",
                         profile.tenant
                     )));
                 }
+            }
+            // Before the cooldown: no email is claimed for an address that
+            // cannot be sent to.
+            if !is_single_address(&profile.email) {
+                return Err(Rejection::new(
+                    ErrorCode::InvalidEmailAddress,
+                    format!(
+                        "Invalid email address of profile \"{profile_id}\": it must be one address (name@domain), without a display name or a list"
+                    ),
+                ));
             }
             check_cooldown(profile_id, ctx)?;
         }
@@ -369,7 +414,7 @@ mod tests {
         }
     }
 
-    const ANY_HOST: Tenant = Tenant { link_hosts: vec![] };
+    const NO_LINK_HOSTS: Tenant = Tenant { link_hosts: vec![] };
 
     fn ticket_cmd() -> Command {
         Command::CreateTicket(CreateTicket {
@@ -388,7 +433,7 @@ mod tests {
     }
 
     fn decide_for(c: &Command, t: &AccessToken, p: &Profile) -> Outcome {
-        decide(c, Some(t), Some((p, &ANY_HOST)), ctx())
+        decide(c, Some(t), Some((p, &NO_LINK_HOSTS)), ctx())
     }
 
     fn rejected(o: Outcome) -> Rejection {
@@ -558,7 +603,7 @@ mod tests {
         let o = decide_for(
             &vt_cmd(
                 Some(Purpose::ResetPassword),
-                Some("https://x.test/reset?lang=en"),
+                Some("https://default.test/reset?lang=en"),
             ),
             &admin(),
             &profile(false),
@@ -572,7 +617,7 @@ mod tests {
         assert_eq!(email.purpose, Purpose::ResetPassword);
         assert_eq!(
             email.verification_link,
-            format!("https://x.test/reset?lang=en&tokenId={}", id())
+            format!("https://default.test/reset?lang=en&tokenId={}", id())
         );
         let o = decide_for(&vt_cmd(None, None), &admin(), &profile(true));
         let Outcome::VerificationTokenCreated(_, email) = o else {
@@ -617,6 +662,120 @@ mod tests {
         ] {
             assert_eq!(verification_link(base, t), link, "{base}");
         }
+    }
+
+    #[test]
+    fn a_tenant_without_link_hosts_allows_only_the_default_links_host() {
+        let p = profile(true);
+        let with = |url: &str| {
+            decide(
+                &vt_cmd(None, Some(url)),
+                Some(&admin()),
+                Some((&p, &NO_LINK_HOSTS)),
+                ctx(),
+            )
+        };
+        for ok in ["https://default.test/other?x=1", "https://DEFAULT.test/v"] {
+            assert!(
+                matches!(with(ok), Outcome::VerificationTokenCreated(..)),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "https://evil.test/verify",
+            "https://a.default.test/verify",
+            "https://default.test.evil.test/verify",
+        ] {
+            let r = rejected(with(bad));
+            assert_eq!(r.code, ErrorCode::ParamDeserializationError, "{bad}");
+            assert!(
+                r.message.ends_with("is not allowed for tenant \"default\""),
+                "{}",
+                r.message
+            );
+        }
+    }
+
+    #[test]
+    fn one_address_and_no_more() {
+        for ok in [
+            "john.doe@example.com",
+            "a@b",
+            "o'brien+tag@mail.example.co.uk",
+            "jörg@bücher.example",
+            "x_y-z@sub-domain.example.com",
+        ] {
+            assert!(is_single_address(ok), "{ok}");
+        }
+        for bad in [
+            "victim@example.com, attacker@example.net",
+            "victim@example.com,attacker@example.net",
+            "victim@example.com;attacker@example.net",
+            "\"victim@example.com\" <attacker@example.net>",
+            "Victim <victim@example.com>",
+            "victim@example.com <attacker@example.net>",
+            "victim@example.com (attacker@example.net)",
+            "victim@example.com attacker@example.net",
+            "\"quoted local\"@example.com",
+            "@example.com",
+            "john@",
+            "john",
+            "john@@example.com",
+            "john@a@example.com",
+            ".john@example.com",
+            "john.@example.com",
+            "jo..hn@example.com",
+            "john@-example.com",
+            "john@example..com",
+            "john@[127.0.0.1]",
+            "john@example.com\r\nBcc: attacker@example.net",
+            "john@exa mple.com",
+            "",
+        ] {
+            assert!(!is_single_address(bad), "{bad:?}");
+        }
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        assert!(!is_single_address(&long_local));
+    }
+
+    #[test]
+    fn a_profile_without_one_address_gets_no_email() {
+        let mut p = profile(true);
+        p.email = "victim@example.com, attacker@example.net".into();
+        let o = decide(
+            &vt_cmd(None, None),
+            Some(&admin()),
+            Some((&p, &NO_LINK_HOSTS)),
+            ctx(),
+        );
+        assert!(
+            !o.is_remembered(),
+            "decided again once the profile is fixed"
+        );
+        let r = rejected(o);
+        assert_eq!(r.code, ErrorCode::InvalidEmailAddress);
+        assert_eq!(r.status(), 400);
+        assert_eq!(
+            r.message,
+            "Invalid email address of profile \"p1\": it must be one address (name@domain), without a display name or a list"
+        );
+        // After the permission check: a caller without it learns nothing.
+        let no = token(&[("other", &["*"])], None);
+        let o = decide(
+            &vt_cmd(None, None),
+            Some(&no),
+            Some((&p, &NO_LINK_HOSTS)),
+            ctx(),
+        );
+        assert_eq!(rejected(o).code, ErrorCode::ActionDenied);
+        // A ticket sends no email.
+        let o = decide(
+            &ticket_cmd(),
+            Some(&admin()),
+            Some((&p, &NO_LINK_HOSTS)),
+            ctx(),
+        );
+        assert!(matches!(o, Outcome::TicketCreated(_)));
     }
 
     #[test]
@@ -698,7 +857,7 @@ mod tests {
             decide(
                 &vt_cmd(None, None),
                 Some(&admin()),
-                Some((&p, &ANY_HOST)),
+                Some((&p, &NO_LINK_HOSTS)),
                 Context {
                     last_email_ms: last,
                     email_cooldown_secs: secs,
@@ -734,7 +893,7 @@ mod tests {
         let o = decide(
             &vt_cmd(None, None),
             Some(&no),
-            Some((&p, &ANY_HOST)),
+            Some((&p, &NO_LINK_HOSTS)),
             Context {
                 last_email_ms: Some(NOW),
                 ..ctx()

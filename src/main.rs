@@ -34,8 +34,13 @@ enum Cmd {
     Send {
         /// create-ticket or create-verification-token.
         command: String,
-        /// The JSON body.
-        body: String,
+        /// The JSON body; absent or `-`: read from standard input. It holds an
+        /// access token: given here, it is visible to every user of the machine
+        /// (the process list) and stays in the shell's history.
+        body: Option<String>,
+        /// Read the JSON body from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "body")]
+        file: Option<PathBuf>,
         /// Seconds to wait for the reply.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
@@ -116,16 +121,20 @@ async fn run_cli() -> ExitCode {
         Cmd::Send {
             command,
             body,
+            file,
             timeout,
             broker,
-        } => cli::send::run(
-            &broker,
-            &command,
-            &body,
-            std::time::Duration::from_secs(timeout),
-        )
-        .await
-        .map(|(status, reply)| println!("{status} {reply}")),
+        } => match cli::send::body(body, file) {
+            Ok(body) => cli::send::run(
+                &broker,
+                &command,
+                &body,
+                std::time::Duration::from_secs(timeout),
+            )
+            .await
+            .map(|(status, reply)| println!("{status} {reply}")),
+            Err(e) => Err(e),
+        },
         Cmd::DeadLetters { cmd } => cli::dead_letters::run(cmd).await,
         Cmd::AccessTokens { cmd } => cli::access_tokens::run(cmd).await,
         Cmd::Provision(args) => match cli::provision::run(*args).await {

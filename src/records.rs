@@ -58,6 +58,10 @@ pub struct Versions {
     pub tokens: HashMap<[u8; 32], i64>,
     /// By profile ID.
     pub profiles: HashMap<String, ProfileVersion>,
+    /// The server these versions were read on (its start time, µs since the
+    /// epoch): a transaction ID names a write on that server only, so the
+    /// commit checks it is the same server. `None`: nothing was read.
+    pub server: Option<i64>,
 }
 
 /// A profile row's version, and that of its tenant's row.

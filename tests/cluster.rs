@@ -306,11 +306,9 @@ async fn direct_reply_to_reaches_a_client_on_another_node() {
     env.start_worker().await;
     for client in [1, 3] {
         let body = ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string();
-        let out = cli(&env, &["send", "create-ticket", &body])
-            .env("AMQP_URL", admin(client))
-            .output()
-            .await
-            .unwrap();
+        let mut send = cli(&env, &["send", "create-ticket"]);
+        send.env("AMQP_URL", admin(client));
+        let out = output_with_input(send, &body).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.starts_with("200 "),

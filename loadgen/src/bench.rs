@@ -102,6 +102,8 @@ impl Setup {
             ("BATCH_SIZE", args.batch_size.to_string()),
             ("CONSUMERS", args.consumers.to_string()),
             ("EMAIL_COOLDOWN_SECS", args.email_cooldown_secs.to_string()),
+            // Required by `run`; the bench's emails go to a drained queue.
+            ("VERIFICATION_URL", "https://example.com/verify".to_string()),
             (
                 "COMMAND_QUEUE_MAX_LENGTH",
                 n.command_queue_max_length.to_string(),

@@ -8,7 +8,9 @@
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use profile_worker::config::DatabaseSettings;
-use profile_worker::store::{AccessTokenInfo, NewAccessToken, SeedTenantPermission, Store};
+use profile_worker::store::{
+    AccessTokenInfo, Expires, NewAccessToken, SeedTenantPermission, Store,
+};
 use std::io::{BufRead, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,10 +67,12 @@ pub struct Expiry {
 }
 
 impl Expiry {
-    fn at(&self, now: SystemTime) -> Option<Option<SystemTime>> {
+    /// The expiry chosen, if any; `--expires-in` is reckoned from the
+    /// database's clock, which the worker compares expiry with.
+    fn chosen(&self) -> Option<Expires> {
         match (self.expires_in, self.expires_on) {
-            (Some(d), _) => Some(Some(now + d)),
-            (None, Some(t)) => Some(Some(t)),
+            (Some(d), _) => Some(Expires::In(d)),
+            (None, Some(t)) => Some(Expires::At(t)),
             (None, None) => None,
         }
     }
@@ -164,13 +168,12 @@ pub async fn run(cmd: AccessTokenCmd) -> anyhow::Result<()> {
         AccessTokenCmd::Create(a) => {
             let store = connect(&a.common.db).await?;
             let id = uuid::Uuid::new_v4().to_string();
-            let expires_on = a.expiry.at(SystemTime::now()).flatten();
             let made = store
                 .create_access_token(&NewAccessToken {
                     id: &id,
                     application: &a.application,
                     master: a.master,
-                    expires_on,
+                    expires: a.expiry.chosen().unwrap_or(Expires::Never),
                     tenant_permissions: &a.tenants,
                 })
                 .await?;
@@ -225,15 +228,8 @@ pub async fn run(cmd: AccessTokenCmd) -> anyhow::Result<()> {
             let old_id = token_id(a.id)?;
             let store = connect(&a.common.db).await?;
             let new_id = uuid::Uuid::new_v4().to_string();
-            let now = SystemTime::now();
-            let chosen = a.expiry.at(now);
             let Some((new, old)) = store
-                .rotate_access_token(
-                    &old_id,
-                    &new_id,
-                    |old_expiry| chosen.unwrap_or(old_expiry),
-                    now + a.grace,
-                )
+                .rotate_access_token(&old_id, &new_id, a.expiry.chosen(), a.grace)
                 .await?
             else {
                 bail!("no access token has that ID");

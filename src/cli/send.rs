@@ -7,7 +7,41 @@ use lapin::options::BasicPublishOptions;
 use profile_worker::broker::properties;
 use profile_worker::client::{command_properties, reply_channel};
 
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The command's body: from `--file`, from standard input (no argument, or
+/// `-`), or, with a warning, from the argument.
+pub fn body(arg: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    if let Some(path) = file {
+        return std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the command's body from {}", path.display()));
+    }
+    match arg.filter(|a| a != "-") {
+        Some(body) => {
+            eprintln!(
+                "warning: a body given as an argument, and the access token in it, is visible to \
+                 every user of this machine (ps, /proc) and stays in your shell's history; \
+                 pipe it in (… | profile-worker send COMMAND) or use --file"
+            );
+            Ok(body)
+        }
+        None => {
+            let mut stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprintln!(
+                    "reading the command's JSON body from standard input (end it with Ctrl-D)"
+                );
+            }
+            let mut body = String::new();
+            stdin
+                .read_to_string(&mut body)
+                .context("reading the command's body from standard input")?;
+            Ok(body.trim_end().to_string())
+        }
+    }
+}
 
 /// Sends `body` as command `kind` and returns (status, reply body).
 pub async fn run(

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     MessageIdConflict,
     /// Email cooldown (§3 rule 6).
     TooManyRequests,
+    /// The profile's email is not one address (§3 rule 6): nothing is sent.
+    InvalidEmailAddress,
 }
 
 impl ErrorCode {
@@ -40,7 +42,9 @@ impl ErrorCode {
             | ErrorCode::ActionDenied
             | ErrorCode::DisabledProfile => 403,
             ErrorCode::NoSuchProfile => 404,
-            ErrorCode::ParamDeserializationError | ErrorCode::UnknownCommand => 400,
+            ErrorCode::ParamDeserializationError
+            | ErrorCode::UnknownCommand
+            | ErrorCode::InvalidEmailAddress => 400,
             ErrorCode::MessageIdConflict => 409,
             ErrorCode::TooManyRequests => 429,
         }

@@ -23,6 +23,12 @@
 //! stays no longer than the batch that carried it. A row is kept at most [`MAX_AGE`]:
 //! the version is a transaction ID, which wraps around after 2^32 transactions,
 //! and a minute is far too short for that.
+//!
+//! A version means something only on the server that wrote it: after a
+//! failover to an asynchronous standby, or a restore, another server may have
+//! handed the same transaction ID to another write. So every load says which
+//! server it read (its start time), the rows are kept for that server only,
+//! and a load from another drops them all; the commit checks the server too.
 
 use super::plan::Keys;
 use crate::domain::{AccessToken, Profile, Tenant};
@@ -87,6 +93,8 @@ pub struct Known {
     /// By the SHA-256 of the token's ID.
     tokens: HashMap<[u8; 32], Entry<AccessToken, i64>>,
     profiles: HashMap<String, Entry<KnownProfile, ProfileVersion>>,
+    /// The server every row here was read on ([`Versions::server`]).
+    server: Option<i64>,
     capacity: usize,
 }
 
@@ -95,6 +103,7 @@ impl Known {
         Known {
             tokens: HashMap::new(),
             profiles: HashMap::new(),
+            server: None,
             capacity,
         }
     }
@@ -108,6 +117,7 @@ impl Known {
         }
         let fresh = |read: Instant| now.saturating_duration_since(read) < MAX_AGE;
         let mut loaded = Loaded::default();
+        loaded.versions.server = self.server;
         for &id in &keys.access_token_ids {
             let hash = access_token_hash(id);
             let e = self.tokens.get(&hash).filter(|e| fresh(e.read))?;
@@ -142,6 +152,13 @@ impl Known {
     pub fn learn(&mut self, loaded: &Loaded, now: Instant) {
         if self.capacity == 0 {
             return;
+        }
+        if loaded.versions.server.is_some() && loaded.versions.server != self.server {
+            // Another server (or this one restarted): nothing read before
+            // can be checked there.
+            self.tokens.clear();
+            self.profiles.clear();
+            self.server = loaded.versions.server;
         }
         for (id, token) in &loaded.tokens {
             let key = access_token_hash(id);
@@ -230,8 +247,12 @@ mod tests {
     use crate::pipeline::plan::tests::loaded as sample;
 
     /// The plan tests' sample rows, each with a version.
+    /// The server the sample rows were read on.
+    const SERVER: i64 = 1_765_000_000_000_000;
+
     fn loaded() -> Loaded {
         let mut l = sample();
+        l.versions.server = Some(SERVER);
         for (n, id) in l.tokens.keys().enumerate() {
             l.versions
                 .tokens
@@ -277,6 +298,32 @@ mod tests {
             .contains_key(&access_token_hash("other")));
         assert!(got.tenants.contains_key("default"));
         assert!(got.processed.is_empty() && got.last_emails.is_empty());
+    }
+
+    #[test]
+    fn rows_are_dropped_when_a_load_reaches_another_server() {
+        let now = Instant::now();
+        let mut k = Known::new(100);
+        k.learn(&loaded(), now);
+        let both = keys(&["admin"], &["p1"]);
+        assert_eq!(k.recall(&both, now).unwrap().versions.server, Some(SERVER));
+        // A load from a promoted standby (or the same server restarted).
+        let mut elsewhere = Loaded::default();
+        elsewhere.versions.server = Some(SERVER + 1);
+        k.learn(&elsewhere, now);
+        assert_eq!(k.len(), (0, 0), "every row read on the old server is gone");
+        assert!(k.recall(&both, now).is_none());
+        // What is learned from then on is that server's.
+        let mut l = loaded();
+        l.versions.server = Some(SERVER + 1);
+        k.learn(&l, now);
+        assert_eq!(
+            k.recall(&both, now).unwrap().versions.server,
+            Some(SERVER + 1)
+        );
+        // A load that read nothing (no keys) says nothing about the server.
+        k.learn(&Loaded::default(), now);
+        assert!(k.recall(&both, now).is_some());
     }
 
     #[test]

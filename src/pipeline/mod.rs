@@ -393,7 +393,7 @@ impl Pipeline {
             loaded,
             plan::Params {
                 now_ms: crate::store::epoch_millis(SystemTime::now()),
-                default_verification_url: &w.verification_url,
+                default_verification_url: w.verification_url(),
                 email_cooldown_secs: w.email_cooldown_secs,
             },
             Uuid::new_v4,

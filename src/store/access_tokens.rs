@@ -4,7 +4,7 @@
 
 use super::seed::SeedTenantPermission;
 use super::{access_token_hash, Store, StoreError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// A token to store. `id` is hashed here and never leaves this function.
 #[derive(Debug)]
@@ -12,9 +12,43 @@ pub struct NewAccessToken<'a> {
     pub id: &'a str,
     pub application: &'a str,
     pub master: bool,
-    pub expires_on: Option<SystemTime>,
+    pub expires: Expires,
     /// In order: the first entry naming a tenant (or `*`) decides (CONTRACT §3).
     pub tenant_permissions: &'a [SeedTenantPermission],
+}
+
+/// When a token expires. A time relative to now is reckoned on the
+/// database's clock, the one the worker compares expiry with: on the
+/// operator's host, a clock 10 minutes slow would keep a token rotated "at
+/// once" working for 10 minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expires {
+    Never,
+    At(SystemTime),
+    /// This long after the database's `now()`.
+    In(Duration),
+}
+
+impl Expires {
+    /// As two parameters, `$in_secs` and `$at`, for [`EXPIRES_SQL`].
+    fn params(self) -> (Option<f64>, Option<SystemTime>) {
+        match self {
+            Expires::Never => (None, None),
+            Expires::At(t) => (None, Some(t)),
+            Expires::In(d) => (Some(d.as_secs_f64()), None),
+        }
+    }
+}
+
+/// An expiry from [`Expires::params`] given as `$IN` (seconds from now) and
+/// `$AT` (a time).
+const EXPIRES_SQL: &str =
+    "CASE WHEN $IN::float8 IS NOT NULL THEN now() + make_interval(secs => $IN::float8) ELSE $AT::timestamptz END";
+
+fn expires_sql(in_param: usize, at_param: usize) -> String {
+    EXPIRES_SQL
+        .replace("$IN", &format!("${in_param}"))
+        .replace("$AT", &format!("${at_param}"))
 }
 
 /// A stored token as an operator may see it: never more of its ID than the prefix.
@@ -58,15 +92,15 @@ impl Store {
         let client = self.client("access tokens").await?;
         let row = client
             .query_one(
-                "SELECT current_user::text, \
+                "SELECT current_user::text AS role, \
                         has_table_privilege('access_tokens', 'INSERT') \
                     AND has_table_privilege('access_tokens', 'UPDATE') \
-                    AND has_table_privilege('access_tokens', 'DELETE')",
+                    AND has_table_privilege('access_tokens', 'DELETE') AS admin",
                 &[],
             )
             .await
             .map_err(|e| StoreError::pg("access tokens", e))?;
-        let (role, admin): (String, bool) = (row.get(0), row.get(1));
+        let (role, admin): (String, bool) = (row.get("role"), row.get("admin"));
         if admin {
             return Ok(());
         }
@@ -123,15 +157,16 @@ impl Store {
     }
 
     /// In one transaction: `new` takes the old token's application, master flag
-    /// and permissions (its expiry is the caller's choice), and the old one
-    /// expires at `old_expires_on` unless it expires sooner already. Returns the
-    /// new token and the old one as it now is; `None` when `old_id` names none.
+    /// and permissions, and its expiry unless `new_expires` is given; the old
+    /// one expires `grace` after the database's `now()` unless it expires
+    /// sooner already. Returns the new token and the old one as it now is;
+    /// `None` when `old_id` names none.
     pub async fn rotate_access_token(
         &self,
         old_id: &str,
         new_id: &str,
-        new_expires_on: impl FnOnce(Option<SystemTime>) -> Option<SystemTime>,
-        old_expires_on: SystemTime,
+        new_expires: Option<Expires>,
+        grace: Duration,
     ) -> Result<Option<(AccessTokenInfo, AccessTokenInfo)>, StoreError> {
         let err = |e| StoreError::pg("access tokens", e);
         let mut client = self.client("access tokens").await?;
@@ -148,14 +183,17 @@ impl Store {
             return Ok(None);
         };
         let old = info(&row)?;
-        let expires = row.get::<_, Option<SystemTime>>("expires_on");
+        let kept = match row.get::<_, Option<SystemTime>>("expires_on") {
+            Some(t) => Expires::At(t),
+            None => Expires::Never,
+        };
         let new = insert(
             &tx,
             &NewAccessToken {
                 id: new_id,
                 application: &old.application,
                 master: old.master,
-                expires_on: new_expires_on(expires),
+                expires: new_expires.unwrap_or(kept),
                 tenant_permissions: &old.tenant_permissions,
             },
         )
@@ -163,10 +201,11 @@ impl Store {
         let row = tx
             .query_one(
                 &format!(
-                    "UPDATE access_tokens SET expires_on = LEAST(coalesce(expires_on, 'infinity'), $2) \
+                    "UPDATE access_tokens \
+                     SET expires_on = LEAST(coalesce(expires_on, 'infinity'), now() + make_interval(secs => $2)) \
                      WHERE id_sha256 = $1 RETURNING {COLUMNS}"
                 ),
-                &[&old_hash, &old_expires_on],
+                &[&old_hash, &grace.as_secs_f64()],
             )
             .await
             .map_err(err)?;
@@ -182,20 +221,23 @@ async fn insert(
 ) -> Result<AccessTokenInfo, StoreError> {
     let perms = serde_json::to_value(t.tenant_permissions)
         .map_err(|e| StoreError::permanent("access tokens", e.to_string()))?;
+    let (expires_in, expires_at) = t.expires.params();
     let row = client
         .query_one(
             &format!(
                 "INSERT INTO access_tokens \
                  (id_sha256, id_prefix, application, master, expires_on, tenant_permissions) \
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
+                 VALUES ($1, $2, $3, $4, {}, $5) RETURNING {COLUMNS}",
+                expires_sql(6, 7)
             ),
             &[
                 &access_token_hash(t.id).to_vec(),
                 &crate::telemetry::id_prefix(t.id),
                 &t.application,
                 &t.master,
-                &t.expires_on,
                 &perms,
+                &expires_in,
+                &expires_at,
             ],
         )
         .await

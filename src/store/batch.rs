@@ -96,6 +96,7 @@ impl Batch<'_> {
         let replies: Vec<LoadedReply> = row.try_get("replies").map_err(err)?;
         let pending: Vec<LoadedEvent> = row.try_get("pending_events").map_err(err)?;
         let last_emails: Vec<LoadedEmail> = row.try_get("last_emails").map_err(err)?;
+        let server: i64 = row.try_get("server").map_err(err)?;
 
         let by_hash: HashMap<&[u8], (&str, &[u8; 32])> = digests
             .iter()
@@ -103,6 +104,7 @@ impl Batch<'_> {
             .zip(token_ids.iter().copied().zip(&digests))
             .collect();
         let mut loaded = Loaded::default();
+        loaded.versions.server = Some(server);
         for t in tokens {
             let Some(&(id, hash)) = by_hash.get(t.id_sha256.as_slice()) else {
                 continue;
@@ -244,6 +246,7 @@ impl Batch<'_> {
                     &email_cooldown.as_secs_f64(),
                     &token_versions,
                     &profile_versions,
+                    &versions.server,
                 ],
             )
             .await

@@ -10,7 +10,7 @@ mod rows;
 mod seed;
 pub mod tls;
 
-pub use access_tokens::{AccessTokenInfo, NewAccessToken};
+pub use access_tokens::{AccessTokenInfo, Expires, NewAccessToken};
 pub use batch::Batch;
 pub use maintenance::{Retention, SweepReport};
 pub use outbox::ConfirmedEvents;

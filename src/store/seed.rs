@@ -137,6 +137,14 @@ impl SeedFile {
         }
         for p in &self.profiles {
             id_ok("profile", &p.id)?;
+            // The worker refuses to email anything else (CONTRACT §3 rule 6);
+            // refused here too, so a seed cannot plant a second recipient.
+            if !crate::domain::is_single_address(&p.email) {
+                return invalid(format!(
+                    "profile \"{}\": email must be one address (name@domain), without a display name or a list",
+                    p.id
+                ));
+            }
             if !p.attributes.is_object() {
                 return invalid(format!(
                     "profile \"{}\": attributes must be an object",
@@ -289,6 +297,20 @@ mod tests {
             let text = format!(r#"{{"tenants":[{{"name":"t","linkHosts":[{bad:?}]}}]}}"#);
             let e = SeedFile::parse(&text).unwrap_err().to_string();
             assert!(e.contains("linkHosts"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_profiles_email_is_one_address() {
+        let profile = |email: &str| {
+            format!(
+                r#"{{"profiles":[{{"id":"p","tenant":"t","username":"u","email":{email:?},"enabled":true,"verified":true,"roles":[],"attributes":{{}}}}]}}"#
+            )
+        };
+        assert!(SeedFile::parse(&profile("john@example.com")).is_ok());
+        for bad in ["a@example.com, b@example.net", "John <john@example.com>"] {
+            let e = SeedFile::parse(&profile(bad)).unwrap_err().to_string();
+            assert!(e.contains("email must be one address"), "{bad}: {e}");
         }
     }
 

@@ -408,7 +408,7 @@ fn test_settings(settings: &mut Settings, servers: &Servers, db_name: &str, pref
     settings.broker.events_exchange = format!("{prefix}.events");
     settings.broker.email_exchange = format!("{prefix}.email");
     settings.broker.email_queue = format!("{prefix}.email.dispatch");
-    settings.worker.verification_url = "https://example.com/verify".into();
+    settings.worker.verification_url = Some("https://example.com/verify".into());
     settings.worker.sweep_interval_secs = 0;
     // Most tests send many emails to one profile; the cooldown's own tests turn it on.
     settings.worker.email_cooldown_secs = 0;

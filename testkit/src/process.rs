@@ -62,6 +62,28 @@ pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
     c
 }
 
+/// Runs `cmd` with `input` on its standard input, to its end (30 s at most).
+pub async fn output_with_input(
+    mut cmd: tokio::process::Command,
+    input: &str,
+) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin
+        .write_all(input.as_bytes())
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("exits within 30 s")
+        .expect("runs")
+}
+
 /// `profile-worker run` as a separate process, configured for this test's
 /// database and broker names, as the worker's own (least-privileged) users
 /// (stdio left to the caller).
@@ -70,7 +92,7 @@ pub fn worker_process(env: &Env) -> tokio::process::Command {
     let mut c = cli(env, &["run"]);
     c.env("DATABASE_URL", s.database.database_url.expose_secret())
         .env("AMQP_URL", s.broker.address.amqp_url.expose_secret())
-        .env("VERIFICATION_URL", &s.worker.verification_url)
+        .env("VERIFICATION_URL", s.worker.verification_url())
         .env(
             "EMAIL_COOLDOWN_SECS",
             s.worker.email_cooldown_secs.to_string(),

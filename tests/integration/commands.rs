@@ -90,7 +90,7 @@ async fn create_verification_token_emits_email_requested() {
         .call(
             "create-verification-token",
             json!({ "accessTokenId": ADMIN_TOKEN, "id": DISABLED_PROFILE, "purpose": "reset-password",
-                    "verificationUrl": "https://app.example.com/reset?lang=en" }),
+                    "verificationUrl": "https://example.com/reset?lang=en" }),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.raw);
@@ -124,7 +124,7 @@ async fn create_verification_token_emits_email_requested() {
     assert_eq!(body["timestamp"], r.body["timestamp"]);
     assert_eq!(
         body["verificationLink"],
-        format!("https://app.example.com/reset?lang=en&tokenId={token_id}")
+        format!("https://example.com/reset?lang=en&tokenId={token_id}")
     );
     assert_eq!(
         body["id"].as_str(),

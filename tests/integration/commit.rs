@@ -375,6 +375,51 @@ async fn a_commit_decided_on_a_row_that_changed_since_writes_nothing() {
     env.teardown().await;
 }
 
+/// Row versions are transaction IDs, which mean something on the server that
+/// wrote them only (issue 31): versions read on another server (a failover to
+/// an asynchronous standby, a restore) fail the commit like changed rows, even
+/// when every xmin happens to match.
+#[tokio::test]
+async fn versions_read_on_another_server_are_no_evidence_here() {
+    let env = Env::prepare().await;
+    let store = Store::connect(&env.settings.database).unwrap();
+    let batch = || async { store.batch(nothing_confirmed()).await.unwrap() };
+    let versions = batch()
+        .await
+        .load(&[ADMIN_TOKEN], &[ENABLED_PROFILE], &[])
+        .await
+        .unwrap()
+        .versions;
+    let started: i64 = env
+        .db
+        .query_one(
+            "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions.server, Some(started), "the load says which server");
+    let mut elsewhere = versions.clone();
+    elsewhere.server = Some(started - 1);
+    let e = batch()
+        .await
+        .commit(&[record(Some("m1"), "r", false)], &elsewhere, COOLDOWN)
+        .await
+        .unwrap_err();
+    assert!(e.is_rows_changed() && e.is_transient(), "{e:?}");
+    assert_eq!(env.count("processed_commands").await, 0, "nothing written");
+    // Read on this server, the same versions commit.
+    batch()
+        .await
+        .commit(&[record(Some("m1"), "r", false)], &versions, COOLDOWN)
+        .await
+        .unwrap();
+    assert_eq!(env.count("processed_commands").await, 1);
+    store.close();
+    env.teardown().await;
+}
+
 #[tokio::test]
 async fn an_email_claim_another_batch_took_first_fails_the_commit_as_transient() {
     let env = Env::prepare().await;

@@ -21,6 +21,7 @@ mod packaging;
 mod process;
 mod prometheus;
 mod provision;
+mod safe_defaults;
 mod schemas;
 mod security;
 mod transport;

@@ -79,7 +79,12 @@ fn compose_worker_environment_names_are_settings() {
     s.broker.address.amqp_url = value("AMQP_URL").into();
     s.database.database_url = value("DATABASE_URL").into();
     s.worker.http_addr = value("HTTP_ADDR");
-    assert!(s.check().is_ok(), "compose's settings are valid");
+    s.worker.verification_url = Some(value("VERIFICATION_URL"));
+    assert!(
+        s.check().is_ok(),
+        "compose's settings are valid: {:?}",
+        s.check().err()
+    );
     assert!(
         value("HTTP_ADDR").starts_with("0.0.0.0:"),
         "reachable from other containers"
@@ -286,10 +291,35 @@ fn compose_seeds_the_stack_and_makes_one_token_to_try_it_with() {
         token["depends_on"]["seed"]["condition"].as_str(),
         Some("service_completed_successfully")
     );
+    // The ID goes to a file only its user may read, on a volume, never to the
+    // job's log (Docker keeps logs); a tool prints it once and deletes it.
+    assert!(
+        script.contains("umask 077") && script.contains("> /secrets/first-access-token"),
+        "{script}"
+    );
+    assert!(!script.contains("access-tokens create --json"), "{script}");
+    let volume = "first-token:/secrets".to_string();
+    assert!(strings(&token["volumes"]).contains(&volume));
+    let read = &s["read-first-token"];
+    let reader = strings(&read["command"]).join(" ");
+    assert!(
+        reader.contains("cat /secrets/first-access-token && rm /secrets/first-access-token"),
+        "{reader}"
+    );
+    assert!(strings(&read["volumes"]).contains(&volume));
+    assert_eq!(read["logging"]["driver"].as_str(), Some("none"));
+    assert!(strings(&read["profiles"]).contains(&"tools".to_string()));
+    assert!(!c["volumes"]["first-token"].is_badvalue());
+    assert!(file("Dockerfile").contains("mkdir -m 700 /secrets && chown 10001 /secrets"));
     for doc in ["compose.yaml", "docs/OPERATIONS.md"] {
+        let text = file(doc);
         assert!(
-            file(doc).contains("docker compose logs first-access-token"),
+            text.contains("docker compose run --rm read-first-token"),
             "{doc} says where to read the token"
+        );
+        assert!(
+            !text.contains("docker compose logs first-access-token"),
+            "{doc}"
         );
     }
 }
@@ -363,6 +393,36 @@ fn kubernetes_worker_and_migrate_job_set_only_settings_the_binary_has() {
             );
         }
     }
+}
+
+/// `VERIFICATION_URL` has no default (issue 31): the worker takes it from a
+/// ConfigMap the overlay makes, with an https URL; compose sets its own.
+#[test]
+fn every_deployment_sets_the_verification_url() {
+    let deployment = kubernetes("base/worker-deployment.yaml");
+    let c = container(&deployment);
+    let e = c["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("VERIFICATION_URL"))
+        .expect("the worker's VERIFICATION_URL");
+    assert_eq!(
+        e["valueFrom"]["configMapKeyRef"]["name"].as_str(),
+        Some("profile-worker")
+    );
+    let overlay = kubernetes("overlays/example/kustomization.yaml");
+    let literals = strings(&overlay["configMapGenerator"][0]["literals"]);
+    let url = literals
+        .iter()
+        .find_map(|l| l.strip_prefix("VERIFICATION_URL="))
+        .expect("the overlay sets it");
+    let mut s = Settings::from_env();
+    s.worker.verification_url = Some(url.to_string());
+    assert!(s.worker.validate().is_ok(), "{url}");
+    assert!(url.starts_with("https://"), "{url}");
+    assert!(file("scripts/run.sh").contains("VERIFICATION_URL"));
+    assert!(file("docs/OPERATIONS.md").contains("`VERIFICATION_URL` | (none: required)"));
 }
 
 #[test]

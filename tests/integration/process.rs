@@ -111,6 +111,7 @@ async fn run_expecting_error(envs: &[(&str, &str)]) -> String {
     c.arg("run")
         .env("RUST_LOG", "off")
         .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("VERIFICATION_URL", "https://example.com/verify")
         .stdin(Stdio::null());
     for (k, v) in envs {
         c.env(k, v);
@@ -163,6 +164,18 @@ async fn bad_or_unreachable_urls_are_one_line_errors_naming_the_setting() {
         "{e}"
     );
     drop(taken);
+    // No default: a worker without it would email links to nowhere.
+    let e = run_expecting_error(&[("DATABASE_URL", &good_db), ("VERIFICATION_URL", "")]).await;
+    assert!(e.starts_with("error: VERIFICATION_URL: not set"), "{e}");
+    let e = run_expecting_error(&[
+        ("DATABASE_URL", &good_db),
+        ("VERIFICATION_URL", "http://app.example.com/verify"),
+    ])
+    .await;
+    assert!(
+        e.starts_with("error: VERIFICATION_URL: http is allowed only on a loopback host"),
+        "{e}"
+    );
     env.teardown().await;
 }
 

@@ -180,7 +180,7 @@ async fn no_event_on_the_events_exchange_carries_a_secret() {
         );
         let mut reset = verification(ADMIN_TOKEN, ENABLED_PROFILE);
         reset["purpose"] = json!("reset-password");
-        reset["verificationUrl"] = json!(format!("https://app.example.com/reset?x={i}#/r"));
+        reset["verificationUrl"] = json!(format!("https://example.com/reset?x={i}#/r"));
         replies.push(env.call("create-verification-token", reset).await);
     }
     for kind in ["create-ticket", "create-verification-token"] {

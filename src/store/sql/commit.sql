@@ -5,7 +5,8 @@
 -- Parameters: $1 records, $2 outbox events the broker confirmed (deleted on the
 -- way), $3 tickets, $4 verification tokens, $5 outbox events, $6 email claims,
 -- $7 the email cooldown in seconds, $8 and $9 the versions of the access tokens
--- and profiles the batch was decided on (migration 7).
+-- and profiles the batch was decided on (migration 7), $10 the server they
+-- were read on (its start time in µs, as load.sql gives it; NULL: none read).
 WITH batch AS (
     SELECT * FROM unnest($1::profile_worker_record_row[])
 ),
@@ -77,7 +78,11 @@ UNION ALL
 -- decided on (revoked, disabled, changed; read by an earlier batch, or by this
 -- one's load before another transaction wrote it) aborts the statement, and the
 -- batch is decided again on the rows as they are now. Each lookup is by key.
-SELECT NULL WHERE CASE WHEN EXISTS (
+-- Versions read on another server (a failover, a restore) are no evidence
+-- here: the same check fails.
+SELECT NULL WHERE CASE WHEN
+    $10::int8 <> (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8
+    OR EXISTS (
         SELECT 1 FROM unnest($8::profile_worker_token_version[]) v
         WHERE NOT EXISTS (
             SELECT 1 FROM access_tokens t

@@ -55,4 +55,9 @@ SELECT
                    (extract(epoch FROM c.requested_at) * 1000)::int8)::profile_worker_loaded_email
         FROM email_cooldowns c
         WHERE c.profile_id = ANY($2::text[])
-    ) AS last_emails
+    ) AS last_emails,
+    -- Which server answered: the versions above are transaction IDs, which
+    -- mean something on this server only (a promoted standby or a restored
+    -- copy may have given the same ID to another write). Its start time tells
+    -- servers apart, and the commit checks it.
+    (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8 AS server
