@@ -28,9 +28,17 @@ Settings (environment):
   AMQP_URL                   the dispatcher's broker user (amqp://…/vhost)
   EMAIL_QUEUE                default profile.email.dispatch
   EMAIL_DEAD_LETTER_EXCHANGE default <EMAIL_EXCHANGE>.dlx = profile.email.dlx
-  SMTP_HOST, SMTP_PORT       default 127.0.0.1, 25
-  SMTP_STARTTLS              1: STARTTLS before sending (default 0)
-  SMTP_USER, SMTP_PASSWORD   log in when set
+  SMTP_HOST                  default 127.0.0.1
+  SMTP_TLS                   starttls | implicit | none: STARTTLS after connecting, TLS
+                             from the first byte (port 465), or none. Default: starttls,
+                             except for a loopback host (none). The certificate and the
+                             host name are always verified (Python's default context).
+                             (SMTP_STARTTLS=1, the older setting, means starttls.)
+  SMTP_CA_FILE               PEM file of the CA the server's certificate chains to (a
+                             private CA), instead of the system's
+  SMTP_PORT                  default 587 (starttls), 465 (implicit), 25 (none)
+  SMTP_USER, SMTP_PASSWORD   log in when set; never over an unencrypted connection (the
+                             dispatcher refuses to start with SMTP_USER and SMTP_TLS=none)
   SMTP_TIMEOUT_SECS          default 10
   SMTP_MAX_ATTEMPTS          sending attempts per event before it is dead-lettered (default 20)
   RETRY_MIN_MS, RETRY_MAX_MS backoff between attempts (default 1000, 60000; jittered)
@@ -45,6 +53,7 @@ Settings (environment):
 
 import email.message
 import email.utils
+import ipaddress
 import json
 import logging
 import os
@@ -53,6 +62,7 @@ import signal
 import smtplib
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -73,16 +83,65 @@ def env(name, default=None):
     return value if value != "" else default
 
 
+def is_loopback(host):
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# What separates, quotes or brackets addresses: none of it is in one bare address.
+NOT_IN_AN_ADDRESS = set(',;<>()"[]\\:') | {chr(c) for c in range(0x21)} | {"\x7f"}
+
+
+def single_address(to):
+    """`to` when it is one bare address (name@domain), else None: a list, a
+    display name (which can hide a second address), a comment or a route
+    would carry the link to more than one inbox."""
+    if not isinstance(to, str) or any(c in NOT_IN_AN_ADDRESS for c in to):
+        return None
+    local, at, domain = to.partition("@")
+    if not at or not local or not domain or "@" in domain:
+        return None
+    parsed = email.utils.getaddresses([to])
+    if parsed != [("", to)]:
+        return None
+    return to
+
+
 class Settings:
     def __init__(self):
         self.amqp_url = env("AMQP_URL", "amqp://profile-email-dispatcher:profile-email-dispatcher@127.0.0.1:5672/%2f")
         self.queue = env("EMAIL_QUEUE", "profile.email.dispatch")
         self.dead_letter_exchange = env("EMAIL_DEAD_LETTER_EXCHANGE", "profile.email.dlx")
         self.smtp_host = env("SMTP_HOST", "127.0.0.1")
-        self.smtp_port = int(env("SMTP_PORT", "25"))
-        self.smtp_starttls = env("SMTP_STARTTLS", "0") == "1"
+        default_tls = "none" if is_loopback(self.smtp_host) else "starttls"
+        if env("SMTP_STARTTLS") == "1":
+            default_tls = "starttls"
+        self.smtp_tls = env("SMTP_TLS", default_tls)
+        if self.smtp_tls not in ("starttls", "implicit", "none"):
+            raise SystemExit(f"SMTP_TLS: {self.smtp_tls!r} is not starttls, implicit or none")
+        default_port = {"starttls": "587", "implicit": "465", "none": "25"}[self.smtp_tls]
+        self.smtp_port = int(env("SMTP_PORT", default_port))
+        self.smtp_ca_file = env("SMTP_CA_FILE")
         self.smtp_user = env("SMTP_USER")
         self.smtp_password = env("SMTP_PASSWORD")
+        if self.smtp_user and self.smtp_tls == "none":
+            raise SystemExit(
+                "SMTP_USER is set but SMTP_TLS=none: the dispatcher never logs in over an "
+                "unencrypted connection (anyone on the path would read the password and every "
+                "link); set SMTP_TLS=starttls or implicit"
+            )
+        self.tls_context = None
+        if self.smtp_tls != "none":
+            # Verifies the certificate chain and the host name; a private CA
+            # replaces the system's with SMTP_CA_FILE.
+            try:
+                self.tls_context = ssl.create_default_context(cafile=self.smtp_ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise SystemExit(f"SMTP_CA_FILE: {self.smtp_ca_file}: {e}")
         self.smtp_timeout = float(env("SMTP_TIMEOUT_SECS", "10"))
         self.max_attempts = int(env("SMTP_MAX_ATTEMPTS", "20"))
         self.retry_min = int(env("RETRY_MIN_MS", "1000")) / 1000
@@ -204,26 +263,42 @@ class MaybeSent(Exception):
     """The connection broke after the message was handed over: it may have been accepted."""
 
 
-def send(settings, message, before_handing_over):
-    """Sends `message`; raises NotSent or MaybeSent. `before_handing_over()` runs
-    once the session is ready, right before the message goes to the server."""
+def send(settings, message, to, before_handing_over):
+    """Sends `message` to `to` alone; raises NotSent or MaybeSent.
+    `before_handing_over()` runs once the session is ready, right before the
+    message goes to the server."""
+    where = f"{settings.smtp_host}:{settings.smtp_port}"
     try:
-        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout)
+        if settings.smtp_tls == "implicit":
+            smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port,
+                                    timeout=settings.smtp_timeout, context=settings.tls_context)
+        else:
+            smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout)
+    except ssl.SSLCertVerificationError as e:
+        raise NotSent(f"TLS to {where}: the server's certificate was not accepted: {e.verify_message}",
+                      permanent=False)
     except (OSError, smtplib.SMTPException) as e:
-        raise NotSent(f"cannot reach {settings.smtp_host}:{settings.smtp_port}: {e}", permanent=False)
+        raise NotSent(f"cannot reach {where}: {e}", permanent=False)
     try:
         try:
-            if settings.smtp_starttls:
-                smtp.starttls()
+            if settings.smtp_tls == "starttls":
+                smtp.starttls(context=settings.tls_context)
             if settings.smtp_user:
+                # Only ever over TLS: Settings refuses SMTP_USER without it.
                 smtp.login(settings.smtp_user, settings.smtp_password or "")
+        except ssl.SSLCertVerificationError as e:
+            raise NotSent(f"STARTTLS to {where}: the server's certificate was not accepted: "
+                          f"{e.verify_message}", permanent=False)
+        except smtplib.SMTPNotSupportedError as e:
+            raise NotSent(f"{where} does not offer STARTTLS (SMTP_TLS=starttls): {e}", permanent=False)
         except smtplib.SMTPAuthenticationError as e:
             raise NotSent(f"SMTP login refused: {e.smtp_code} {e.smtp_error!r}", permanent=False)
         except (OSError, smtplib.SMTPException) as e:
             raise NotSent(f"SMTP session failed before sending: {e}", permanent=False)
         before_handing_over()
         try:
-            smtp.send_message(message)
+            # The recipient given explicitly: never taken from the headers.
+            smtp.send_message(message, to_addrs=[to])
         except smtplib.SMTPRecipientsRefused as e:
             codes = [c for c, _ in e.recipients.values()]
             raise NotSent(f"SMTP refused the recipient: {e.recipients}", permanent=all(c >= 500 for c in codes))
@@ -260,6 +335,8 @@ class Dispatcher:
         template = event["template"]
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}")
+        if single_address(event["to"]) is None:
+            raise ValueError("\"to\" is not one address (name@domain, without a display name or a list)")
         context = {
             "link": event["verificationLink"],
             "to": event["to"],
@@ -309,7 +386,7 @@ class Dispatcher:
         delay = self.settings.retry_min
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
-                send(self.settings, message, lambda: self.claims.claim(key))
+                send(self.settings, message, event["to"], lambda: self.claims.claim(key))
             except NotSent as e:
                 self.claims.release(key)
                 if e.permanent:
@@ -398,6 +475,8 @@ def main():
     metrics = Metrics()
     if settings.metrics_addr != "off":
         serve_metrics(metrics, settings.metrics_addr)
+    log.info("SMTP: %s:%d, TLS %s%s", settings.smtp_host, settings.smtp_port, settings.smtp_tls,
+             ", logging in" if settings.smtp_user else "")
     dispatcher = Dispatcher(settings, metrics)
 
     def stop(signum, frame):

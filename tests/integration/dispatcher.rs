@@ -41,14 +41,55 @@ fn scratch(env: &Env, what: &str) -> PathBuf {
 
 /// The SMTP server, keeping each accepted message in `inbox`.
 async fn smtp(port: u16, inbox: &Path, hold_secs: f64) -> Child {
-    let mut child = Command::new(python())
-        .arg(example("smtp_sink.py"))
+    smtp_tls(port, inbox, hold_secs, None).await
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, in `dir`:
+/// (certificate, key). Its own CA: trusted only when given as such.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("smtp-cert.pem"), dir.join("smtp-key.pem"));
+    let out = std::process::Command::new("openssl")
         .args([
-            "--port",
-            &port.to_string(),
-            "--hold-secs",
-            &hold_secs.to_string(),
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
         ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (the README's test command installs it with RabbitMQ's TLS set-up)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// The SMTP server, with `tls`: (starttls or implicit, certificate, key).
+async fn smtp_tls(
+    port: u16,
+    inbox: &Path,
+    hold_secs: f64,
+    tls: Option<(&str, &Path, &Path)>,
+) -> Child {
+    let mut cmd = Command::new(python());
+    cmd.arg(example("smtp_sink.py")).args([
+        "--port",
+        &port.to_string(),
+        "--hold-secs",
+        &hold_secs.to_string(),
+    ]);
+    if let Some((mode, cert, key)) = tls {
+        cmd.args(["--tls", mode])
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key);
+    }
+    let mut child = cmd
         .arg("--dir")
         .arg(inbox)
         .stdin(Stdio::null())
@@ -460,6 +501,221 @@ async fn killed_with_minus_9_it_sends_each_event_at_most_once_and_loses_none() {
         tokens.len(),
         dead.len()
     );
+    d.kill().await;
+    env.teardown().await;
+}
+
+/// Issue 31: STARTTLS passed no SSL context, so Python checked neither the
+/// certificate nor the host name, and anyone on the path read the SMTP
+/// password and every reset link. A server whose certificate no trusted CA
+/// vouches for gets nothing, not even the login; with its CA given, or over
+/// implicit TLS, the email goes, the login over TLS.
+#[tokio::test]
+async fn smtp_tls_is_verified_and_no_password_goes_where_it_could_not_be() {
+    let env = Env::start().await;
+    env.release_email_queue().await;
+    let dir = scratch(&env, "smtp-tls");
+    let (cert, key) = self_signed(&dir);
+    let cert_file = cert.to_str().unwrap();
+    let login = [
+        ("SMTP_HOST", "localhost"),
+        ("SMTP_USER", "dispatcher"),
+        ("SMTP_PASSWORD", "s3cret"),
+        ("RETRY_MIN_MS", "100"),
+        ("RETRY_MAX_MS", "200"),
+    ];
+    let with = |more: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+        login
+            .iter()
+            .chain(more)
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect()
+    };
+
+    // 1. STARTTLS to a server whose certificate no trusted CA signed.
+    let inbox1 = dir.join("inbox-starttls");
+    let port = free_port();
+    let _starttls = smtp_tls(port, &inbox1, 0.0, Some(("starttls", &cert, &key))).await;
+    let extra = with(&[("SMTP_TLS", "starttls"), ("SMTP_MAX_ATTEMPTS", "2")]);
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let d = Dispatcher::start(&env, port, &dir, &extra).await;
+    request_emails(&env, 1).await;
+    d.wait_metric(
+        "profile_email_dispatcher_dead_lettered_total{code=\"SMTP_UNAVAILABLE\"}",
+        1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let dead = dead_letters(&env).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].1.contains("certificate was not accepted"),
+        "{}",
+        dead[0].1
+    );
+    assert!(inbox(&inbox1).is_empty(), "nothing sent");
+    assert!(
+        !inbox1.join("auth.log").exists(),
+        "no login attempted: {:?}",
+        std::fs::read_to_string(inbox1.join("auth.log"))
+    );
+    d.kill().await;
+
+    // 2. The same server, its CA given: sent, the login over TLS.
+    let extra = with(&[("SMTP_TLS", "starttls"), ("SMTP_CA_FILE", cert_file)]);
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let d = Dispatcher::start(&env, port, &dir, &extra).await;
+    request_emails(&env, 1).await;
+    assert_eq!(
+        wait_inbox(&inbox1, 1, Duration::from_secs(20)).await.len(),
+        1
+    );
+    let auth = std::fs::read_to_string(inbox1.join("auth.log")).unwrap();
+    assert!(
+        !auth.is_empty() && auth.lines().all(|l| l.ends_with(" tls")),
+        "{auth}"
+    );
+    d.kill().await;
+
+    // 3. Implicit TLS (port 465's way), the CA given: sent.
+    let inbox2 = dir.join("inbox-implicit");
+    let port = free_port();
+    let _implicit = smtp_tls(port, &inbox2, 0.0, Some(("implicit", &cert, &key))).await;
+    let extra = with(&[("SMTP_TLS", "implicit"), ("SMTP_CA_FILE", cert_file)]);
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let d = Dispatcher::start(&env, port, &dir, &extra).await;
+    request_emails(&env, 1).await;
+    assert_eq!(
+        wait_inbox(&inbox2, 1, Duration::from_secs(20)).await.len(),
+        1
+    );
+    let auth = std::fs::read_to_string(inbox2.join("auth.log")).unwrap();
+    assert!(auth.lines().all(|l| l.ends_with(" tls")), "{auth}");
+    d.kill().await;
+    env.teardown().await;
+}
+
+/// No login over an unencrypted connection, and TLS by default for any SMTP
+/// server that is not on this machine.
+#[tokio::test]
+async fn the_dispatcher_never_logs_in_in_the_clear_and_defaults_to_starttls() {
+    let run = |extra: &[(&str, &str)]| {
+        let mut cmd = Command::new(python());
+        cmd.arg(example("dispatcher.py"))
+            .env("AMQP_URL", "amqp://nobody:nobody@127.0.0.1:1/%2f")
+            .env("MAIL_FROM", "no-reply@example.com")
+            .env("METRICS_ADDR", "off")
+            .env_remove("SMTP_TLS")
+            .env_remove("SMTP_STARTTLS")
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        run(&[("SMTP_USER", "u"), ("SMTP_TLS", "none")]).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("never logs in over an unencrypted connection"),
+        "{err}"
+    );
+    // Off loopback, STARTTLS on port 587 unless told otherwise; said at start.
+    let mut child = run(&[
+        ("SMTP_HOST", "smtp.example.invalid"),
+        ("DEDUPE_DB", ":memory:"),
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut said = String::new();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
+        if line.contains("SMTP: ") {
+            said = line;
+            break;
+        }
+    }
+    assert!(
+        said.contains("smtp.example.invalid:587, TLS starttls"),
+        "{said:?}"
+    );
+    let _ = child.kill().await;
+}
+
+/// A profile email such as `victim@example.com, attacker@example.net` sent
+/// the link to both. The worker no longer makes such an event; one forged
+/// into the queue is refused (MALFORMED_EVENT), and the recipient of a good
+/// one is given to the SMTP server explicitly, alone.
+#[tokio::test]
+async fn an_event_for_more_than_one_address_is_sent_nowhere() {
+    use lapin::options::BasicPublishOptions;
+    let env = Env::start().await;
+    env.release_email_queue().await;
+    let dir = scratch(&env, "one-recipient");
+    let inbox_dir = dir.join("inbox");
+    let port = free_port();
+    let _smtp = smtp(port, &inbox_dir, 0.0).await;
+    let d = Dispatcher::start(&env, port, &dir, &[]).await;
+    for (n, to) in [
+        "victim@example.com, attacker@example.net",
+        "\"victim@example.com\" <attacker@example.net>",
+        "victim@example.com\r\nBcc: attacker@example.net",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let token = uuid::Uuid::new_v4();
+        let body = serde_json::json!({
+            "id": uuid::Uuid::new_v4(), "tenant": "default", "profileId": ENABLED_PROFILE,
+            "to": to, "template": "reset-password", "tokenId": token,
+            "verificationLink": format!("https://example.com/verify?tokenId={token}"),
+            "timestamp": 1_495_746_285_875i64,
+        });
+        env.channel
+            .basic_publish(
+                env.settings.broker.email_exchange.as_str().into(),
+                "email.requested".into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                lapin::BasicProperties::default()
+                    .with_message_id(format!("forged-{n}").into())
+                    .with_content_type("application/json".into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    d.wait_metric(
+        "profile_email_dispatcher_dead_lettered_total{code=\"MALFORMED_EVENT\"}",
+        3.0,
+        Duration::from_secs(20),
+    )
+    .await;
+    let dead = dead_letters(&env).await;
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    for (code, reason, _) in &dead {
+        assert_eq!(code, "MALFORMED_EVENT");
+        assert!(reason.contains("is not one address"), "{reason}");
+    }
+    assert!(inbox(&inbox_dir).is_empty());
+    // A good one: the envelope names its one recipient.
+    request_emails(&env, 1).await;
+    assert_eq!(
+        wait_inbox(&inbox_dir, 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    let recipients = std::fs::read_to_string(inbox_dir.join("recipients.log")).unwrap();
+    assert_eq!(recipients, "jane@example.com\n");
     d.kill().await;
     env.teardown().await;
 }
