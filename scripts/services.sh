@@ -46,6 +46,9 @@ PW_EVENTS_READER_PASSWORD="${PW_EVENTS_READER_PASSWORD:-profile-events-reader}"
 # server-named queue (what `send`, the examples and run.sh's lines use).
 PW_PUBLISHER_USER="${PW_PUBLISHER_USER:-profile-publisher}"
 PW_PUBLISHER_PASSWORD="${PW_PUBLISHER_PASSWORD:-profile-publisher}"
+# An importer's user: publishes commands to the bulk lane only (`provision`).
+PW_BULK_PUBLISHER_USER="${PW_BULK_PUBLISHER_USER:-profile-bulk-publisher}"
+PW_BULK_PUBLISHER_PASSWORD="${PW_BULK_PUBLISHER_PASSWORD:-profile-bulk-publisher}"
 # The broker's administrator (tests' checks and clean-up, the bench's vhosts):
 # Debian's guest, limited to loopback; compose's admin user, which replaces it.
 PW_ADMIN_AMQP_USER="${PW_ADMIN_AMQP_USER:-guest}"
@@ -198,14 +201,19 @@ rabbit_user() {
 #     exchange; binding to the email exchange needs read on it, which it lacks.
 rabbit_users() {
   local p="$7" own="$5"
-  local names="$p\\.(commands(\\.(dlx|dead|unrouted))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)"
+  local names="$p\\.(commands(\\.(dlx|dead|unrouted|bulk(\\.unrouted)?))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)"
   rabbit_user "$1" "$2" "^$names\$" "^(amq\\.default|$names)\$" \
-    "^$p\\.(commands(\\.(dlx|unrouted))?|email(\\.(dlx|dispatch))?)\$"
+    "^$p\\.(commands(\\.(dlx|unrouted|bulk(\\.unrouted)?))?|email(\\.(dlx|dispatch))?)\$"
   # The dispatcher reads its queue, and may write only to the queue's dead-letter
   # exchange (a request it gives up on goes there with its reason).
   rabbit_user "$3" "$4" '^$' "^$p\\.email\\.dlx\$" "^$p\\.email\\.dispatch\$"
   local mine="(amq\\.gen-.*|$own\\..*)"
   rabbit_user "$5" "$6" "^$mine\$" "^$mine\$" "^($mine|$p\\.events)\$"
+  # A bulk publisher (an import, batch provisioning): writes to the bulk
+  # exchange only, so it cannot put its load in the interactive lane.
+  if [ -n "${8:-}" ]; then
+    rabbit_user "$8" "$9" '^amq\.gen-.*$' "^$p\\.commands\\.bulk\$" '^amq\.gen-.*$'
+  fi
 }
 
 # The vhost's path in an AMQP URL.
@@ -321,7 +329,8 @@ ensure_services() {
     as_root rabbitmqctl -q set_permissions -p "$PW_RABBIT_VHOST" guest '.*' '.*' '.*' >/dev/null
   fi
   rabbit_users "$PW_RABBIT_USER" "$PW_RABBIT_PASSWORD" "$PW_DISPATCHER_USER" "$PW_DISPATCHER_PASSWORD" \
-    "$PW_EVENTS_READER_USER" "$PW_EVENTS_READER_PASSWORD" profile
+    "$PW_EVENTS_READER_USER" "$PW_EVENTS_READER_PASSWORD" profile \
+    "$PW_BULK_PUBLISHER_USER" "$PW_BULK_PUBLISHER_PASSWORD"
   # As compose's rabbitmq-users makes it (deploy/compose/rabbitmq-users.sh).
   rabbit_user "$PW_PUBLISHER_USER" "$PW_PUBLISHER_PASSWORD" '^amq\.gen-.*$' '^profile\.commands$' '^amq\.gen-.*$'
   # The worker's own connections (least privilege) ...
@@ -332,6 +341,7 @@ ensure_services() {
   # ... and the owner's, for migrate and seed; a publisher's, for send.
   export OWNER_DATABASE_URL="${OWNER_DATABASE_URL:-postgres://$PW_DB_OWNER:$PW_DB_OWNER_PASSWORD@$pg:$PW_PG_PORT/$PW_DB_NAME}"
   export PUBLISHER_AMQP_URL="${PUBLISHER_AMQP_URL:-amqp://$PW_PUBLISHER_USER:$PW_PUBLISHER_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
+  export BULK_PUBLISHER_AMQP_URL="${BULK_PUBLISHER_AMQP_URL:-amqp://$PW_BULK_PUBLISHER_USER:$PW_BULK_PUBLISHER_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   # The administrator's, for the tests' checks and the bench's own vhosts.
   export ADMIN_AMQP_URL="${ADMIN_AMQP_URL:-amqp://$PW_ADMIN_AMQP_USER:$PW_ADMIN_AMQP_PASSWORD@127.0.0.1:$PW_AMQP_PORT/$(vhost_path)}"
   # The email dispatcher's (it may only consume profile.email.dispatch).

@@ -30,12 +30,13 @@ ensure_examples
 # (scripts/services.sh, rabbit_users); the tests' own publishers and checks
 # use the admin user.
 test_users=(profile-worker-test profile-worker-test profile-dispatcher-test profile-dispatcher-test
-  profile-reader-test profile-reader-test 't[0-9a-f]{12}')
+  profile-reader-test profile-reader-test 't[0-9a-f]{12}' profile-bulk-publisher-test profile-bulk-publisher-test)
 rabbit_users "${test_users[@]}"
 export AMQP_URL="$ADMIN_AMQP_URL"
 export TEST_WORKER_AMQP_URL="amqp://profile-worker-test:profile-worker-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_DISPATCHER_AMQP_URL="amqp://profile-dispatcher-test:profile-dispatcher-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_READER_AMQP_URL="amqp://profile-reader-test:profile-reader-test@127.0.0.1:$PW_AMQP_PORT/%2f"
+export TEST_BULK_PUBLISHER_AMQP_URL="amqp://profile-bulk-publisher-test:profile-bulk-publisher-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_AMQPS_URL="amqps://profile-worker-test:profile-worker-test@localhost:$PW_AMQPS_PORT/%2f"
 export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
 # Test databases are made by the owner role; the worker runs as the runtime role.
@@ -48,7 +49,7 @@ pg="$(pg_host)"
 if $fast; then
   # Every unit test, the integration binary and the bench's smoke test: none
   # of them stops a server.
-  exec cargo test --locked --workspace --lib --bins --test integration --test io_thread --test smoke "$@"
+  exec cargo test --locked --workspace --lib --bins --test integration --test io_thread --test lanes --test smoke "$@"
 fi
 # Beyond one box (tests/cluster.rs): a three-node RabbitMQ cluster and a
 # PostgreSQL primary with a synchronous standby, beside the servers above.

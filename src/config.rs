@@ -9,6 +9,7 @@ use std::time::Duration;
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_COMMAND_EXCHANGE: &str = "profile.commands";
 pub const DEFAULT_DEAD_LETTER_QUEUE: &str = "profile.commands.dead";
+pub const DEFAULT_BULK_EXCHANGE: &str = "profile.commands.bulk";
 pub const DEFAULT_DATABASE_URL: &str =
     "postgres://profile_worker:profile_worker@127.0.0.1:5432/profile_worker";
 
@@ -201,9 +202,32 @@ pub struct BrokerSettings {
     /// Direct exchange publishers send commands to.
     #[arg(long, env = "COMMAND_EXCHANGE", default_value = DEFAULT_COMMAND_EXCHANGE)]
     pub command_exchange: String,
-    /// Quorum queue the worker consumes.
+    /// Quorum queue the worker consumes: the interactive lane, whose commands
+    /// go first.
     #[arg(long, env = "COMMAND_QUEUE", default_value = "profile.commands")]
     pub command_queue: String,
+    /// Direct exchange of the bulk lane (CONTRACT §1): batch provisioning and
+    /// imports publish here, so that a login never waits behind them. The same
+    /// commands, replies and idempotency as the command exchange.
+    #[arg(long, env = "BULK_EXCHANGE", default_value = DEFAULT_BULK_EXCHANGE)]
+    pub bulk_exchange: String,
+    /// Quorum queue of the bulk lane, bound to BULK_EXCHANGE; the worker takes
+    /// from it when no interactive command is in hand, and at least
+    /// BULK_SHARE_PERCENT of what it processes when both lanes have work.
+    #[arg(long, env = "BULK_QUEUE", default_value = "profile.commands.bulk")]
+    pub bulk_queue: String,
+    /// Most commands the bulk queue holds (x-max-length; 0: no limit). Past it,
+    /// publishers' messages are refused (nack), not dropped.
+    #[arg(long, env = "BULK_QUEUE_MAX_LENGTH", default_value_t = 1_000_000)]
+    pub bulk_queue_max_length: u64,
+    /// Most bytes of bodies the bulk queue holds (x-max-length-bytes; 0: no limit).
+    #[arg(long, env = "BULK_QUEUE_MAX_BYTES", default_value_t = 1 << 30)]
+    pub bulk_queue_max_bytes: u64,
+    /// Unacknowledged bulk commands the broker may hand this worker at once,
+    /// shared out between its bulk consumers. It bounds the bulk work in
+    /// hand when an interactive command arrives (BENCHMARKS.md, "Lanes").
+    #[arg(long, env = "BULK_PREFETCH", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
+    pub bulk_prefetch: u16,
     /// Dead-letter exchange of the command queue.
     #[arg(
         long,
@@ -303,6 +327,8 @@ impl BrokerSettings {
         for (name, value) in [
             ("COMMAND_EXCHANGE", &self.command_exchange),
             ("COMMAND_QUEUE", &self.command_queue),
+            ("BULK_EXCHANGE", &self.bulk_exchange),
+            ("BULK_QUEUE", &self.bulk_queue),
             ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
             ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
             ("EVENTS_EXCHANGE", &self.events_exchange),
@@ -323,6 +349,7 @@ impl BrokerSettings {
         // refused by the broker) instead of declared as the operator wrote it.
         for (name, derived) in [
             ("COMMAND_EXCHANGE", crate::broker::unrouted_exchange(self)),
+            ("BULK_EXCHANGE", crate::broker::bulk_unrouted_exchange(self)),
             ("EMAIL_EXCHANGE", self.email_dead_letter_exchange()),
             ("EMAIL_QUEUE", self.email_dead_letter_queue()),
         ] {
@@ -341,6 +368,14 @@ impl BrokerSettings {
                 "must differ from EVENTS_EXCHANGE: email.requested carries a secret that subscribers to events must not read",
             ));
         }
+        // One queue per lane: a lane that shared a queue with another would not
+        // be one.
+        if self.bulk_queue == self.command_queue || self.bulk_exchange == self.command_exchange {
+            return Err(ConfigError::new(
+                "BULK_QUEUE",
+                "BULK_QUEUE and BULK_EXCHANGE must differ from COMMAND_QUEUE and COMMAND_EXCHANGE",
+            ));
+        }
         if self.reply_to_prefixes.iter().any(|p| p.trim().is_empty()) {
             return Err(ConfigError::new(
                 "REPLY_TO_PREFIXES",
@@ -350,6 +385,7 @@ impl BrokerSettings {
         for p in &self.reply_to_prefixes {
             if [
                 &self.command_queue,
+                &self.bulk_queue,
                 &self.dead_letter_queue,
                 &self.email_queue,
             ]
@@ -388,6 +424,12 @@ pub struct WorkerSettings {
     /// read again at least every minute. 0: every batch is loaded.
     #[arg(long, env = "KNOWN_ROWS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub known_rows: u32,
+    /// The least share of the commands processed, in percent, that the bulk
+    /// lane gets while interactive commands are in hand: interactive commands
+    /// go first, but a steady interactive load never starves an import.
+    #[arg(long, env = "BULK_SHARE_PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub bulk_share_percent: u8,
+
     /// Consumers (each with its own channel and batches) in this process; while one
     /// waits for Postgres another publishes. PREFETCH is shared out between them.
     #[arg(long, env = "CONSUMERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]

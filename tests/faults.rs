@@ -100,6 +100,40 @@ async fn kill_9_five_times_during_a_burst_loses_and_duplicates_nothing() {
     .await;
 }
 
+/// Issue 32: an import in the bulk lane and callers in the interactive lane,
+/// the worker killed with -9 three times mid-burst: in either lane nothing is
+/// lost and nothing is done twice.
+#[tokio::test]
+async fn kill_9_mid_import_in_both_lanes_loses_and_duplicates_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let run = Run::prepare().await;
+    let (sent, commands) = run.plan_burst();
+    // Every other command into the bulk lane.
+    let commands = commands
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| if i % 2 == 0 { c.into_bulk() } else { c })
+        .collect();
+    run.burst_of((sent, commands), 500, |mut worker, run| async move {
+        for k in 0..3 {
+            signal(&worker, SIGKILL);
+            let _ = worker.wait().await;
+            let done = run.processed().await;
+            eprintln!("kill {}: {done} of {BURST} processed", k + 1);
+            worker = run.spawn_worker().await;
+            run.wait_processed(done + 1_000, Duration::from_secs(60))
+                .await;
+        }
+        let done = run.processed().await;
+        assert!(
+            done < 9_000,
+            "the last kill landed before the end ({done} processed)"
+        );
+        (worker, run)
+    })
+    .await;
+}
+
 /// What a consumer logs (at debug) when it has committed a batch while the one
 /// before it still waits for its confirms: two batches in flight.
 const OVERLAP: &str = "prepared a batch while the previous one awaited its confirms";

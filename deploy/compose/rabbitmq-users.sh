@@ -6,6 +6,7 @@
 #   profile-email-dispatcher:  consumes profile.email.dispatch; writes only to profile.email.dlx (its dead letters)
 #   profile-events-reader:     its own queues, bound to profile.events; no right on profile.email
 #   profile-publisher:         publishes commands (and uses direct reply-to)
+#   profile-bulk-publisher:    publishes commands to the bulk lane only (imports, provision)
 set -eu
 api="http://rabbitmq:15672/api"
 auth="admin:${RABBITMQ_ADMIN_PASSWORD}"
@@ -19,12 +20,14 @@ user() {
   echo "broker user $1 ready"
 }
 
-names='profile\\.(commands(\\.(dlx|dead|unrouted))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)'
+names='profile\\.(commands(\\.(dlx|dead|unrouted|bulk(\\.unrouted)?))?|events|email(\\.(dlx|dispatch(\\.dead)?))?)'
 user profile-worker "${WORKER_AMQP_PASSWORD}" "^${names}\$" "^(amq\\\\.default|${names})\$" \
-  '^profile\\.(commands(\\.(dlx|unrouted))?|email(\\.(dlx|dispatch))?)$'
+  '^profile\\.(commands(\\.(dlx|unrouted|bulk(\\.unrouted)?))?|email(\\.(dlx|dispatch))?)$'
 user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}" '^$' '^profile\\.email\\.dlx$' '^profile\\.email\\.dispatch$'
 mine='(amq\\.gen-.*|profile-events-reader\\..*)'
 user profile-events-reader "${EVENTS_READER_AMQP_PASSWORD}" "^${mine}\$" "^${mine}\$" "^(${mine}|profile\\\\.events)\$"
 # Publishers: write on the command exchange; a server-named reply queue needs
 # configure and read on amq.gen-… (direct reply-to needs neither).
 user profile-publisher "${PUBLISHER_AMQP_PASSWORD}" '^amq\\.gen-.*$' '^profile\\.commands$' '^amq\\.gen-.*$'
+# An importer (batch provisioning): writes to the bulk lane's exchange only.
+user profile-bulk-publisher "${BULK_PUBLISHER_AMQP_PASSWORD}" '^amq\\.gen-.*$' '^profile\\.commands\\.bulk$' '^amq\\.gen-.*$'

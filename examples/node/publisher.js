@@ -1,11 +1,15 @@
 // A Node.js publisher of profile-worker commands, with amqplib.
 //
-// Shows the three things a caller does:
+// Shows the things a caller does:
 //   1. request/reply with RabbitMQ's direct reply-to (no reply queue to create);
 //   2. fire-and-forget with publisher confirms (no replyTo: the worker still
 //      processes the command and publishes its events, it answers nobody);
 //   3. reading a reply's integer `status` header and, for errors, its body
-//      {"errorCode": ..., "message": ...}.
+//      {"errorCode": ..., "message": ...};
+//   4. an import: many commands no one waits on, into the bulk lane
+//      (profile.commands.bulk), as the importer's broker user, which may
+//      publish there only. The worker takes interactive commands first, so an
+//      import never holds up a login (CONTRACT §1).
 //
 // The conventions that matter (CONTRACT §2, §4):
 //   - the AMQP `type` property and the routing key are the command's name;
@@ -132,6 +136,23 @@ async function main() {
     console.log(`unknown token: ${e.status} ${e.body.errorCode}: ${e.body.message}`);
   } finally {
     await p.close();
+  }
+
+  // An import, through the bulk lane, as the importer's user (BULK_AMQP_URL).
+  if (process.env.BULK_AMQP_URL) {
+    const importer = await Publisher.open(
+      process.env.BULK_AMQP_URL,
+      process.env.BULK_EXCHANGE || "profile.commands.bulk",
+    );
+    try {
+      const ids = [];
+      for (let i = 0; i < 3; i++) {
+        ids.push(await importer.send("create-ticket", { accessTokenId: token, profileId: profile }));
+      }
+      console.log(`imported through the bulk lane: ${ids.length} commands confirmed`);
+    } finally {
+      await importer.close();
+    }
   }
 }
 

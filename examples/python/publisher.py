@@ -1,11 +1,15 @@
 """A Python publisher of profile-worker commands, with pika.
 
-Shows the three things a caller does:
+Shows the things a caller does:
   1. request/reply with RabbitMQ's direct reply-to (no reply queue to create);
   2. fire-and-forget with publisher confirms (no reply_to: the worker still
      processes the command and publishes its events, it just answers nobody);
   3. reading a reply's integer `status` header and, for errors, its body
-     {"errorCode": ..., "message": ...}.
+     {"errorCode": ..., "message": ...};
+  4. an import: many commands no one waits on, into the bulk lane
+     (profile.commands.bulk), as the importer's broker user, which may publish
+     there only. The worker takes interactive commands first, so an import
+     never holds up a login (CONTRACT §1).
 
 The conventions that matter (CONTRACT §2, §4):
   - the AMQP `type` property and the routing key are the command's name;
@@ -120,6 +124,16 @@ def main():
         print(f"unknown token: {status} {error['errorCode']}: {error['message']}")
     finally:
         p.close()
+
+    # An import, through the bulk lane, as the importer's user (BULK_AMQP_URL).
+    bulk_url = os.environ.get("BULK_AMQP_URL")
+    if bulk_url:
+        importer = Publisher(bulk_url, os.environ.get("BULK_EXCHANGE", "profile.commands.bulk"))
+        try:
+            ids = [importer.send("create-ticket", {"accessTokenId": token, "profileId": profile}) for _ in range(3)]
+            print(f"imported through the bulk lane: {len(ids)} commands confirmed")
+        finally:
+            importer.close()
 
 
 if __name__ == "__main__":

@@ -78,12 +78,41 @@ pub struct BenchArgs {
     /// Prefetch of the worker and of the echo consumer.
     #[arg(long, env = "PREFETCH", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// The workers' BULK_PREFETCH: bulk commands each may hold at once.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
+    pub bulk_prefetch: u16,
+    /// The workers' BULK_SHARE_PERCENT (unset: their default).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub bulk_share_percent: Option<u8>,
     /// Consumers per worker process, and of the echo consumer.
     #[arg(long, env = "CONSUMERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub consumers: u16,
     /// Most commands per batch, for the worker and the echo consumer.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
+    /// The lanes benchmark instead of the rounds above: an interactive caller
+    /// (create-ticket, one at a time) alone for --idle-secs, then during an
+    /// import of this many fire-and-forget create-tickets, published as fast
+    /// as the broker confirms them into each of --import-lanes in turn,
+    /// --rounds times (BENCHMARKS.md, "Lanes").
+    #[arg(long, default_value_t = 0)]
+    pub import: u64,
+    /// Where the imports go, alternated: interactive (one queue for
+    /// everything) and bulk.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "interactive,bulk"
+    )]
+    pub import_lanes: Vec<crate::mix::ImportLane>,
+    /// How long the interactive caller runs alone before each import, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub idle_secs: f64,
+    /// An open-loop interactive load (fire-and-forget create-ticket, per
+    /// second) through each import, besides the caller.
+    #[arg(long)]
+    pub steady_rate: Option<f64>,
     /// Append the results as one JSON line to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The run's database (migrated and seeded) and broker names.
-struct Setup {
+pub(crate) struct Setup {
     db_url: String,
-    amqp_url: String,
+    pub(crate) amqp_url: String,
     prefix: String,
-    names: BrokerSettings,
+    pub(crate) names: BrokerSettings,
     nodes: Nodes,
     store: Store,
-    plan: Plan,
+    pub(crate) plan: Plan,
 }
 
 impl Setup {
@@ -42,7 +42,7 @@ impl Setup {
         let db_url = setup::with_database(&args.database_url, db)?;
         let amqp_url = iso.amqp_url(&args.amqp_url)?;
         let prefix = iso.prefix().to_string();
-        let mut names = names(&prefix, &amqp_url, args.prefetch);
+        let mut names = names(&prefix, &amqp_url, args.prefetch, args.bulk_prefetch);
         if args.unbounded_queues {
             names.command_queue_max_length = 0;
             names.command_queue_max_bytes = 0;
@@ -93,6 +93,9 @@ impl Setup {
             ("AMQP_URL", self.amqp_url.clone()),
             ("COMMAND_EXCHANGE", n.command_exchange.clone()),
             ("COMMAND_QUEUE", n.command_queue.clone()),
+            ("BULK_EXCHANGE", n.bulk_exchange.clone()),
+            ("BULK_QUEUE", n.bulk_queue.clone()),
+            ("BULK_PREFETCH", n.bulk_prefetch.to_string()),
             ("DEAD_LETTER_EXCHANGE", n.dead_letter_exchange.clone()),
             ("DEAD_LETTER_QUEUE", n.dead_letter_queue.clone()),
             ("EVENTS_EXCHANGE", n.events_exchange.clone()),
@@ -125,12 +128,22 @@ impl Setup {
             ("HTTP_ADDR", "127.0.0.1:0".into()),
             // JSON, so the bench can read where that is (and the stage timings there).
             ("LOG_FORMAT", "json".into()),
+            // At least info, whatever RUST_LOG the bench runs under: the line
+            // saying where /metrics is served is how the bench finds it.
+            (
+                "RUST_LOG",
+                std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .chain(
             args.batch_wait_ms
                 .map(|w| ("BATCH_WAIT_MS".to_string(), w.to_string())),
+        )
+        .chain(
+            args.bulk_share_percent
+                .map(|p| ("BULK_SHARE_PERCENT".to_string(), p.to_string())),
         )
         .collect()
     }
@@ -257,6 +270,52 @@ impl Setup {
         a.push(format!("--counts={}", counts.display()));
         setup::spawn_party(&a, std::env::temp_dir().join(format!("{db}-drain.log"))).await
     }
+}
+
+/// The lanes benchmark (`--import`) in its database and vhost: the workers,
+/// the events' consumers as production has them, then `mix::measure`.
+pub async fn run_mix_isolated(
+    args: &BenchArgs,
+    db: &str,
+    iso: &Isolation,
+) -> Result<crate::mix::MixReport> {
+    let s = Setup::prepare(args, db, iso).await?;
+    let conn = broker::connect(s.nodes.first(), &Default::default())
+        .await
+        .map_err(|e| BenchError::broker("AMQP_URL", e))?;
+    let workers = s.start_workers(args, db, &conn).await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| BenchError::broker("opening a channel", e))?;
+    declare_subscriber(
+        &channel,
+        &s.names.events_exchange,
+        "ticket.created",
+        &audit_queue(&s.prefix),
+        FieldTable::default(),
+    )
+    .await?;
+    let counts = std::env::temp_dir().join(format!("{db}-counts"));
+    std::fs::create_dir_all(&counts)
+        .map_err(|e| BenchError::io(counts.display().to_string(), e))?;
+    let mut drain = s.start_drain(args, db, &counts).await?;
+    let meters = Meters {
+        broker: setup::pids_named("beam.smp"),
+        db_url: s.db_url.clone(),
+        echo: Vec::new(),
+        drain: vec![drain.pid],
+    };
+    let measured = crate::mix::measure(args, &s, &workers, &meters).await;
+    let _ = drain.child.kill().await;
+    let _ = std::fs::remove_dir_all(&counts);
+    let mut checks = Checks::default();
+    stop_workers(workers, args.keep, &mut checks).await;
+    let _ = conn.close(200, "bye".into()).await;
+    s.store.close();
+    let mut report = measured?;
+    report.problems.extend(checks.problems);
+    Ok(report)
 }
 
 /// Everything a run does in its database and vhost.

@@ -7,6 +7,7 @@ use crate::setup;
 use profile_worker::broker;
 use profile_worker::config::{BrokerAddress, BrokerSettings};
 
+#[derive(Clone)]
 pub enum Isolation {
     Vhost(String),
     Prefix(String),
@@ -43,7 +44,7 @@ impl Isolation {
 }
 
 /// The worker's broker names under `prefix`, with its defaults.
-pub fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
+pub fn names(prefix: &str, amqp_url: &str, prefetch: u16, bulk_prefetch: u16) -> BrokerSettings {
     BrokerSettings {
         address: BrokerAddress {
             amqp_url: amqp_url.into(),
@@ -51,6 +52,11 @@ pub fn names(prefix: &str, amqp_url: &str, prefetch: u16) -> BrokerSettings {
         },
         command_exchange: format!("{prefix}profile.commands"),
         command_queue: format!("{prefix}profile.commands"),
+        bulk_exchange: format!("{prefix}profile.commands.bulk"),
+        bulk_queue: format!("{prefix}profile.commands.bulk"),
+        bulk_queue_max_length: 1_000_000,
+        bulk_queue_max_bytes: 1 << 30,
+        bulk_prefetch,
         dead_letter_exchange: format!("{prefix}profile.commands.dlx"),
         dead_letter_queue: format!("{prefix}profile.commands.dead"),
         events_exchange: format!("{prefix}profile.events"),
@@ -98,7 +104,7 @@ pub fn ceiling_email_queue(prefix: &str) -> String {
 }
 
 async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<()> {
-    let n = names(prefix, amqp_url, 1);
+    let n = names(prefix, amqp_url, 1, 1);
     let uri = n.validate().map_err(|e| BenchError::Usage(e.to_string()))?;
     let conn = broker::connect(uri.first(), &Default::default())
         .await
@@ -109,6 +115,7 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<()> {
         .map_err(|e| BenchError::broker("AMQP_URL", e))?;
     for q in [
         n.command_queue.clone(),
+        n.bulk_queue.clone(),
         n.dead_letter_queue.clone(),
         n.email_queue.clone(),
         n.email_dead_letter_queue(),
@@ -123,6 +130,8 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<()> {
     for x in [
         n.command_exchange.clone(),
         broker::unrouted_exchange(&n),
+        n.bulk_exchange.clone(),
+        broker::bulk_unrouted_exchange(&n),
         n.dead_letter_exchange.clone(),
         n.events_exchange.clone(),
         n.email_exchange.clone(),

@@ -17,6 +17,7 @@ mod error;
 mod isolation;
 mod load;
 mod meter;
+pub mod mix;
 mod plan;
 mod report;
 mod setup;
@@ -37,15 +38,30 @@ const BENCH_TENANT: &str = "bench";
 const EVENTS_CEILING: &str = "ceiling-events";
 const BENCH_TOKEN: &str = "bench-admin-token";
 
-/// Runs the benchmark, prints the report, appends it to `--json`; fails when any
-/// reply, row, event or dead letter is not what the commands must produce.
-pub async fn run(mut args: BenchArgs) -> Result<Report> {
-    args.ceiling |= args.ceiling_events;
-    if !(0.0..=1.0).contains(&args.invalid_share) {
-        return Err(BenchError::Usage(
-            "--invalid-share must be between 0 and 1".into(),
-        ));
+/// The lanes benchmark (`--import`): prints its table, appends its report to
+/// `--json`; fails when the interactive caller got a wrong answer.
+pub async fn run_mix(args: BenchArgs) -> Result<mix::MixReport> {
+    let report = isolated(&args, |db, iso| {
+        let args = args.clone();
+        async move { bench::run_mix_isolated(&args, &db, &iso).await }
+    })
+    .await?;
+    mix::print(&report);
+    append_json(&args, &report)?;
+    if report.problems.is_empty() {
+        Ok(report)
+    } else {
+        Err(BenchError::Wrong(report.problems))
     }
+}
+
+/// Runs `f` in a database and vhost of its own, removed afterwards (unless
+/// `--keep`), also when interrupted.
+async fn isolated<T, F, Fut>(args: &BenchArgs, f: F) -> Result<T>
+where
+    F: FnOnce(String, Isolation) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let db = format!("pw_bench_{id}");
     let vhost = format!("pw-bench-{id}");
@@ -60,7 +76,7 @@ pub async fn run(mut args: BenchArgs) -> Result<Report> {
     // Interrupted, the run still removes what it made (the worker processes are
     // killed when their handles drop).
     let result = tokio::select! {
-        r = bench::run_isolated(&args, &db, &isolation) => r,
+        r = f(db.clone(), isolation.clone()) => r,
         _ = tokio::signal::ctrl_c() => Err(BenchError::Interrupted),
     };
     if args.keep {
@@ -74,11 +90,14 @@ pub async fn run(mut args: BenchArgs) -> Result<Report> {
             }
         }
     }
-    let report = result?;
-    report::print(&report);
+    result
+}
+
+/// Appends `report` as one JSON line to `--json`, when given.
+fn append_json(args: &BenchArgs, report: &impl serde::Serialize) -> Result<()> {
     if let Some(path) = &args.json {
         use std::io::Write;
-        let line = serde_json::to_string(&report).expect("reports always serialize");
+        let line = serde_json::to_string(report).expect("reports always serialize");
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -86,6 +105,25 @@ pub async fn run(mut args: BenchArgs) -> Result<Report> {
             .and_then(|mut f| writeln!(f, "{line}"))
             .map_err(|e| BenchError::io(path.display().to_string(), e))?;
     }
+    Ok(())
+}
+
+/// Runs the benchmark, prints the report, appends it to `--json`; fails when any
+/// reply, row, event or dead letter is not what the commands must produce.
+pub async fn run(mut args: BenchArgs) -> Result<Report> {
+    args.ceiling |= args.ceiling_events;
+    if !(0.0..=1.0).contains(&args.invalid_share) {
+        return Err(BenchError::Usage(
+            "--invalid-share must be between 0 and 1".into(),
+        ));
+    }
+    let report = isolated(&args, |db, iso| {
+        let args = args.clone();
+        async move { bench::run_isolated(&args, &db, &iso).await }
+    })
+    .await?;
+    report::print(&report);
+    append_json(&args, &report)?;
     if report.is_correct() {
         Ok(report)
     } else {

@@ -11,8 +11,13 @@ async fn main() -> ExitCode {
         None,
         "profile-worker-bench",
     );
-    match profile_worker_bench::run(args).await {
-        Ok(_) => ExitCode::SUCCESS,
+    let done = if args.import > 0 {
+        profile_worker_bench::run_mix(args).await.map(|_| ())
+    } else {
+        profile_worker_bench::run(args).await.map(|_| ())
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", profile_worker::telemetry::Report(&e));
             ExitCode::FAILURE

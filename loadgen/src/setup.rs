@@ -133,6 +133,22 @@ pub async fn batch_samples(addr: &str) -> std::collections::HashMap<String, f64>
         .collect()
 }
 
+/// The samples of a worker's `/metrics` whose `name{labels}` starts with
+/// `prefix`; empty when it does not answer.
+pub async fn metric_samples(addr: &str, prefix: &str) -> Vec<(String, f64)> {
+    let page = match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    page.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// A worker process of the run, with its log file.
 pub struct WorkerProcess {
     pub child: Child,

@@ -192,3 +192,34 @@ fn fixed_rates_report_every_partys_cpu_and_run_queue_and_the_knee() {
     assert_eq!(knee.len(), 3, "{stdout}");
     assert!(stdout.contains("knee worker"), "{stdout}");
 }
+
+/// The lanes benchmark (`--import`), small: an interactive caller before and
+/// during an import into each lane; every imported command answered, the
+/// caller's every call a 200, every row there.
+#[test]
+fn an_import_into_each_lane_is_drained_while_the_caller_is_answered() {
+    let (out, r) = bench(&[
+        "--import",
+        "3000",
+        "--rounds",
+        "1",
+        "--idle-secs",
+        "1",
+        "--profiles",
+        "50",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert_eq!(r["problems"], serde_json::json!([]), "{stdout}");
+    let rows = r["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "{r}");
+    for (row, lane) in rows.iter().zip(["interactive", "bulk"]) {
+        assert_eq!(row["lane"], lane);
+        assert_eq!(row["import"], 3000);
+        assert!(row["idle_calls"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["drain_rate"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["cpu_per_1k"]["broker"].is_number(), "{row}");
+    }
+    assert!(stdout.contains("import into"), "the table: {stdout}");
+}

@@ -14,7 +14,8 @@ pub use lapin::{Channel, Connection, Consumer};
 pub use nodes::{split_urls, Nodes, NodesError};
 pub use publisher::{confirmed, Outgoing, PublishError, Publisher};
 pub use topology::{
-    command_queue_arguments, declare, email_queue_arguments, unrouted_exchange, TopologyError,
+    bulk_queue_arguments, bulk_unrouted_exchange, command_queue_arguments, declare,
+    email_queue_arguments, unrouted_exchange, TopologyError,
 };
 
 use lapin::uri::AMQPUri;

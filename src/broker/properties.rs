@@ -34,6 +34,11 @@ pub fn now_ms() -> u64 {
 /// When the publisher sent this message, in epoch milliseconds: the
 /// `timestamp_in_ms` header, else the `timestamp` property (whole seconds).
 pub fn sent_at_ms(p: &BasicProperties) -> Option<u64> {
+    sent_at_ms_exactly(p).or_else(|| p.timestamp().map(|s| s.saturating_mul(1000)))
+}
+
+/// The `timestamp_in_ms` header alone: the send time to the millisecond.
+pub fn sent_at_ms_exactly(p: &BasicProperties) -> Option<u64> {
     p.headers()
         .as_ref()
         .and_then(|h| h.inner().get(TIMESTAMP_MS_HEADER))
@@ -41,7 +46,6 @@ pub fn sent_at_ms(p: &BasicProperties) -> Option<u64> {
             AMQPValue::Timestamp(t) => Some(*t),
             v => as_u64(v),
         })
-        .or_else(|| p.timestamp().map(|s| s.saturating_mul(1000)))
 }
 
 pub fn reply(

@@ -51,6 +51,17 @@ fn text(s: &str) -> AMQPValue {
 }
 
 pub fn command_queue_arguments(s: &BrokerSettings) -> FieldTable {
+    lane_queue_arguments(s, s.command_queue_max_length, s.command_queue_max_bytes)
+}
+
+/// The bulk lane's queue: the command queue's arguments (delivery limit,
+/// dead-lettering into the same dead-letter queue, reject-publish) with
+/// bounds of its own.
+pub fn bulk_queue_arguments(s: &BrokerSettings) -> FieldTable {
+    lane_queue_arguments(s, s.bulk_queue_max_length, s.bulk_queue_max_bytes)
+}
+
+fn lane_queue_arguments(s: &BrokerSettings, max_length: u64, max_bytes: u64) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("quorum"));
     args.insert(
@@ -64,11 +75,7 @@ pub fn command_queue_arguments(s: &BrokerSettings) -> FieldTable {
     // at-least-once dead-lettering needs reject-publish overflow.
     args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
     args.insert("x-overflow".into(), text("reject-publish"));
-    limits(
-        &mut args,
-        s.command_queue_max_length,
-        s.command_queue_max_bytes,
-    );
+    limits(&mut args, max_length, max_bytes);
     args
 }
 
@@ -146,14 +153,24 @@ pub fn unrouted_exchange(s: &BrokerSettings) -> String {
     format!("{}.unrouted", s.command_exchange)
 }
 
+/// `<bulk exchange>.unrouted`: the bulk exchange's alternate exchange, so an
+/// unknown command in the bulk lane is answered there too.
+pub fn bulk_unrouted_exchange(s: &BrokerSettings) -> String {
+    format!("{}.unrouted", s.bulk_exchange)
+}
+
 pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), TopologyError> {
     // Commands whose routing key names no command would be dropped by the direct
     // exchange; its alternate exchange routes them to the queue instead, so they get
     // an UNKNOWN_COMMAND reply and a dead letter rather than vanishing.
     let unrouted = unrouted_exchange(s);
+    let bulk_unrouted = bulk_unrouted_exchange(s);
     let (email_dlx, email_dead) = (s.email_dead_letter_exchange(), s.email_dead_letter_queue());
-    let mut command_exchange_args = FieldTable::default();
-    command_exchange_args.insert("alternate-exchange".into(), text(&unrouted));
+    let alternate = |to: &str| {
+        let mut args = FieldTable::default();
+        args.insert("alternate-exchange".into(), text(to));
+        args
+    };
     let exchanges = [
         (
             unrouted.as_str(),
@@ -163,7 +180,17 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
         (
             s.command_exchange.as_str(),
             ExchangeKind::Direct,
-            command_exchange_args,
+            alternate(&unrouted),
+        ),
+        (
+            bulk_unrouted.as_str(),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        ),
+        (
+            s.bulk_exchange.as_str(),
+            ExchangeKind::Direct,
+            alternate(&bulk_unrouted),
         ),
         (
             s.dead_letter_exchange.as_str(),
@@ -189,6 +216,7 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
     let queues = [
         (s.dead_letter_queue.as_str(), dead_letter_queue_arguments(s)),
         (s.command_queue.as_str(), command_queue_arguments(s)),
+        (s.bulk_queue.as_str(), bulk_queue_arguments(s)),
         (email_dead.as_str(), email_dead_letter_queue_arguments(s)),
         (s.email_queue.as_str(), email_queue_arguments(s)),
     ];
@@ -199,6 +227,7 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
             "",
         ),
         (s.command_queue.as_str(), unrouted.as_str(), ""),
+        (s.bulk_queue.as_str(), bulk_unrouted.as_str(), ""),
         (
             s.email_queue.as_str(),
             s.email_exchange.as_str(),
@@ -207,11 +236,12 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), Topolo
         (email_dead.as_str(), email_dlx.as_str(), ""),
     ];
     for name in CommandName::ALL {
-        bindings.push((
-            s.command_queue.as_str(),
-            s.command_exchange.as_str(),
-            name.as_str(),
-        ));
+        for (queue, exchange) in [
+            (&s.command_queue, &s.command_exchange),
+            (&s.bulk_queue, &s.bulk_exchange),
+        ] {
+            bindings.push((queue.as_str(), exchange.as_str(), name.as_str()));
+        }
     }
     let result: Result<(), lapin::Error> = async {
         for (name, kind, args) in exchanges {

@@ -40,6 +40,10 @@ pub enum DeadLetterCmd {
         /// Show what would be replayed, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// The worker's lane to replay into: bulk for many at once (an
+        /// import's), so they do not hold up interactive callers.
+        #[arg(long, value_enum, default_value_t = super::Lane::Interactive)]
+        lane: super::Lane,
     },
     /// Delete chosen dead letters for good (after a look with --dry-run).
     Purge {
@@ -234,7 +238,7 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             json,
             show_secrets,
         } => {
-            let tally = pass(&scan, |d| {
+            let tally = pass(&scan, "", |d| {
                 if json {
                     let mut d = d.clone();
                     if !show_secrets {
@@ -266,10 +270,11 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             scan,
             select,
             dry_run,
+            lane,
         } => {
-            let exchange = scan.broker.command_exchange.clone();
+            let exchange = scan.broker.exchange(lane).to_string();
             let mut chosen = 0u64;
-            let tally = pass(&scan, |d| {
+            let tally = pass(&scan, &exchange, |d| {
                 if !select.matches(d) {
                     return Action::Keep;
                 }
@@ -304,7 +309,7 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
                 );
             }
             let mut chosen = 0u64;
-            let tally = pass(&scan, |d| {
+            let tally = pass(&scan, "", |d| {
                 if !select.matches(d) {
                     return Action::Keep;
                 }
@@ -349,7 +354,13 @@ fn describe(d: &DeadLetter) -> String {
 /// message at 20 by default). An interrupted pass loses nothing; at worst a
 /// dead letter is there twice, or a command is replayed twice, which its
 /// message_id makes harmless.
-async fn pass(scan: &Scan, mut decide: impl FnMut(&DeadLetter) -> Action) -> anyhow::Result<Tally> {
+/// Reads every dead letter of the queue once, doing what `decide` says:
+/// keeping it, replaying it into `replay_to`, or removing it.
+async fn pass(
+    scan: &Scan,
+    replay_to: &str,
+    mut decide: impl FnMut(&DeadLetter) -> Action,
+) -> anyhow::Result<Tally> {
     let conn = super::connect(&scan.broker.address).await?;
     let channel = conn.create_channel().await?;
     channel
@@ -386,7 +397,7 @@ async fn pass(scan: &Scan, mut decide: impl FnMut(&DeadLetter) -> Action) -> any
         let (exchange, routing_key, props) = match action {
             Action::Keep => ("", queue.into(), kept_properties(&m.delivery.properties)),
             Action::Replay => (
-                scan.broker.command_exchange.as_str(),
+                replay_to,
                 m.delivery.routing_key.clone(),
                 replay_properties(&m.delivery.properties),
             ),

@@ -15,7 +15,7 @@ use anyhow::Context;
 use profile_worker::config::DatabaseSettings;
 use profile_worker::store::Store;
 
-use profile_worker::config::{BrokerAddress, DEFAULT_COMMAND_EXCHANGE};
+use profile_worker::config::{BrokerAddress, DEFAULT_BULK_EXCHANGE, DEFAULT_COMMAND_EXCHANGE};
 
 /// Where the broker tools find the worker: the broker, and the exchange the
 /// worker takes commands from. (Only what they use, so `--help` lists nothing
@@ -27,6 +27,28 @@ pub struct Commands {
     /// Direct exchange the worker takes commands from.
     #[arg(long, env = "COMMAND_EXCHANGE", default_value = DEFAULT_COMMAND_EXCHANGE)]
     pub command_exchange: String,
+    /// Direct exchange of the worker's bulk lane (`provision` and
+    /// `dead-letters replay --lane bulk` publish there).
+    #[arg(long, env = "BULK_EXCHANGE", default_value = DEFAULT_BULK_EXCHANGE)]
+    pub bulk_exchange: String,
+}
+
+/// Which of the worker's lanes a tool publishes into (CONTRACT §1): the bulk
+/// lane for work no one is waiting on, so it never holds up a login.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Interactive,
+    Bulk,
+}
+
+impl Commands {
+    /// The exchange of `lane`.
+    pub fn exchange(&self, lane: Lane) -> &str {
+        match lane {
+            Lane::Interactive => &self.command_exchange,
+            Lane::Bulk => &self.bulk_exchange,
+        }
+    }
 }
 
 /// Heartbeat of the tools' connections (a tool that waits on a reply should

@@ -36,6 +36,11 @@ pub struct ProvisionArgs {
     /// Give up when no reply arrives for this many seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// The worker's lane to publish into: bulk (the default) is taken only as
+    /// far as interactive commands leave room, so a provisioning run never
+    /// holds up a login.
+    #[arg(long, value_enum, default_value_t = super::Lane::Bulk)]
+    pub lane: super::Lane,
     #[command(flatten)]
     pub broker: super::Commands,
 }
@@ -258,7 +263,7 @@ async fn send_all(
         // Started together: lapin resolves each publish only once written.
         let sent = futures_util::future::join_all(batch.into_iter().map(|(p, props)| {
             channel.basic_publish(
-                args.broker.command_exchange.as_str().into(),
+                args.broker.exchange(args.lane).into(),
                 p.command.as_str().into(),
                 BasicPublishOptions::default(),
                 p.body.as_bytes(),

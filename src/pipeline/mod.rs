@@ -78,6 +78,8 @@ pub struct Pipeline {
     known: SharedKnown,
     dispatcher: Dispatcher,
     acks: Channel,
+    /// The lane this consumer takes from (`interactive`, `bulk`), for the metrics.
+    lane: &'static str,
     /// This channel's poison deliveries waiting out their pause (`acks`).
     held: acks::Held,
     settings: Arc<Settings>,
@@ -91,7 +93,7 @@ impl Pipeline {
     pub fn new(
         (store, confirmed, known): (Store, ConfirmedEvents, SharedKnown),
         publisher: Publisher,
-        acks: Channel,
+        (acks, lane): (Channel, &'static str),
         settings: Arc<Settings>,
         shutdown: CancellationToken,
         frame_max: usize,
@@ -103,6 +105,7 @@ impl Pipeline {
             known,
             store,
             acks,
+            lane,
             held: acks::Held::default(),
             settings,
             shutdown,
@@ -203,7 +206,7 @@ impl Pipeline {
         );
         metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
         for (item, answer) in items.iter().zip(answers) {
-            tally::record(item, answer);
+            tally::record(item, answer, self.lane);
         }
         let tags: Vec<u64> = items.iter().map(Item::tag).collect();
         let acking = Instant::now();
@@ -309,7 +312,7 @@ impl Pipeline {
         let reason = format!("failed on {attempt} deliveries: {}", Report(&error));
         let (out, answer) = answer::failed(&item, &reason, self.routes());
         let settled = self.dispatcher.publish(out).await?;
-        tally::record(&item, answer);
+        tally::record(&item, answer, self.lane);
         self.finish(settled, &[item.tag()]).await
     }
 

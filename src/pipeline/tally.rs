@@ -9,7 +9,7 @@ use crate::telemetry::{self, token_prefix};
 /// The command's log line (debug: one per command is too many for info at
 /// thousands per second; refusals and failures are logged at warn and error
 /// where they happen) and its metrics.
-pub(super) fn record(item: &Item, a: Answer) {
+pub(super) fn record(item: &Item, a: Answer, lane: &'static str) {
     let command = item.command_label();
     tracing::debug!(
         parent: &item.span,
@@ -24,7 +24,7 @@ pub(super) fn record(item: &Item, a: Answer) {
         span_id = %item.trace.span_id(),
         "answered"
     );
-    metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status))
+    metrics::counter!(telemetry::COMMANDS, "command" => command, "status" => status_label(a.status), "lane" => lane)
         .increment(1);
     // Counted here, once the dead letter is confirmed, like the answer itself.
     if let (true, Some(code)) = (a.disposition.dead_lettered(), a.code) {

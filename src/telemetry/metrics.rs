@@ -4,8 +4,13 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
-/// Commands answered, by `command` (or `unknown`) and reply `status`.
+/// Commands answered, by `command` (or `unknown`), reply `status` and `lane`
+/// (`interactive`, `bulk`).
 pub const COMMANDS: &str = "profile_worker_commands_total";
+/// How long a command waited before its batch, by `lane`: from its publisher's
+/// send time (`timestamp_in_ms` header, else the AMQP `timestamp`), else from
+/// when the worker received it.
+pub const QUEUE_WAIT_SECONDS: &str = "profile_worker_queue_wait_seconds";
 /// Commands per batch (one database round trip for all of them).
 pub const BATCH_SIZE: &str = "profile_worker_batch_size";
 /// How long a batch spent in each `stage`: `decode` (properties and bodies),
@@ -37,7 +42,7 @@ pub const RECONNECTS: &str = "profile_worker_reconnects_total";
 pub const DEAD_LETTERS: &str = "profile_worker_dead_letters_total";
 /// Events committed but not yet confirmed by the broker (outbox rows).
 pub const OUTBOX_PENDING: &str = "profile_worker_outbox_pending";
-/// Messages ready in the worker's queues, by `queue` (`commands`,
+/// Messages ready in the worker's queues, by `queue` (`commands`, `bulk`,
 /// `dead_letters`, `email`: the dispatcher's backlog), as the broker reported
 /// them at the last poll.
 pub const QUEUE_MESSAGES: &str = "profile_worker_queue_messages";
@@ -73,6 +78,9 @@ pub fn metrics_handle() -> Result<PrometheusHandle, MetricsError> {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(COMMAND_AGE_SECONDS.into()), &age)
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(QUEUE_WAIT_SECONDS.into()), &age)
+                })
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
                 .and_then(|b| b.install_recorder())
                 .map_err(|e| MetricsError(std::sync::Arc::new(e)))?;
@@ -84,7 +92,15 @@ pub fn metrics_handle() -> Result<PrometheusHandle, MetricsError> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(COMMANDS, "Commands answered, by command and reply status");
+    describe_counter!(
+        COMMANDS,
+        "Commands answered, by command, reply status and lane (interactive, bulk)"
+    );
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "How long a command waited before its batch, by lane: from its send time when the publisher set one, else from its receipt"
+    );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Commands per batch");
     describe_histogram!(
         BATCH_SECONDS,
@@ -126,7 +142,7 @@ fn describe() {
     describe_gauge!(
         QUEUE_MESSAGES,
         Unit::Count,
-        "Messages ready in the command, dead-letter and email dispatch queues, polled from the broker"
+        "Messages ready in the command, bulk, dead-letter and email dispatch queues, polled from the broker"
     );
     // Present from the start, so a dashboard's rate() sees the first failure.
     metrics::counter!(RECONNECTS).absolute(0);

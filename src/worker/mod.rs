@@ -6,6 +6,7 @@
 //! the expiry sweep beside it (`sweep`).
 
 mod gather;
+pub mod lanes;
 mod session;
 mod sweep;
 
@@ -92,7 +93,10 @@ impl Worker {
             tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
         }
         Ok(Worker {
-            health: Arc::new(Health::new(usize::from(settings.worker.consumers))),
+            // Each lane has CONSUMERS consumers.
+            health: Arc::new(Health::new(
+                lanes::Lane::ALL.len() * usize::from(settings.worker.consumers),
+            )),
             settings: Arc::new(settings),
             store,
             amqp: checked.amqp,

@@ -3,7 +3,8 @@
 //! a channel fails, until shutdown.
 
 use super::gather;
-use crate::broker::{self, Connection, Nodes, Publisher, TopologyError};
+use super::lanes::{InHand, Lane, Lanes};
+use crate::broker::{self, properties, Connection, Delivery, Nodes, Publisher, TopologyError};
 use crate::config::Settings;
 use crate::ops::Health;
 use crate::outbox;
@@ -153,18 +154,35 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
         relay_stop.clone(),
     ));
 
-    // Several consumers, each with its own channel, batches and confirms: while
-    // one waits for Postgres another publishes, so neither the database nor the
-    // broker sits idle. Each channel acks only its own deliveries, so their
-    // `ack multiple` cannot overlap. PREFETCH is shared out between them.
-    let consumers = usize::from(settings.worker.consumers);
-    let prefetch = settings.broker.prefetch.div_ceil(settings.worker.consumers);
-    let in_db = gather::InDatabase::default();
-    let mut lanes = Vec::with_capacity(consumers);
-    for lane in 0..consumers {
-        lanes.push(consume(conn, shared, (prefetch, lane), &in_db));
+    // Several consumers per lane, each with its own channel, batches and
+    // confirms: while one waits for Postgres another publishes, so neither the
+    // database nor the broker sits idle. Each channel acks only its own
+    // deliveries, so their `ack multiple` cannot overlap. Each lane's
+    // prefetch is shared out between its consumers, and each lane gathers
+    // behind its own batches only: an interactive command never waits for a
+    // bulk batch to leave the database.
+    let consumers = settings.worker.consumers;
+    let lanes = Lanes::new(settings.worker.bulk_share_percent);
+    let in_db = [gather::InDatabase::default(), gather::InDatabase::default()];
+    let mut consuming = Vec::new();
+    for (lane, in_db) in Lane::ALL.into_iter().zip(&in_db) {
+        let (queue, prefetch) = match lane {
+            Lane::Interactive => (&settings.broker.command_queue, settings.broker.prefetch),
+            Lane::Bulk => (&settings.broker.bulk_queue, settings.broker.bulk_prefetch),
+        };
+        let each = prefetch.div_ceil(consumers);
+        for n in 0..usize::from(consumers) {
+            let spec = LaneSpec {
+                lane,
+                queue,
+                prefetch: each,
+                n,
+            };
+            consuming.push(consume(conn, shared, spec, (in_db, &lanes)));
+        }
+        tracing::info!(lane = lane.as_str(), %queue, consumers, prefetch_each = each, "consuming");
     }
-    tracing::info!(queue = %settings.broker.command_queue, consumers, prefetch_each = prefetch, "consuming");
+    let lanes = consuming;
     // The first consumer to fail ends the session; the others are dropped with the
     // connection and their unacked deliveries return to the queue.
     let result = tokio::select! {
@@ -203,6 +221,7 @@ async fn read_depths(
 ) -> bool {
     let queues = [
         ("commands", settings.broker.command_queue.clone()),
+        ("bulk", settings.broker.bulk_queue.clone()),
         ("dead_letters", settings.broker.dead_letter_queue.clone()),
         ("email", settings.broker.email_queue.clone()),
     ];
@@ -228,14 +247,31 @@ async fn read_depths(
     }
 }
 
+/// Which queue a consumer takes from, with what prefetch; `n` tells it from
+/// its lane's other consumers in the logs.
+struct LaneSpec<'a> {
+    lane: Lane,
+    queue: &'a str,
+    prefetch: u16,
+    n: usize,
+}
+
 /// One consumer on its own channel: take what the prefetch window delivered,
-/// hand it to the pipeline as one batch, repeat.
+/// hand it to the pipeline as one batch, repeat. A bulk consumer processes
+/// what the lanes admit (`Lanes::admit_bulk`) and carries the rest to its
+/// next batch.
 async fn consume(
     conn: &Connection,
     shared: &Shared<'_>,
-    (prefetch, lane): (u16, usize),
-    in_db: &gather::InDatabase,
+    spec: LaneSpec<'_>,
+    (in_db, lanes): (&gather::InDatabase, &Arc<Lanes>),
 ) -> Result<(), SessionError> {
+    let LaneSpec {
+        lane: kind,
+        queue,
+        prefetch,
+        n: lane,
+    } = spec;
     let Shared {
         store,
         confirmed,
@@ -251,7 +287,7 @@ async fn consume(
     let publisher = Publisher::open(conn).await?;
     let consumer = channel
         .basic_consume(
-            settings.broker.command_queue.as_str().into(),
+            queue.into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -266,11 +302,13 @@ async fn consume(
     let pipeline = Arc::new(Pipeline::new(
         (store.clone(), confirmed.clone(), known.clone()),
         publisher.clone(),
-        channel.clone(),
+        (channel.clone(), kind.as_str()),
         settings.clone(),
         shutdown.clone(),
         conn.configuration().frame_max() as usize,
     ));
+    // Bulk deliveries taken from the stream but not yet admitted.
+    let mut carried: Vec<Delivery> = Vec::new();
     // The batch whose publications are waiting for their confirms: it completes
     // (confirms, then ack) on its own task while the next batch is prepared, so
     // the database and the broker's fsync overlap instead of taking turns. The
@@ -280,7 +318,10 @@ async fn consume(
     let max_batch = settings.worker.batch_size as usize;
     let mut cancelling = false;
     let result = loop {
-        let first = if cancelling {
+        let first = if !carried.is_empty() {
+            // What the lanes did not admit last time goes first.
+            None
+        } else if cancelling {
             // basic_cancel returned, so the broker sends nothing more; what it sent
             // before is in lapin's buffer or on its way there. Drain until the
             // stream ends or stays quiet. (Waiting for the end alone is not enough:
@@ -311,7 +352,9 @@ async fn consume(
                 d = consumer.next() => d,
             }
         };
+        let received = std::time::Instant::now();
         let mut batch = match first {
+            None if !carried.is_empty() => std::mem::take(&mut carried),
             None if cancelling => break Ok(()),
             None => break Err(SessionError::Cancelled),
             Some(Err(e)) => break Err(e.into()),
@@ -325,6 +368,19 @@ async fn consume(
             batch_wait
         };
         gather::gather(&mut consumer, &mut batch, max_batch, wait, in_db).await;
+        let in_hand = match kind {
+            Lane::Interactive => Some(lanes.interactive(batch.len())),
+            Lane::Bulk => {
+                // At shutdown what is held is finished, whatever the share.
+                let admitted = tokio::select! {
+                    n = lanes.admit_bulk(batch.len()) => n,
+                    _ = shutdown.cancelled() => batch.len(),
+                };
+                carried = batch.split_off(admitted);
+                None
+            }
+        };
+        record_waits(kind, &batch, received);
         let prepared = {
             let _in_db = in_db.enter();
             pipeline.prepare(batch).await
@@ -333,6 +389,7 @@ async fn consume(
             Ok(p) => p,
             Err(e) => break stop(e, lane),
         };
+
         // Batches complete in the order they were prepared: an ack is `multiple`,
         // so the previous batch must be settled before this one's ack is sent.
         if let Some(previous) = completing.take() {
@@ -349,10 +406,20 @@ async fn consume(
         match prepared {
             Prepared::Committed(c) => {
                 let pipeline = pipeline.clone();
-                completing = Some(tokio::spawn(async move { pipeline.complete(c).await }));
+                // Interactive commands are in hand until settled: releasing
+                // them at the commit instead let bulk batches start while the
+                // caller's next command arrived (draining p50 6.9-7.5 ms
+                // against 4.5, BENCHMARKS.md "Lanes").
+                completing = Some(tokio::spawn(async move {
+                    let done = pipeline.complete(c).await;
+                    drop::<Option<InHand>>(in_hand);
+                    done
+                }));
             }
             Prepared::Failed(f) => {
-                if let Err(e) = pipeline.recover(f).await {
+                let recovered = pipeline.recover(f).await;
+                drop(in_hand);
+                if let Err(e) = recovered {
                     break stop(e, lane);
                 }
             }
@@ -375,6 +442,25 @@ async fn consume(
 }
 
 type Completion = tokio::task::JoinHandle<Result<(), BatchError>>;
+
+/// How long each command of a batch waited before it: since its publisher sent
+/// it (`timestamp_in_ms`, else the AMQP `timestamp`), never less than since
+/// the batch's first delivery reached this consumer. The AMQP timestamp is in
+/// whole seconds, so it counts only beyond the second it may be off by.
+fn record_waits(lane: Lane, batch: &[Delivery], received: std::time::Instant) {
+    let now_ms = properties::now_ms();
+    let held = received.elapsed().as_secs_f64();
+    let histogram = metrics::histogram!(telemetry::QUEUE_WAIT_SECONDS, "lane" => lane.as_str());
+    for d in batch {
+        let since_sent = match properties::sent_at_ms_exactly(&d.properties) {
+            Some(sent) => now_ms.saturating_sub(sent),
+            None => d.properties.timestamp().map_or(0, |secs| {
+                now_ms.saturating_sub(secs.saturating_add(1).saturating_mul(1000))
+            }),
+        };
+        histogram.record(held.max(since_sent as f64 / 1000.0));
+    }
+}
 
 /// Resolves when the batch completing finishes; never, when there is none.
 async fn completed(

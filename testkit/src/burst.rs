@@ -22,6 +22,16 @@ pub struct Outgoing {
     kind: &'static str,
     body: String,
     props: BasicProperties,
+    /// Into the bulk lane's exchange rather than the command exchange.
+    bulk: bool,
+}
+
+impl Outgoing {
+    /// Puts this command into the bulk lane.
+    pub fn into_bulk(mut self) -> Self {
+        self.bulk = true;
+        self
+    }
 }
 
 /// What one command must get.
@@ -171,6 +181,7 @@ impl Run {
                     .with_correlation_id(correlation.as_str().into())
                     .with_reply_to(self.replies.as_str().into())
                     .with_delivery_mode(2),
+                bulk: false,
             });
             sent.insert(
                 correlation,
@@ -190,7 +201,14 @@ impl Run {
     /// reconnects (waiting for the broker to come back) and re-sends the whole
     /// unconfirmed window. Returns how many commands were sent more than once.
     pub async fn publish(&self, commands: &[Outgoing], window: usize, pause: Duration) -> usize {
-        let exchange = self.env.settings.broker.command_exchange.as_str();
+        let b = &self.env.settings.broker;
+        let exchange = |c: &Outgoing| {
+            if c.bulk {
+                b.bulk_exchange.as_str()
+            } else {
+                b.command_exchange.as_str()
+            }
+        };
         let (mut next, mut resent) = (0, 0);
         let deadline = Instant::now() + Duration::from_secs(120);
         while next < commands.len() {
@@ -218,7 +236,7 @@ impl Run {
                 for c in window {
                     match ch
                         .basic_publish(
-                            exchange.into(),
+                            exchange(c).into(),
                             c.kind.into(),
                             BasicPublishOptions::default(),
                             c.body.as_bytes(),
@@ -532,7 +550,20 @@ impl Run {
         F: FnOnce(WorkerProcess, Run) -> Fut,
         Fut: std::future::Future<Output = (WorkerProcess, Run)>,
     {
-        let (sent, commands) = self.plan_burst();
+        let plan = self.plan_burst();
+        self.burst_of(plan, at, fault).await;
+    }
+
+    /// [`Run::burst_with`], with the commands given.
+    pub async fn burst_of<F, Fut>(
+        self,
+        (sent, commands): (HashMap<String, Sent>, Vec<Outgoing>),
+        at: usize,
+        fault: F,
+    ) where
+        F: FnOnce(WorkerProcess, Run) -> Fut,
+        Fut: std::future::Future<Output = (WorkerProcess, Run)>,
+    {
         self.publish(&commands, 500, Duration::ZERO).await;
         let worker = self.spawn_worker().await;
         let done = self.wait_processed(at, Duration::from_secs(120)).await;

@@ -403,6 +403,8 @@ fn test_settings(settings: &mut Settings, servers: &Servers, db_name: &str, pref
     settings.broker.address.amqp_url = servers.worker_amqp.as_str().into();
     settings.broker.command_exchange = format!("{prefix}.commands");
     settings.broker.command_queue = format!("{prefix}.commands");
+    settings.broker.bulk_exchange = format!("{prefix}.commands.bulk");
+    settings.broker.bulk_queue = format!("{prefix}.commands.bulk");
     settings.broker.dead_letter_exchange = format!("{prefix}.commands.dlx");
     settings.broker.dead_letter_queue = format!("{prefix}.commands.dead");
     settings.broker.events_exchange = format!("{prefix}.events");

@@ -25,6 +25,7 @@ impl Leftovers {
                 let b = &self.broker;
                 for q in [
                     &b.command_queue,
+                    &b.bulk_queue,
                     &b.dead_letter_queue,
                     &b.email_queue,
                     &b.email_dead_letter_queue(),
@@ -34,8 +35,11 @@ impl Leftovers {
                         .await;
                 }
                 let unrouted = profile_worker::broker::unrouted_exchange(b);
+                let bulk_unrouted = profile_worker::broker::bulk_unrouted_exchange(b);
                 for x in [
                     &b.command_exchange,
+                    &b.bulk_exchange,
+                    &bulk_unrouted,
                     &b.dead_letter_exchange,
                     &b.events_exchange,
                     &b.email_exchange,

@@ -52,6 +52,8 @@ pub fn cli(env: &Env, args: &[&str]) -> tokio::process::Command {
         .env("AMQP_URL", &env.servers.admin_amqp)
         .env("COMMAND_EXCHANGE", &s.broker.command_exchange)
         .env("COMMAND_QUEUE", &s.broker.command_queue)
+        .env("BULK_EXCHANGE", &s.broker.bulk_exchange)
+        .env("BULK_QUEUE", &s.broker.bulk_queue)
         .env("DEAD_LETTER_EXCHANGE", &s.broker.dead_letter_exchange)
         .env("DEAD_LETTER_QUEUE", &s.broker.dead_letter_queue)
         .env("EVENTS_EXCHANGE", &s.broker.events_exchange)
@@ -105,6 +107,11 @@ pub fn worker_process(env: &Env) -> tokio::process::Command {
         .env(
             "DEAD_LETTER_QUEUE_MAX_LENGTH",
             s.broker.dead_letter_queue_max_length.to_string(),
+        )
+        .env("BULK_PREFETCH", s.broker.bulk_prefetch.to_string())
+        .env(
+            "BULK_SHARE_PERCENT",
+            s.worker.bulk_share_percent.to_string(),
         )
         .env("OUTBOX_GRACE_SECS", "1")
         .env("SWEEP_INTERVAL_SECS", "0")

@@ -32,6 +32,15 @@ pub fn reader_amqp_url() -> String {
     })
 }
 
+/// An importer's broker user: may publish to the tests' bulk exchanges
+/// (`t<12 hex>.commands.bulk`) and nowhere else, as `profile-bulk-publisher`
+/// may to `profile.commands.bulk`.
+pub fn bulk_publisher_amqp_url() -> String {
+    std::env::var("TEST_BULK_PUBLISHER_AMQP_URL").unwrap_or_else(|_| {
+        "amqp://profile-bulk-publisher-test:profile-bulk-publisher-test@127.0.0.1:5672/%2f".into()
+    })
+}
+
 /// A URL to a database we may create databases from, as the schema owner.
 pub fn admin_db_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {

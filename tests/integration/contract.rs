@@ -53,6 +53,9 @@ fn broker_objects() -> (BTreeSet<String>, BTreeSet<&'static str>) {
         b.command_exchange.clone(),
         b.command_queue.clone(),
         profile_worker::broker::unrouted_exchange(&b),
+        b.bulk_exchange.clone(),
+        b.bulk_queue.clone(),
+        profile_worker::broker::bulk_unrouted_exchange(&b),
         b.dead_letter_exchange.clone(),
         b.dead_letter_queue.clone(),
         b.events_exchange.clone(),
@@ -65,6 +68,8 @@ fn broker_objects() -> (BTreeSet<String>, BTreeSet<&'static str>) {
     let settings = [
         "COMMAND_EXCHANGE",
         "COMMAND_QUEUE",
+        "BULK_EXCHANGE",
+        "BULK_QUEUE",
         "DEAD_LETTER_EXCHANGE",
         "DEAD_LETTER_QUEUE",
         "EVENTS_EXCHANGE",

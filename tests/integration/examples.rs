@@ -13,6 +13,9 @@ async fn run_example(env: &Env, program: &str, script: &str) -> String {
         .arg(root.join(script))
         .env("AMQP_URL", &env.servers.admin_amqp)
         .env("COMMAND_EXCHANGE", &env.settings.broker.command_exchange)
+        // The import step, as the importer's user: the bulk lane only.
+        .env("BULK_AMQP_URL", bulk_publisher_amqp_url())
+        .env("BULK_EXCHANGE", &env.settings.broker.bulk_exchange)
         .env("ACCESS_TOKEN_ID", ADMIN_TOKEN)
         .env("PROFILE_ID", ENABLED_PROFILE)
         .stdin(std::process::Stdio::null())
@@ -34,7 +37,7 @@ async fn check(program: &str, script: &str) {
     let env = Env::start().await;
     let out = run_example(&env, program, script).await;
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines.len(), 5, "{out}");
     assert!(lines[0].starts_with("create-ticket: 200 ticket "), "{out}");
     assert_eq!(lines[1], "retry with the same id: same reply True", "{out}");
     assert!(
@@ -45,8 +48,21 @@ async fn check(program: &str, script: &str) {
         lines[3].starts_with("unknown token: 403 NO_SUCH_ACCESS_TOKEN_ID: "),
         "{out}"
     );
-    // Two tickets (the retry made none), the fire-and-forget token and its email.
-    assert_eq!(env.count("tickets").await, 2);
+    assert_eq!(
+        lines[4], "imported through the bulk lane: 3 commands confirmed",
+        "{out}"
+    );
+    // Two tickets (the retry made none) and the three imported, the
+    // fire-and-forget token and its email.
+    let mut tickets = 0;
+    for _ in 0..50 {
+        tickets = env.count("tickets").await;
+        if tickets == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tickets, 5);
     let mut tokens = 0;
     for _ in 0..50 {
         tokens = env.count("verification_tokens").await;

@@ -40,7 +40,7 @@ async fn metrics_count_what_was_processed_and_health_answers() {
         .expect("the endpoint answers");
     assert_eq!(ready.0, 200, "{ready:?}");
     let body: serde_json::Value = serde_json::from_str(&ready.1).unwrap();
-    assert_eq!(body["consumers"], 2);
+    assert_eq!(body["consumers"], 4, "two per lane");
     assert_eq!(body["database"], "ok");
     assert_eq!(
         http_get(&http, "/nope").await.map(|a| a.0),
@@ -95,7 +95,8 @@ async fn metrics_count_what_was_processed_and_health_answers() {
 
     // Metrics are recorded once the replies are confirmed, which can be a moment
     // after the reply reached us.
-    let ticket_ok = r#"profile_worker_commands_total{command="create-ticket",status="200"}"#;
+    let ticket_ok =
+        r#"profile_worker_commands_total{command="create-ticket",lane="interactive",status="200"}"#;
     // The last batch's stages are recorded after its commands are counted:
     // wait for its `total`, the last of them, too.
     let settled = |b: &str| {
@@ -113,7 +114,9 @@ async fn metrics_count_what_was_processed_and_health_answers() {
     let commands = |command: &str, status: &str| {
         sample(
             &m,
-            &format!(r#"profile_worker_commands_total{{command="{command}",status="{status}"}}"#),
+            &format!(
+                r#"profile_worker_commands_total{{command="{command}",lane="interactive",status="{status}"}}"#
+            ),
         )
     };
     assert_eq!(
@@ -168,7 +171,7 @@ async fn metrics_count_what_was_processed_and_health_answers() {
         10.0,
         "one age per command published with a timestamp"
     );
-    assert_eq!(sample(&m, "profile_worker_consumers"), 2.0);
+    assert_eq!(sample(&m, "profile_worker_consumers"), 4.0, "two per lane");
     assert_eq!(
         sample(&m, "profile_worker_reconnects_total"),
         0.0,

@@ -499,9 +499,16 @@ fn kubernetes_worker_is_probed_graced_and_locked_down() {
         scaled["spec"]["scaleTargetRef"]["name"].as_str(),
         Some("profile-worker")
     );
+    let queues: Vec<&str> = scaled["spec"]["triggers"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|t| t["metadata"]["queueName"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        scaled["spec"]["triggers"][0]["metadata"]["queueName"].as_str(),
-        Some("profile.commands")
+        queues,
+        ["profile.commands", "profile.commands.bulk"],
+        "scaled on both lanes"
     );
 }
 

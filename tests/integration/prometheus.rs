@@ -170,7 +170,7 @@ async fn the_rules_pass_promtool_and_name_only_metrics_a_real_prometheus_scrapes
         .expect("a rule group")
         .iter()
         .collect();
-    assert_eq!(loaded.len(), 9, "{rules}");
+    assert_eq!(loaded.len(), 11, "{rules}");
     assert!(
         loaded.iter().all(|r| r["health"] != "err"),
         "a rule fails to evaluate: {rules}"

@@ -17,8 +17,11 @@ async fn provision(
         .arg(input)
         .arg("--output")
         .arg(output)
-        .env("AMQP_URL", amqp_url())
+        // As an importer: its broker user may publish to the bulk lane only,
+        // where provision publishes by default.
+        .env("AMQP_URL", bulk_publisher_amqp_url())
         .env("COMMAND_EXCHANGE", &b.command_exchange)
+        .env("BULK_EXCHANGE", &b.bulk_exchange)
         .env("PROVISION_ACCESS_TOKEN", ADMIN_TOKEN)
         .output()
         .await

@@ -688,3 +688,57 @@ async fn an_upgrade_killed_while_relaying_loses_no_email_request() {
     );
     env.teardown().await;
 }
+
+/// An importer's broker user (issue 32) may publish to the bulk lane only: it
+/// cannot put its load in the interactive lane, read anyone's commands, or
+/// forge events.
+#[tokio::test]
+async fn a_bulk_publisher_may_publish_to_the_bulk_lane_and_nowhere_else() {
+    let env = Env::prepare().await;
+    let b = env.settings.broker.clone();
+    let importer = connect(&bulk_publisher_amqp_url()).await;
+    let ch = importer.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch
+        .basic_publish(
+            b.bulk_exchange.as_str().into(),
+            "create-ticket".into(),
+            BasicPublishOptions::default(),
+            ticket(ADMIN_TOKEN, ENABLED_PROFILE).to_string().as_bytes(),
+            BasicProperties::default().with_type("create-ticket".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        confirm.is_ack(),
+        "publishing to the bulk lane is what it is for"
+    );
+    for x in [
+        b.command_exchange.clone(),
+        b.events_exchange.clone(),
+        b.email_exchange.clone(),
+        String::new(),
+    ] {
+        assert!(
+            publish_refused(&importer, &x, "create-ticket").await,
+            "an importer published to {x:?}"
+        );
+    }
+    for q in [b.bulk_queue.clone(), b.command_queue.clone()] {
+        let name = q.clone();
+        assert!(
+            refused(&importer, |c| async move {
+                c.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+            })
+            .await,
+            "an importer consumed {name}"
+        );
+    }
+    let _ = importer.close(200, "bye".into()).await;
+    env.teardown().await;
+}
