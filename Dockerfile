@@ -22,7 +22,11 @@ COPY --from=build /src/target/release/profile-worker /usr/local/bin/profile-work
 # `profile-worker access-tokens create` (CONTRACT §8). /secrets: compose's
 # first token is written there (a named volume takes this directory's owner
 # and mode on first use), readable by the worker's user only.
-USER worker
+# Numeric, so a pod's runAsNonRoot can see it is not root.
+USER 10001:10001
+# /metrics, /healthz and /readyz on every interface of the container (the
+# binary's own default is loopback, which a published port cannot reach).
+ENV HTTP_ADDR=0.0.0.0:8742
 EXPOSE 8742
 ENTRYPOINT ["profile-worker"]
 CMD ["run"]

@@ -49,6 +49,9 @@ PW_PUBLISHER_PASSWORD="${PW_PUBLISHER_PASSWORD:-profile-publisher}"
 # An importer's user: publishes commands to the bulk lane only (`provision`).
 PW_BULK_PUBLISHER_USER="${PW_BULK_PUBLISHER_USER:-profile-bulk-publisher}"
 PW_BULK_PUBLISHER_PASSWORD="${PW_BULK_PUBLISHER_PASSWORD:-profile-bulk-publisher}"
+# KEDA's user: the management API's queue depths, nothing over AMQP.
+PW_KEDA_USER="${PW_KEDA_USER:-profile-keda}"
+PW_KEDA_PASSWORD="${PW_KEDA_PASSWORD:-profile-keda}"
 # The broker's administrator (tests' checks and clean-up, the bench's vhosts):
 # Debian's guest, limited to loopback; compose's admin user, which replaces it.
 PW_ADMIN_AMQP_USER="${PW_ADMIN_AMQP_USER:-guest}"
@@ -216,6 +219,17 @@ rabbit_users() {
   fi
 }
 
+# KEDA's management-API user (deploy/kubernetes, components/keda): the
+# management tag, to read queue depths over HTTP, and access to the vhost with
+# no right on any object, so over AMQP it can declare, publish and read nothing.
+# USER PASSWORD
+rabbit_monitor_user() {
+  rabbit_user "$1" "$2" '^$' '^$' '^$'
+  command -v rabbitmqctl >/dev/null 2>&1 || return 0
+  local n=(); [ -z "${PW_RABBIT_NODE:-}" ] || n=(-n "$PW_RABBIT_NODE")
+  as_root rabbitmqctl "${n[@]}" -q set_user_tags "$1" management >/dev/null
+}
+
 # The vhost's path in an AMQP URL.
 vhost_path() { if [ "$PW_RABBIT_VHOST" = / ]; then echo %2f; else echo "$PW_RABBIT_VHOST"; fi; }
 
@@ -331,6 +345,7 @@ ensure_services() {
   rabbit_users "$PW_RABBIT_USER" "$PW_RABBIT_PASSWORD" "$PW_DISPATCHER_USER" "$PW_DISPATCHER_PASSWORD" \
     "$PW_EVENTS_READER_USER" "$PW_EVENTS_READER_PASSWORD" profile \
     "$PW_BULK_PUBLISHER_USER" "$PW_BULK_PUBLISHER_PASSWORD"
+  rabbit_monitor_user "$PW_KEDA_USER" "$PW_KEDA_PASSWORD"
   # As compose's rabbitmq-users makes it (deploy/compose/rabbitmq-users.sh).
   rabbit_user "$PW_PUBLISHER_USER" "$PW_PUBLISHER_PASSWORD" '^amq\.gen-.*$' '^profile\.commands$' '^amq\.gen-.*$'
   # The worker's own connections (least privilege) ...
@@ -366,12 +381,19 @@ ensure_examples() {
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
   fi
-  # The publisher example (pika), the email dispatcher (pika, Jinja2, aiosmtpd
-  # for its SMTP server) and the Kubernetes manifests' offline validation.
-  "$venv/bin/python" -c 'import pika, jinja2, aiosmtpd, kubernetes_validate' 2>/dev/null ||
+  # The email dispatcher with its tests' extras (locked, every file's hash
+  # checked), the publisher example (pika) and the Kubernetes manifests'
+  # offline validation. Reinstalled when a lock file changes.
+  local stamp="$venv/.installed" locks
+  locks="$(cat "$root/examples/dispatcher/requirements-test.lock" "$root/examples/python/requirements.txt" \
+    "$root/deploy/kubernetes/requirements.txt" | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$locks" ]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --require-hashes \
+      -r "$root/examples/dispatcher/requirements-test.lock"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-      -r "$root/examples/python/requirements.txt" -r "$root/examples/dispatcher/requirements.txt" \
-      -r "$root/deploy/kubernetes/requirements.txt"
+      -r "$root/examples/python/requirements.txt" -r "$root/deploy/kubernetes/requirements.txt"
+    echo "$locks" >"$stamp"
+  fi
   export EXAMPLES_PYTHON="$venv/bin/python"
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   [ -d "$root/examples/node/node_modules/amqplib" ] ||

@@ -32,11 +32,13 @@ ensure_examples
 test_users=(profile-worker-test profile-worker-test profile-dispatcher-test profile-dispatcher-test
   profile-reader-test profile-reader-test 't[0-9a-f]{12}' profile-bulk-publisher-test profile-bulk-publisher-test)
 rabbit_users "${test_users[@]}"
+rabbit_monitor_user profile-keda-test profile-keda-test
 export AMQP_URL="$ADMIN_AMQP_URL"
 export TEST_WORKER_AMQP_URL="amqp://profile-worker-test:profile-worker-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_DISPATCHER_AMQP_URL="amqp://profile-dispatcher-test:profile-dispatcher-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_READER_AMQP_URL="amqp://profile-reader-test:profile-reader-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_BULK_PUBLISHER_AMQP_URL="amqp://profile-bulk-publisher-test:profile-bulk-publisher-test@127.0.0.1:$PW_AMQP_PORT/%2f"
+export TEST_KEDA_AMQP_URL="amqp://profile-keda-test:profile-keda-test@127.0.0.1:$PW_AMQP_PORT/%2f"
 export TEST_AMQPS_URL="amqps://profile-worker-test:profile-worker-test@localhost:$PW_AMQPS_PORT/%2f"
 export TEST_AMQPS_CA="$PW_TLS_DIR/ca.pem"
 # Test databases are made by the owner role; the worker runs as the runtime role.
@@ -46,6 +48,9 @@ export TEST_RUNTIME_DB_USER="$PW_DB_USER" TEST_RUNTIME_DB_PASSWORD="$PW_DB_PASSW
 # the test that the worker runs with such a URL.
 pg="$(pg_host)"
 [ "$pg" = 127.0.0.1 ] || export TEST_PG_SOCKET_HOST="$pg"
+# The email dispatcher's own tests (pytest, against the broker and its SMTP
+# sink; the worker's tests drive it end to end as well).
+"$EXAMPLES_PYTHON" -m pytest -q -p no:cacheprovider examples/dispatcher/tests
 if $fast; then
   # Every unit test, the integration binary and the bench's smoke test: none
   # of them stops a server.

@@ -639,8 +639,8 @@ impl Settings {
     }
 
     /// Every environment variable `run` reads: its settings', the logging ones
-    /// every subcommand reads (`LOG_FORMAT`, `RUST_LOG`) and its span export's
-    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`).
+    /// every subcommand reads (`LOG_FORMAT`, `RUST_LOG`) and the standard
+    /// `OTEL_*` ones its span export honours (docs/OPERATIONS.md lists each).
     pub fn env_names() -> Vec<String> {
         use clap::Args;
         let cmd = Settings::augment_args(clap::Command::new("run"));
@@ -654,7 +654,19 @@ impl Settings {
                 "LOG_FORMAT",
                 "RUST_LOG",
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
                 "OTEL_SERVICE_NAME",
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "OTEL_TRACES_SAMPLER",
+                "OTEL_TRACES_SAMPLER_ARG",
+                "OTEL_TRACES_EXPORTER",
+                "OTEL_SDK_DISABLED",
             ]
             .map(String::from),
         );

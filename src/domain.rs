@@ -57,6 +57,22 @@ pub struct Profile {
     pub tenant: String,
     pub email: String,
     pub enabled: bool,
+    /// The profile's `locale` attribute, when it is one ([`locale`]).
+    pub locale: Option<String>,
+}
+
+/// A profile's `locale` attribute as the email request may carry it: a
+/// language tag's shape (`fr`, `fr-CA`, `zh-Hant-TW`), at most 35 characters;
+/// anything else is not passed on (a dispatcher looks templates up by it).
+pub fn locale(attribute: &str) -> Option<String> {
+    let mut parts = attribute.split('-');
+    let language = parts.next()?;
+    let ok = attribute.len() <= 35
+        && (2..=3).contains(&language.len())
+        && language.chars().all(|c| c.is_ascii_alphabetic())
+        && parts
+            .all(|p| (2..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric()));
+    ok.then(|| attribute.to_string())
 }
 
 /// What the domain needs of a tenant.
@@ -141,6 +157,8 @@ pub struct EmailRequest {
     pub to: String,
     pub purpose: Purpose,
     pub verification_link: String,
+    /// The profile's locale, for the dispatcher's templates.
+    pub locale: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +233,7 @@ pub fn decide(
                         to: profile.email.clone(),
                         purpose: c.purpose.unwrap_or_default(),
                         verification_link: verification_link(base, ctx.new_id),
+                        locale: profile.locale.clone(),
                     },
                 )
             }
@@ -411,6 +430,7 @@ mod tests {
             tenant: "default".into(),
             email: "john@example.com".into(),
             enabled,
+            locale: None,
         }
     }
 
@@ -694,6 +714,39 @@ mod tests {
                 r.message
             );
         }
+    }
+
+    #[test]
+    fn a_locale_is_passed_on_only_when_it_looks_like_one() {
+        for ok in ["fr", "fr-CA", "zh-Hant-TW", "en-US", "gsw"] {
+            assert_eq!(locale(ok).as_deref(), Some(ok));
+        }
+        for bad in [
+            "",
+            "f",
+            "french",
+            "../etc",
+            "fr_CA",
+            "fr-",
+            "fr-CA/x",
+            "en-US-toolongsubtag",
+        ] {
+            assert_eq!(locale(bad), None, "{bad:?}");
+        }
+        let p = Profile {
+            locale: locale("de-AT"),
+            ..profile(true)
+        };
+        let o = decide(
+            &vt_cmd(None, None),
+            Some(&admin()),
+            Some((&p, &NO_LINK_HOSTS)),
+            ctx(),
+        );
+        let Outcome::VerificationTokenCreated(_, email) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(email.locale.as_deref(), Some("de-AT"));
     }
 
     #[test]

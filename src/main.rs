@@ -103,11 +103,9 @@ async fn run_cli() -> ExitCode {
         _ => None,
     };
     // Held until the process exits, so buffered spans are sent then.
-    let _export = match telemetry::init(
-        cli.log_format,
-        export.and_then(|e| e.otlp_endpoint.as_deref()),
-        export.map_or("profile-worker", |e| e.otel_service_name.as_str()),
-    ) {
+    // Only `run` exports spans: the other commands' are not worth a collector.
+    let fallbacks = export.map(cli::run::Export::fallbacks);
+    let _export = match telemetry::init(cli.log_format, fallbacks) {
         Ok(export) => export,
         Err(e) => {
             eprintln!("error: {}", telemetry::Report(&e));

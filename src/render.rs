@@ -81,6 +81,7 @@ pub fn outcome(outcome: &Outcome, message_id: Option<&str>, trace: &TraceHeaders
                 token_id: t.id,
                 verification_link: email.verification_link.clone(),
                 timestamp: t.timestamp,
+                locale: email.locale.clone(),
             });
             Rendered {
                 reply: Reply {
@@ -116,6 +117,7 @@ mod tests {
                 to: "john.doe@example.com".into(),
                 purpose: Purpose::VerifyAccount,
                 verification_link: format!("https://example.com/verify?tokenId={id}"),
+                locale: Some("fr-CA".into()),
             },
         );
         let trace = TraceHeaders {
@@ -147,6 +149,10 @@ mod tests {
         );
         assert_eq!(email["template"], "verify-account");
         assert_eq!(email["to"], "john.doe@example.com");
+        assert_eq!(
+            email["locale"], "fr-CA",
+            "the profile's locale, for the templates"
+        );
         assert!(r
             .events
             .iter()

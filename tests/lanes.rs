@@ -96,7 +96,18 @@ async fn an_interactive_command_behind_20000_bulk_ones_is_answered_before_most_o
     let w = worker(&env).await;
     let r = env.reply_for(&login).await;
     assert_eq!(r.status, 200, "{}", r.raw);
-    let (interactive, bulk) = done(&w).await;
+    // The bulk commands answered by the time the reply arrived (or a few
+    // more); the login itself is counted once its reply is confirmed, which
+    // may be just after the caller has it.
+    let (_, bulk) = done(&w).await;
+    let mut interactive = 0.0;
+    for _ in 0..100 {
+        interactive = done(&w).await.0;
+        if interactive > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(interactive, 1.0);
     assert!(
         bulk < 5_000.0,

@@ -6,11 +6,8 @@ use std::process::ExitCode;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = profile_worker_bench::BenchArgs::parse();
-    let _ = profile_worker::telemetry::init(
-        profile_worker::telemetry::LogFormat::Text,
-        None,
-        "profile-worker-bench",
-    );
+    // Logs only: the bench's own spans are not exported.
+    let _ = profile_worker::telemetry::init(profile_worker::telemetry::LogFormat::Text, None);
     let done = if args.import > 0 {
         profile_worker_bench::run_mix(args).await.map(|_| ())
     } else {

@@ -1,6 +1,8 @@
 //! `profile-worker dead-letters list|replay|purge`: look at what was
 //! dead-lettered and why; after a fix, send chosen ones back to the command
-//! exchange; delete chosen ones for good.
+//! exchange; delete chosen ones for good. With `--queue email`, the same for
+//! the email requests the dispatcher gave up on: a replay goes to the email
+//! exchange, as the worker publishes them, so only the dispatcher reads it.
 //!
 //! All three make one pass over the queue ([`pass`]): every dead letter read is
 //! settled by the tool, never returned to the queue, because a quorum queue
@@ -30,8 +32,8 @@ pub enum DeadLetterCmd {
         #[arg(long)]
         show_secrets: bool,
     },
-    /// Re-publish chosen dead letters to the command exchange, then remove them from
-    /// the dead-letter queue.
+    /// Re-publish chosen dead letters to the command exchange (with `--queue
+    /// email`, the email exchange), then remove them from the dead-letter queue.
     Replay {
         #[command(flatten)]
         scan: Scan,
@@ -40,10 +42,15 @@ pub enum DeadLetterCmd {
         /// Show what would be replayed, change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// The worker's lane to replay into: bulk for many at once (an
-        /// import's), so they do not hold up interactive callers.
+        /// The worker's lane to replay commands into: bulk for many at once
+        /// (an import's), so they do not hold up interactive callers.
         #[arg(long, value_enum, default_value_t = super::Lane::Interactive)]
         lane: super::Lane,
+        /// `--queue email` only: give each replayed request a new ID, so a
+        /// dispatcher that had claimed it (INTERRUPTED_WHILE_SENDING) sends it
+        /// again. Only once the inbox shows it never arrived: it may arrive twice.
+        #[arg(long)]
+        as_new: bool,
     },
     /// Delete chosen dead letters for good (after a look with --dry-run).
     Purge {
@@ -65,11 +72,38 @@ pub struct Scan {
     /// Look at no more than this many dead letters (from the head of the queue).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: u64,
+    /// Which dead letters: the worker's commands, or the email requests the
+    /// dispatcher gave up on (`<EMAIL_QUEUE>.dead`).
+    #[arg(long, value_enum, default_value_t = Queue::Commands)]
+    pub queue: Queue,
     #[command(flatten)]
     pub broker: super::Commands,
     /// Queue holding the worker's dead letters.
     #[arg(long, env = "DEAD_LETTER_QUEUE", default_value = DEFAULT_DEAD_LETTER_QUEUE)]
     pub dead_letter_queue: String,
+    /// The email dispatcher's queue (its dead letters are `<EMAIL_QUEUE>.dead`).
+    #[arg(long, env = "EMAIL_QUEUE", default_value = "profile.email.dispatch")]
+    pub email_queue: String,
+    /// The exchange email requests are replayed to.
+    #[arg(long, env = "EMAIL_EXCHANGE", default_value = "profile.email")]
+    pub email_exchange: String,
+}
+
+/// The dead-letter queues the tool reads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queue {
+    Commands,
+    Email,
+}
+
+impl Scan {
+    /// The dead-letter queue this pass reads.
+    fn queue_name(&self) -> String {
+        match self.queue {
+            Queue::Commands => self.dead_letter_queue.clone(),
+            Queue::Email => format!("{}.dead", self.email_queue),
+        }
+    }
 }
 
 /// Which dead letters to replay: by message_id, by error code, or all of them.
@@ -130,21 +164,61 @@ const BROKER_HEADERS: [&str; 10] = [
     "x-opt-deaths",
 ];
 
-/// A body with its `accessTokenId` cut to a prefix (a bearer secret; enough
-/// to tell tokens apart). A body that is not a JSON object is kept as it is.
+/// A body with its secrets cut: a command's `accessTokenId` to a prefix (a
+/// bearer secret; enough to tell tokens apart), an email request's
+/// `tokenId` likewise, its `verificationLink` to what comes before the token,
+/// and its recipient to a first letter and a domain. A body that is not a
+/// JSON object is kept as it is.
 pub fn mask_secrets(body: &str) -> String {
     let Ok(serde_json::Value::Object(mut o)) = serde_json::from_str::<serde_json::Value>(body)
     else {
         return body.to_string();
     };
-    match o.get("accessTokenId") {
-        Some(serde_json::Value::String(t)) => {
+    let mut changed = false;
+    for key in ["accessTokenId", "tokenId"] {
+        if let Some(serde_json::Value::String(t)) = o.get(key) {
             let masked = format!("{} (masked)", profile_worker::telemetry::token_prefix(t));
-            o.insert("accessTokenId".into(), masked.into());
-            serde_json::Value::Object(o).to_string()
+            o.insert(key.into(), masked.into());
+            changed = true;
         }
-        _ => body.to_string(),
     }
+    if let Some(serde_json::Value::String(link)) = o.get("verificationLink") {
+        let base = link.split("tokenId=").next().unwrap_or_default();
+        o.insert(
+            "verificationLink".into(),
+            format!("{base}tokenId=… (masked)").into(),
+        );
+        changed = true;
+    }
+    if let Some(serde_json::Value::String(to)) = o.get("to") {
+        let masked = match to.split_once('@') {
+            Some((local, domain)) => {
+                format!("{}***@{domain}", local.chars().next().unwrap_or('*'))
+            }
+            None => "***".into(),
+        };
+        o.insert("to".into(), masked.into());
+        changed = true;
+    }
+    if changed {
+        serde_json::Value::Object(o).to_string()
+    } else {
+        body.to_string()
+    }
+}
+
+/// An email request with a new ID (`--as-new`): its `message_id` and its
+/// body's `id`, which are the same.
+fn as_new(props: BasicProperties, body: &[u8]) -> (BasicProperties, Vec<u8>) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut o)) => {
+            o.insert("id".into(), id.clone().into());
+            serde_json::Value::Object(o).to_string().into_bytes()
+        }
+        _ => body.to_vec(),
+    };
+    (props.with_message_id(id.as_str().into()), body)
 }
 
 impl DeadLetter {
@@ -238,7 +312,7 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             json,
             show_secrets,
         } => {
-            let tally = pass(&scan, "", |d| {
+            let tally = pass(&scan, Replay::NOWHERE, |d| {
                 if json {
                     let mut d = d.clone();
                     if !show_secrets {
@@ -261,7 +335,8 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             if !json {
                 eprintln!(
                     "{} dead letter(s) in {}",
-                    tally.looked_at, scan.dead_letter_queue
+                    tally.looked_at,
+                    scan.queue_name()
                 );
             }
             Ok(())
@@ -271,10 +346,27 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
             select,
             dry_run,
             lane,
+            as_new,
         } => {
-            let exchange = scan.broker.exchange(lane).to_string();
+            if as_new && scan.queue != Queue::Email {
+                anyhow::bail!("--as-new is for email requests (--queue email) only");
+            }
+            let exchange = match scan.queue {
+                Queue::Commands => scan.broker.exchange(lane).to_string(),
+                Queue::Email => scan.email_exchange.clone(),
+            };
             let mut chosen = 0u64;
-            let tally = pass(&scan, &exchange, |d| {
+            let replay = Replay {
+                to: &exchange,
+                routing_key: match scan.queue {
+                    Queue::Commands => None,
+                    Queue::Email => {
+                        Some(profile_worker::contract::message::routing::EMAIL_REQUESTED)
+                    }
+                },
+                as_new,
+            };
+            let tally = pass(&scan, replay, |d| {
                 if !select.matches(d) {
                     return Action::Keep;
                 }
@@ -309,7 +401,7 @@ pub async fn run(cmd: DeadLetterCmd) -> anyhow::Result<()> {
                 );
             }
             let mut chosen = 0u64;
-            let tally = pass(&scan, "", |d| {
+            let tally = pass(&scan, Replay::NOWHERE, |d| {
                 if !select.matches(d) {
                     return Action::Keep;
                 }
@@ -354,11 +446,32 @@ fn describe(d: &DeadLetter) -> String {
 /// message at 20 by default). An interrupted pass loses nothing; at worst a
 /// dead letter is there twice, or a command is replayed twice, which its
 /// message_id makes harmless.
+/// Where a pass replays to, and whether with new IDs.
+#[derive(Clone, Copy)]
+struct Replay<'a> {
+    to: &'a str,
+    /// The routing key replays carry; `None` keeps the dead letter's own.
+    /// An email request's dead letter carries the dispatcher's dead-letter
+    /// key, which routes nowhere on the email exchange, so it gets the
+    /// contract's `email.requested` back.
+    routing_key: Option<&'a str>,
+    as_new: bool,
+}
+
+impl Replay<'_> {
+    /// For the passes that replay nothing.
+    const NOWHERE: Replay<'static> = Replay {
+        to: "",
+        routing_key: None,
+        as_new: false,
+    };
+}
+
 /// Reads every dead letter of the queue once, doing what `decide` says:
-/// keeping it, replaying it into `replay_to`, or removing it.
+/// keeping it, replaying it as `replay` says, or removing it.
 async fn pass(
     scan: &Scan,
-    replay_to: &str,
+    replay: Replay<'_>,
     mut decide: impl FnMut(&DeadLetter) -> Action,
 ) -> anyhow::Result<Tally> {
     let conn = super::connect(&scan.broker.address).await?;
@@ -366,7 +479,8 @@ async fn pass(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let queue = scan.dead_letter_queue.as_str();
+    let queue_name = scan.queue_name();
+    let queue = queue_name.as_str();
     let depth = channel
         .queue_declare(
             queue.into(),
@@ -394,13 +508,21 @@ async fn pass(
         );
         tally.looked_at += 1;
         let action = decide(&d);
+        let mut body = std::borrow::Cow::Borrowed(m.delivery.data.as_slice());
         let (exchange, routing_key, props) = match action {
             Action::Keep => ("", queue.into(), kept_properties(&m.delivery.properties)),
-            Action::Replay => (
-                replay_to,
-                m.delivery.routing_key.clone(),
-                replay_properties(&m.delivery.properties),
-            ),
+            Action::Replay => {
+                let mut props = replay_properties(&m.delivery.properties);
+                if replay.as_new {
+                    let (p, b) = as_new(props, &m.delivery.data);
+                    props = p;
+                    body = std::borrow::Cow::Owned(b);
+                }
+                let key = replay
+                    .routing_key
+                    .map_or_else(|| m.delivery.routing_key.clone(), Into::into);
+                (replay.to, key, props)
+            }
             Action::Remove => {
                 channel
                     .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
@@ -417,7 +539,7 @@ async fn pass(
                     mandatory: true,
                     ..Default::default()
                 },
-                &m.delivery.data,
+                &body,
                 props,
             )
             .await?
@@ -429,7 +551,7 @@ async fn pass(
                 if action == Action::Keep {
                     "back (is the dead-letter queue full?)"
                 } else {
-                    "to the command exchange"
+                    "where it is replayed to"
                 },
                 tally.looked_at - 1
             );

@@ -4,15 +4,29 @@ use profile_worker::config::Settings;
 use tokio_util::sync::CancellationToken;
 
 /// Where spans go, besides the logs (only `run` makes spans worth exporting).
+/// The standard `OTEL_*` variables configure the export (docs/OPERATIONS.md,
+/// "Spans"); these flags only fill in what they leave unset.
 #[derive(clap::Args)]
 pub struct Export {
-    /// OTLP/HTTP endpoint to export spans to (e.g. http://127.0.0.1:4318);
-    /// unset: nothing is exported.
+    /// OTLP endpoint to export spans to when neither
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT nor OTEL_EXPORTER_OTLP_ENDPOINT is
+    /// set (e.g. http://127.0.0.1:4318; OTEL_EXPORTER_OTLP_PROTOCOL picks grpc,
+    /// http/protobuf or http/json); nothing set: nothing is exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// The service name exported spans carry.
-    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "profile-worker")]
-    pub otel_service_name: String,
+    /// The service name exported spans carry when neither OTEL_SERVICE_NAME
+    /// nor OTEL_RESOURCE_ATTRIBUTES names one [default: profile-worker].
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+}
+
+impl Export {
+    pub fn fallbacks(&self) -> profile_worker::telemetry::Fallbacks<'_> {
+        profile_worker::telemetry::Fallbacks {
+            endpoint: self.otlp_endpoint.as_deref(),
+            service_name: self.otel_service_name.as_deref(),
+        }
+    }
 }
 
 #[derive(clap::Args)]

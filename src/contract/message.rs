@@ -127,6 +127,10 @@ pub struct EmailRequested {
     pub verification_link: String,
     /// Epoch milliseconds (the token's timestamp).
     pub timestamp: i64,
+    /// The profile's `locale` attribute (a language tag such as `fr-CA`),
+    /// when it has one: the dispatcher picks its templates by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
 }
 
 /// Routing keys of events: `email.requested` on the email exchange, the others

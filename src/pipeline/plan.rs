@@ -328,6 +328,7 @@ pub(super) mod tests {
                 tenant: "default".into(),
                 email: "a@example.com".into(),
                 enabled: true,
+                locale: None,
             },
         );
         l

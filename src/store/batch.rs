@@ -97,6 +97,14 @@ impl Batch<'_> {
         let pending: Vec<LoadedEvent> = row.try_get("pending_events").map_err(err)?;
         let last_emails: Vec<LoadedEmail> = row.try_get("last_emails").map_err(err)?;
         let server: i64 = row.try_get("server").map_err(err)?;
+        let locales: Option<serde_json::Value> = row.try_get("locales").map_err(err)?;
+        let locale_of = |id: &str| {
+            locales
+                .as_ref()
+                .and_then(|l| l.get(id))
+                .and_then(serde_json::Value::as_str)
+                .and_then(crate::domain::locale)
+        };
 
         let by_hash: HashMap<&[u8], (&str, &[u8; 32])> = digests
             .iter()
@@ -146,6 +154,7 @@ impl Batch<'_> {
             loaded.profiles.insert(
                 p.id.clone(),
                 Profile {
+                    locale: locale_of(&p.id),
                     id: p.id,
                     tenant: p.tenant,
                     email: p.email,

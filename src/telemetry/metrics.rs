@@ -43,9 +43,12 @@ pub const DEAD_LETTERS: &str = "profile_worker_dead_letters_total";
 /// Events committed but not yet confirmed by the broker (outbox rows).
 pub const OUTBOX_PENDING: &str = "profile_worker_outbox_pending";
 /// Messages ready in the worker's queues, by `queue` (`commands`, `bulk`,
-/// `dead_letters`, `email`: the dispatcher's backlog), as the broker reported
-/// them at the last poll.
+/// `dead_letters`, `email`: the dispatcher's backlog, `email_dead`: the
+/// emails it gave up on), as the broker reported them at the last poll.
 pub const QUEUE_MESSAGES: &str = "profile_worker_queue_messages";
+/// Consumers of those queues, by `queue`, at the last poll: `email` is the
+/// email dispatchers reading their queue.
+pub const QUEUE_CONSUMERS: &str = "profile_worker_queue_consumers";
 /// Outbox events not published because their body could carry a secret onto
 /// the events exchange (a row no version of the worker writes); they stay in
 /// the outbox.
@@ -142,7 +145,12 @@ fn describe() {
     describe_gauge!(
         QUEUE_MESSAGES,
         Unit::Count,
-        "Messages ready in the command, bulk, dead-letter and email dispatch queues, polled from the broker"
+        "Messages ready in the command, bulk, dead-letter, email dispatch and email dead-letter queues, polled from the broker"
+    );
+    describe_gauge!(
+        QUEUE_CONSUMERS,
+        Unit::Count,
+        "Consumers of those queues, polled from the broker (email: the dispatchers)"
     );
     // Present from the start, so a dashboard's rate() sees the first failure.
     metrics::counter!(RECONNECTS).absolute(0);

@@ -200,10 +200,11 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     result
 }
 
-/// Reads the command and dead-letter queues' depths (a passive declare each)
-/// every `QUEUE_DEPTH_POLL_SECS` until `stop`, so "dead letters are piling up" and "the
-/// backlog grows" can be alerted on without the broker's own exporter. A failed
-/// read ends the poll quietly: the session's loss is reported elsewhere.
+/// Reads the worker's queues' depths and consumers (a passive declare each)
+/// every `QUEUE_DEPTH_POLL_SECS` until `stop`, so "dead letters are piling
+/// up", "the backlog grows" and "no dispatcher reads the emails" can be
+/// alerted on without the broker's own exporter. A failed read ends the poll
+/// quietly: the session's loss is reported elsewhere.
 async fn poll_depths(channel: lapin::Channel, settings: Arc<Settings>, stop: CancellationToken) {
     if read_depths(&channel, &settings, &stop).await {
         // Closed, and its close-ok awaited, before the session closes the
@@ -224,6 +225,7 @@ async fn read_depths(
         ("bulk", settings.broker.bulk_queue.clone()),
         ("dead_letters", settings.broker.dead_letter_queue.clone()),
         ("email", settings.broker.email_queue.clone()),
+        ("email_dead", settings.broker.email_dead_letter_queue()),
     ];
     loop {
         for (label, name) in &queues {
@@ -235,8 +237,12 @@ async fn read_depths(
                 .queue_declare(name.as_str().into(), passive, FieldTable::default())
                 .await
             {
-                Ok(q) => metrics::gauge!(telemetry::QUEUE_MESSAGES, "queue" => *label)
-                    .set(f64::from(q.message_count())),
+                Ok(q) => {
+                    metrics::gauge!(telemetry::QUEUE_MESSAGES, "queue" => *label)
+                        .set(f64::from(q.message_count()));
+                    metrics::gauge!(telemetry::QUEUE_CONSUMERS, "queue" => *label)
+                        .set(f64::from(q.consumer_count()));
+                }
                 Err(_) => return false,
             }
         }

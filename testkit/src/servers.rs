@@ -32,6 +32,13 @@ pub fn reader_amqp_url() -> String {
     })
 }
 
+/// KEDA's management-API user (scripts/services.sh, rabbit_monitor_user):
+/// access to the vhost and no right on any object over AMQP.
+pub fn keda_amqp_url() -> String {
+    std::env::var("TEST_KEDA_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://profile-keda-test:profile-keda-test@127.0.0.1:5672/%2f".into())
+}
+
 /// An importer's broker user: may publish to the tests' bulk exchanges
 /// (`t<12 hex>.commands.bulk`) and nowhere else, as `profile-bulk-publisher`
 /// may to `profile.commands.bulk`.

@@ -421,3 +421,41 @@ async fn burst_of_a_thousand_is_answered_with_correct_correlation() {
     assert_eq!(env.count("verification_tokens").await, 250);
     env.teardown().await;
 }
+
+/// `email.requested` carries the profile's `locale` attribute when it is a
+/// language tag (the dispatcher picks its templates by it), and nothing when
+/// it is not: a dispatcher looks files up by it.
+#[tokio::test]
+async fn an_email_request_carries_the_profiles_locale_when_it_is_one() {
+    let env = Env::start().await;
+    for (id, attributes, expected) in [
+        ("loc-fr", json!({"locale": "fr-CA"}), Some("fr-CA")),
+        ("loc-bad", json!({"locale": "../../etc"}), None),
+        ("loc-none", json!({"theme": "dark"}), None),
+    ] {
+        env.db
+            .execute(
+                "INSERT INTO profiles (id, tenant, username, email, enabled, verified, roles, attributes) \
+                 VALUES ($1, 'default', $1, 'someone@example.com', true, false, '[]', $2)",
+                &[&id, &attributes],
+            )
+            .await
+            .unwrap();
+        let r = env
+            .call(
+                "create-verification-token",
+                json!({"accessTokenId": ADMIN_TOKEN, "id": id}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.raw);
+        let email = env
+            .events(2)
+            .await
+            .into_iter()
+            .find(|e| e.routing_key == "email.requested")
+            .expect("an email request")
+            .json();
+        assert_eq!(email["locale"].as_str(), expected, "{id}: {email}");
+    }
+    env.teardown().await;
+}

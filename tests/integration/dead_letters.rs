@@ -268,3 +268,149 @@ async fn purge_removes_only_the_chosen_after_a_dry_run_and_asks_for_yes() {
     assert_eq!(left, [ids[2].clone()]);
     env.teardown().await;
 }
+
+/// The email requests the dispatcher gave up on (issue 33): listed with their
+/// reasons and no secret, replayed into the email exchange as the worker
+/// publishes them (so the dispatcher's queue, and only it, gets them), with a
+/// new ID when asked, and purged.
+#[tokio::test]
+async fn email_dead_letters_are_listed_without_secrets_replayed_to_the_dispatcher_and_purged() {
+    let env = Env::prepare().await;
+    let b = env.settings.broker.clone();
+    // As the dispatcher dead-letters: a copy with its reason, to the dispatch
+    // queue's dead-letter exchange.
+    let mut ids = Vec::new();
+    for code in ["SMTP_UNAVAILABLE", "INTERRUPTED_WHILE_SENDING"] {
+        let id = Uuid::new_v4().to_string();
+        let token = Uuid::new_v4();
+        let body = serde_json::json!({
+            "id": id, "tenant": "default", "profileId": ENABLED_PROFILE,
+            "to": "jane.doe@example.com", "template": "reset-password", "tokenId": token,
+            "verificationLink": format!("https://example.com/verify?tokenId={token}"),
+            "timestamp": 1_495_746_285_875i64,
+        });
+        let mut headers = FieldTable::default();
+        headers.insert("x-error-code".into(), AMQPValue::LongString(code.into()));
+        headers.insert(
+            "x-error-reason".into(),
+            AMQPValue::LongString("the reason".into()),
+        );
+        env.publish_as_is(
+            &b.email_dead_letter_exchange(),
+            "email.requested",
+            body.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_headers(headers),
+        )
+        .await;
+        ids.push((id, token));
+    }
+    let (out, _) = run_cli(
+        &env,
+        &["dead-letters", "list", "--queue", "email", "--json"],
+    )
+    .await;
+    let list = listed(&out);
+    assert_eq!(list.len(), 2, "{out}");
+    assert_eq!(list[0]["code"], "SMTP_UNAVAILABLE");
+    assert_eq!(list[0]["command"], "email.requested");
+    for (id, token) in &ids {
+        assert!(
+            !out.contains(&token.to_string()),
+            "a link's token in the list"
+        );
+        assert!(out.contains(id.as_str()));
+    }
+    assert!(!out.contains("jane.doe@example.com") && out.contains("j***@example.com"));
+    // Replay the first as it was, the second as new.
+    run_cli(
+        &env,
+        &[
+            "dead-letters",
+            "replay",
+            "--queue",
+            "email",
+            "--message-id",
+            &ids[0].0,
+        ],
+    )
+    .await;
+    run_cli(
+        &env,
+        &[
+            "dead-letters",
+            "replay",
+            "--queue",
+            "email",
+            "--as-new",
+            "--message-id",
+            &ids[1].0,
+        ],
+    )
+    .await;
+    // Into the dispatch queue (the harness's email consumer reads it).
+    let emails: Vec<Received> = env
+        .events(2)
+        .await
+        .into_iter()
+        .filter(|e| e.routing_key == "email.requested")
+        .collect();
+    assert_eq!(emails.len(), 2, "{emails:?}");
+    assert_eq!(emails[0].message_id.as_deref(), Some(ids[0].0.as_str()));
+    assert!(
+        emails[0].header("x-error-code").is_none(),
+        "reasons dropped"
+    );
+    let renewed = &emails[1];
+    assert_ne!(renewed.message_id.as_deref(), Some(ids[1].0.as_str()));
+    assert_eq!(
+        renewed.json()["id"].as_str(),
+        renewed.message_id.as_deref(),
+        "the body's id is the new message_id"
+    );
+    assert_eq!(
+        renewed.json()["tokenId"],
+        ids[1].1.to_string(),
+        "the same email"
+    );
+    assert_eq!(
+        env.queue(&b.email_dead_letter_queue())
+            .await
+            .message_count(),
+        0
+    );
+    // Purge.
+    env.publish_as_is(
+        &b.email_dead_letter_exchange(),
+        "email.requested",
+        b"{}",
+        BasicProperties::default().with_message_id("x".into()),
+    )
+    .await;
+    run_cli(
+        &env,
+        &[
+            "dead-letters",
+            "purge",
+            "--queue",
+            "email",
+            "--all",
+            "--yes",
+        ],
+    )
+    .await;
+    assert_eq!(
+        env.queue(&b.email_dead_letter_queue())
+            .await
+            .message_count(),
+        0
+    );
+    // --as-new is for email requests only.
+    let out = cli(&env, &["dead-letters", "replay", "--as-new", "--all"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    env.teardown().await;
+}

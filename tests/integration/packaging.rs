@@ -157,14 +157,33 @@ fn dockerfile_is_multi_stage_non_root_and_has_what_the_health_check_runs() {
     let d = file("Dockerfile");
     let froms = d.lines().filter(|l| l.starts_with("FROM ")).count();
     assert!(froms >= 2, "multi-stage");
-    let user = d
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("USER "))
-        .expect("a USER line");
+    // Numeric and not root, in both images: under runAsNonRoot without a
+    // runAsUser the kubelet refuses an image whose USER is a name.
+    for (path, image) in [
+        ("Dockerfile", d.clone()),
+        (
+            "examples/dispatcher/Dockerfile",
+            file("examples/dispatcher/Dockerfile"),
+        ),
+    ] {
+        let user = image
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("USER "))
+            .expect("a USER line");
+        let (uid, gid) = user.trim().split_once(':').unwrap_or((user.trim(), "0"));
+        let uid: u32 = uid
+            .parse()
+            .unwrap_or_else(|_| panic!("{path}: USER {user} is no number"));
+        assert!(
+            uid != 0 && gid.parse::<u32>().is_ok(),
+            "{path}: runs as {user}"
+        );
+    }
+    // Reachable through a published port: not the binary's loopback default.
     assert!(
-        user.trim() != "root" && user.trim() != "0",
-        "runs as {user}"
+        d.contains("ENV HTTP_ADDR=0.0.0.0:8742"),
+        "the image serves /readyz outside"
     );
     let c = compose();
     let check = strings(&c["services"]["worker"]["healthcheck"]["test"]);
@@ -476,7 +495,10 @@ fn kubernetes_worker_is_probed_graced_and_locked_down() {
     for (path, doc) in [
         ("worker", &deployment),
         ("migrate", &job),
-        ("dispatcher", &kubernetes("base/dispatcher-deployment.yaml")),
+        (
+            "dispatcher",
+            &kubernetes("components/dispatcher/dispatcher-deployment.yaml"),
+        ),
     ] {
         let pod = &doc["spec"]["template"]["spec"];
         assert_eq!(
@@ -494,7 +516,7 @@ fn kubernetes_worker_is_probed_graced_and_locked_down() {
         assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{path}");
     }
     // KEDA scales the worker on the command queue's depth.
-    let scaled = kubernetes("base/worker-scaledobject.yaml");
+    let scaled = kubernetes("components/keda/worker-scaledobject.yaml");
     assert_eq!(
         scaled["spec"]["scaleTargetRef"]["name"].as_str(),
         Some("profile-worker")
@@ -543,4 +565,272 @@ fn kubernetes_manifests_validate_against_their_schemas() {
             "{kind} not validated:\n{text}"
         );
     }
+}
+
+/// The PrometheusRule of the prometheus component, as made from the one rules
+/// file: the header, then the file's `groups:` block indented under `spec`.
+fn prometheus_rule_from(rules: &str) -> String {
+    let groups = &rules[rules.find("\ngroups:").expect("a groups: block") + 1..];
+    let mut out = String::from(
+        "# Made from deploy/prometheus/profile-worker.rules.yml by tests/integration/packaging.rs\n\
+         # (UPDATE_MANIFESTS=1 cargo test --test integration packaging): edit the rules there.\n\
+         apiVersion: monitoring.coreos.com/v1\n\
+         kind: PrometheusRule\n\
+         metadata:\n\
+         \x20 name: profile-worker\n\
+         \x20 labels:\n\
+         \x20   app.kubernetes.io/name: profile-worker\n\
+         \x20   app.kubernetes.io/component: worker\n\
+         spec:\n",
+    );
+    for line in groups.lines() {
+        if !line.is_empty() {
+            out.push_str("  ");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// One rules file: the PrometheusRule is made from it, and says the same.
+#[test]
+fn the_prometheusrule_is_the_rules_file() {
+    let rules = file("deploy/prometheus/profile-worker.rules.yml");
+    let made = prometheus_rule_from(&rules);
+    let path = "deploy/kubernetes/components/prometheus/prometheusrule.yaml";
+    if std::env::var_os("UPDATE_MANIFESTS").is_some() {
+        std::fs::write(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")), &made).unwrap();
+    }
+    assert_eq!(
+        file(path),
+        made,
+        "{path} is stale: run UPDATE_MANIFESTS=1 cargo test --test integration packaging"
+    );
+    let rule = YamlLoader::load_from_str(&made).unwrap().remove(0);
+    let groups = YamlLoader::load_from_str(&rules).unwrap().remove(0);
+    assert_eq!(rule["spec"]["groups"], groups["groups"], "the same rules");
+    assert_eq!(rule["kind"].as_str(), Some("PrometheusRule"));
+}
+
+/// The fields of the example dispatcher's `Settings` (pydantic-settings): one
+/// environment variable each.
+fn dispatcher_settings() -> BTreeSet<String> {
+    let source = file("examples/dispatcher/dispatcher.py");
+    let body = &source[source
+        .find("class Settings(BaseSettings):")
+        .expect("dispatcher.py has its Settings")..];
+    body.lines()
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with(' '))
+        .filter_map(|l| l.strip_prefix("    ")?.split_once(':'))
+        .map(|(name, _)| name.trim())
+        .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .map(String::from)
+        .collect()
+}
+
+/// compose's quickstart ends in Mailpit's inbox (issue 33): the dispatcher
+/// reads the dispatch queue as its own broker user, after the worker has
+/// declared it, and delivers to Mailpit over the compose network, whose web
+/// inbox is published on loopback. No Docker engine runs here, so the wiring
+/// is checked on paper, name by name.
+#[test]
+fn compose_delivers_verification_emails_to_a_web_inbox() {
+    let c = compose();
+    let services = &c["services"];
+    let mailpit = &services["mailpit"];
+    assert!(
+        mailpit["image"].as_str().unwrap().contains("mailpit"),
+        "a mail sink with a web inbox"
+    );
+    assert_eq!(strings(&mailpit["ports"]), ["127.0.0.1:8025:8025"]);
+
+    let dispatcher = &services["dispatcher"];
+    assert_eq!(dispatcher["build"].as_str(), Some("./examples/dispatcher"));
+    let env = &dispatcher["environment"];
+    let names: BTreeSet<String> = env
+        .as_hash()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    let known = dispatcher_settings();
+    assert!(known.contains("SMTP_HOST") && known.contains("AMQP_URL"));
+    let unknown: Vec<_> = names.difference(&known).collect();
+    assert!(unknown.is_empty(), "not dispatcher settings: {unknown:?}");
+    assert_eq!(env["SMTP_HOST"].as_str(), Some("mailpit"));
+    assert_eq!(
+        env["SMTP_PORT"].as_str(),
+        Some("1025"),
+        "Mailpit's SMTP port"
+    );
+    assert_eq!(strings(&mailpit["expose"]), ["1025"]);
+    // Plain SMTP inside the compose network, so no login may be configured:
+    // the dispatcher refuses one without TLS.
+    assert_eq!(env["SMTP_TLS"].as_str(), Some("none"));
+    assert!(env["SMTP_USER"].is_badvalue());
+    assert!(
+        env["MAIL_FROM"].as_str().is_some(),
+        "MAIL_FROM has no default"
+    );
+
+    // Its own broker user, made by rabbitmq-users with the same password.
+    let url = env["AMQP_URL"].as_str().unwrap();
+    let (user, password) = url
+        .strip_prefix("amqp://")
+        .and_then(|r| r.split('@').next())
+        .and_then(|c| c.split_once(':'))
+        .unwrap();
+    assert_eq!(user, "profile-email-dispatcher");
+    assert!(url.contains("@rabbitmq:5672/"), "{url}");
+    assert_eq!(
+        services["rabbitmq-users"]["environment"]["DISPATCHER_AMQP_PASSWORD"].as_str(),
+        Some(password)
+    );
+    assert!(file("deploy/compose/rabbitmq-users.sh")
+        .contains(r#"user profile-email-dispatcher "${DISPATCHER_AMQP_PASSWORD}""#));
+    // The worker declares the queue; the dispatcher may not.
+    assert_eq!(
+        dispatcher["depends_on"]["worker"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    // Its claims survive a restart: DEDUPE_DB is on a declared volume.
+    let db = env["DEDUPE_DB"].as_str().unwrap();
+    let volume = strings(&dispatcher["volumes"])
+        .into_iter()
+        .find_map(|v| {
+            let (name, dir) = v.split_once(':')?;
+            db.starts_with(&format!("{}/", dir.split(':').next()?))
+                .then(|| name.to_string())
+        })
+        .unwrap_or_else(|| panic!("{db} is on no volume"));
+    assert!(!c["volumes"][volume.as_str()].is_badvalue(), "{volume}");
+    // The health check asks /readyz on METRICS_ADDR's port.
+    let port = env["METRICS_ADDR"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap();
+    let check = strings(&dispatcher["healthcheck"]["test"]).join(" ");
+    assert!(
+        check.contains(&format!("127.0.0.1:{port}/readyz")),
+        "{check}"
+    );
+
+    // The quickstart, in compose.yaml and OPERATIONS, ends in the inbox.
+    for doc in ["compose.yaml", "docs/OPERATIONS.md"] {
+        let text = file(doc);
+        assert!(
+            text.contains("send create-verification-token")
+                && text.contains("http://127.0.0.1:8025"),
+            "{doc}'s quickstart does not end in the inbox"
+        );
+    }
+}
+
+/// A documented default as the flag's default would print it: numbers lose
+/// their thousands separators, sizes become bytes; `None` for no default.
+fn documented_default(doc: &str) -> Option<String> {
+    let doc = doc.trim().trim_matches('`');
+    if doc == "–" || doc.starts_with("(none") {
+        return None;
+    }
+    for (unit, bytes) in [(" GiB", 1u64 << 30), (" MiB", 1 << 20)] {
+        if let Some(n) = doc.strip_suffix(unit) {
+            return Some((n.replace(',', "").parse::<u64>().unwrap() * bytes).to_string());
+        }
+    }
+    if doc.chars().all(|c| c.is_ascii_digit() || c == ',') {
+        return Some(doc.replace(',', ""));
+    }
+    Some(doc.to_string())
+}
+
+/// OPERATIONS' configuration table against the binary: every setting it
+/// names exists, and every default it states is the flag's default. This is
+/// the drift that made it say "the worker caches no token" while KNOWN_ROWS
+/// kept 10,000: prose can only be read, but a documented number can be
+/// checked against the code it describes.
+#[test]
+fn the_operations_table_states_the_settings_real_defaults() {
+    use clap::Args;
+    let cmd = Settings::augment_args(clap::Command::new("run"));
+    let defaults: std::collections::BTreeMap<String, Option<String>> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_string_lossy().into_owned();
+            let default = a
+                .get_default_values()
+                .first()
+                .map(|v| v.to_string_lossy().into_owned())
+                .filter(|v| !v.is_empty());
+            Some((env, default))
+        })
+        .collect();
+    let known: BTreeSet<String> = Settings::env_names().into_iter().collect();
+    let guide = file("docs/OPERATIONS.md");
+    let table = guide
+        .split("| env | default | meaning |")
+        .nth(1)
+        .expect("the configuration table")
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let mut checked = 0;
+    for row in table.lines().skip(2) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let names: Vec<&str> = cells[0]
+            .trim_start_matches("| ")
+            .split(['/', ','])
+            .map(|n| n.trim().trim_matches('`'))
+            .collect();
+        for name in &names {
+            assert!(
+                known.contains(*name) || *name == "TOKIO_WORKER_THREADS",
+                "OPERATIONS documents {name}, which `run` does not read"
+            );
+        }
+        let stated: Vec<&str> = cells[1].split(" / ").collect();
+        if stated.len() != names.len() && stated.len() != 1 {
+            continue;
+        }
+        for (i, name) in names.iter().enumerate() {
+            let Some(code) = defaults.get(*name) else {
+                continue; // the SDK's variables, tokio's
+            };
+            let doc = stated.get(i).or(stated.first()).unwrap();
+            if doc.starts_with('`') && doc.trim_matches('`').starts_with('.') {
+                continue; // a suffix of the name before it
+            }
+            assert_eq!(
+                &documented_default(doc),
+                code,
+                "OPERATIONS states {name}'s default as {doc}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "only {checked} defaults were compared");
+}
+
+/// Every metric the worker exports is in OPERATIONS' metrics table, and the
+/// table names no metric the worker does not export.
+#[test]
+fn the_operations_metrics_table_is_the_worker_metrics() {
+    let source = file("src/telemetry/metrics.rs");
+    let exported: BTreeSet<String> = source
+        .split('"')
+        .filter(|s| s.starts_with("profile_worker_") && !s.contains(' '))
+        .map(String::from)
+        .collect();
+    assert!(exported.len() > 10, "{exported:?}");
+    let documented: BTreeSet<String> = file("docs/OPERATIONS.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `profile_worker_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|rest| format!("profile_worker_{rest}"))
+        .collect();
+    assert_eq!(exported, documented);
 }

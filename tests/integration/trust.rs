@@ -742,3 +742,58 @@ async fn a_bulk_publisher_may_publish_to_the_bulk_lane_and_nowhere_else() {
     let _ = importer.close(200, "bye".into()).await;
     env.teardown().await;
 }
+
+/// KEDA's user (deploy/kubernetes components/keda) reads queue depths through
+/// the management API; over AMQP it may declare, publish and read nothing, so
+/// the password in the trigger's Secret opens no command, event or email.
+#[tokio::test]
+async fn the_keda_user_can_do_nothing_over_amqp() {
+    let env = Env::prepare().await;
+    let b = env.settings.broker.clone();
+    let keda = connect(&keda_amqp_url()).await;
+    for x in [
+        b.command_exchange.clone(),
+        b.bulk_exchange.clone(),
+        b.events_exchange.clone(),
+        b.email_exchange.clone(),
+        String::new(),
+    ] {
+        assert!(
+            publish_refused(&keda, &x, "create-ticket").await,
+            "KEDA's user published to {x:?}"
+        );
+    }
+    for q in [
+        b.command_queue.clone(),
+        b.bulk_queue.clone(),
+        b.dead_letter_queue.clone(),
+        b.email_queue.clone(),
+    ] {
+        let name = q.clone();
+        assert!(
+            refused(&keda, |c| async move {
+                c.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+            })
+            .await,
+            "KEDA's user consumed {name}"
+        );
+    }
+    assert!(
+        refused(&keda, |c| async move {
+            c.queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        })
+        .await,
+        "KEDA's user declared a queue of its own"
+    );
+    let _ = keda.close(200, "bye".into()).await;
+    env.teardown().await;
+}

@@ -56,6 +56,11 @@ SELECT
         FROM email_cooldowns c
         WHERE c.profile_id = ANY($2::text[])
     ) AS last_emails,
+    -- The loaded profiles' locale attributes, by profile ID, for their email
+    -- requests (a jsonb object; NULL when none has one).
+    (SELECT jsonb_object_agg(p.id, p.attributes->>'locale')
+     FROM profiles p
+     WHERE p.id = ANY($2::text[]) AND jsonb_typeof(p.attributes->'locale') = 'string') AS locales,
     -- Which server answered: the versions above are transaction IDs, which
     -- mean something on this server only (a promoted standby or a restored
     -- copy may have given the same ID to another write). Its start time tells
