@@ -52,9 +52,9 @@ pg="$(pg_host)"
 # sink; the worker's tests drive it end to end as well).
 "$EXAMPLES_PYTHON" -m pytest -q -p no:cacheprovider examples/dispatcher/tests
 if $fast; then
-  # Every unit test, the integration binary and the bench's smoke test: none
-  # of them stops a server.
-  exec cargo test --locked --workspace --lib --bins --test integration --test io_thread --test lanes --test smoke "$@"
+  # Every unit test, the integration binary, the simulation (tests/simulation,
+  # no server at all) and the bench's smoke test: none of them stops a server.
+  exec cargo test --locked --workspace --lib --bins --test integration --test io_thread --test lanes --test simulation --test smoke "$@"
 fi
 # Beyond one box (tests/cluster.rs): a three-node RabbitMQ cluster and a
 # PostgreSQL primary with a synchronous standby, beside the servers above.

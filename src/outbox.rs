@@ -13,11 +13,12 @@
 //! only with the database; it may be published twice (a crash between confirm
 //! and delete), which is why events carry their `event_id` as `message_id`.
 
-use crate::broker::{properties, Outgoing, Publisher};
+use crate::broker::{properties, Outgoing};
 use crate::config::{BrokerSettings, Settings};
 use crate::contract::message;
+use crate::pipeline::ports::{Broker, OutboxRows, SessionLost};
 use crate::records::OutboxEvent;
-use crate::store::{ConfirmedEvents, Store, StoreError};
+use crate::store::{ConfirmedEvents, StoreError};
 use crate::telemetry::{self, Report};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,7 +68,7 @@ pub enum RelayError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("publishing failed")]
-    Broker(#[source] lapin::Error),
+    Broker(#[source] SessionLost),
     #[error("the broker refused {refused} of {of} events; they stay in the outbox")]
     Refused { refused: usize, of: usize },
 }
@@ -75,12 +76,12 @@ pub enum RelayError {
 /// Re-publishes outbox events older than the grace period whose confirm never
 /// arrived; returns how many were confirmed and deleted.
 pub async fn relay(
-    store: &Store,
-    publisher: &Publisher,
+    rows: &impl OutboxRows,
+    publisher: &impl Broker,
     settings: &Settings,
 ) -> Result<usize, RelayError> {
     let grace = Duration::from_secs(settings.worker.outbox_grace_secs);
-    let events = store.lease_stale_outbox(grace, RELAY_BATCH).await?;
+    let events = rows.lease_stale(grace, RELAY_BATCH).await?;
     if events.is_empty() {
         return Ok(0);
     }
@@ -100,7 +101,7 @@ pub async fn relay(
         .filter(|(_, ok)| **ok)
         .map(|(id, _)| id)
         .collect();
-    store.delete_outbox(&ids).await?;
+    rows.delete(&ids).await?;
     if ids.len() < events.len() {
         return Err(RelayError::Refused {
             refused: events.len() - ids.len(),
@@ -113,9 +114,9 @@ pub async fn relay(
 /// Runs for one broker session: deletes confirmed rows every second, and every
 /// grace period reports the outbox's depth and relays what is stale.
 pub async fn relay_loop(
-    store: Store,
+    rows: impl OutboxRows,
     confirmed: ConfirmedEvents,
-    publisher: Publisher,
+    publisher: impl Broker,
     settings: Arc<Settings>,
     stop: CancellationToken,
 ) {
@@ -123,11 +124,12 @@ pub async fn relay_loop(
     let mut last_relay = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(FLUSH_EVERY) => {}
+            biased;
             _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(FLUSH_EVERY) => {}
         }
         // Before leasing, so the relay never re-publishes what was confirmed.
-        if let Err(e) = store.flush_confirmed(&confirmed).await {
+        if let Err(e) = rows.flush_confirmed(&confirmed).await {
             tracing::warn!(error = %Report(&e), "could not clear confirmed events from the outbox; will retry");
             continue;
         }
@@ -135,15 +137,14 @@ pub async fn relay_loop(
             continue;
         }
         last_relay = tokio::time::Instant::now();
-        match store.outbox_pending().await {
+        match rows.pending().await {
             Ok(n) => metrics::gauge!(telemetry::OUTBOX_PENDING).set(n as f64),
             Err(e) => tracing::debug!(error = %Report(&e), "could not count the outbox"),
         }
-        match relay(&store, &publisher, &settings).await {
+        match relay(&rows, &publisher, &settings).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "re-published events left unconfirmed"),
             Err(e) => tracing::warn!(error = %Report(&e), "outbox relay failed; will retry"),
         }
     }
-    publisher.close().await;
 }

@@ -11,6 +11,12 @@ mod topology;
 
 pub use lapin::message::Delivery;
 pub use lapin::{Channel, Connection, Consumer};
+/// A message's AMQP properties: the message model the contract is written in
+/// (CONTRACT §2), which the pipeline reads and writes as data.
+pub type Properties = lapin::BasicProperties;
+/// A header table of those properties, and one of its values.
+pub type Headers = lapin::types::FieldTable;
+pub type HeaderValue = lapin::types::AMQPValue;
 pub use nodes::{split_urls, Nodes, NodesError};
 pub use publisher::{confirmed, Outgoing, PublishError, Publisher};
 pub use topology::{

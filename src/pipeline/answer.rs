@@ -189,12 +189,12 @@ fn reply_to_refusal(item: &Item, broker: &BrokerSettings) -> String {
 /// the limit (a header gives its size), so a caller cannot make the dead-letter
 /// queue hold more than the command queue would process.
 fn dead_letter_message(item: &Item, code: &str, reason: &str, to: Routes<'_>) -> Outgoing {
-    let data = &item.delivery.data;
+    let data = &item.delivery.body;
     let keep = data.len().min(contract::command::MAX_BODY_BYTES);
     let original_size = (keep < data.len()).then_some(data.len());
     Outgoing {
         exchange: to.broker.dead_letter_exchange.clone(),
-        routing_key: item.delivery.routing_key.as_str().to_string(),
+        routing_key: item.delivery.routing_key.clone(),
         properties: properties::dead_letter(
             &item.delivery.properties,
             code,
@@ -209,12 +209,11 @@ fn dead_letter_message(item: &Item, code: &str, reason: &str, to: Routes<'_>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::Delivery;
+    use crate::broker::{HeaderValue, Properties};
     use crate::pipeline::plan::tests::loaded;
+    use crate::pipeline::ports::Delivery;
     use crate::records::{Loaded, OutboxEvent, StoredReply};
     use clap::Parser;
-    use lapin::types::AMQPValue;
-    use lapin::BasicProperties;
 
     #[derive(Parser)]
     struct BrokerArgs {
@@ -237,21 +236,24 @@ mod tests {
 
     /// A delivery of `command` with `body`; `reply_to` `None` is fire-and-forget.
     fn item(tag: u64, command: &str, body: &str, reply_to: Option<&str>) -> Item {
-        let mut d = Delivery::mock(
-            tag,
-            "".into(),
-            command.into(),
-            false,
-            body.as_bytes().to_vec(),
-        );
-        let mut p = BasicProperties::default()
+        let mut properties = Properties::default()
             .with_type(command.into())
             .with_message_id(format!("m{tag}").into());
         if let Some(r) = reply_to {
-            p = p.with_reply_to(r.into());
+            properties = properties.with_reply_to(r.into());
         }
-        d.properties = p;
-        Item::new(d, &broker().reply_to_prefixes, &tracing::Span::none())
+        let d = Delivery {
+            tag,
+            routing_key: command.into(),
+            properties,
+            body: body.as_bytes().to_vec(),
+        };
+        Item::new(
+            d,
+            &broker().reply_to_prefixes,
+            &tracing::Span::none(),
+            || [7; 24],
+        )
     }
 
     fn plan(items: &[Item], l: Loaded) -> Plan {
@@ -264,13 +266,13 @@ mod tests {
         crate::pipeline::plan::plan(&inputs, l, params, uuid::Uuid::new_v4)
     }
 
-    fn header<'a>(o: &'a Outgoing, name: &str) -> Option<&'a AMQPValue> {
+    fn header<'a>(o: &'a Outgoing, name: &str) -> Option<&'a HeaderValue> {
         o.properties.headers().as_ref()?.inner().get(name)
     }
 
-    fn text(v: Option<&AMQPValue>) -> String {
+    fn text(v: Option<&HeaderValue>) -> String {
         match v {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
+            Some(HeaderValue::LongString(s)) => s.to_string(),
             other => panic!("not a long string: {other:?}"),
         }
     }
@@ -325,7 +327,7 @@ mod tests {
         );
         assert_eq!(
             header(first, properties::STATUS_HEADER),
-            Some(&AMQPValue::LongInt(200))
+            Some(&HeaderValue::LongInt(200))
         );
         // Dead letters: the refused reply_to and the malformed command, each
         // with its delivery's tag, its code and the command's own body.
@@ -414,7 +416,7 @@ mod tests {
         assert_eq!(out.replies.len(), 1);
         assert_eq!(
             header(&out.replies[0], properties::STATUS_HEADER),
-            Some(&AMQPValue::LongInt(500))
+            Some(&HeaderValue::LongInt(500))
         );
         let (dead, tag) = &out.dead_letters[0];
         assert_eq!(*tag, 9);

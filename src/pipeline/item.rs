@@ -2,7 +2,8 @@
 //! once when it arrives.
 
 use super::plan::Input;
-use crate::broker::{properties, Delivery};
+use super::ports::Delivery;
+use crate::broker::properties;
 use crate::contract::{self, command, Command, CommandName, Incoming, Rejection};
 use crate::trace::{self, TraceHeaders};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
@@ -29,7 +30,13 @@ pub(super) struct Item {
 }
 
 impl Item {
-    pub fn new(delivery: Delivery, reply_prefixes: &[String], batch: &tracing::Span) -> Self {
+    /// `random`: fresh trace and span IDs, for a command that starts a trace.
+    pub fn new(
+        delivery: Delivery,
+        reply_prefixes: &[String],
+        batch: &tracing::Span,
+        random: impl FnOnce() -> [u8; 24],
+    ) -> Self {
         let p = &delivery.properties;
         let (reply_to, refused_reply_to) = match properties::short(p.reply_to()) {
             Some(r) if contract::reply_to_allowed(r, reply_prefixes) => (Some(r.to_string()), None),
@@ -38,11 +45,11 @@ impl Item {
         };
         let incoming = Incoming {
             kind: properties::short(p.kind()),
-            routing_key: delivery.routing_key.as_str(),
+            routing_key: &delivery.routing_key,
             content_type: properties::short(p.content_type()),
             message_id: properties::short(p.message_id()),
             correlation_id: properties::short(p.correlation_id()),
-            body: &delivery.data,
+            body: &delivery.body,
         };
         let name = CommandName::parse(incoming.kind());
         let decoded = contract::decode(incoming);
@@ -70,10 +77,10 @@ impl Item {
             if own.is_valid() {
                 own
             } else {
-                trace::continue_or_start(parent.as_ref(), trace::random_ids)
+                trace::continue_or_start(parent.as_ref(), random)
             }
         } else {
-            trace::continue_or_start(parent.as_ref(), trace::random_ids)
+            trace::continue_or_start(parent.as_ref(), random)
         };
         span.record("trace_id", tracing::field::display(trace.trace_id()));
         Item {
@@ -101,7 +108,7 @@ impl Item {
     }
 
     pub fn tag(&self) -> u64 {
-        self.delivery.delivery_tag
+        self.delivery.tag
     }
 
     /// The reply's `type`: `<command>.reply`, or `error.reply` when the command is unknown.

@@ -41,6 +41,11 @@ use std::time::{Duration, Instant};
 /// How long a row read once may decide batches without being read again.
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 
+/// Tokio's clock, which a simulation's paused runtime drives.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// What the worker's batches have read, shared by its consumers.
 #[derive(Clone)]
 pub struct SharedKnown(Arc<Mutex<Known>>);
@@ -58,11 +63,11 @@ impl SharedKnown {
     }
 
     pub fn recall(&self, keys: &Keys<'_>) -> Option<Loaded> {
-        self.with(|k| k.recall(keys, Instant::now()))
+        self.with(|k| k.recall(keys, now()))
     }
 
     pub fn learn(&self, loaded: &Loaded) {
-        self.with(|k| k.learn(loaded, Instant::now()))
+        self.with(|k| k.learn(loaded, now()))
     }
 
     pub fn forget(&self, keys: &Keys<'_>) {

@@ -1,44 +1,47 @@
-//! One batch of deliveries, left to right: decode (`item`) → load → `plan`
-//! (pure) → commit → `answer` (pure) → `publish` (confirmed) → ack (`acks`),
-//! with the failure `policy` around it and each answer tallied (`tally`). A
-//! batch that fails for a reason other than an outage is split, so one poison
-//! command cannot block the others. This module only orchestrates.
+//! One batch of deliveries, left to right: decode (`item`) → load or recall
+//! (`basis`) → `plan` (pure) → commit → `answer` (pure) → `publish`
+//! (confirmed) → ack (`acks`), with the failure `policy` around it and each
+//! answer tallied (`tally`). A batch that fails for a reason other than an
+//! outage is split, so one poison command cannot block the others. The broker,
+//! the store and the clock are `ports`; this module only orchestrates.
 
 mod acks;
 mod answer;
+mod basis;
+#[cfg(feature = "sim-bugs")]
+pub mod bugs;
 mod item;
 pub mod known;
 pub mod plan;
 pub mod policy;
+pub mod ports;
 mod publish;
 mod tally;
 
 pub use answer::{POISON_CODE, REPLY_TO_NOT_ALLOWED};
+pub use ports::{Delivery, SessionLost};
 
-use crate::broker::{properties, Channel, Delivery, Publisher};
+use crate::broker::properties;
 use crate::config::Settings;
-use crate::records::Loaded;
-use crate::store::{Batch, ConfirmedEvents, Store, StoreError};
+use crate::store::{ConfirmedEvents, StoreError};
 use crate::telemetry::{self, Report};
 use answer::{Answer, Routes};
 use item::Item;
 use known::SharedKnown;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use plan::{Input, Plan};
 use policy::{Failure, Verdict};
-use publish::{Dispatcher, Publications, Sent, Settled};
+use ports::{Broker, Ports, World};
+use publish::{Dispatcher, Sent, Settled};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// The broker connection or a channel is gone: rebuild the session. Unacked
     /// deliveries return to the queue by themselves.
-    #[error("broker session lost")]
-    Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Broker(#[from] SessionLost),
     /// Shutting down and the grace period ran out while the database was
     /// unavailable: the deliveries are left unacked for redelivery.
     #[error("gave up on held commands at shutdown; they will be redelivered")]
@@ -46,11 +49,11 @@ pub enum BatchError {
 }
 
 /// A batch after its commit, its publications sent, their confirms not yet in.
-pub struct Committed {
+pub struct Committed<B: Broker> {
     items: Vec<Item>,
     span: tracing::Span,
     started: Instant,
-    sent: Sent,
+    sent: Sent<B>,
     publications: usize,
     publishing: Instant,
     publish_span: tracing::Span,
@@ -64,52 +67,61 @@ pub struct FailedBatch {
     error: StoreError,
 }
 
-pub enum Prepared {
-    Committed(Committed),
+pub enum Prepared<B: Broker> {
+    Committed(Committed<B>),
     Failed(FailedBatch),
 }
 
-pub struct Pipeline {
-    store: Store,
+/// What one consumer's pipeline is made of.
+pub struct Parts<P: Ports> {
+    pub store: P::Store,
     /// Events confirmed whose outbox rows the next commit deletes; shared with
     /// the worker's other consumers and its relay.
-    confirmed: ConfirmedEvents,
+    pub confirmed: ConfirmedEvents,
     /// Tokens and profiles earlier batches read; shared with the other consumers.
-    known: SharedKnown,
-    dispatcher: Dispatcher,
-    acks: Channel,
+    pub known: SharedKnown,
+    pub broker: P::Broker,
+    pub world: Arc<P::World>,
     /// The lane this consumer takes from (`interactive`, `bulk`), for the metrics.
-    lane: &'static str,
-    /// This channel's poison deliveries waiting out their pause (`acks`).
-    held: acks::Held,
-    settings: Arc<Settings>,
-    shutdown: CancellationToken,
+    pub lane: &'static str,
+    pub settings: Arc<Settings>,
+    pub shutdown: CancellationToken,
     /// The connection's negotiated frame size: a dead letter's properties must
     /// fit one frame, or the broker closes the connection (FRAME_ERROR).
-    frame_max: usize,
+    pub frame_max: usize,
 }
 
-impl Pipeline {
-    pub fn new(
-        (store, confirmed, known): (Store, ConfirmedEvents, SharedKnown),
-        publisher: Publisher,
-        (acks, lane): (Channel, &'static str),
-        settings: Arc<Settings>,
-        shutdown: CancellationToken,
-        frame_max: usize,
-    ) -> Self {
+pub struct Pipeline<P: Ports> {
+    parts: Parts<P>,
+    dispatcher: Dispatcher<P::Broker>,
+    /// This channel's poison deliveries waiting out their pause (`acks`).
+    held: acks::Held,
+    #[cfg(feature = "sim-bugs")]
+    bug: Option<bugs::Bug>,
+}
+
+impl<P: Ports> Pipeline<P> {
+    pub fn new(parts: Parts<P>) -> Self {
         Pipeline {
-            frame_max,
-            dispatcher: Dispatcher::new(publisher, confirmed.clone()),
-            confirmed,
-            known,
-            store,
-            acks,
-            lane,
+            dispatcher: Dispatcher::new(parts.broker.clone(), parts.confirmed.clone()),
             held: acks::Held::default(),
-            settings,
-            shutdown,
+            parts,
+            #[cfg(feature = "sim-bugs")]
+            bug: None,
         }
+    }
+
+    /// A pipeline with a bug this project has fixed put back, for the
+    /// simulation to show it finds it (`tests/simulation`).
+    #[cfg(feature = "sim-bugs")]
+    pub fn with_bug(mut self, bug: Option<bugs::Bug>) -> Self {
+        self.bug = bug;
+        self
+    }
+
+    #[cfg(feature = "sim-bugs")]
+    fn has_bug(&self, bug: bugs::Bug) -> bool {
+        self.bug == Some(bug)
     }
 
     /// The first half of a batch: decode, then load, plan and commit (transient
@@ -121,33 +133,48 @@ impl Pipeline {
     /// The batch's span is the parent of its commands' spans, given explicitly
     /// rather than entered: entering it on every poll of the batch measurably
     /// slowed single-command batches (BENCHMARKS.md).
-    pub async fn prepare(&self, deliveries: Vec<Delivery>) -> Result<Prepared, BatchError> {
+    pub async fn prepare(
+        &self,
+        deliveries: Vec<Delivery>,
+    ) -> Result<Prepared<P::Broker>, BatchError> {
         let started = Instant::now();
         let span = tracing::info_span!("batch", commands = deliveries.len());
-        let prefixes = &self.settings.broker.reply_to_prefixes;
+        let prefixes = &self.parts.settings.broker.reply_to_prefixes;
+        let world = &*self.parts.world;
         let items: Vec<Item> = deliveries
             .into_iter()
-            .map(|d| Item::new(d, prefixes, &span))
+            .map(|d| Item::new(d, prefixes, &span, || world.trace_ids()))
             .collect();
         stage("decode", started.elapsed());
-        self.commit_items(items, span, started).await
+        #[cfg(feature = "sim-bugs")]
+        if self.has_bug(bugs::Bug::AckBeforeCommit) {
+            for item in &items {
+                self.parts.broker.ack(item.tag(), false).await?;
+            }
+        }
+        self.commit_and_send(items, span, started).await
     }
 
-    async fn commit_items(
+    /// Commits the batch (transient failures retried) and sends its
+    /// publications; their confirms are [`Pipeline::complete`]'s.
+    async fn commit_and_send(
         &self,
         items: Vec<Item>,
         span: tracing::Span,
         started: Instant,
-    ) -> Result<Prepared, BatchError> {
-        let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
+    ) -> Result<Prepared<P::Broker>, BatchError> {
+        let settings = &self.parts.settings;
+        let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
         let committing = Instant::now();
-        let pace = self.settings.worker.db_retry();
+        let pace = settings.worker.db_retry();
         let commit = telemetry::exported_span(
             || tracing::info_span!(parent: &span, "commit", otel.name = "commit", db.system = "postgresql"),
         );
-        match policy::retry_transient(&self.shutdown, grace, pace, || self.commit_batch(&items))
-            .instrument(commit)
-            .await
+        match policy::retry_transient(&self.parts.shutdown, grace, pace, || {
+            self.commit_batch(&items)
+        })
+        .instrument(commit)
+        .await
         {
             Ok((out, answers)) => {
                 stage("database", committing.elapsed());
@@ -180,7 +207,7 @@ impl Pipeline {
     /// The second half: await every confirm, settle what was refused, ack. A
     /// consumer completes its batches in the order it prepared them, so a
     /// `multiple` ack never covers a delivery of a batch that is not done.
-    pub async fn complete(&self, c: Committed) -> Result<(), BatchError> {
+    pub async fn complete(&self, c: Committed<P::Broker>) -> Result<(), BatchError> {
         let Committed {
             items,
             span,
@@ -206,7 +233,7 @@ impl Pipeline {
         );
         metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
         for (item, answer) in items.iter().zip(answers) {
-            tally::record(item, answer, self.lane);
+            tally::record(item, answer, self.parts.lane);
         }
         let tags: Vec<u64> = items.iter().map(Item::tag).collect();
         let acking = Instant::now();
@@ -233,7 +260,7 @@ impl Pipeline {
 
     async fn handle_alone(&self, item: Item, batch: &tracing::Span) -> Result<(), BatchError> {
         match self
-            .commit_items(vec![item], batch.clone(), Instant::now())
+            .commit_and_send(vec![item], batch.clone(), Instant::now())
             .await?
         {
             Prepared::Committed(c) => self.complete(c).await,
@@ -250,20 +277,17 @@ impl Pipeline {
     /// broker refuses an ack naming a tag that is already settled, and a
     /// `multiple` ack skips the rejected ones below it.
     async fn finish(&self, settled: Settled, tags: &[u64]) -> Result<(), BatchError> {
+        #[cfg(feature = "sim-bugs")]
+        if self.has_bug(bugs::Bug::AckBeforeCommit) {
+            // Acked in `prepare` already.
+            return Ok(());
+        }
+        let broker = &self.parts.broker;
         for &t in &settled.reject {
-            self.acks
-                .basic_reject(t, BasicRejectOptions { requeue: false })
-                .await?;
+            broker.reject(t, false).await?;
         }
         for a in acks::to_send(tags, &settled.reject, self.held.lowest()) {
-            self.acks
-                .basic_ack(
-                    a.tag,
-                    BasicAckOptions {
-                        multiple: a.multiple,
-                    },
-                )
-                .await?;
+            broker.ack(a.tag, a.multiple).await?;
         }
         Ok(())
     }
@@ -274,16 +298,18 @@ impl Pipeline {
     /// gone back to the queue with it.
     fn redeliver_after(&self, tag: u64, pause: Duration) {
         self.held.hold(tag);
-        let (channel, held, shutdown) =
-            (self.acks.clone(), self.held.clone(), self.shutdown.clone());
+        let (broker, held, shutdown) = (
+            self.parts.broker.clone(),
+            self.held.clone(),
+            self.parts.shutdown.clone(),
+        );
         tokio::spawn(async move {
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                biased;
                 _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
             }
-            let _ = channel
-                .basic_reject(tag, BasicRejectOptions { requeue: true })
-                .await;
+            let _ = broker.reject(tag, true).await;
             held.release(tag);
         });
     }
@@ -291,11 +317,12 @@ impl Pipeline {
     /// A command that fails for a reason other than its input or an outage
     /// (see `policy`).
     async fn poison(&self, item: Item, error: StoreError) -> Result<(), BatchError> {
-        let limit = u64::from(self.settings.broker.delivery_limit);
+        let settings = &self.parts.settings;
+        let limit = u64::from(settings.broker.delivery_limit);
         let (attempt, verdict) =
             policy::after_failure(properties::delivery_count(&item.delivery.properties), limit);
         let pause = (verdict == Verdict::Redeliver)
-            .then(|| policy::redelivery_pause(attempt, self.settings.worker.poison_retry()));
+            .then(|| policy::redelivery_pause(attempt, settings.worker.poison_retry()));
         tracing::error!(
             parent: &item.span,
             outcome = if verdict == Verdict::GiveUp { "failed" } else { "retry" },
@@ -312,121 +339,15 @@ impl Pipeline {
         let reason = format!("failed on {attempt} deliveries: {}", Report(&error));
         let (out, answer) = answer::failed(&item, &reason, self.routes());
         let settled = self.dispatcher.publish(out).await?;
-        tally::record(&item, answer, self.lane);
+        tally::record(&item, answer, self.parts.lane);
         self.finish(settled, &[item.tag()]).await
     }
 
     fn routes(&self) -> Routes<'_> {
         Routes {
-            broker: &self.settings.broker,
-            frame_max: self.frame_max,
+            broker: &self.parts.settings.broker,
+            frame_max: self.parts.frame_max,
         }
-    }
-
-    /// One attempt at the database part. Returns what to publish and how each
-    /// command was answered.
-    ///
-    /// A batch whose every token and profile an earlier batch read is decided
-    /// on those, without a load, when the commit can check them all (`known`):
-    /// if one changed, it is forgotten and the batch loaded and decided again.
-    async fn commit_batch(
-        &self,
-        items: &[Item],
-    ) -> Result<(Publications, Vec<Answer>), StoreError> {
-        let inputs: Vec<Input> = items.iter().map(Item::input).collect();
-        let keys = plan::keys(&inputs);
-        let mut db = self.store.batch(&self.confirmed).await?;
-        if let Some(loaded) = self.known.recall(&keys) {
-            match self.decide(&mut db, &inputs, loaded, true).await {
-                Ok(Some(plan)) => {
-                    decided("known");
-                    return Ok(answer::batch(items, &plan, self.routes()));
-                }
-                // A rejection, which the commit would not check: load.
-                Ok(None) => {}
-                Err(e) => {
-                    self.known.forget(&keys);
-                    // A changed row, or an email another worker claimed (which
-                    // only a load would have shown): decide again on a load.
-                    if !(e.is_rows_changed() || e.is_serialization_failure()) {
-                        return Err(e);
-                    }
-                    decided("changed");
-                }
-            }
-        }
-        // A row written between the load and the commit fails the commit too:
-        // load again at once, a few times, before leaving it to the retries.
-        let mut changed = 0;
-        loop {
-            let loading = Instant::now();
-            let loaded = db
-                .load(&keys.access_token_ids, &keys.profile_ids, &keys.message_ids)
-                .await?;
-            stage("load", loading.elapsed());
-            self.known.learn(&loaded);
-            match self.decide(&mut db, &inputs, loaded, false).await {
-                Ok(plan) => {
-                    decided("loaded");
-                    let plan = plan.expect("a loaded batch's plan always stands");
-                    return Ok(answer::batch(items, &plan, self.routes()));
-                }
-                Err(e) if e.is_rows_changed() && changed < 3 => changed += 1,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Plans the batch on `loaded`, commits it (checking the rows' versions),
-    /// and answers the records another transaction won from that one's.
-    /// `None`, committing nothing, when `from_known` and the plan rests on a
-    /// decision the commit would not check ([`Plan::only_records`]).
-    async fn decide(
-        &self,
-        db: &mut Batch<'_>,
-        inputs: &[Input<'_>],
-        mut loaded: Loaded,
-        from_known: bool,
-    ) -> Result<Option<Plan>, StoreError> {
-        let planning = Instant::now();
-        let versions = std::mem::take(&mut loaded.versions);
-        let w = &self.settings.worker;
-        let mut plan = plan::plan(
-            inputs,
-            loaded,
-            plan::Params {
-                now_ms: crate::store::epoch_millis(SystemTime::now()),
-                default_verification_url: w.verification_url(),
-                email_cooldown_secs: w.email_cooldown_secs,
-            },
-            Uuid::new_v4,
-        );
-        if from_known && !plan.only_records() {
-            return Ok(None);
-        }
-        let cooldown = Duration::from_secs(w.email_cooldown_secs);
-        let committing = Instant::now();
-        stage("plan", committing - planning);
-        let lost = db.commit(&plan.records, &versions, cooldown).await?;
-        stage("commit", committing.elapsed());
-        self.known.note_emails(
-            plan.records
-                .iter()
-                .enumerate()
-                .filter(|(n, _)| !lost.contains(n))
-                .filter_map(|(_, r)| r.email.as_ref()),
-        );
-        if !lost.is_empty() {
-            // Another transaction committed these message_ids first: answer from its record.
-            let ids: Vec<&str> = lost
-                .iter()
-                .filter_map(|&r| plan.records[r].message_id.as_deref())
-                .collect();
-            let stored = db.stored_replies(&ids).await?;
-            plan::resolve_lost(&mut plan, &lost, stored)
-                .map_err(|e| StoreError::transient("commit", e.to_string()))?;
-        }
-        Ok(Some(plan))
     }
 }
 

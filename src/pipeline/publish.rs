@@ -4,7 +4,8 @@
 //! then dropped and counted; an event stays in the outbox for the relay; a dead
 //! letter is handed to the queue's own dead-lettering.
 
-use crate::broker::{Outgoing, Publisher};
+use super::ports::{Broker, SessionLost};
+use crate::broker::Outgoing;
 use crate::config::BrokerSettings;
 use crate::records::OutboxEvent;
 use crate::store::ConfirmedEvents;
@@ -46,13 +47,13 @@ impl Publications {
 }
 
 /// A batch's publications, sent; their confirms not yet awaited.
-pub(super) struct Sent {
+pub struct Sent<B: Broker> {
     /// Kept to retry the ones the broker refuses.
     replies: Vec<Outgoing>,
     event_ids: Vec<Uuid>,
     dead_tags: Vec<u64>,
     /// Replies', then events', then dead letters' confirms.
-    confirms: Vec<lapin::PublisherConfirm>,
+    confirms: B::Confirms,
 }
 
 /// What the broker's confirms left to do.
@@ -64,15 +65,15 @@ pub(super) struct Settled {
 }
 
 /// Publishes on one confirm channel and settles what the broker refused.
-pub(super) struct Dispatcher {
-    publisher: Publisher,
+pub(super) struct Dispatcher<B: Broker> {
+    publisher: B,
     /// Where confirmed events go, for the next commit to delete their rows.
     confirmed: ConfirmedEvents,
     reply_retries: Arc<Semaphore>,
 }
 
-impl Dispatcher {
-    pub fn new(publisher: Publisher, confirmed: ConfirmedEvents) -> Self {
+impl<B: Broker> Dispatcher<B> {
+    pub fn new(publisher: B, confirmed: ConfirmedEvents) -> Self {
         Dispatcher {
             publisher,
             confirmed,
@@ -81,7 +82,7 @@ impl Dispatcher {
     }
 
     /// Publishes everything and waits for every confirm.
-    pub async fn publish(&self, out: Publications) -> Result<Settled, lapin::Error> {
+    pub async fn publish(&self, out: Publications) -> Result<Settled, SessionLost> {
         let sent = self.send(out).await?;
         self.confirm(sent).await
     }
@@ -89,7 +90,7 @@ impl Dispatcher {
     /// Publishes everything without waiting for the confirms, so a batch's
     /// replies leave as soon as it is committed, even while the batch before it
     /// on the same consumer still waits for its own confirms.
-    pub async fn send(&self, out: Publications) -> Result<Sent, lapin::Error> {
+    pub async fn send(&self, out: Publications) -> Result<Sent<B>, SessionLost> {
         let Publications {
             replies,
             events,
@@ -97,11 +98,12 @@ impl Dispatcher {
         } = out;
         let confirms = self
             .publisher
-            .send_each(
+            .send(
                 replies
                     .iter()
                     .chain(events.iter().map(|(o, _)| o))
-                    .chain(dead_letters.iter().map(|(o, _)| o)),
+                    .chain(dead_letters.iter().map(|(o, _)| o))
+                    .collect(),
             )
             .await?;
         Ok(Sent {
@@ -114,14 +116,14 @@ impl Dispatcher {
 
     /// Waits for every confirm of what [`Dispatcher::send`] published and
     /// settles what the broker refused.
-    pub async fn confirm(&self, sent: Sent) -> Result<Settled, lapin::Error> {
+    pub async fn confirm(&self, sent: Sent<B>) -> Result<Settled, SessionLost> {
         let Sent {
             replies,
             event_ids,
             dead_tags,
             confirms,
         } = sent;
-        let acked = crate::broker::confirmed(confirms).await?;
+        let acked = self.publisher.confirmed(confirms).await?;
         let (n_replies, n_events) = (replies.len(), event_ids.len());
         let refused_replies: Vec<Outgoing> = replies
             .into_iter()
@@ -192,7 +194,7 @@ impl Dispatcher {
                             .collect();
                     }
                     Err(e) => {
-                        drop_replies(pending.len() as u64, &crate::broker::describe(&e));
+                        drop_replies(pending.len() as u64, &e.to_string());
                         return;
                     }
                 }

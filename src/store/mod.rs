@@ -97,6 +97,24 @@ impl StoreError {
         }
     }
 
+    /// A commit's finding that a row changed since the batch was decided on
+    /// it, as the server reports it (a store other than PostgreSQL's says so
+    /// with this).
+    pub fn rows_changed(context: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            sqlstate: Some(ROWS_CHANGED.into()),
+            ..StoreError::transient(context, message)
+        }
+    }
+
+    /// A commit's email claim another transaction took first (SQLSTATE 40001).
+    pub fn serialization_failure(context: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            sqlstate: Some("40001".into()),
+            ..StoreError::transient(context, message)
+        }
+    }
+
     pub fn permanent(context: &'static str, message: impl Into<String>) -> Self {
         StoreError {
             kind: ErrorKind::Permanent,

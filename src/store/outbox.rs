@@ -25,11 +25,11 @@ impl ConfirmedEvents {
 
     /// Takes them all, for a statement that deletes them; give them back with
     /// [`ConfirmedEvents::add`] if it fails.
-    pub(super) fn take(&self) -> Vec<Uuid> {
+    pub fn take(&self) -> Vec<Uuid> {
         std::mem::take(&mut *self.lock())
     }
 
-    pub(super) fn snapshot(&self) -> HashSet<Uuid> {
+    pub fn snapshot(&self) -> HashSet<Uuid> {
         self.lock().iter().copied().collect()
     }
 

@@ -5,6 +5,7 @@
 //! shutdown, rebuilding the broker session after any failure (`session`), with
 //! the expiry sweep beside it (`sweep`).
 
+mod adapters;
 mod gather;
 pub mod lanes;
 mod session;

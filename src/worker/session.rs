@@ -2,6 +2,7 @@
 //! the outbox relay), rebuilt with jittered backoff whenever the connection or
 //! a channel fails, until shutdown.
 
+use super::adapters::{self, Amqp, Real};
 use super::gather;
 use super::lanes::{InHand, Lane, Lanes};
 use crate::broker::{self, properties, Connection, Delivery, Nodes, Publisher, TopologyError};
@@ -9,7 +10,8 @@ use crate::config::Settings;
 use crate::ops::Health;
 use crate::outbox;
 use crate::pipeline::known::SharedKnown;
-use crate::pipeline::{BatchError, Pipeline, Prepared};
+use crate::pipeline::ports::SystemWorld;
+use crate::pipeline::{BatchError, Parts, Pipeline, Prepared, SessionLost};
 use crate::store::{ConfirmedEvents, Store};
 use crate::telemetry::{self, Report};
 use futures_util::StreamExt;
@@ -31,6 +33,8 @@ enum SessionError {
     Topology(#[from] TopologyError),
     #[error("broker session lost")]
     Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Lost(#[from] SessionLost),
     #[error("the broker cancelled the consumer")]
     Cancelled,
     #[error("a batch's completion task failed")]
@@ -140,10 +144,14 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
     let _ = channel.close(200, "declared".into()).await;
 
     let relay_stop = CancellationToken::new();
+    let relay_publisher = Publisher::open(conn).await?;
     let relay = tokio::spawn(outbox::relay_loop(
         store.clone(),
         shared.confirmed.clone(),
-        Publisher::open(conn).await?,
+        Amqp {
+            publisher: relay_publisher.clone(),
+            acks: None,
+        },
         settings.clone(),
         relay_stop.clone(),
     ));
@@ -196,6 +204,7 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
         depths.abort();
     }
     let _ = relay.await;
+    relay_publisher.close().await;
     let _ = depths.await;
     result
 }
@@ -305,14 +314,20 @@ async fn consume(
     let mut consumer = consumer.peekable();
     let batch_wait = Duration::from_millis(settings.worker.batch_wait_ms);
     let consuming = health.consuming();
-    let pipeline = Arc::new(Pipeline::new(
-        (store.clone(), confirmed.clone(), known.clone()),
-        publisher.clone(),
-        (channel.clone(), kind.as_str()),
-        settings.clone(),
-        shutdown.clone(),
-        conn.configuration().frame_max() as usize,
-    ));
+    let pipeline = Arc::new(Pipeline::<Real>::new(Parts {
+        store: store.clone(),
+        confirmed: confirmed.clone(),
+        known: known.clone(),
+        broker: Amqp {
+            publisher: publisher.clone(),
+            acks: Some(channel.clone()),
+        },
+        world: Arc::new(SystemWorld),
+        lane: kind.as_str(),
+        settings: settings.clone(),
+        shutdown: shutdown.clone(),
+        frame_max: conn.configuration().frame_max() as usize,
+    }));
     // Bulk deliveries taken from the stream but not yet admitted.
     let mut carried: Vec<Delivery> = Vec::new();
     // The batch whose publications are waiting for their confirms: it completes
@@ -389,7 +404,9 @@ async fn consume(
         record_waits(kind, &batch, received);
         let prepared = {
             let _in_db = in_db.enter();
-            pipeline.prepare(batch).await
+            pipeline
+                .prepare(batch.into_iter().map(adapters::delivery).collect())
+                .await
         };
         let prepared = match prepared {
             Ok(p) => p,

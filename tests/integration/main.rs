@@ -4,6 +4,7 @@
 //! own (tests/faults.rs). `TEST_LOG=1` shows the workers' logs.
 
 mod access_tokens;
+mod architecture;
 mod bad_input;
 mod commands;
 mod commit;

@@ -1,0 +1,61 @@
+//! The house's rules that the compiler does not check by itself: the pipeline
+//! reaches RabbitMQ and PostgreSQL only through its ports, and takes its
+//! clock and randomness through them too, so the simulation
+//! (tests/simulation) runs the same code the worker does.
+
+fn sources(dir: &str) -> Vec<(String, String)> {
+    let root = format!("{}/{dir}", env!("CARGO_MANIFEST_DIR"));
+    let mut out: Vec<(String, String)> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{root}: {e}"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            // The code, not its unit tests or comments.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let code: String = code
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            (p.display().to_string(), code)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_pipeline_names_no_broker_or_database_client() {
+    let files = sources("src/pipeline");
+    assert!(files.len() > 8, "{files:?}");
+    for (path, code) in &files {
+        for name in ["lapin", "tokio_postgres", "deadpool", "postgres_types"] {
+            assert!(
+                !code.contains(name),
+                "{path} names {name}: the pipeline reaches it only through pipeline/ports.rs"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_pipeline_takes_time_and_randomness_through_its_ports() {
+    for (path, code) in sources("src/pipeline") {
+        if path.ends_with("ports.rs") {
+            continue; // SystemWorld: the real ones, behind the port.
+        }
+        for call in [
+            "SystemTime::now",
+            "Uuid::new_v4",
+            "random_ids",
+            "getrandom",
+            "fastrand::",
+        ] {
+            assert!(
+                !code.contains(call),
+                "{path} calls {call}: decisions take it from ports::World"
+            );
+        }
+    }
+}
