@@ -163,37 +163,6 @@ pub struct BrokerAddress {
     pub amqp_ca_file: Option<std::path::PathBuf>,
 }
 
-impl BrokerAddress {
-    /// The broker's nodes: one URL, or several comma-separated (one cluster's
-    /// nodes, sharing vhost and user), each with the heartbeat and connection
-    /// timeout it does not set itself.
-    pub fn nodes(&self, heartbeat_secs: u16) -> Result<crate::broker::Nodes, ConfigError> {
-        let nodes = crate::broker::Nodes::parse(self.amqp_url.expose_secret(), |uri| {
-            uri.query.heartbeat.get_or_insert(heartbeat_secs);
-            uri.query.connection_timeout.get_or_insert(10_000);
-        })
-        .map_err(|e| ConfigError::new("AMQP_URL", e.to_string()))?;
-        self.tls()?;
-        Ok(nodes)
-    }
-
-    /// TLS settings for `amqps://`: the CA file's certificates, trusted besides
-    /// the system's.
-    pub fn tls(&self) -> Result<lapin::tcp::OwnedTLSConfig, ConfigError> {
-        let cert_chain =
-            match &self.amqp_ca_file {
-                None => None,
-                Some(ca) => Some(std::fs::read_to_string(ca).map_err(|e| {
-                    ConfigError::new("AMQP_CA_FILE", format!("{}: {e}", ca.display()))
-                })?),
-            };
-        Ok(lapin::tcp::OwnedTLSConfig {
-            identity: None,
-            cert_chain,
-        })
-    }
-}
-
 /// Where RabbitMQ is and what the topology is called (CONTRACT §1).
 #[derive(Args, Clone, Debug)]
 pub struct BrokerSettings {
@@ -320,10 +289,21 @@ impl BrokerSettings {
         format!("{}.dead", self.email_queue)
     }
 
-    /// The broker's nodes (see [`BrokerAddress::nodes`]), once every name
-    /// and prefix is checked.
-    pub fn validate(&self) -> Result<crate::broker::Nodes, ConfigError> {
-        let nodes = self.address.nodes(self.heartbeat_secs)?;
+    /// `<command exchange>.unrouted`: the command exchange's alternate
+    /// exchange, so a command whose routing key names no command reaches the
+    /// queue and is answered.
+    pub fn unrouted_exchange(&self) -> String {
+        format!("{}.unrouted", self.command_exchange)
+    }
+
+    /// `<bulk exchange>.unrouted`: the bulk exchange's alternate exchange.
+    pub fn bulk_unrouted_exchange(&self) -> String {
+        format!("{}.unrouted", self.bulk_exchange)
+    }
+
+    /// Checks every name and prefix (the address is the broker's to parse:
+    /// `broker::nodes`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, value) in [
             ("COMMAND_EXCHANGE", &self.command_exchange),
             ("COMMAND_QUEUE", &self.command_queue),
@@ -348,8 +328,8 @@ impl BrokerSettings {
         // Names made from those: a name over 255 bytes would be cut (or
         // refused by the broker) instead of declared as the operator wrote it.
         for (name, derived) in [
-            ("COMMAND_EXCHANGE", crate::broker::unrouted_exchange(self)),
-            ("BULK_EXCHANGE", crate::broker::bulk_unrouted_exchange(self)),
+            ("COMMAND_EXCHANGE", self.unrouted_exchange()),
+            ("BULK_EXCHANGE", self.bulk_unrouted_exchange()),
             ("EMAIL_EXCHANGE", self.email_dead_letter_exchange()),
             ("EMAIL_QUEUE", self.email_dead_letter_queue()),
         ] {
@@ -398,7 +378,7 @@ impl BrokerSettings {
                 ));
             }
         }
-        Ok(nodes)
+        Ok(())
     }
 }
 
@@ -614,30 +594,7 @@ pub struct Settings {
     pub worker: WorkerSettings,
 }
 
-/// Settings checked once, in the forms the worker connects with.
-pub struct Checked {
-    pub database: (tokio_postgres::Config, TlsSettings),
-    pub amqp: crate::broker::Nodes,
-    pub amqp_tls: lapin::tcp::OwnedTLSConfig,
-    /// `None` when the operations endpoint is off.
-    pub http_addr: Option<std::net::SocketAddr>,
-}
-
 impl Settings {
-    /// Checks every setting; the first problem names its setting.
-    pub fn check(&self) -> Result<Checked, ConfigError> {
-        let database = self.database.validate()?;
-        let amqp = self.broker.validate()?;
-        let amqp_tls = self.broker.address.tls()?;
-        self.worker.validate()?;
-        Ok(Checked {
-            database,
-            amqp,
-            amqp_tls,
-            http_addr: self.worker.http_addr()?,
-        })
-    }
-
     /// Every environment variable `run` reads: its settings', the logging ones
     /// every subcommand reads (`LOG_FORMAT`, `RUST_LOG`) and the standard
     /// `OTEL_*` ones its span export honours (docs/OPERATIONS.md lists each).
@@ -752,19 +709,11 @@ mod tests {
         assert_eq!(tls.mode, SslMode::Disable);
     }
 
-    #[test]
-    fn an_amqp_url_may_list_a_clusters_nodes() {
-        let mut s = Settings::from_env();
-        s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://u:p@b:5682/%2f".into();
-        let nodes = s.broker.validate().unwrap();
-        assert_eq!(nodes.all(), "a:5681,b:5682");
-        s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://v:p@b:5682/%2f".into();
-        let e = s.broker.validate().unwrap_err();
-        assert_eq!(e.setting, "AMQP_URL");
-        assert!(
-            e.problem.contains("same") || e.problem.contains("share"),
-            "{e}"
-        );
+    /// What config checks itself (the broker's address is `broker::nodes`'s).
+    fn check(s: &Settings) -> Result<(), ConfigError> {
+        s.database.validate()?;
+        s.broker.validate()?;
+        s.worker.validate()
     }
 
     /// The defaults, and the one setting without a default.
@@ -778,31 +727,28 @@ mod tests {
     fn bad_urls_name_the_setting() {
         let mut s = settings();
         s.database.database_url = "mysql://x".into();
-        assert_eq!(s.check().err().unwrap().setting, "DATABASE_URL");
-        let mut s = settings();
-        s.broker.address.amqp_url = "http://nope".into();
-        assert_eq!(s.check().err().unwrap().setting, "AMQP_URL");
+        assert_eq!(check(&s).err().unwrap().setting, "DATABASE_URL");
         let mut s = settings();
         s.worker.verification_url = Some("relative/path".into());
-        assert_eq!(s.check().err().unwrap().setting, "VERIFICATION_URL");
+        assert_eq!(check(&s).err().unwrap().setting, "VERIFICATION_URL");
         let mut s = settings();
         s.worker.http_addr = "localhost".into();
-        assert_eq!(s.check().err().unwrap().setting, "HTTP_ADDR");
+        assert_eq!(check(&s).err().unwrap().setting, "HTTP_ADDR");
         s.worker.http_addr = "OFF".into();
         assert_eq!(s.worker.http_addr().unwrap(), None);
         let mut s = settings();
         s.worker.db_retry_max_ms = 50;
-        assert_eq!(s.check().err().unwrap().setting, "DB_RETRY_MAX_MS");
+        assert_eq!(check(&s).err().unwrap().setting, "DB_RETRY_MAX_MS");
         let mut s = settings();
         s.worker.poison_retry_max_ms = 100;
-        assert_eq!(s.check().err().unwrap().setting, "POISON_RETRY_MAX_MS");
+        assert_eq!(check(&s).err().unwrap().setting, "POISON_RETRY_MAX_MS");
     }
 
     #[test]
     fn verification_url_has_no_default_and_plain_http_only_on_loopback() {
         let mut s = settings();
         s.worker.verification_url = None;
-        let e = s.check().err().unwrap();
+        let e = check(&s).err().unwrap();
         assert_eq!(e.setting, "VERIFICATION_URL");
         assert!(e.problem.starts_with("not set"), "{e}");
         for ok in [

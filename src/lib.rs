@@ -13,7 +13,6 @@ pub mod config;
 pub mod contract;
 pub mod domain;
 pub mod ops;
-pub mod outbox;
 pub mod pipeline;
 pub mod records;
 pub mod render;

@@ -21,8 +21,8 @@ struct Cli {
 enum Cmd {
     /// Declare the topology, apply migrations, consume until SIGTERM/SIGINT.
     Run(Box<cli::run::RunArgs>),
-    /// Apply pending migrations and exit.
-    Migrate(DatabaseSettings),
+    /// Apply pending migrations and exit (`--status`: list them, change nothing).
+    Migrate(cli::migrate::MigrateArgs),
     /// Upsert tenants, access tokens and profiles from a seed file and exit.
     Seed {
         /// JSON seed file (CONTRACT §8).
@@ -114,7 +114,7 @@ async fn run_cli() -> ExitCode {
     };
     let result = match cli.command {
         Cmd::Run(args) => cli::run::run(args.settings).await,
-        Cmd::Migrate(db) => cli::migrate::migrate(db).await,
+        Cmd::Migrate(args) => cli::migrate::migrate(args).await,
         Cmd::Seed { file, db } => cli::seed::seed(file, db).await,
         Cmd::Send {
             command,

@@ -8,6 +8,14 @@ use crate::domain::{AccessToken, Profile, Tenant, Ticket, VerificationToken};
 use std::collections::HashMap;
 use uuid::Uuid;
 
+/// The trace headers of a message the worker publishes (W3C Trace Context;
+/// `trace` reads and writes them, the pure core only carries them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
+}
+
 /// An event as the outbox keeps it until the broker confirms it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
@@ -81,6 +89,16 @@ pub struct EmailClaim {
     pub at_ms: i64,
 }
 
+/// What a command created besides its idempotency record: one row, in the
+/// table of its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// A refusal that is remembered: the record alone.
+    Nothing,
+    Ticket(Ticket),
+    VerificationToken(VerificationToken),
+}
+
 /// One command's effect, to be written atomically with all others of its batch.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
@@ -88,8 +106,7 @@ pub struct NewRecord {
     pub command: &'static str,
     pub fingerprint: Fingerprint,
     pub reply: Reply,
-    pub ticket: Option<Ticket>,
-    pub token: Option<VerificationToken>,
+    pub created: Created,
     /// Set when the email cooldown is on and this record requests an email.
     pub email: Option<EmailClaim>,
     pub events: Vec<OutboxEvent>,

@@ -8,7 +8,7 @@ use crate::contract::{
 };
 use crate::domain::Outcome;
 use crate::records::OutboxEvent;
-use crate::trace::TraceHeaders;
+use crate::records::TraceHeaders;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {

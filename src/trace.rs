@@ -15,12 +15,7 @@ use std::collections::HashMap;
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
-/// The trace headers of a message the worker publishes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TraceHeaders {
-    pub traceparent: String,
-    pub tracestate: Option<String>,
-}
+pub use crate::records::TraceHeaders;
 
 /// A command's headers as the propagator reads them.
 struct Headers<'a>(Option<&'a FieldTable>);

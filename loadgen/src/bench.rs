@@ -49,8 +49,10 @@ impl Setup {
             names.dead_letter_queue_max_length = 0;
             names.dead_letter_queue_max_bytes = 0;
         }
-        let nodes = names
+        names
             .validate()
+            .map_err(|e| BenchError::Usage(e.to_string()))?;
+        let nodes = broker::nodes(&names.address, names.heartbeat_secs)
             .map_err(|e| BenchError::Usage(e.to_string()))?;
         let store = Store::connect(&DatabaseSettings {
             database_url: db_url.as_str().into(),

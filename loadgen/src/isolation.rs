@@ -105,7 +105,9 @@ pub fn ceiling_email_queue(prefix: &str) -> String {
 
 async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<()> {
     let n = names(prefix, amqp_url, 1, 1);
-    let uri = n.validate().map_err(|e| BenchError::Usage(e.to_string()))?;
+    n.validate().map_err(|e| BenchError::Usage(e.to_string()))?;
+    let uri = broker::nodes(&n.address, n.heartbeat_secs)
+        .map_err(|e| BenchError::Usage(e.to_string()))?;
     let conn = broker::connect(uri.first(), &Default::default())
         .await
         .map_err(|e| BenchError::broker("AMQP_URL", e))?;
@@ -129,9 +131,9 @@ async fn remove_prefixed(amqp_url: &str, prefix: &str) -> Result<()> {
     }
     for x in [
         n.command_exchange.clone(),
-        broker::unrouted_exchange(&n),
+        n.unrouted_exchange(),
         n.bulk_exchange.clone(),
-        broker::bulk_unrouted_exchange(&n),
+        n.bulk_unrouted_exchange(),
         n.dead_letter_exchange.clone(),
         n.events_exchange.clone(),
         n.email_exchange.clone(),

@@ -17,11 +17,10 @@ pub type Properties = lapin::BasicProperties;
 /// A header table of those properties, and one of its values.
 pub type Headers = lapin::types::FieldTable;
 pub type HeaderValue = lapin::types::AMQPValue;
-pub use nodes::{split_urls, Nodes, NodesError};
+pub use nodes::{nodes, split_urls, tls, Nodes, NodesError};
 pub use publisher::{confirmed, Outgoing, PublishError, Publisher};
 pub use topology::{
-    bulk_queue_arguments, bulk_unrouted_exchange, command_queue_arguments, declare,
-    email_queue_arguments, unrouted_exchange, TopologyError,
+    bulk_queue_arguments, command_queue_arguments, declare, email_queue_arguments, TopologyError,
 };
 
 use lapin::uri::AMQPUri;

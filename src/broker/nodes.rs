@@ -142,8 +142,63 @@ pub fn try_order(len: usize, start: usize) -> impl Iterator<Item = usize> {
     (0..len).map(move |k| (start + k) % len.max(1))
 }
 
+/// The broker's nodes from the operator's address: one URL, or several
+/// comma-separated (one cluster's nodes, sharing vhost and user), each with the
+/// heartbeat and connection timeout it does not set itself.
+pub fn nodes(
+    address: &crate::config::BrokerAddress,
+    heartbeat_secs: u16,
+) -> Result<Nodes, crate::config::ConfigError> {
+    use secrecy::ExposeSecret;
+    let nodes = Nodes::parse(address.amqp_url.expose_secret(), |uri| {
+        uri.query.heartbeat.get_or_insert(heartbeat_secs);
+        uri.query.connection_timeout.get_or_insert(10_000);
+    })
+    .map_err(|e| crate::config::ConfigError::new("AMQP_URL", e.to_string()))?;
+    tls(address)?;
+    Ok(nodes)
+}
+
+/// TLS settings for `amqps://`: the CA file's certificates, trusted besides
+/// the system's.
+pub fn tls(
+    address: &crate::config::BrokerAddress,
+) -> Result<lapin::tcp::OwnedTLSConfig, crate::config::ConfigError> {
+    let cert_chain = match &address.amqp_ca_file {
+        None => None,
+        Some(ca) => Some(std::fs::read_to_string(ca).map_err(|e| {
+            crate::config::ConfigError::new("AMQP_CA_FILE", format!("{}: {e}", ca.display()))
+        })?),
+    };
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_amqp_url_may_list_a_clusters_nodes() {
+        let mut s = crate::config::Settings::from_env();
+        s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://u:p@b:5682/%2f".into();
+        let n = super::nodes(&s.broker.address, 10).unwrap();
+        assert_eq!(n.all(), "a:5681,b:5682");
+        s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://v:p@b:5682/%2f".into();
+        let e = super::nodes(&s.broker.address, 10).unwrap_err();
+        assert_eq!(e.setting, "AMQP_URL");
+        assert!(
+            e.problem.contains("same") || e.problem.contains("share"),
+            "{e}"
+        );
+        s.broker.address.amqp_url = "http://nope".into();
+        assert_eq!(
+            super::nodes(&s.broker.address, 10).unwrap_err().setting,
+            "AMQP_URL"
+        );
+    }
+
     use super::*;
 
     #[test]

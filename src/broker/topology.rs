@@ -148,23 +148,12 @@ fn limits(args: &mut FieldTable, max_length: u64, max_bytes: u64) {
     }
 }
 
-/// `<command exchange>.unrouted`: the command exchange's alternate exchange.
-pub fn unrouted_exchange(s: &BrokerSettings) -> String {
-    format!("{}.unrouted", s.command_exchange)
-}
-
-/// `<bulk exchange>.unrouted`: the bulk exchange's alternate exchange, so an
-/// unknown command in the bulk lane is answered there too.
-pub fn bulk_unrouted_exchange(s: &BrokerSettings) -> String {
-    format!("{}.unrouted", s.bulk_exchange)
-}
-
 pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), TopologyError> {
     // Commands whose routing key names no command would be dropped by the direct
     // exchange; its alternate exchange routes them to the queue instead, so they get
     // an UNKNOWN_COMMAND reply and a dead letter rather than vanishing.
-    let unrouted = unrouted_exchange(s);
-    let bulk_unrouted = bulk_unrouted_exchange(s);
+    let unrouted = s.unrouted_exchange();
+    let bulk_unrouted = s.bulk_unrouted_exchange();
     let (email_dlx, email_dead) = (s.email_dead_letter_exchange(), s.email_dead_letter_queue());
     let alternate = |to: &str| {
         let mut args = FieldTable::default();

@@ -57,8 +57,8 @@ const HEARTBEAT_SECS: u16 = 10;
 
 /// The broker connection every one of these commands starts with.
 pub async fn connect(settings: &BrokerAddress) -> anyhow::Result<lapin::Connection> {
-    let nodes = settings.nodes(HEARTBEAT_SECS)?;
-    let tls = settings.tls()?;
+    let nodes = profile_worker::broker::nodes(settings, HEARTBEAT_SECS)?;
+    let tls = profile_worker::broker::tls(settings)?;
     let (conn, _) = nodes
         .connect(&tls, nodes.random_start())
         .await

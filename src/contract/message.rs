@@ -141,10 +141,44 @@ pub mod routing {
     pub const EMAIL_REQUESTED: &str = "email.requested";
 }
 
-/// Whether an event goes to the email exchange, which only the email dispatcher
-/// reads, rather than to the events exchange, which any subscriber may read.
+/// The events there are. Adding one is a variant here, and the compiler then
+/// asks for its routing key, its exchange and how its body is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter)]
+pub enum EventKind {
+    TicketCreated,
+    VerificationTokenCreated,
+    EmailRequested,
+}
+
+impl EventKind {
+    pub fn routing_key(self) -> &'static str {
+        match self {
+            EventKind::TicketCreated => routing::TICKET_CREATED,
+            EventKind::VerificationTokenCreated => routing::VERIFICATION_TOKEN_CREATED,
+            EventKind::EmailRequested => routing::EMAIL_REQUESTED,
+        }
+    }
+
+    /// The event a routing key names; `None` for one this version does not know.
+    pub fn parse(routing_key: &str) -> Option<EventKind> {
+        use strum::IntoEnumIterator;
+        EventKind::iter().find(|k| k.routing_key() == routing_key)
+    }
+
+    /// Whether it goes to the email exchange, which only the email dispatcher
+    /// reads (it carries the verification link), rather than to the events
+    /// exchange, which any subscriber may read.
+    pub fn is_email(self) -> bool {
+        match self {
+            EventKind::EmailRequested => true,
+            EventKind::TicketCreated | EventKind::VerificationTokenCreated => false,
+        }
+    }
+}
+
+/// Whether an event goes to the email exchange ([`EventKind::is_email`]).
 pub fn is_email(routing_key: &str) -> bool {
-    routing_key == routing::EMAIL_REQUESTED
+    EventKind::parse(routing_key).is_some_and(EventKind::is_email)
 }
 
 /// An event's body as it may leave on its exchange. Bodies this version renders
@@ -169,14 +203,13 @@ pub fn publishable_event_body<'a>(
         let old: Old = serde_json::from_str(body).ok()?;
         serde_json::to_string(&New::from(&old)).ok().map(Cow::Owned)
     }
-    match routing_key {
-        routing::TICKET_CREATED => reshape::<TicketCreated, TicketCreatedEvent>(body),
-        routing::VERIFICATION_TOKEN_CREATED => {
+    // An unknown event is not published where anyone reads.
+    match EventKind::parse(routing_key)? {
+        EventKind::TicketCreated => reshape::<TicketCreated, TicketCreatedEvent>(body),
+        EventKind::VerificationTokenCreated => {
             reshape::<VerificationTokenCreated, VerificationTokenCreatedEvent>(body)
         }
-        routing::EMAIL_REQUESTED => Some(Cow::Borrowed(body)),
-        // No other event exists; an unknown one is not published where anyone reads.
-        _ => None,
+        EventKind::EmailRequested => Some(Cow::Borrowed(body)),
     }
 }
 

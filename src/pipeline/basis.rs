@@ -48,7 +48,7 @@ impl<P: Ports> Pipeline<P> {
         let inputs: Vec<Input> = items.iter().map(Item::input).collect();
         let keys = plan::keys(&inputs);
         let known = &self.parts.known;
-        let mut db = self.parts.store.batch(&self.parts.confirmed).await?;
+        let mut db = self.parts.store.batch().await?;
         if let Some(rows) = known.recall(&keys) {
             match self
                 .plan_and_commit(&mut db, &inputs, Basis::Known(rows))
@@ -76,9 +76,10 @@ impl<P: Ports> Pipeline<P> {
         let mut reloads = 0;
         loop {
             let loading = Instant::now();
-            let loaded = db
+            let mut loaded = db
                 .load(&keys.access_token_ids, &keys.profile_ids, &keys.message_ids)
                 .await?;
+            self.drop_confirmed(&mut loaded);
             stage("load", loading.elapsed());
             known.learn(&loaded);
             match self
@@ -93,6 +94,24 @@ impl<P: Ports> Pipeline<P> {
                 Err(e) if e.is_rows_changed() && reloads < RELOADS => reloads += 1,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Events already confirmed are not pending, whatever their rows say
+    /// until the next commit deletes them. Read only when there are earlier
+    /// events, which most batches have none of.
+    fn drop_confirmed(&self, loaded: &mut Loaded) {
+        if loaded
+            .processed
+            .values()
+            .all(|p| p.pending_events.is_empty())
+        {
+            return;
+        }
+        let confirmed = self.parts.confirmed.snapshot();
+        for p in loaded.processed.values_mut() {
+            p.pending_events
+                .retain(|e| !confirmed.contains(&e.event_id));
         }
     }
 
@@ -128,7 +147,18 @@ impl<P: Ports> Pipeline<P> {
         let cooldown = Duration::from_secs(w.email_cooldown_secs);
         let committing = Instant::now();
         stage("plan", committing - planning);
-        let lost = db.commit(&plan.records, &versions, cooldown).await?;
+        // The confirmed events' rows go with this commit, or back for the next.
+        let confirmed = self.parts.confirmed.take();
+        let lost = match db
+            .commit(&plan.records, &versions, &confirmed, cooldown)
+            .await
+        {
+            Ok(lost) => lost,
+            Err(e) => {
+                self.parts.confirmed.add(confirmed);
+                return Err(e);
+            }
+        };
         stage("commit", committing.elapsed());
         self.parts.known.note_emails(
             plan.records

@@ -7,9 +7,9 @@
 use crate::contract::command::Fingerprint;
 use crate::contract::{Command, ErrorCode, Rejection, Reply};
 use crate::domain::{self, Outcome, Tenant};
-use crate::records::{EmailClaim, Loaded, NewRecord, StoredReply};
+use crate::records::TraceHeaders;
+use crate::records::{Created, EmailClaim, Loaded, NewRecord, StoredReply};
 use crate::render;
-use crate::trace::TraceHeaders;
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
@@ -185,15 +185,17 @@ pub fn plan(
             Outcome::Rejected(r) => Some(r.code),
             _ => None,
         };
-        let (ticket, token) = match outcome {
-            Outcome::TicketCreated(t) => (Some(t), None),
-            Outcome::VerificationTokenCreated(t, _) => (None, Some(t)),
-            Outcome::Rejected(_) => (None, None),
+        let created = match outcome {
+            Outcome::TicketCreated(t) => Created::Ticket(t),
+            Outcome::VerificationTokenCreated(t, _) => Created::VerificationToken(t),
+            Outcome::Rejected(_) => Created::Nothing,
         };
         // A later command of this batch for the same profile and purpose sees
         // this email, as it would after the commit.
-        let email = match (&token, email_key, purpose) {
-            (Some(t), Some(key), Some(purpose)) if settings.email_cooldown_secs > 0 => {
+        let email = match (&created, email_key, purpose) {
+            (Created::VerificationToken(t), Some(key), Some(purpose))
+                if settings.email_cooldown_secs > 0 =>
+            {
                 loaded.last_emails.insert(key, t.timestamp);
                 Some(EmailClaim {
                     profile_id: t.profile_id.clone(),
@@ -215,8 +217,7 @@ pub fn plan(
             command: command.name().as_str(),
             fingerprint,
             reply: rendered.reply,
-            ticket,
-            token,
+            created,
             email,
             events: rendered.events,
         });

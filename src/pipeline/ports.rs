@@ -8,7 +8,7 @@
 
 use crate::broker::{Outgoing, Properties};
 use crate::records::{Loaded, NewRecord, OutboxEvent, StoredReply, Versions};
-use crate::store::{ConfirmedEvents, StoreError};
+use crate::store::StoreError;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
@@ -77,17 +77,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     where
         Self: 'a;
 
-    /// A batch's connection. `confirmed` are the events whose rows its commit
-    /// deletes, and which its load does not count as pending.
-    fn batch<'a>(
-        &'a self,
-        confirmed: &'a ConfirmedEvents,
-    ) -> impl Future<Output = Result<Self::Batch<'a>, StoreError>> + Send;
+    /// A batch's connection, for its load and its commit.
+    fn batch(&self) -> impl Future<Output = Result<Self::Batch<'_>, StoreError>> + Send;
 }
 
 /// One batch's round trips.
 pub trait StoreBatch: Send + Sync {
-    /// The tokens, profiles and earlier replies a batch refers to.
+    /// The tokens, profiles and earlier replies a batch refers to (each reply
+    /// with its events still in the outbox, confirmed ones included).
     fn load(
         &self,
         token_ids: &[&str],
@@ -97,12 +94,13 @@ pub trait StoreBatch: Send + Sync {
 
     /// Writes the batch in one transaction if every row in `versions` is
     /// unchanged (else an error for which `is_rows_changed` holds, nothing
-    /// written), deleting the confirmed events' rows on the way. Returns the
+    /// written), deleting the `confirmed` events' rows on the way. Returns the
     /// records whose message_id another transaction committed first.
     fn commit(
         &mut self,
         records: &[NewRecord],
         versions: &Versions,
+        confirmed: &[Uuid],
         email_cooldown: Duration,
     ) -> impl Future<Output = Result<HashSet<usize>, StoreError>> + Send;
 
@@ -117,12 +115,6 @@ pub trait StoreBatch: Send + Sync {
 
 /// The outbox's rows, as the relay sees them (`crate::outbox`).
 pub trait OutboxRows: Clone + Send + Sync + 'static {
-    /// Deletes the confirmed events' rows, when no commit came to do it.
-    fn flush_confirmed(
-        &self,
-        confirmed: &ConfirmedEvents,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
-
     /// Rows not yet deleted, confirmed ones included.
     fn pending(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 

@@ -4,11 +4,11 @@
 //! then dropped and counted; an event stays in the outbox for the relay; a dead
 //! letter is handed to the queue's own dead-lettering.
 
+use super::outbox::ConfirmedEvents;
 use super::ports::{Broker, SessionLost};
 use crate::broker::Outgoing;
 use crate::config::BrokerSettings;
 use crate::records::OutboxEvent;
-use crate::store::ConfirmedEvents;
 use crate::telemetry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +36,7 @@ impl Publications {
     /// An outbox event, on its exchange (`outbox::event_message`); one that is
     /// withheld keeps its row and is not published.
     pub fn push_event(&mut self, broker: &BrokerSettings, e: &OutboxEvent) {
-        if let Some(m) = crate::outbox::event_message(broker, e) {
+        if let Some(m) = super::outbox::event_message(broker, e) {
             self.events.push((m, e.event_id));
         }
     }

@@ -7,10 +7,12 @@ use super::rows::{
     EmailClaimRow, LoadedEmail, LoadedEvent, LoadedProfile, LoadedReply, LoadedToken, OutboxRow,
     ProfileVersionRow, RecordRow, TicketRow, TokenVersionRow, VerificationTokenRow,
 };
-use super::{access_token_hash, to_system_time, ConfirmedEvents, Store, StoreError};
+use super::{access_token_hash, to_system_time, Store, StoreError};
 use crate::contract::Reply;
 use crate::domain::{AccessToken, Profile, Tenant, TenantPermission};
-use crate::records::{Loaded, NewRecord, OutboxEvent, ProfileVersion, StoredReply, Versions};
+use crate::records::{
+    Created, Loaded, NewRecord, OutboxEvent, ProfileVersion, StoredReply, Versions,
+};
 use std::collections::{HashMap, HashSet};
 
 /// Everything a batch reads, in one statement (see the file's comments).
@@ -19,10 +21,9 @@ const LOAD: &str = include_str!("sql/load.sql");
 const COMMIT: &str = include_str!("sql/commit.sql");
 
 /// One batch's connection, checked out once for the load and the commit together.
-pub struct Batch<'a> {
+pub struct Batch {
     /// `None` only once dropped.
     client: Option<deadpool_postgres::Object>,
-    confirmed: &'a ConfirmedEvents,
     /// The server answered that it is read-only (a standby, or a primary set
     /// read-only): the connection leaves the pool instead of being handed out
     /// again, so the next one is opened afresh (and, with
@@ -31,18 +32,16 @@ pub struct Batch<'a> {
 }
 
 impl Store {
-    /// A batch's connection. `confirmed` are the events whose rows its commit
-    /// deletes, and which its load does not count as pending.
-    pub async fn batch<'a>(&self, confirmed: &'a ConfirmedEvents) -> Result<Batch<'a>, StoreError> {
+    /// A batch's connection, for its load and its commit.
+    pub async fn batch(&self) -> Result<Batch, StoreError> {
         Ok(Batch {
             client: Some(self.client("connect").await?),
-            confirmed,
             read_only: Default::default(),
         })
     }
 }
 
-impl Drop for Batch<'_> {
+impl Drop for Batch {
     fn drop(&mut self) {
         if self.read_only.load(std::sync::atomic::Ordering::Relaxed) {
             if let Some(client) = self.client.take() {
@@ -53,7 +52,7 @@ impl Drop for Batch<'_> {
     }
 }
 
-impl Batch<'_> {
+impl Batch {
     fn client(&self) -> &deadpool_postgres::Object {
         self.client
             .as_ref()
@@ -176,17 +175,8 @@ impl Batch<'_> {
                 },
             );
         }
-        // Confirmed but not yet deleted: not pending. Only read when there are
-        // earlier events, which most batches have none of.
-        let confirmed = if pending.is_empty() {
-            HashSet::new()
-        } else {
-            self.confirmed.snapshot()
-        };
+        // Confirmed ones included: the pipeline knows which those are.
         for e in pending {
-            if confirmed.contains(&e.event_id) {
-                continue;
-            }
             if let Some(stored) = loaded.processed.get_mut(&e.message_id) {
                 stored.pending_events.push(OutboxEvent {
                     event_id: e.event_id,
@@ -206,8 +196,8 @@ impl Batch<'_> {
         Ok(loaded)
     }
 
-    /// Writes the batch in one transaction, deleting the rows of the events
-    /// confirmed since the last commit on the way, if every token and profile
+    /// Writes the batch in one transaction, deleting the rows of the
+    /// `confirmed` events on the way, if every token and profile
     /// row is still the version in `versions` (else a [`StoreError`] for which
     /// [`StoreError::is_rows_changed`] holds, and nothing is written). A record whose message_id
     /// another transaction committed first (two workers, or a publisher retry
@@ -216,22 +206,6 @@ impl Batch<'_> {
     /// `email_cooldown` is how old the last email of a record's email claim must be.
     pub async fn commit(
         &mut self,
-        records: &[NewRecord],
-        versions: &Versions,
-        email_cooldown: std::time::Duration,
-    ) -> Result<HashSet<usize>, StoreError> {
-        let confirmed = self.confirmed.take();
-        let result = self
-            .write(records, versions, &confirmed, email_cooldown)
-            .await;
-        if result.is_err() {
-            self.confirmed.add(confirmed);
-        }
-        result
-    }
-
-    async fn write(
-        &self,
         records: &[NewRecord],
         versions: &Versions,
         confirmed: &[uuid::Uuid],
@@ -328,23 +302,22 @@ impl<'a> Rows<'a> {
                 reply: &r.reply.body,
                 fingerprint: &r.fingerprint,
             });
-            if let Some(t) = &r.ticket {
-                rows.tickets.push(TicketRow {
+            match &r.created {
+                Created::Ticket(t) => rows.tickets.push(TicketRow {
                     n,
                     id: t.id,
                     tenant: &t.tenant,
                     profile_id: &t.profile_id,
                     last_request_time: to_system_time(t.last_request_time),
-                });
-            }
-            if let Some(t) = &r.token {
-                rows.tokens.push(VerificationTokenRow {
+                }),
+                Created::VerificationToken(t) => rows.tokens.push(VerificationTokenRow {
                     n,
                     id: t.id,
                     tenant: &t.tenant,
                     profile_id: &t.profile_id,
                     timestamp: to_system_time(t.timestamp),
-                });
+                }),
+                Created::Nothing => {}
             }
             rows.events.extend(r.events.iter().map(|e| OutboxRow {
                 n,

@@ -9,43 +9,48 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "initial",
-        sql: include_str!("../../migrations/0001_initial.sql"),
+/// Every file of `migrations/`, in order (listed by build.rs).
+const MIGRATIONS: &[Migration] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
+
+impl Migration {
+    /// What `schema_migrations.checksum` holds for it: the SHA-256 of its SQL.
+    fn checksum(&self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.sql.as_bytes()).to_vec()
+    }
+}
+
+/// One embedded migration against the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    pub version: i32,
+    pub name: &'static str,
+    pub state: MigrationState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationState {
+    Pending,
+    /// Applied, with the file's checksum (`None`: applied before checksums
+    /// were kept; `migrate` records it).
+    Applied {
+        at: String,
+        checksum: Option<bool>,
     },
-    Migration {
-        version: 2,
-        name: "outbox_traceparent",
-        sql: include_str!("../../migrations/0002_outbox_traceparent.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "hardening",
-        sql: include_str!("../../migrations/0003_hardening.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "outbox_tracestate",
-        sql: include_str!("../../migrations/0004_outbox_tracestate.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "access_token_admin",
-        sql: include_str!("../../migrations/0005_access_token_admin.sql"),
-    },
-    Migration {
-        version: 6,
-        name: "batch_row_types",
-        sql: include_str!("../../migrations/0006_batch_row_types.sql"),
-    },
-    Migration {
-        version: 7,
-        name: "row_versions",
-        sql: include_str!("../../migrations/0007_row_versions.sql"),
-    },
-];
+}
+
+impl MigrationStatus {
+    /// Applied, and its file changed since: a release must never edit one.
+    pub fn changed(&self) -> bool {
+        matches!(
+            self.state,
+            MigrationState::Applied {
+                checksum: Some(false),
+                ..
+            }
+        )
+    }
+}
 
 /// Arbitrary, fixed: "profile-worker migrations".
 const LOCK_KEY: i64 = 0x7072_6f66_696c_6501;
@@ -59,31 +64,67 @@ const RUNTIME_GRANTS: &[&str] = &[
 ];
 
 impl Store {
-    /// Versions not yet applied, without any DDL (so a role without DDL rights
-    /// can ask).
-    pub async fn pending_migrations(&self) -> Result<Vec<i32>, StoreError> {
+    /// Every embedded migration, applied or pending, with its checksum checked
+    /// against what was applied; no DDL (a role without DDL rights may ask).
+    pub async fn migration_status(&self) -> Result<Vec<MigrationStatus>, StoreError> {
         let client = self.client("migrate").await?;
         let err = |e| StoreError::pg("migrate", e);
         let exists: bool = client
-            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .query_one(
+                "SELECT to_regclass('schema_migrations') IS NOT NULL AS present",
+                &[],
+            )
             .await
             .map_err(err)?
-            .get(0);
-        let applied: Vec<i32> = if exists {
-            client
-                .query("SELECT version FROM schema_migrations", &[])
+            .get("present");
+        let mut applied: std::collections::HashMap<i32, (String, Option<String>)> =
+            Default::default();
+        if exists {
+            // Through jsonb, so a table from before checksums reads as none.
+            for row in client
+                .query(
+                    "SELECT version, applied_at::text AS at, to_jsonb(m)->>'checksum' AS checksum \
+                     FROM schema_migrations m",
+                    &[],
+                )
                 .await
                 .map_err(err)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
-        } else {
-            vec![]
-        };
+            {
+                applied.insert(
+                    row.get("version"),
+                    (row.get("at"), row.get::<_, Option<String>>("checksum")),
+                );
+            }
+        }
         Ok(MIGRATIONS
             .iter()
+            .map(|m| MigrationStatus {
+                version: m.version,
+                name: m.name,
+                state: match applied.get(&m.version) {
+                    None => MigrationState::Pending,
+                    Some((at, stored)) => MigrationState::Applied {
+                        at: at.clone(),
+                        checksum: stored
+                            .as_deref()
+                            .map(|hex| hex == format!("\\x{}", to_hex(&m.checksum()))),
+                    },
+                },
+            })
+            .collect())
+    }
+
+    /// Versions not yet applied. An applied migration whose file changed
+    /// since is an error: the schema is not what this build expects.
+    pub async fn pending_migrations(&self) -> Result<Vec<i32>, StoreError> {
+        let status = self.migration_status().await?;
+        if let Some(m) = status.iter().find(|m| m.changed()) {
+            return Err(changed(m));
+        }
+        Ok(status
+            .iter()
+            .filter(|m| m.state == MigrationState::Pending)
             .map(|m| m.version)
-            .filter(|v| !applied.contains(v))
             .collect())
     }
 
@@ -102,9 +143,19 @@ impl Store {
     }
 
     /// Applies pending migrations; returns the versions applied now. Runs no
-    /// DDL at all when nothing is pending.
+    /// DDL at all when nothing is pending and every checksum is recorded.
     pub async fn migrate(&self) -> Result<Vec<i32>, StoreError> {
-        if self.pending_migrations().await?.is_empty() {
+        let status = self.migration_status().await?;
+        let recorded = status.iter().all(|m| {
+            !matches!(
+                m.state,
+                MigrationState::Applied { checksum: None, .. } | MigrationState::Pending
+            )
+        });
+        if let Some(m) = status.iter().find(|m| m.changed()) {
+            return Err(changed(m));
+        }
+        if recorded {
             return Ok(vec![]);
         }
         let mut client = self.client("migrate").await?;
@@ -120,24 +171,52 @@ impl Store {
                      CREATE TABLE IF NOT EXISTS schema_migrations (
                         version    integer PRIMARY KEY,
                         name       text NOT NULL,
-                        applied_at timestamptz NOT NULL DEFAULT now())",
+                        applied_at timestamptz NOT NULL DEFAULT now(),
+                        checksum   bytea);
+                     ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum bytea",
                 )
                 .await
                 .map_err(err)?;
-            let applied: Vec<i32> = client
-                .query("SELECT version FROM schema_migrations", &[])
+            let applied: std::collections::HashMap<i32, Option<Vec<u8>>> = client
+                .query("SELECT version, checksum FROM schema_migrations", &[])
                 .await
                 .map_err(err)?
                 .iter()
-                .map(|r| r.get(0))
+                .map(|r| (r.get("version"), r.get("checksum")))
                 .collect();
+            // An applied file that changed stops everything; one applied
+            // before checksums were kept has its checksum recorded now.
+            for m in MIGRATIONS {
+                match applied.get(&m.version) {
+                    Some(Some(sum)) if *sum != m.checksum() => {
+                        return Err(changed(&MigrationStatus {
+                            version: m.version,
+                            name: m.name,
+                            state: MigrationState::Pending,
+                        }))
+                    }
+                    Some(None) => {
+                        client
+                            .execute(
+                                "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                                &[&m.version, &m.checksum()],
+                            )
+                            .await
+                            .map_err(err)?;
+                    }
+                    _ => {}
+                }
+            }
             let mut now_applied = Vec::new();
-            for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+            for m in MIGRATIONS
+                .iter()
+                .filter(|m| !applied.contains_key(&m.version))
+            {
                 let tx = client.transaction().await.map_err(err)?;
                 tx.batch_execute(m.sql).await.map_err(err)?;
                 tx.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    &[&m.version, &m.name],
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    &[&m.version, &m.name, &m.checksum()],
                 )
                 .await
                 .map_err(err)?;
@@ -153,4 +232,18 @@ impl Store {
             .await;
         result
     }
+}
+
+fn changed(m: &MigrationStatus) -> StoreError {
+    StoreError::permanent(
+        "migrate",
+        format!(
+            "migration {} ({}) was applied from a different file: a release must never edit an applied migration; restore migrations/{:04}_{}.sql as it was and add a new one",
+            m.version, m.name, m.version, m.name
+        ),
+    )
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -5,6 +5,7 @@ mod access_tokens;
 mod batch;
 mod maintenance;
 mod migrate;
+pub use migrate::{MigrationState, MigrationStatus};
 mod outbox;
 mod rows;
 mod seed;
@@ -13,7 +14,6 @@ pub mod tls;
 pub use access_tokens::{AccessTokenInfo, Expires, NewAccessToken};
 pub use batch::Batch;
 pub use maintenance::{Retention, SweepReport};
-pub use outbox::ConfirmedEvents;
 pub use seed::{SeedFile, SeedReport, SeedTenantPermission};
 
 use crate::config::DatabaseSettings;
@@ -192,7 +192,7 @@ impl Store {
         Store::connect_checked(pg, &tls, settings)
     }
 
-    /// As [`Store::connect`], with `DATABASE_URL` already checked ([`crate::config::Settings::check`]).
+    /// As [`Store::connect`], with `DATABASE_URL` already checked (`DatabaseSettings::validate`).
     pub fn connect_checked(
         mut pg: tokio_postgres::Config,
         tls: &crate::config::TlsSettings,

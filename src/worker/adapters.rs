@@ -4,7 +4,7 @@
 use crate::broker::{self, Channel, Outgoing, Publisher};
 use crate::pipeline::ports::{self, Delivery, Ports, SessionLost, SystemWorld};
 use crate::records::{Loaded, NewRecord, OutboxEvent, Versions};
-use crate::store::{Batch, ConfirmedEvents, Store, StoreError};
+use crate::store::{Batch, Store, StoreError};
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -76,14 +76,14 @@ impl ports::Broker for Amqp {
 }
 
 impl ports::Store for Store {
-    type Batch<'a> = Batch<'a>;
+    type Batch<'a> = Batch;
 
-    async fn batch<'a>(&'a self, confirmed: &'a ConfirmedEvents) -> Result<Batch<'a>, StoreError> {
-        Store::batch(self, confirmed).await
+    async fn batch(&self) -> Result<Batch, StoreError> {
+        Store::batch(self).await
     }
 }
 
-impl ports::StoreBatch for Batch<'_> {
+impl ports::StoreBatch for Batch {
     async fn load(
         &self,
         token_ids: &[&str],
@@ -97,17 +97,14 @@ impl ports::StoreBatch for Batch<'_> {
         &mut self,
         records: &[NewRecord],
         versions: &Versions,
+        confirmed: &[Uuid],
         email_cooldown: Duration,
     ) -> Result<HashSet<usize>, StoreError> {
-        Batch::commit(self, records, versions, email_cooldown).await
+        Batch::commit(self, records, versions, confirmed, email_cooldown).await
     }
 }
 
 impl ports::OutboxRows for Store {
-    async fn flush_confirmed(&self, confirmed: &ConfirmedEvents) -> Result<u64, StoreError> {
-        Store::flush_confirmed(self, confirmed).await
-    }
-
     async fn pending(&self) -> Result<u64, StoreError> {
         self.outbox_pending().await
     }

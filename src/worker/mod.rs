@@ -15,7 +15,8 @@ use crate::broker::{self, Connection, Nodes};
 use crate::config::{ConfigError, Settings};
 use crate::ops::{Endpoint, EndpointError, Health, Ready};
 use crate::pipeline::known::SharedKnown;
-use crate::store::{ConfirmedEvents, Store, StoreError};
+use crate::pipeline::outbox::{self, ConfirmedEvents};
+use crate::store::{Store, StoreError};
 use crate::telemetry::Report;
 use lapin::tcp::OwnedTLSConfig;
 use std::net::SocketAddr;
@@ -57,6 +58,36 @@ pub enum RunError {
     Topology(#[from] broker::TopologyError),
 }
 
+/// Settings checked once, in the forms the worker connects with.
+struct Checked {
+    database: (tokio_postgres::Config, crate::config::TlsSettings),
+    amqp: Nodes,
+    amqp_tls: OwnedTLSConfig,
+    /// `None` when the operations endpoint is off.
+    http_addr: Option<std::net::SocketAddr>,
+}
+
+/// Checks every setting; the first problem names its setting.
+fn check(s: &Settings) -> Result<Checked, crate::config::ConfigError> {
+    let database = s.database.validate()?;
+    s.broker.validate()?;
+    let amqp = crate::broker::nodes(&s.broker.address, s.broker.heartbeat_secs)?;
+    let amqp_tls = crate::broker::tls(&s.broker.address)?;
+    s.worker.validate()?;
+    Ok(Checked {
+        database,
+        amqp,
+        amqp_tls,
+        http_addr: s.worker.http_addr()?,
+    })
+}
+
+/// Whether `run` would accept these settings (the first problem names its
+/// setting), without connecting to anything.
+pub fn check_settings(s: &Settings) -> Result<(), crate::config::ConfigError> {
+    check(s).map(|_| ())
+}
+
 /// A worker that is connected and has its listener bound, not yet consuming.
 pub struct Worker {
     settings: Arc<Settings>,
@@ -71,7 +102,7 @@ pub struct Worker {
 
 impl Worker {
     pub async fn build(settings: Settings) -> Result<Worker, BuildError> {
-        let checked = settings.check()?;
+        let checked = check(&settings)?;
         let endpoint = match checked.http_addr {
             Some(addr) => Some(Endpoint::bind(addr).await.map_err(BuildError::Http)?),
             None => None,
@@ -171,7 +202,7 @@ impl Worker {
         shutdown.cancel();
         let _ = stopping.await;
         let _ = sweeper.await;
-        if let Err(e) = store.flush_confirmed(&confirmed).await {
+        if let Err(e) = outbox::flush(&store, &confirmed).await {
             tracing::warn!(error = %Report(&e), "confirmed events left in the outbox; the relay will re-publish them once");
         }
         ops_stop.cancel();

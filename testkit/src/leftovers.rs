@@ -34,8 +34,8 @@ impl Leftovers {
                         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                         .await;
                 }
-                let unrouted = profile_worker::broker::unrouted_exchange(b);
-                let bulk_unrouted = profile_worker::broker::bulk_unrouted_exchange(b);
+                let unrouted = b.unrouted_exchange();
+                let bulk_unrouted = b.bulk_unrouted_exchange();
                 for x in [
                     &b.command_exchange,
                     &b.bulk_exchange,

@@ -59,3 +59,56 @@ fn the_pipeline_takes_time_and_randomness_through_its_ports() {
         }
     }
 }
+
+/// The pure core (the contract, the domain's rules, the records, rendering
+/// and the plan) is pure because nothing it names can do I/O: it names only
+/// itself, and no runtime, client, telemetry or randomness crate.
+#[test]
+fn the_pure_core_names_only_itself() {
+    let core = ["contract", "domain", "records", "render", "pipeline::plan"];
+    let mut files: Vec<(String, String)> = sources("src/contract");
+    for f in [
+        "src/domain.rs",
+        "src/render.rs",
+        "src/records.rs",
+        "src/pipeline/plan.rs",
+    ] {
+        let path = format!("{}/{f}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let code = text
+            .split("#[cfg(test)]")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        files.push((path, code));
+    }
+    for (path, code) in &files {
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            assert!(
+                core.iter().any(|m| rest.starts_with(m)),
+                "{path} names crate::{}: the pure core names only {core:?}",
+                rest.split(|c: char| !c.is_alphanumeric() && c != '_' && c != ':')
+                    .next()
+                    .unwrap_or_default()
+            );
+        }
+        for name in [
+            "lapin",
+            "tokio",
+            "opentelemetry",
+            "tracing",
+            "metrics",
+            "axum",
+            "reqwest",
+            "getrandom",
+            "fastrand",
+            "SystemTime",
+        ] {
+            assert!(
+                !code.contains(&format!("{name}::")) && !code.contains(&format!("{name}}}")),
+                "{path} names {name}: the pure core does no I/O"
+            );
+        }
+    }
+}

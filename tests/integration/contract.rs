@@ -52,10 +52,10 @@ fn broker_objects() -> (BTreeSet<String>, BTreeSet<&'static str>) {
     let names = [
         b.command_exchange.clone(),
         b.command_queue.clone(),
-        profile_worker::broker::unrouted_exchange(&b),
+        b.unrouted_exchange(),
         b.bulk_exchange.clone(),
         b.bulk_queue.clone(),
-        profile_worker::broker::bulk_unrouted_exchange(&b),
+        b.bulk_unrouted_exchange(),
         b.dead_letter_exchange.clone(),
         b.dead_letter_queue.clone(),
         b.events_exchange.clone(),

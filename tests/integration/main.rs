@@ -16,6 +16,7 @@ mod harness;
 mod hostile;
 mod known_rows;
 mod maintenance;
+mod migrations;
 mod ops;
 mod otlp;
 mod packaging;

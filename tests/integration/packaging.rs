@@ -3,6 +3,7 @@
 //! what keeps them honest: a renamed setting fails this test, not a deployment.
 
 use profile_worker::config::Settings;
+use profile_worker::worker::check_settings;
 use std::collections::BTreeSet;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -81,9 +82,9 @@ fn compose_worker_environment_names_are_settings() {
     s.worker.http_addr = value("HTTP_ADDR");
     s.worker.verification_url = Some(value("VERIFICATION_URL"));
     assert!(
-        s.check().is_ok(),
+        check_settings(&s).is_ok(),
         "compose's settings are valid: {:?}",
-        s.check().err()
+        check_settings(&s).err()
     );
     assert!(
         value("HTTP_ADDR").starts_with("0.0.0.0:"),

@@ -13,9 +13,10 @@ use profile_worker::config::Settings;
 use profile_worker::domain::{AccessToken, Profile, Tenant, TenantPermission};
 use profile_worker::pipeline::bugs::Bug;
 use profile_worker::pipeline::known::SharedKnown;
+use profile_worker::pipeline::outbox::ConfirmedEvents;
 use profile_worker::pipeline::ports::Ports;
 use profile_worker::pipeline::{Parts, Pipeline, Prepared};
-use profile_worker::store::{access_token_hash, ConfirmedEvents};
+use profile_worker::store::access_token_hash;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -227,7 +228,7 @@ impl Process {
             while !rstop.is_cancelled() {
                 let epoch = rsim.lock().broker.epoch(worker);
                 let session = rstop.child_token();
-                let run = tokio::spawn(profile_worker::outbox::relay_loop(
+                let run = tokio::spawn(profile_worker::pipeline::outbox::relay_loop(
                     SimStore(rsim.clone()),
                     confirmed.clone(),
                     SimBroker::publisher(&rsim, worker),

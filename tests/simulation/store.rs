@@ -11,9 +11,9 @@ use profile_worker::contract::Reply;
 use profile_worker::domain::{AccessToken, Profile, Tenant, Ticket, VerificationToken};
 use profile_worker::pipeline::ports::{self, OutboxRows};
 use profile_worker::records::{
-    Loaded, NewRecord, OutboxEvent, ProfileVersion, StoredReply, Versions,
+    Created, Loaded, NewRecord, OutboxEvent, ProfileVersion, StoredReply, Versions,
 };
-use profile_worker::store::{access_token_hash, ConfirmedEvents, StoreError};
+use profile_worker::store::{access_token_hash, StoreError};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 use uuid::Uuid;
@@ -66,9 +66,8 @@ impl StoreState {
 #[derive(Clone)]
 pub struct SimStore(pub Sim);
 
-pub struct SimBatch<'a> {
+pub struct SimBatch {
     sim: Sim,
-    confirmed: &'a ConfirmedEvents,
 }
 
 fn down(s: &mut State, what: &'static str) -> Result<(), StoreError> {
@@ -81,22 +80,18 @@ fn down(s: &mut State, what: &'static str) -> Result<(), StoreError> {
 }
 
 impl ports::Store for SimStore {
-    type Batch<'a> = SimBatch<'a>;
+    type Batch<'a> = SimBatch;
 
-    async fn batch<'a>(
-        &'a self,
-        confirmed: &'a ConfirmedEvents,
-    ) -> Result<SimBatch<'a>, StoreError> {
+    async fn batch(&self) -> Result<SimBatch, StoreError> {
         self.0.pause().await;
         down(&mut self.0.lock(), "connect")?;
         Ok(SimBatch {
             sim: self.0.clone(),
-            confirmed,
         })
     }
 }
 
-impl ports::StoreBatch for SimBatch<'_> {
+impl ports::StoreBatch for SimBatch {
     async fn load(
         &self,
         token_ids: &[&str],
@@ -135,7 +130,6 @@ impl ports::StoreBatch for SimBatch<'_> {
             );
             loaded.profiles.insert(p.id.clone(), p.clone());
         }
-        let confirmed = self.confirmed.snapshot();
         for id in message_ids {
             let Some(p) = st.processed.get(*id) else {
                 continue;
@@ -144,7 +138,6 @@ impl ports::StoreBatch for SimBatch<'_> {
                 .outbox
                 .values()
                 .filter(|(e, _)| e.message_id.as_deref() == Some(*id))
-                .filter(|(e, _)| !confirmed.contains(&e.event_id))
                 .map(|(e, _)| e.clone())
                 .collect();
             loaded.processed.insert(
@@ -171,30 +164,22 @@ impl ports::StoreBatch for SimBatch<'_> {
         &mut self,
         records: &[NewRecord],
         versions: &Versions,
+        confirmed: &[Uuid],
         email_cooldown: Duration,
     ) -> Result<HashSet<usize>, StoreError> {
         self.sim.pause().await;
         let mut s = self.sim.lock();
         down(&mut s, "commit")?;
-        let confirmed = self.confirmed.take();
-        match apply(&mut s, records, versions, &confirmed, email_cooldown) {
-            Ok(lost) => {
-                let p = s.faults.commit_result_lost;
-                if s.chance(p) {
-                    s.note("commit applied, its result lost".into());
-                    self.confirmed.add(confirmed);
-                    return Err(StoreError::transient(
-                        "commit",
-                        "connection lost after the commit (simulated)",
-                    ));
-                }
-                Ok(lost)
-            }
-            Err(e) => {
-                self.confirmed.add(confirmed);
-                Err(e)
-            }
+        let lost = apply(&mut s, records, versions, confirmed, email_cooldown)?;
+        let p = s.faults.commit_result_lost;
+        if s.chance(p) {
+            s.note("commit applied, its result lost".into());
+            return Err(StoreError::transient(
+                "commit",
+                "connection lost after the commit (simulated)",
+            ));
         }
+        Ok(lost)
     }
 }
 
@@ -278,13 +263,13 @@ fn apply(
                 check_authority(s, id);
             }
         }
-        if let Some(t) = &r.ticket {
-            s.store.tickets.push((t.clone(), r.message_id.clone()));
-        }
-        if let Some(t) = &r.token {
-            s.store
+        match &r.created {
+            Created::Ticket(t) => s.store.tickets.push((t.clone(), r.message_id.clone())),
+            Created::VerificationToken(t) => s
+                .store
                 .verification_tokens
-                .push((t.clone(), r.message_id.clone()));
+                .push((t.clone(), r.message_id.clone())),
+            Created::Nothing => {}
         }
         for e in &r.events {
             let mut e = e.clone();
@@ -329,18 +314,6 @@ fn check_authority(s: &mut State, message_id: &str) {
 }
 
 impl OutboxRows for SimStore {
-    async fn flush_confirmed(&self, confirmed: &ConfirmedEvents) -> Result<u64, StoreError> {
-        self.0.pause().await;
-        let mut s = self.0.lock();
-        down(&mut s, "outbox")?;
-        let ids = confirmed.take();
-        let mut n = 0;
-        for id in ids {
-            n += u64::from(s.store.outbox.remove(&id).is_some());
-        }
-        Ok(n)
-    }
-
     async fn pending(&self) -> Result<u64, StoreError> {
         Ok(self.0.lock().store.outbox.len() as u64)
     }

@@ -1,7 +1,7 @@
 //! The transactional outbox: how an event reaches the broker at least once.
 //!
 //! 1. The batch's commit writes each event's row in the same transaction as the
-//!    ticket or token it announces (`store::Batch::commit`).
+//!    ticket or token it announces (`ports::StoreBatch::commit`).
 //! 2. The pipeline publishes the event right after the commit; once the broker
 //!    confirms it, its ID joins the worker's [`ConfirmedEvents`] and its row is
 //!    deleted by the next commit, saving a transaction per batch.
@@ -13,17 +13,66 @@
 //! only with the database; it may be published twice (a crash between confirm
 //! and delete), which is why events carry their `event_id` as `message_id`.
 
+use super::ports::{Broker, OutboxRows, SessionLost};
 use crate::broker::{properties, Outgoing};
 use crate::config::{BrokerSettings, Settings};
 use crate::contract::message;
-use crate::pipeline::ports::{Broker, OutboxRows, SessionLost};
 use crate::records::OutboxEvent;
-use crate::store::{ConfirmedEvents, StoreError};
+use crate::store::StoreError;
 use crate::telemetry::{self, Report};
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Outbox events the broker confirmed whose rows are not deleted yet: the
+/// worker makes one and hands it to whatever confirms events (the pipeline's
+/// publisher) and whatever deletes their rows (the next commit, or [`flush`]
+/// when no commit comes). Until then a redelivered command's load ignores
+/// them. Lost in a crash, they are only re-published once by the relay.
+#[derive(Debug, Clone, Default)]
+pub struct ConfirmedEvents(Arc<Mutex<Vec<Uuid>>>);
+
+impl ConfirmedEvents {
+    pub fn add(&self, event_ids: impl IntoIterator<Item = Uuid>) {
+        self.lock().extend(event_ids);
+    }
+
+    /// Takes them all, for a statement that deletes them; give them back with
+    /// [`ConfirmedEvents::add`] if it fails.
+    pub fn take(&self) -> Vec<Uuid> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    pub fn snapshot(&self) -> HashSet<Uuid> {
+        self.lock().iter().copied().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
+        // A panic while holding the lock leaves a plain Vec, still usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Deletes the confirmed events' rows, when no commit came to do it.
+pub async fn flush(rows: &impl OutboxRows, confirmed: &ConfirmedEvents) -> Result<u64, StoreError> {
+    let ids = confirmed.take();
+    let result = rows.delete(&ids).await;
+    if result.is_err() {
+        confirmed.add(ids);
+    }
+    result
+}
 
 /// How soon confirmed outbox rows are deleted when no commit takes them along.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -129,7 +178,7 @@ pub async fn relay_loop(
             _ = tokio::time::sleep(FLUSH_EVERY) => {}
         }
         // Before leasing, so the relay never re-publishes what was confirmed.
-        if let Err(e) = rows.flush_confirmed(&confirmed).await {
+        if let Err(e) = flush(&rows, &confirmed).await {
             tracing::warn!(error = %Report(&e), "could not clear confirmed events from the outbox; will retry");
             continue;
         }
