@@ -109,22 +109,29 @@ pub struct RotateArgs {
     common: Common,
 }
 
+/// Why a `--tenant` argument is refused; clap prints it after the argument.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+enum PermissionError {
+    #[error("expected TENANT=ACTION,ACTION… (e.g. default=MANAGE_PROFILES,MANAGE_TICKETS)")]
+    NoEquals,
+    #[error("the tenant must be 1 to 128 characters")]
+    TenantLength,
+    #[error("{0:?} is no action: actions are like MANAGE_PROFILES, or * for all")]
+    Action(String),
+}
+
 /// `TENANT=ACTION,ACTION`: the tenant is everything before the last `=`.
-fn parse_permission(s: &str) -> Result<SeedTenantPermission, String> {
-    let (tenant, actions) = s
-        .rsplit_once('=')
-        .ok_or("expected TENANT=ACTION,ACTION… (e.g. default=MANAGE_PROFILES,MANAGE_TICKETS)")?;
+fn parse_permission(s: &str) -> Result<SeedTenantPermission, PermissionError> {
+    let (tenant, actions) = s.rsplit_once('=').ok_or(PermissionError::NoEquals)?;
     let n = tenant.chars().count();
     if n == 0 || n > 128 {
-        return Err("the tenant must be 1 to 128 characters".into());
+        return Err(PermissionError::TenantLength);
     }
     let allowed_actions: Vec<String> = actions.split(',').map(str::to_string).collect();
-    for a in &allowed_actions {
-        if a != "*" && (a.is_empty() || !a.chars().all(|c| c.is_ascii_uppercase() || c == '_')) {
-            return Err(format!(
-                "{a:?} is no action: actions are like MANAGE_PROFILES, or * for all"
-            ));
-        }
+    if let Some(a) = allowed_actions.iter().find(|a| {
+        *a != "*" && (a.is_empty() || !a.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+    }) {
+        return Err(PermissionError::Action(a.clone()));
     }
     Ok(SeedTenantPermission {
         tenant: tenant.to_string(),
@@ -295,14 +302,15 @@ mod tests {
         assert_eq!(p.allowed_actions, ["MANAGE_PROFILES", "MANAGE_TICKETS"]);
         assert_eq!(parse_permission("*=*").unwrap().allowed_actions, ["*"]);
         assert_eq!(parse_permission("a=b=*").unwrap().tenant, "a=b");
-        for bad in [
-            "default",
-            "=*",
-            "default=",
-            "default=manage",
-            "default=A,,B",
+        use PermissionError::*;
+        for (bad, why) in [
+            ("default", NoEquals),
+            ("=*", TenantLength),
+            ("default=", Action(String::new())),
+            ("default=manage", Action("manage".into())),
+            ("default=A,,B", Action(String::new())),
         ] {
-            assert!(parse_permission(bad).is_err(), "{bad}");
+            assert_eq!(parse_permission(bad).err(), Some(why), "{bad}");
         }
     }
 }
