@@ -94,7 +94,7 @@ pub struct BenchArgs {
     /// (create-ticket, one at a time) alone for --idle-secs, then during an
     /// import of this many fire-and-forget create-tickets, published as fast
     /// as the broker confirms them into each of --import-lanes in turn,
-    /// --rounds times (BENCHMARKS.md, "Lanes").
+    /// --rounds times (BENCHMARKS.md, "A login during a bulk import").
     #[arg(long, default_value_t = 0)]
     pub import: u64,
     /// Where the imports go, alternated: interactive (one queue for
@@ -105,7 +105,7 @@ pub struct BenchArgs {
         value_delimiter = ',',
         default_value = "interactive,bulk"
     )]
-    pub import_lanes: Vec<crate::mix::ImportLane>,
+    pub import_lanes: Vec<ImportLane>,
     /// How long the interactive caller runs alone before each import, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub idle_secs: f64,
@@ -135,4 +135,14 @@ pub struct BenchArgs {
     /// AMQP URL of the broker; the run creates its own vhost there.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
+}
+
+/// Where the import goes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportLane {
+    /// The command queue, with the interactive caller: one lane for everything.
+    Interactive,
+    /// The bulk lane.
+    Bulk,
 }

@@ -19,6 +19,7 @@ mod load;
 mod meter;
 pub mod mix;
 mod plan;
+mod prepared;
 mod report;
 mod setup;
 pub mod stats;

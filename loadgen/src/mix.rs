@@ -9,9 +9,10 @@
 //! interactive load runs through the import as well, and the report says what
 //! share of the work the bulk lane got.
 
-use crate::bench::Setup;
+use crate::args::ImportLane;
 use crate::error::{BenchError, Result};
 use crate::meter::{CpuSplit, Meters};
+use crate::prepared::Setup;
 use crate::setup::{self, WorkerProcess};
 use crate::stats::{median, Latency, Recorder};
 use crate::BENCH_TOKEN;
@@ -23,16 +24,6 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Where the import goes.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImportLane {
-    /// The command queue, with the interactive caller: one lane for everything.
-    Interactive,
-    /// The bulk lane.
-    Bulk,
-}
 
 /// One import and what the interactive caller saw around it.
 #[derive(Debug, Clone, Serialize)]

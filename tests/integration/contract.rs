@@ -5,7 +5,7 @@
 //! is in it. A renamed code or key fails here, not at a subscriber.
 
 use profile_worker::config::Settings;
-use profile_worker::contract::message::routing;
+use profile_worker::contract::message::EventKind;
 use profile_worker::contract::{CommandName, ErrorCode};
 use std::collections::BTreeSet;
 use strum::IntoEnumIterator;
@@ -33,13 +33,10 @@ fn error_codes() -> BTreeSet<String> {
 }
 
 fn routing_keys() -> BTreeSet<String> {
-    let mut keys: BTreeSet<String> = [
-        routing::TICKET_CREATED,
-        routing::VERIFICATION_TOKEN_CREATED,
-        routing::EMAIL_REQUESTED,
-    ]
-    .map(String::from)
-    .into();
+    // Every event there is: a new `EventKind` is not done until CONTRACT names it.
+    let mut keys: BTreeSet<String> = EventKind::iter()
+        .map(|k| k.routing_key().to_string())
+        .collect();
     keys.extend(CommandName::ALL.iter().map(|c| c.as_str().to_string()));
     keys.extend(CommandName::ALL.iter().map(|c| c.reply_type().to_string()));
     keys.insert("error.reply".into());
