@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cost per command, measured honestly (BENCHMARKS.md, "Cost"): the realistic
+# Cost per command, measured honestly (BENCHMARKS.md, "Cost at fixed rates"): the realistic
 # topology (the dispatcher's quorum queue and an audit queue, drained by
 # consumers that ack), the worker, the plain echo and the events echo
 # alternated, closed loop and then at fixed rates, every party's CPU and

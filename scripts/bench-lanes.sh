@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lanes benchmark (BENCHMARKS.md, "Lanes"; issue 32): an interactive caller
+# The lanes benchmark (BENCHMARKS.md, "A login during a bulk import"; issue 32): an interactive caller
 # (create-ticket, one at a time) alone, then during an import of IMPORT
 # fire-and-forget create-tickets published as fast as the broker takes them,
 # into the command queue (one lane for everything, as before the bulk lane)

@@ -289,7 +289,7 @@ pg_socket_auth() {
 }
 
 # Where the worker's URLs reach PostgreSQL: this machine's own cluster over its
-# Unix socket (no TCP, no TLS handshake; BENCHMARKS.md, "Cost"), a server in
+# Unix socket (no TCP, no TLS handshake; BENCHMARKS.md, "Changes, measured"), a server in
 # Docker or elsewhere over TCP. PW_PG_SOCKET=0 forces TCP.
 pg_host() {
   if [ "${PW_PG_SOCKET:-1}" = 1 ] && [ -S "/var/run/postgresql/.s.PGSQL.$PW_PG_PORT" ] && pg_socket_allowed; then

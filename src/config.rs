@@ -194,7 +194,7 @@ pub struct BrokerSettings {
     pub bulk_queue_max_bytes: u64,
     /// Unacknowledged bulk commands the broker may hand this worker at once,
     /// shared out between its bulk consumers. It bounds the bulk work in
-    /// hand when an interactive command arrives (BENCHMARKS.md, "Lanes").
+    /// hand when an interactive command arrives (BENCHMARKS.md, "A login during a bulk import").
     #[arg(long, env = "BULK_PREFETCH", default_value_t = 250, value_parser = clap::value_parser!(u16).range(1..))]
     pub bulk_prefetch: u16,
     /// Dead-letter exchange of the command queue.
@@ -393,7 +393,7 @@ pub struct WorkerSettings {
     /// database (0: never; a batch is what has already arrived). It stops
     /// waiting as soon as none is, so a lone command never waits. A batch's
     /// cost is mostly per batch, and one formed meanwhile would queue behind
-    /// the other for the CPU and the WAL flush anyway (BENCHMARKS.md, "Cost").
+    /// the other for the CPU and the WAL flush anyway (BENCHMARKS.md, "Changes, measured").
     #[arg(long, env = "BATCH_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub batch_wait_ms: u64,
     /// How many access tokens, and how many profiles, the worker keeps as an

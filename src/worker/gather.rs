@@ -1,7 +1,7 @@
 //! How a consumer gathers a batch. It takes what the prefetch window has
 //! already delivered; with `BATCH_WAIT_MS`, and only while another of the
 //! worker's batches is in the database, it waits for more. A batch's cost is
-//! mostly per batch (BENCHMARKS.md, "Cost"), and a batch formed while another
+//! mostly per batch (BENCHMARKS.md, "Cost at fixed rates"), and a batch formed while another
 //! is committing would queue behind it for the CPU and the WAL flush anyway;
 //! when nothing else is in the database it goes at once, so a lone command
 //! never waits.

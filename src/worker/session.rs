@@ -432,7 +432,7 @@ async fn consume(
                 // Interactive commands are in hand until settled: releasing
                 // them at the commit instead let bulk batches start while the
                 // caller's next command arrived (draining p50 6.9-7.5 ms
-                // against 4.5, BENCHMARKS.md "Lanes").
+                // against 4.5, bench/archive/BENCHMARKS-to-2026-12-07.md, "Lanes").
                 completing = Some(tokio::spawn(async move {
                     let done = pipeline.complete(c).await;
                     drop::<Option<InHand>>(in_hand);

@@ -222,7 +222,7 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
 // returned every delivery in flight on it to the queue, other callers'
 // included. Whoever reads the string decides what U+FFFD means (the worker
 // answers 400 for it in a property it stores or sends back). See
-// docs/ARCHITECTURE.md, "Hostile properties", for the upstream report.
+// vendor/README.md, "The report for upstream".
 //
 // U+FFFD takes three bytes where the invalid byte took one, so a lossy string
 // can outgrow the 255 bytes a short string may hold (254 ASCII bytes and one
