@@ -129,6 +129,12 @@ impl<P: Ports> Pipeline<P> {
             Basis::Loaded(rows) => (rows, false),
         };
         let versions = std::mem::take(&mut rows.versions);
+        #[cfg(feature = "sim-bugs")]
+        let versions = if on_known && self.has_bug(super::bugs::Bug::KnownRowsUnchecked) {
+            crate::records::Versions::default()
+        } else {
+            versions
+        };
         let w = &self.parts.settings.worker;
         let world = &*self.parts.world;
         let mut plan = plan::plan(

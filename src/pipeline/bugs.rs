@@ -12,15 +12,24 @@ pub enum Bug {
     /// answered from this batch's own plan, not from the stored record: two
     /// deliveries of one command get different answers.
     AnswerLostFromOwnPlan,
+    /// A batch decided on known rows is committed without their versions:
+    /// a token revoked or a profile disabled after an earlier batch read it
+    /// is still honoured.
+    KnownRowsUnchecked,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 2] = [Bug::AckBeforeCommit, Bug::AnswerLostFromOwnPlan];
+    pub const ALL: [Bug; 3] = [
+        Bug::AckBeforeCommit,
+        Bug::AnswerLostFromOwnPlan,
+        Bug::KnownRowsUnchecked,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Bug::AckBeforeCommit => "ack-before-commit",
             Bug::AnswerLostFromOwnPlan => "answer-lost-from-own-plan",
+            Bug::KnownRowsUnchecked => "known-rows-unchecked",
         }
     }
 

@@ -13,7 +13,7 @@
 //!   cargo test --test simulation                       # CI's seeds
 //!   cargo test --test simulation -- --seeds 100000     # as long as you like
 //!   cargo test --test simulation -- --seed 1234 -v     # replay one, with its journal
-//!   cargo test --test simulation -- --bug ack-before-commit   # show it finds a bug
+//!   cargo test --test simulation -- --bug known-rows-unchecked   # show it finds a bug
 //!
 //! A failing seed prints the command that replays it.
 
