@@ -5,20 +5,16 @@
 use crate::args::BenchArgs;
 use crate::checks::{check_round, check_rows, Checks, Counter};
 use crate::error::{BenchError, Result};
-use crate::isolation::{
-    audit_queue, ceiling_email_queue, ceiling_queue, events_ceiling_queue, Isolation,
-};
+use crate::isolation::{ceiling_email_queue, ceiling_queue, events_ceiling_queue, Isolation};
 use crate::load::{Loader, Target};
 use crate::meter::{batch_samples_of, stages_between, Meters};
+use crate::prepared::Setup;
 use crate::report::{summarize, Report, RoundRow};
 use crate::setup::{self, WorkerProcess};
 use crate::stats::median;
 use crate::EVENTS_CEILING;
-use lapin::types::FieldTable;
-use profile_worker::broker::{self};
+use profile_worker::broker;
 use std::time::Duration;
-
-use crate::prepared::{declare_subscriber, Setup};
 
 /// The lanes benchmark (`--import`) in its database and vhost: the workers,
 /// the events' consumers as production has them, then `mix::measure`.
@@ -36,18 +32,7 @@ pub async fn run_mix_isolated(
         .create_channel()
         .await
         .map_err(|e| BenchError::broker("opening a channel", e))?;
-    declare_subscriber(
-        &channel,
-        &s.names.events_exchange,
-        "ticket.created",
-        &audit_queue(&s.prefix),
-        FieldTable::default(),
-    )
-    .await?;
-    let counts = std::env::temp_dir().join(format!("{db}-counts"));
-    std::fs::create_dir_all(&counts)
-        .map_err(|e| BenchError::io(counts.display().to_string(), e))?;
-    let mut drain = s.start_drain(args, db, &counts).await?;
+    let (counts, mut drain) = s.start_drain(args, db, &channel).await?;
     let meters = Meters {
         broker: setup::pids_named("beam.smp"),
         db_url: s.db_url.clone(),
@@ -82,20 +67,7 @@ pub async fn run_isolated(args: &BenchArgs, db: &str, iso: &Isolation) -> Result
         .await
         .map_err(|e| BenchError::broker("opening the reply channel", e))?;
     let echoes = s.start_echoes(args, &channel, db).await?;
-    // An audit service's queue on the worker's events exchange (the workers
-    // declared the dispatcher's).
-    declare_subscriber(
-        &channel,
-        &s.names.events_exchange,
-        "ticket.created",
-        &audit_queue(&s.prefix),
-        FieldTable::default(),
-    )
-    .await?;
-    let counts = std::env::temp_dir().join(format!("{db}-counts"));
-    std::fs::create_dir_all(&counts)
-        .map_err(|e| BenchError::io(counts.display().to_string(), e))?;
-    let drain = s.start_drain(args, db, &counts).await?;
+    let (counts, drain) = s.start_drain(args, db, &channel).await?;
 
     let (ceiling_q, events_ceiling_q) = (ceiling_queue(&s.prefix), events_ceiling_queue(&s.prefix));
     let mut m = Measure {

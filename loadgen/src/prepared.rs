@@ -246,14 +246,27 @@ impl Setup {
         Ok(echoes)
     }
 
-    /// One process consuming (and acking) every event queue, counting into
-    /// `counts`.
+    /// What production has beside the worker: an audit service's queue on the
+    /// worker's events exchange (the workers declared the dispatcher's), and
+    /// one process consuming (and acking) every event queue. Returns the
+    /// folder it counts into, and the process.
     pub(crate) async fn start_drain(
         &self,
         args: &BenchArgs,
         db: &str,
-        counts: &std::path::Path,
-    ) -> Result<Party> {
+        channel: &lapin::Channel,
+    ) -> Result<(std::path::PathBuf, Party)> {
+        declare_subscriber(
+            channel,
+            &self.names.events_exchange,
+            "ticket.created",
+            &audit_queue(&self.prefix),
+            FieldTable::default(),
+        )
+        .await?;
+        let counts = std::env::temp_dir().join(format!("{db}-counts"));
+        std::fs::create_dir_all(&counts)
+            .map_err(|e| BenchError::io(counts.display().to_string(), e))?;
         let mut a = vec![format!("--amqp-url={}", self.amqp_url), "drain".into()];
         let mut queues = vec![self.names.email_queue.clone(), audit_queue(&self.prefix)];
         if args.ceiling_events {
@@ -264,7 +277,9 @@ impl Setup {
             a.push(format!("--queue={q}"));
         }
         a.push(format!("--counts={}", counts.display()));
-        setup::spawn_party(&a, std::env::temp_dir().join(format!("{db}-drain.log"))).await
+        let drain =
+            setup::spawn_party(&a, std::env::temp_dir().join(format!("{db}-drain.log"))).await?;
+        Ok((counts, drain))
     }
 }
 
@@ -320,7 +335,7 @@ async fn wait_for_consumers(
 
 /// A subscriber's durable queue (with `arguments`: a quorum queue's, say),
 /// bound to `routing_key` on `exchange`.
-pub(crate) async fn declare_subscriber(
+async fn declare_subscriber(
     channel: &lapin::Channel,
     exchange: &str,
     routing_key: &str,

@@ -85,8 +85,12 @@ impl From<&VerificationTokenCreated> for VerificationTokenCreatedEvent {
 /// the form a holder of the reply has (`7f036af3-1ab9-…`).
 pub fn id_sha256(id: Uuid) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(id.hyphenated().to_string().as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(id.hyphenated().to_string().as_bytes()))
+}
+
+/// Lowercase hex, two digits a byte.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Body of every 4xx reply.

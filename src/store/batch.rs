@@ -240,14 +240,6 @@ impl Batch {
             .collect();
         Ok((0..records.len()).filter(|n| !kept.contains(n)).collect())
     }
-
-    /// Replies stored by other transactions, for records [`Batch::commit`] reported lost.
-    pub async fn stored_replies(
-        &self,
-        message_ids: &[&str],
-    ) -> Result<HashMap<String, StoredReply>, StoreError> {
-        Ok(self.load(&[], &[], message_ids).await?.processed)
-    }
 }
 
 /// The versions a batch was decided on, as [`COMMIT`]'s checks.

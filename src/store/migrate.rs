@@ -2,6 +2,7 @@
 //! advisory lock so that several workers starting at once do not race.
 
 use super::{Store, StoreError};
+use crate::contract::message::hex;
 
 struct Migration {
     version: i32,
@@ -107,7 +108,7 @@ impl Store {
                         at: at.clone(),
                         checksum: stored
                             .as_deref()
-                            .map(|hex| hex == format!("\\x{}", to_hex(&m.checksum()))),
+                            .map(|stored| stored == format!("\\x{}", hex(&m.checksum()))),
                     },
                 },
             })
@@ -119,7 +120,7 @@ impl Store {
     pub async fn pending_migrations(&self) -> Result<Vec<i32>, StoreError> {
         let status = self.migration_status().await?;
         if let Some(m) = status.iter().find(|m| m.changed()) {
-            return Err(changed(m));
+            return Err(changed(m.version, m.name));
         }
         Ok(status
             .iter()
@@ -153,7 +154,7 @@ impl Store {
             )
         });
         if let Some(m) = status.iter().find(|m| m.changed()) {
-            return Err(changed(m));
+            return Err(changed(m.version, m.name));
         }
         if recorded {
             return Ok(vec![]);
@@ -189,11 +190,7 @@ impl Store {
             for m in MIGRATIONS {
                 match applied.get(&m.version) {
                     Some(Some(sum)) if *sum != m.checksum() => {
-                        return Err(changed(&MigrationStatus {
-                            version: m.version,
-                            name: m.name,
-                            state: MigrationState::Pending,
-                        }))
+                        return Err(changed(m.version, m.name))
                     }
                     Some(None) => {
                         client
@@ -234,16 +231,11 @@ impl Store {
     }
 }
 
-fn changed(m: &MigrationStatus) -> StoreError {
+fn changed(version: i32, name: &str) -> StoreError {
     StoreError::permanent(
         "migrate",
         format!(
-            "migration {} ({}) was applied from a different file: a release must never edit an applied migration; restore migrations/{:04}_{}.sql as it was and add a new one",
-            m.version, m.name, m.version, m.name
+            "migration {version} ({name}) was applied from a different file: a release must never edit an applied migration; restore migrations/{version:04}_{name}.sql as it was and add a new one"
         ),
     )
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -347,6 +347,19 @@ impl Env {
             .get(0)
     }
 
+    /// An enabled, unverified profile of tenant `default` (its username is its
+    /// ID), with the email and attributes a test needs.
+    pub async fn insert_profile(&self, id: &str, email: &str, attributes: &serde_json::Value) {
+        self.db
+            .execute(
+                "INSERT INTO profiles (id, tenant, username, email, enabled, verified, roles, attributes) \
+                 VALUES ($1, 'default', $1, $2, true, false, '[]', $3)",
+                &[&id, &email, attributes],
+            )
+            .await
+            .unwrap();
+    }
+
     /// Confirmed events leave the outbox with the next commit or within the
     /// worker's one-second flush; returns how many rows are left after 5 s.
     pub async fn settled_outbox(&self) -> i64 {

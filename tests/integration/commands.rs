@@ -433,14 +433,8 @@ async fn an_email_request_carries_the_profiles_locale_when_it_is_one() {
         ("loc-bad", json!({"locale": "../../etc"}), None),
         ("loc-none", json!({"theme": "dark"}), None),
     ] {
-        env.db
-            .execute(
-                "INSERT INTO profiles (id, tenant, username, email, enabled, verified, roles, attributes) \
-                 VALUES ($1, 'default', $1, 'someone@example.com', true, false, '[]', $2)",
-                &[&id, &attributes],
-            )
-            .await
-            .unwrap();
+        env.insert_profile(id, "someone@example.com", &attributes)
+            .await;
         let r = env
             .call(
                 "create-verification-token",

@@ -5,6 +5,8 @@
 
 use profile_worker::contract::Reply;
 use profile_worker::domain::{Ticket, VerificationToken};
+// The port's `stored_replies`, as the pipeline asks for a lost race's replies.
+use profile_worker::pipeline::ports::StoreBatch;
 use profile_worker::records::{Created, EmailClaim, NewRecord, OutboxEvent, Versions};
 use profile_worker::store::Store;
 use profile_worker_testkit::*;

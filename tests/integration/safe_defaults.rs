@@ -83,14 +83,7 @@ async fn a_profile_whose_email_is_not_one_address_gets_no_email() {
             "\"victim@example.com\" <attacker@example.net>",
         ),
     ] {
-        env.db
-            .execute(
-                "INSERT INTO profiles (id, tenant, username, email, enabled, verified, roles, attributes) \
-                 VALUES ($1, 'default', $1, $2, true, false, '[]', '{}')",
-                &[&id, &email],
-            )
-            .await
-            .unwrap();
+        env.insert_profile(id, email, &json!({})).await;
         let r = env
             .call(
                 "create-verification-token",
