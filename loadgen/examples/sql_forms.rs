@@ -1,9 +1,10 @@
 //! Which form of passing a batch's rows to PostgreSQL costs least
 //! (bench/archive/BENCHMARKS-to-2026-12-07.md, "Typed batch SQL"; raw
 //! bench/archive/sql-forms.txt): one array per column (`unnest` of several
-//! arrays, as the worker's commit did), one array of a composite type per table (as it does now), or
-//! one jsonb document per table (`jsonb_to_recordset`). The same rows into the
-//! same unlogged table over one connection, the three forms alternated; it
+//! arrays, as the worker's commit did), one array of a composite type per
+//! table (as it does now), or one jsonb document per table
+//! (`jsonb_to_recordset`). The same rows into the same unlogged table over one
+//! connection, the three forms alternated; it
 //! reports each form's median time per statement and the CPU per statement of
 //! this process and of the server's backend (from /proc, so on this machine).
 //!

@@ -178,15 +178,16 @@ pub fn tls(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn an_amqp_url_may_list_a_clusters_nodes() {
         let mut s = crate::config::Settings::from_env();
         s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://u:p@b:5682/%2f".into();
-        let n = super::nodes(&s.broker.address, 10).unwrap();
+        let n = nodes(&s.broker.address, 10).unwrap();
         assert_eq!(n.all(), "a:5681,b:5682");
         s.broker.address.amqp_url = "amqp://u:p@a:5681/%2f,amqp://v:p@b:5682/%2f".into();
-        let e = super::nodes(&s.broker.address, 10).unwrap_err();
+        let e = nodes(&s.broker.address, 10).unwrap_err();
         assert_eq!(e.setting, "AMQP_URL");
         assert!(
             e.problem.contains("same") || e.problem.contains("share"),
@@ -194,12 +195,10 @@ mod tests {
         );
         s.broker.address.amqp_url = "http://nope".into();
         assert_eq!(
-            super::nodes(&s.broker.address, 10).unwrap_err().setting,
+            nodes(&s.broker.address, 10).unwrap_err().setting,
             "AMQP_URL"
         );
     }
-
-    use super::*;
 
     #[test]
     fn commas_split_only_between_urls() {

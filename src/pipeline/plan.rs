@@ -7,8 +7,7 @@
 use crate::contract::command::Fingerprint;
 use crate::contract::{Command, ErrorCode, Rejection, Reply};
 use crate::domain::{self, Outcome, Tenant};
-use crate::records::TraceHeaders;
-use crate::records::{Created, EmailClaim, Loaded, NewRecord, StoredReply};
+use crate::records::{Created, EmailClaim, Loaded, NewRecord, StoredReply, TraceHeaders};
 use crate::render;
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;

@@ -209,8 +209,9 @@ impl Store {
         // the relay). A plan that chose a sequential scan because a table was small
         // (or empty, as every table is on a new database) stays cached on the
         // connection while the table grows, until autovacuum next analyzes it
-        // (bench/archive/BENCHMARKS-to-2026-12-07.md, "Where the time goes"). With sequential scans off, the
-        // index is chosen whatever the statistics said when the plan was made.
+        // (bench/archive/BENCHMARKS-to-2026-12-07.md, "Where the time goes").
+        // With sequential scans off, the index is chosen whatever the
+        // statistics said when the plan was made.
         // Generic plans spare the planning on every execution.
         let options = pg.get_options().unwrap_or_default().to_string();
         pg.options(

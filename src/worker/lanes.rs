@@ -9,10 +9,11 @@
 //! steady interactive load never starves an import; when none is, everything.
 //!
 //! "In hand" rather than "waiting": small bulk batches beside every
-//! interactive command (a policy measured here, bench/archive/BENCHMARKS-to-2026-12-07.md, "Lanes") drained
-//! an import faster but doubled a serial caller's latency under a steady
-//! interactive load (p99 171 ms against 38), since on two shared cores a
-//! login's every hop (broker, worker, PostgreSQL) queues behind bulk work.
+//! interactive command (a policy measured here,
+//! bench/archive/BENCHMARKS-to-2026-12-07.md, "Lanes") drained an import
+//! faster but doubled a serial caller's latency under a steady interactive
+//! load (p99 171 ms against 38), since on two shared cores a login's every hop
+//! (broker, worker, PostgreSQL) queues behind bulk work.
 
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;

@@ -190,11 +190,10 @@ async fn session(conn: &Connection, shared: &Shared<'_>) -> Result<(), SessionEr
         }
         tracing::info!(lane = lane.as_str(), %queue, consumers, prefetch_each = each, "consuming");
     }
-    let lanes = consuming;
     // The first consumer to fail ends the session; the others are dropped with the
     // connection and their unacked deliveries return to the queue.
     let result = tokio::select! {
-        r = futures_util::future::try_join_all(lanes) => r.map(|_| ()),
+        r = futures_util::future::try_join_all(consuming) => r.map(|_| ()),
         why = io_thread.died() => Err(SessionError::IoThreadPanicked(why)),
     };
     relay_stop.cancel();
@@ -282,11 +281,13 @@ async fn consume(
     (in_db, lanes): (&gather::InDatabase, &Arc<Lanes>),
 ) -> Result<(), SessionError> {
     let LaneSpec {
-        lane: kind,
+        lane,
         queue,
         prefetch,
-        n: lane,
+        n,
     } = spec;
+    // In log lines: which lane, and which of its consumers.
+    let who = (lane, n);
     let Shared {
         store,
         confirmed,
@@ -323,7 +324,7 @@ async fn consume(
             acks: Some(channel.clone()),
         },
         world: Arc::new(SystemWorld),
-        lane: kind.as_str(),
+        lane: lane.as_str(),
         settings: settings.clone(),
         shutdown: shutdown.clone(),
         frame_max: conn.configuration().frame_max() as usize,
@@ -357,14 +358,14 @@ async fn consume(
                 biased;
                 done = completed(&mut completing) => {
                     completing = None;
-                    match after_batch(done, lane) {
+                    match after_batch(done, who) {
                         Some(stop) => break stop,
                         None => continue,
                     }
                 }
                 _ = shutdown.cancelled() => {
                     cancelling = true;
-                    tracing::info!(lane, "shutdown requested: no new commands; finishing the ones held");
+                    tracing::info!(lane = lane.as_str(), consumer = n, "shutdown requested: no new commands; finishing the ones held");
                     if let Err(e) = channel.basic_cancel(consumer_tag.clone(), BasicCancelOptions::default()).await {
                         break Err(e.into());
                     }
@@ -389,7 +390,7 @@ async fn consume(
             batch_wait
         };
         gather::gather(&mut consumer, &mut batch, max_batch, wait, in_db).await;
-        let in_hand = match kind {
+        let in_hand = match lane {
             Lane::Interactive => Some(lanes.interactive(batch.len())),
             Lane::Bulk => {
                 // At shutdown what is held is finished, whatever the share.
@@ -401,7 +402,7 @@ async fn consume(
                 None
             }
         };
-        record_waits(kind, &batch, received);
+        record_waits(lane, &batch, received);
         let prepared = {
             let _in_db = in_db.enter();
             pipeline
@@ -410,7 +411,7 @@ async fn consume(
         };
         let prepared = match prepared {
             Ok(p) => p,
-            Err(e) => break stop(e, lane),
+            Err(e) => break stop(e, who),
         };
 
         // Batches complete in the order they were prepared: an ack is `multiple`,
@@ -418,11 +419,12 @@ async fn consume(
         if let Some(previous) = completing.take() {
             if !previous.is_finished() {
                 tracing::debug!(
-                    lane,
+                    lane = lane.as_str(),
+                    consumer = n,
                     "prepared a batch while the previous one awaited its confirms"
                 );
             }
-            if let Some(stop) = after_batch(previous.await, lane) {
+            if let Some(stop) = after_batch(previous.await, who) {
                 break stop;
             }
         }
@@ -432,7 +434,8 @@ async fn consume(
                 // Interactive commands are in hand until settled: releasing
                 // them at the commit instead let bulk batches start while the
                 // caller's next command arrived (draining p50 6.9-7.5 ms
-                // against 4.5, bench/archive/BENCHMARKS-to-2026-12-07.md, "Lanes").
+                // against 4.5; bench/archive/BENCHMARKS-to-2026-12-07.md,
+                // "Lanes").
                 completing = Some(tokio::spawn(async move {
                     let done = pipeline.complete(c).await;
                     drop::<Option<InHand>>(in_hand);
@@ -443,7 +446,7 @@ async fn consume(
                 let recovered = pipeline.recover(f).await;
                 drop(in_hand);
                 if let Err(e) = recovered {
-                    break stop(e, lane);
+                    break stop(e, who);
                 }
             }
         }
@@ -451,7 +454,7 @@ async fn consume(
     // The batch still completing is finished, unless the session failed: then
     // its deliveries go back to the queue with the channel.
     let result = match (result, completing.take()) {
-        (Ok(()), Some(last)) => after_batch(last.await, lane).unwrap_or(Ok(())),
+        (Ok(()), Some(last)) => after_batch(last.await, who).unwrap_or(Ok(())),
         (failed, Some(last)) => {
             last.abort();
             failed
@@ -498,21 +501,22 @@ async fn completed(
 /// What a finished batch means for its consumer: go on (`None`), or stop.
 fn after_batch(
     done: Result<Result<(), BatchError>, tokio::task::JoinError>,
-    lane: usize,
+    who: (Lane, usize),
 ) -> Option<Result<(), SessionError>> {
     match done {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(stop(e, lane)),
+        Ok(Err(e)) => Some(stop(e, who)),
         Err(e) => Some(Err(e.into())),
     }
 }
 
-fn stop(e: BatchError, lane: usize) -> Result<(), SessionError> {
+fn stop(e: BatchError, (lane, consumer): (Lane, usize)) -> Result<(), SessionError> {
     match e {
         BatchError::Broker(e) => Err(e.into()),
         BatchError::Abandoned => {
             tracing::warn!(
-                lane,
+                lane = lane.as_str(),
+                consumer,
                 "shutdown grace exceeded; leaving held commands to redelivery"
             );
             Ok(())

@@ -1,8 +1,8 @@
 -- Everything a batch reads, as one statement returning one row: one
 -- Bind/Execute/Sync and one reply to wait for. Pipelined as separate
 -- statements, each reply is its own wake-up of the connection task and the
--- caller, which cost more than the lookups themselves (bench/archive/BENCHMARKS-to-2026-12-07.md,
--- "Where the time goes").
+-- caller, which cost more than the lookups themselves
+-- (bench/archive/BENCHMARKS-to-2026-12-07.md, "Where the time goes").
 --
 -- Parameters: $1 the SHA-256 of each access token ID, $2 profile IDs,
 -- $3 message_ids. Every lookup is `= ANY(...)` on an index: with sequential
